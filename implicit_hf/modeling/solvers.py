@@ -1,0 +1,381 @@
+"""Batched fixed-point solvers with per-sample stopping and honest statistics.
+
+Every solver has the signature ``solve(f, z0, max_iter, tol=None, **opts) -> (z, SolverStats)``:
+
+* ``f(z, index)`` evaluates the map on the rows ``index`` of the batch (``z`` holds exactly those
+  rows). Solvers only evaluate samples that are still running, so samples that stopped cost no
+  compute; ``f`` uses ``index`` to pick the matching rows of anything it closes over (the injected
+  input, the attention mask).
+* ``z0`` is a batched tensor of any shape ``(B, ...)``; norms are taken per sample over all other
+  dimensions.
+* ``max_iter`` is the number of evaluations of ``f`` per sample; with ``tol`` a sample stops as soon
+  as its relative residual ``||f(z) - z|| / ||f(z)||`` drops below ``tol``.
+* The returned state is, per sample, the output of its last evaluation of ``f``: with
+  ``max_iter=K`` and no ``tol`` this is exactly ``K`` applications of the block.
+
+A non-finite value or a residual that grows ``divergence_factor`` times above the best residual a
+sample has reached marks that sample as diverged: it stops, keeps its last finite state, and is
+flagged in ``SolverStats.diverged``. Anderson and Broyden never raise on a singular system: the
+affected samples take a damped Picard step instead, counted in ``SolverStats.fallbacks``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+FixedPointMap = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+_EPS = 1e-8
+
+
+@dataclass
+class SolverStats:
+    """What a solve did, per sample.
+
+    ``abs_residual`` and ``rel_residual`` have shape ``(iterations, batch)``: entry ``[k, b]`` is
+    the residual of sample ``b`` measured at its ``k+1``-th evaluation of ``f``; after a sample
+    stopped, its entries repeat the last value it measured.
+    """
+
+    solver: str
+    steps: torch.Tensor  # (B,) evaluations of f per sample
+    abs_residual: torch.Tensor  # (T, B)
+    rel_residual: torch.Tensor  # (T, B)
+    converged: torch.Tensor  # (B,) bool: relative residual reached tol
+    diverged: torch.Tensor  # (B,) bool: non-finite or blown-up residual
+    fallbacks: torch.Tensor  # (B,) damped-Picard steps taken instead of an Anderson/Broyden step
+    trajectory: list[torch.Tensor] | None = None  # state after each evaluation, when asked
+
+    @property
+    def num_evaluations(self) -> int:
+        """Total sample-evaluations of ``f`` (what a batch costs when stopped samples are skipped)."""
+        return int(self.steps.sum())
+
+    @property
+    def final_rel_residual(self) -> torch.Tensor:
+        """Relative residual each sample last measured, shape ``(B,)``."""
+        return self.rel_residual[-1] if len(self.rel_residual) else torch.full_like(self.steps, float("nan"), dtype=torch.float)
+
+
+def _flat_norm(x: torch.Tensor) -> torch.Tensor:
+    return x.detach().flatten(1).float().norm(dim=1)
+
+
+class _Progress:
+    """Book-keeping shared by the solvers: which samples still run, residual traces, flags."""
+
+    def __init__(self, z0: torch.Tensor, name: str, tol: float | None, divergence_factor: float, keep_trajectory: bool):
+        batch = z0.shape[0]
+        device = z0.device
+        self.name = name
+        self.tol = tol
+        self.divergence_factor = divergence_factor
+        self.active = torch.ones(batch, dtype=torch.bool, device=device)
+        self.steps = torch.zeros(batch, dtype=torch.long, device=device)
+        self.converged = torch.zeros(batch, dtype=torch.bool, device=device)
+        self.diverged = torch.zeros(batch, dtype=torch.bool, device=device)
+        self.fallbacks = torch.zeros(batch, dtype=torch.long, device=device)
+        self.best_abs = torch.full((batch,), float("inf"), device=device)
+        self.last_abs = torch.full((batch,), float("nan"), device=device)
+        self.last_rel = torch.full((batch,), float("nan"), device=device)
+        self.abs_trace: list[torch.Tensor] = []
+        self.rel_trace: list[torch.Tensor] = []
+        self.trajectory: list[torch.Tensor] | None = [] if keep_trajectory else None
+        self.all_index = torch.arange(batch, device=device)
+
+    def running(self) -> torch.Tensor:
+        """Indices of the samples still running (all of them while none has stopped)."""
+        if bool(self.active.all()):
+            return self.all_index
+        return self.active.nonzero().squeeze(1)
+
+    def record(
+        self, index: torch.Tensor, fz: torch.Tensor, z: torch.Tensor, new_state: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Record the residual ``f(z) - z`` of the samples ``index``.
+
+        Returns, per sample of ``index``: ``healthy`` (finite and not blown up: unhealthy samples
+        are flagged diverged and stopped, and the caller must not overwrite their state),
+        ``improved`` (lowest residual so far) and ``growth`` (residual / best residual before).
+        """
+        abs_res = _flat_norm(fz - z)
+        rel_res = abs_res / (_flat_norm(fz) + _EPS)
+        finite = torch.isfinite(abs_res) & torch.isfinite(new_state.detach().flatten(1)).all(dim=1)
+        best_before = self.best_abs[index]
+        growth = abs_res / best_before.clamp_min(_EPS)
+        healthy = finite & ~(growth > self.divergence_factor)
+        improved = finite & (abs_res < best_before)
+        self.steps[index] += 1
+        self.last_abs[index] = abs_res
+        self.last_rel[index] = rel_res
+        self.best_abs[index] = torch.where(improved, abs_res, best_before)
+        self.diverged[index] |= ~healthy
+        if self.tol is not None:
+            self.converged[index] |= healthy & (rel_res < self.tol)
+        self.active[index] &= healthy & ~self.converged[index]
+        self.abs_trace.append(self.last_abs.clone())
+        self.rel_trace.append(self.last_rel.clone())
+        return healthy, improved, growth
+
+    def stats(self) -> SolverStats:
+        batch = self.steps.shape[0]
+        empty = torch.empty(0, batch, device=self.steps.device)
+        return SolverStats(
+            solver=self.name,
+            steps=self.steps,
+            abs_residual=torch.stack(self.abs_trace) if self.abs_trace else empty,
+            rel_residual=torch.stack(self.rel_trace) if self.rel_trace else empty,
+            converged=self.converged,
+            diverged=self.diverged,
+            fallbacks=self.fallbacks,
+            trajectory=self.trajectory,
+        )
+
+
+def _scatter_rows(full: torch.Tensor, index: torch.Tensor, rows: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """``full`` with ``full[index[keep]] = rows[keep]``, out of place (autograd-safe)."""
+    if index.shape[0] == full.shape[0] and bool(keep.all()):
+        return rows
+    return full.index_copy(0, index[keep], rows[keep])
+
+
+def _check_common(name: str, z0: torch.Tensor, max_iter: int, tol: float | None) -> None:
+    if z0.dim() < 1 or z0.shape[0] == 0:
+        raise ValueError(f"{name}: z0 must be a batched tensor (B, ...) with B >= 1, got shape {tuple(z0.shape)}")
+    if not isinstance(max_iter, int) or max_iter < 1:
+        raise ValueError(f"{name}: max_iter must be an int >= 1, got {max_iter!r}")
+    if tol is not None and not tol > 0:
+        raise ValueError(f"{name}: tol must be None (fixed iteration count) or > 0, got {tol!r}")
+
+
+def picard(
+    f: FixedPointMap,
+    z0: torch.Tensor,
+    max_iter: int,
+    tol: float | None = None,
+    *,
+    damping: float = 1.0,
+    divergence_factor: float = 1e3,
+    return_trajectory: bool = False,
+) -> tuple[torch.Tensor, SolverStats]:
+    """Fixed-point iteration ``z <- z + damping * (f(z) - z)`` (plain looping when ``damping=1``)."""
+    _check_common("picard", z0, max_iter, tol)
+    if not 0 < damping <= 1:
+        raise ValueError(f"picard: damping must be in (0, 1], got {damping!r}")
+    progress = _Progress(z0, "picard", tol, divergence_factor, return_trajectory)
+    z, out = z0, z0
+    for _ in range(max_iter):
+        index = progress.running()
+        if index.numel() == 0:
+            break
+        z_run = z if index.shape[0] == z.shape[0] else z[index]
+        fz = f(z_run, index)
+        new_z = fz if damping == 1.0 else z_run + damping * (fz - z_run)
+        healthy, _, _ = progress.record(index, fz, z_run, new_z)
+        z = _scatter_rows(z, index, new_z, healthy)
+        out = _scatter_rows(out, index, fz, healthy)
+        if progress.trajectory is not None:
+            progress.trajectory.append(out)
+    return out, progress.stats()
+
+
+def anderson(
+    f: FixedPointMap,
+    z0: torch.Tensor,
+    max_iter: int,
+    tol: float | None = None,
+    *,
+    memory: int = 5,
+    damping: float = 1.0,
+    regularization: float = 1e-4,
+    restart_factor: float = 10.0,
+    divergence_factor: float = 1e3,
+    return_trajectory: bool = False,
+) -> tuple[torch.Tensor, SolverStats]:
+    """Anderson acceleration (type II) with a bounded history of ``memory`` iterates per sample.
+
+    Each step mixes the stored evaluations with weights from a regularised least-squares problem
+    on their residuals. A sample whose system is singular, or whose residual grows above
+    ``restart_factor`` times its best, falls back: its history is cleared and it takes a damped
+    Picard step from its best iterate (counted in ``stats.fallbacks``). Returns, per sample, the
+    image ``f(x)`` of its lowest-residual iterate.
+    """
+    _check_common("anderson", z0, max_iter, tol)
+    if not isinstance(memory, int) or memory < 1:
+        raise ValueError(f"anderson: memory must be an int >= 1, got {memory!r}")
+    if not 0 < damping <= 1:
+        raise ValueError(f"anderson: damping must be in (0, 1], got {damping!r}")
+    progress = _Progress(z0, "anderson", tol, divergence_factor, return_trajectory)
+    batch, shape = z0.shape[0], z0.shape
+    x_next = z0.reshape(batch, -1)  # next point to evaluate, per sample
+    dim = x_next.shape[1]
+    xs = x_next.new_zeros(batch, memory, dim)  # ring buffers of iterates and their images
+    fs = x_next.new_zeros(batch, memory, dim)
+    filled = torch.zeros(batch, dtype=torch.long, device=z0.device)
+    best_x, best_fx = x_next, x_next
+    for step in range(max_iter):
+        index = progress.running()
+        if index.numel() == 0:
+            break
+        x_run = x_next[index]
+        fx_run = f(x_run.view(-1, *shape[1:]), index).reshape(index.shape[0], -1)
+        healthy, improved, growth = progress.record(index, fx_run, x_run, fx_run)
+        best_x = _scatter_rows(best_x, index, x_run, improved)
+        best_fx = _scatter_rows(best_fx, index, fx_run, improved)
+        if progress.trajectory is not None:
+            progress.trajectory.append(best_fx.view(shape))
+        slot = step % memory
+        xs = xs.index_copy(0, index, _set_slot(xs[index], slot, x_run))
+        fs = fs.index_copy(0, index, _set_slot(fs[index], slot, fx_run))
+        filled[index] = torch.clamp(filled[index] + 1, max=memory)
+        mixed, solvable = _anderson_mix(xs[index], fs[index], filled[index], damping, regularization)
+        restart = growth > restart_factor
+        fell_back = restart | (~solvable & (filled[index] > 1))
+        progress.fallbacks[index] += fell_back.long()
+        filled[index] = torch.where(restart, 0, filled[index])
+        best_x_run, best_fx_run = best_x[index], best_fx[index]
+        picard_step = best_x_run + damping * (best_fx_run - best_x_run)
+        new_x = torch.where((solvable & ~restart)[:, None], mixed, picard_step)
+        x_next = _scatter_rows(x_next, index, new_x, healthy)
+    return best_fx.view(shape), progress.stats()
+
+
+def _set_slot(history: torch.Tensor, slot: int, rows: torch.Tensor) -> torch.Tensor:
+    return torch.cat([history[:, :slot], rows[:, None], history[:, slot + 1 :]], dim=1)
+
+
+def _anderson_mix(
+    xs: torch.Tensor, fs: torch.Tensor, filled: torch.Tensor, damping: float, regularization: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Anderson weights per sample: min ||sum a_i g_i|| subject to sum a_i = 1, g_i = f(x_i) - x_i.
+
+    Returns the mixed next iterates and a flag per sample saying the solve was usable (finite and
+    with at least two stored iterates). Unused slots get weight zero through the constraint rows.
+    """
+    batch, memory, _ = xs.shape
+    valid = torch.arange(memory, device=xs.device)[None, :] < filled[:, None]  # (B, m)
+    g = (fs - xs) * valid[:, :, None]
+    gram = g @ g.transpose(1, 2)  # (B, m, m)
+    scale = gram.diagonal(dim1=1, dim2=2).amax(dim=1).clamp_min(_EPS)
+    eye = torch.eye(memory, device=xs.device, dtype=xs.dtype)
+    # Unused slots: identity rows/cols and no constraint weight, so their weight solves to 0.
+    gram = gram + regularization * scale[:, None, None] * eye + (~valid).to(xs.dtype)[:, :, None] * eye
+    system = xs.new_zeros(batch, memory + 1, memory + 1)
+    system[:, 0, 1:] = valid.to(xs.dtype)
+    system[:, 1:, 0] = valid.to(xs.dtype)
+    system[:, 1:, 1:] = gram
+    rhs = xs.new_zeros(batch, memory + 1)
+    rhs[:, 0] = 1.0
+    solution, info = torch.linalg.solve_ex(system, rhs)
+    alpha = solution[:, 1:]
+    ok = (info == 0) & torch.isfinite(alpha).all(dim=1) & (filled > 1)
+    alpha = torch.where(ok[:, None], alpha, torch.zeros_like(alpha))
+    mixed_f = torch.einsum("bm,bmd->bd", alpha, fs)
+    mixed_x = torch.einsum("bm,bmd->bd", alpha, xs)
+    return damping * mixed_f + (1 - damping) * mixed_x, ok
+
+
+def broyden(
+    f: FixedPointMap,
+    z0: torch.Tensor,
+    max_iter: int,
+    tol: float | None = None,
+    *,
+    memory: int = 16,
+    restart_factor: float = 10.0,
+    divergence_factor: float = 1e3,
+    return_trajectory: bool = False,
+) -> tuple[torch.Tensor, SolverStats]:
+    """Limited-memory (good) Broyden's method on ``g(z) = f(z) - z``, one low-rank inverse per sample.
+
+    The inverse Jacobian of ``g`` starts at ``-I`` (so the first step is a Picard step) and receives
+    one rank-one update per evaluation; after ``memory`` updates it restarts from ``-I`` (dropping
+    only the oldest update instead breaks the secant conditions the later ones were built on).
+    A sample whose update is degenerate, or whose residual grows above ``restart_factor`` times its
+    best, falls back: its updates are cleared and it takes a Picard step from its best iterate
+    (counted in ``stats.fallbacks``). Returns, per sample, the image ``f(x)`` of its
+    lowest-residual iterate.
+    """
+    _check_common("broyden", z0, max_iter, tol)
+    if not isinstance(memory, int) or memory < 1:
+        raise ValueError(f"broyden: memory must be an int >= 1, got {memory!r}")
+    progress = _Progress(z0, "broyden", tol, divergence_factor, return_trajectory)
+    batch, shape = z0.shape[0], z0.shape
+    x = z0.reshape(batch, -1)
+    dim = x.shape[1]
+    us = x.new_zeros(batch, memory, dim)  # inverse Jacobian = -I + sum_i u_i v_i^T
+    vs = x.new_zeros(batch, memory, dim)
+    updates = torch.zeros(batch, dtype=torch.long, device=z0.device)  # rank-one updates stored
+    x_prev, g_prev = x, torch.zeros_like(x)
+    best_x, best_fx = x, x
+    for _ in range(max_iter):
+        index = progress.running()
+        if index.numel() == 0:
+            break
+        x_run = x[index]
+        fx_run = f(x_run.view(-1, *shape[1:]), index).reshape(index.shape[0], -1)
+        g_run = fx_run - x_run
+        healthy, improved, growth = progress.record(index, fx_run, x_run, fx_run)
+        best_x = _scatter_rows(best_x, index, x_run, improved)
+        best_fx = _scatter_rows(best_fx, index, fx_run, improved)
+        if progress.trajectory is not None:
+            progress.trajectory.append(best_fx.view(shape))
+        u_run, v_run, count = us[index], vs[index], updates[index]
+        has_prev = progress.steps[index] > 1
+        dx = x_run - x_prev[index]
+        dg = g_run - g_prev[index]
+        inv_dg = _inverse_jacobian_apply(u_run, v_run, dg)  # J^-1 dg
+        dx_inv = _inverse_jacobian_apply_transposed(u_run, v_run, dx)  # dx^T J^-1
+        denom = (dx_inv * dg).sum(dim=1)
+        usable = has_prev & torch.isfinite(denom) & (denom.abs() > _EPS * (dx.norm(dim=1) * dg.norm(dim=1) + _EPS))
+        restart = (growth > restart_factor) | (has_prev & ~usable)
+        full = count >= memory
+        cleared = (restart | full)[:, None, None]
+        u_run = torch.where(cleared, torch.zeros_like(u_run), u_run)
+        v_run = torch.where(cleared, torch.zeros_like(v_run), v_run)
+        count = torch.where(restart | full, 0, count)
+        write = usable & ~restart  # store the secant update in the next free slot
+        slot = torch.nn.functional.one_hot(count.clamp(max=memory - 1), memory).to(x.dtype)[:, :, None] * write[:, None, None]
+        u_new = dx - inv_dg
+        v_new = dx_inv / torch.where(write, denom, 1.0)[:, None]
+        u_run = u_run * (1 - slot) + slot * u_new[:, None]
+        v_run = v_run * (1 - slot) + slot * v_new[:, None]
+        count = count + write.long()
+        progress.fallbacks[index] += restart.long()
+        direction = -_inverse_jacobian_apply(u_run, v_run, g_run)  # quasi-Newton step: -J^-1 g
+        take_newton = torch.isfinite(direction).all(dim=1) & ~restart
+        new_x = torch.where(take_newton[:, None], x_run + direction, best_fx[index])
+        us = us.index_copy(0, index, u_run)
+        vs = vs.index_copy(0, index, v_run)
+        updates[index] = count
+        x_prev = _scatter_rows(x_prev, index, torch.where(restart[:, None], best_x[index], x_run), healthy)
+        g_prev = _scatter_rows(g_prev, index, torch.where(restart[:, None], best_fx[index] - best_x[index], g_run), healthy)
+        x = _scatter_rows(x, index, new_x, healthy)
+    return best_fx.view(shape), progress.stats()
+
+
+def _inverse_jacobian_apply(us: torch.Tensor, vs: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """(-I + U^T V) x with U, V of shape (B, m, d)."""
+    return -x + torch.einsum("bmd,bm->bd", us, torch.einsum("bmd,bd->bm", vs, x))
+
+
+def _inverse_jacobian_apply_transposed(us: torch.Tensor, vs: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """x^T (-I + U^T V), as a row vector per sample."""
+    return -x + torch.einsum("bmd,bm->bd", vs, torch.einsum("bmd,bd->bm", us, x))
+
+
+SOLVERS: dict[str, Callable[..., tuple[torch.Tensor, SolverStats]]] = {
+    "picard": picard,
+    "anderson": anderson,
+    "broyden": broyden,
+}
+
+
+def get_solver(name: str) -> Callable[..., tuple[torch.Tensor, SolverStats]]:
+    """The solver registered under ``name``; a clear error listing the choices otherwise."""
+    if name not in SOLVERS:
+        raise ValueError(f"solver must be one of {sorted(SOLVERS)}, got {name!r}")
+    return SOLVERS[name]
