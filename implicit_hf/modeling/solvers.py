@@ -10,8 +10,9 @@ Every solver has the signature ``solve(f, z0, max_iter, tol=None, **opts) -> (z,
   dimensions.
 * ``max_iter`` is the number of evaluations of ``f`` per sample; with ``tol`` a sample stops as soon
   as its relative residual ``||f(z) - z|| / ||f(z)||`` drops below ``tol``.
-* The returned state is, per sample, the output of its last evaluation of ``f``: with
-  ``max_iter=K`` and no ``tol`` this is exactly ``K`` applications of the block.
+* Picard returns its last iterate: with ``damping=1``, ``max_iter=K`` and no ``tol`` that is
+  exactly ``K`` applications of the block. Anderson and Broyden return, per sample, the image
+  ``f(x)`` of their lowest-residual iterate.
 
 A non-finite value or a residual that grows ``divergence_factor`` times above the best residual a
 sample has reached marks that sample as diverged: it stops, keeps its last finite state, and is
@@ -57,7 +58,11 @@ class SolverStats:
     @property
     def final_rel_residual(self) -> torch.Tensor:
         """Relative residual each sample last measured, shape ``(B,)``."""
-        return self.rel_residual[-1] if len(self.rel_residual) else torch.full_like(self.steps, float("nan"), dtype=torch.float)
+        return (
+            self.rel_residual[-1]
+            if len(self.rel_residual)
+            else torch.full_like(self.steps, float("nan"), dtype=torch.float)
+        )
 
 
 def _flat_norm(x: torch.Tensor) -> torch.Tensor:
@@ -166,7 +171,7 @@ def picard(
     if not 0 < damping <= 1:
         raise ValueError(f"picard: damping must be in (0, 1], got {damping!r}")
     progress = _Progress(z0, "picard", tol, divergence_factor, return_trajectory)
-    z, out = z0, z0
+    z = z0
     for _ in range(max_iter):
         index = progress.running()
         if index.numel() == 0:
@@ -176,10 +181,9 @@ def picard(
         new_z = fz if damping == 1.0 else z_run + damping * (fz - z_run)
         healthy, _, _ = progress.record(index, fz, z_run, new_z)
         z = _scatter_rows(z, index, new_z, healthy)
-        out = _scatter_rows(out, index, fz, healthy)
         if progress.trajectory is not None:
-            progress.trajectory.append(out)
-    return out, progress.stats()
+            progress.trajectory.append(z)
+    return z, progress.stats()
 
 
 def anderson(
@@ -231,7 +235,7 @@ def anderson(
         xs = xs.index_copy(0, index, _set_slot(xs[index], slot, x_run))
         fs = fs.index_copy(0, index, _set_slot(fs[index], slot, fx_run))
         filled[index] = torch.clamp(filled[index] + 1, max=memory)
-        mixed, solvable = _anderson_mix(xs[index], fs[index], filled[index], damping, regularization)
+        mixed, solvable = _anderson_mix(xs[index], fs[index], filled[index], slot, damping, regularization)
         restart = growth > restart_factor
         fell_back = restart | (~solvable & (filled[index] > 1))
         progress.fallbacks[index] += fell_back.long()
@@ -248,15 +252,18 @@ def _set_slot(history: torch.Tensor, slot: int, rows: torch.Tensor) -> torch.Ten
 
 
 def _anderson_mix(
-    xs: torch.Tensor, fs: torch.Tensor, filled: torch.Tensor, damping: float, regularization: float
+    xs: torch.Tensor, fs: torch.Tensor, filled: torch.Tensor, slot: int, damping: float, regularization: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Anderson weights per sample: min ||sum a_i g_i|| subject to sum a_i = 1, g_i = f(x_i) - x_i.
 
-    Returns the mixed next iterates and a flag per sample saying the solve was usable (finite and
-    with at least two stored iterates). Unused slots get weight zero through the constraint rows.
+    ``slot`` is the ring-buffer slot written last; a sample's ``filled`` valid entries are the ones
+    written most recently (``slot``, ``slot - 1``, ... modulo ``memory``), so entries stored before
+    a restart stay excluded. Returns the mixed next iterates and a flag per sample saying the solve
+    was usable (finite and with at least two stored iterates). Unused slots get weight zero through
+    the constraint rows.
     """
     batch, memory, _ = xs.shape
-    valid = torch.arange(memory, device=xs.device)[None, :] < filled[:, None]  # (B, m)
+    valid = (slot - torch.arange(memory, device=xs.device))[None, :] % memory < filled[:, None]  # (B, m)
     g = (fs - xs) * valid[:, :, None]
     gram = g @ g.transpose(1, 2)  # (B, m, m)
     scale = gram.diagonal(dim1=1, dim2=2).amax(dim=1).clamp_min(_EPS)
@@ -338,7 +345,10 @@ def broyden(
         v_run = torch.where(cleared, torch.zeros_like(v_run), v_run)
         count = torch.where(restart | full, 0, count)
         write = usable & ~restart  # store the secant update in the next free slot
-        slot = torch.nn.functional.one_hot(count.clamp(max=memory - 1), memory).to(x.dtype)[:, :, None] * write[:, None, None]
+        slot = (
+            torch.nn.functional.one_hot(count.clamp(max=memory - 1), memory).to(x.dtype)[:, :, None]
+            * write[:, None, None]
+        )
         u_new = dx - inv_dg
         v_new = dx_inv / torch.where(write, denom, 1.0)[:, None]
         u_run = u_run * (1 - slot) + slot * u_new[:, None]
@@ -352,7 +362,9 @@ def broyden(
         vs = vs.index_copy(0, index, v_run)
         updates[index] = count
         x_prev = _scatter_rows(x_prev, index, torch.where(restart[:, None], best_x[index], x_run), healthy)
-        g_prev = _scatter_rows(g_prev, index, torch.where(restart[:, None], best_fx[index] - best_x[index], g_run), healthy)
+        g_prev = _scatter_rows(
+            g_prev, index, torch.where(restart[:, None], best_fx[index] - best_x[index], g_run), healthy
+        )
         x = _scatter_rows(x, index, new_x, healthy)
     return best_fx.view(shape), progress.stats()
 

@@ -1,0 +1,257 @@
+"""Configuration of implicit (looped, weight-tied) transformers."""
+
+from __future__ import annotations
+
+import difflib
+import math
+from typing import Any
+
+from transformers import PretrainedConfig
+
+INJECTIONS = ("add", "linear")
+STATE_INITS = ("zeros", "prelude", "normal")
+SOLVER_NAMES = ("picard", "anderson", "broyden")
+GRADIENTS = ("unroll", "truncated", "jfb", "phantom", "ift")
+
+# What `save_pretrained` writes into config.json so `trust_remote_code=True` can load every head
+# in a process that cannot import implicit_hf (the code files are copied next to the weights).
+AUTO_MAP = {
+    "AutoConfig": "configuration_implicit.ImplicitConfig",
+    "AutoModel": "modeling_implicit.ImplicitModel",
+    "AutoModelForCausalLM": "modeling_implicit.ImplicitForCausalLM",
+    "AutoModelForTokenClassification": "modeling_implicit.ImplicitForTokenClassification",
+}
+
+_LOOP_FIELDS = (
+    "num_prelude_layers",
+    "num_core_layers",
+    "num_coda_layers",
+    "injection",
+    "state_init",
+    "state_init_std",
+    "core_norm",
+    "num_loops",
+    "num_loops_train",
+    "solver",
+    "tol",
+    "damping",
+    "anderson_memory",
+    "gradient",
+    "gradient_steps",
+    "phantom_tau",
+    "ift_max_iter",
+    "ift_tol",
+    "is_causal",
+)
+
+
+class ImplicitConfig(PretrainedConfig):
+    r"""Configuration of an implicit model: a Llama-family decoder split into prelude, core and coda.
+
+    ``prelude`` layers run once on the input, the ``core`` block (``num_core_layers`` weight-tied
+    layers) is iterated to a fixed point ``z = core(inject(z, e))`` of the prelude output ``e``,
+    and the ``coda`` layers plus the head run once on the result.
+
+    Architecture fields are those of `LlamaConfig` (RMSNorm, RoPE, SwiGLU, grouped-query
+    attention) so the layers are transformers' own `LlamaDecoderLayer`s.
+
+    Loop fields:
+        num_prelude_layers / num_core_layers / num_coda_layers: the layer split (core >= 1).
+        injection: how the input enters every iteration: ``"add"`` (``z + e``) or ``"linear"``
+            (a linear map of ``[z; e]``, initialised to ``z + e``).
+        state_init: the starting state ``z0``: ``"zeros"``, ``"prelude"`` (``e``) or ``"normal"``
+            (Gaussian noise of std ``state_init_std``; outputs are then random).
+        core_norm: apply an RMSNorm to the core's output at every iteration (keeps the state
+            bounded so iterating is stable).
+        num_loops / num_loops_train: default iteration counts at inference and in training mode
+            (``num_loops_train=None`` uses ``num_loops``); ``forward(num_loops=K)`` overrides both.
+        solver: ``"picard"`` (plain looping, optional ``damping``), ``"anderson"`` (history of
+            ``anderson_memory``) or ``"broyden"``.
+        tol: relative-residual tolerance for per-sample halting; ``None`` runs exactly the loop
+            count.
+        gradient: backward mode: ``"unroll"`` (backprop through every iteration), ``"truncated"``
+            (through the last ``gradient_steps``), ``"jfb"`` (one step at the fixed point),
+            ``"phantom"`` (``gradient_steps`` steps damped by ``phantom_tau``) or ``"ift"``
+            (implicit differentiation; its backward fixed point runs up to ``ift_max_iter``
+            iterations, default ``num_loops``, to ``ift_tol``).
+        is_causal: causal attention (language models) or bidirectional (grids, fields, LPs).
+
+    Unknown choices and out-of-range values raise ``ValueError`` naming the field and what is
+    allowed; a keyword that looks like a misspelt loop field (``num_loop``) is refused too rather
+    than silently ignored.
+    """
+
+    model_type = "implicit"
+    keys_to_ignore_at_inference = ["past_key_values"]
+
+    def __init__(
+        self,
+        vocab_size: int = 32000,
+        hidden_size: int = 512,
+        intermediate_size: int | None = None,
+        num_attention_heads: int = 8,
+        num_key_value_heads: int | None = None,
+        head_dim: int | None = None,
+        hidden_act: str = "silu",
+        max_position_embeddings: int = 2048,
+        initializer_range: float = 0.02,
+        rms_norm_eps: float = 1e-6,
+        rope_parameters: dict[str, Any] | None = None,
+        attention_bias: bool = False,
+        attention_dropout: float = 0.0,
+        mlp_bias: bool = False,
+        use_cache: bool = False,
+        tie_word_embeddings: bool = False,
+        pad_token_id: int | None = None,
+        bos_token_id: int | None = None,
+        eos_token_id: int | list[int] | None = None,
+        num_prelude_layers: int = 2,
+        num_core_layers: int = 4,
+        num_coda_layers: int = 2,
+        injection: str = "add",
+        state_init: str = "zeros",
+        state_init_std: float = 1.0,
+        core_norm: bool = True,
+        num_loops: int = 8,
+        num_loops_train: int | None = None,
+        solver: str = "picard",
+        tol: float | None = None,
+        damping: float = 1.0,
+        anderson_memory: int = 5,
+        gradient: str = "jfb",
+        gradient_steps: int = 4,
+        phantom_tau: float = 0.5,
+        ift_max_iter: int | None = None,
+        ift_tol: float = 1e-5,
+        is_causal: bool = True,
+        **kwargs: Any,
+    ):
+        _refuse_misspelt_loop_fields(kwargs)
+        kwargs.pop("num_hidden_layers", None)  # derived from the layer split
+        self.vocab_size = vocab_size
+        self.hidden_size = hidden_size
+        self.intermediate_size = intermediate_size or _swiglu_width(hidden_size)
+        self.num_attention_heads = num_attention_heads
+        self.num_key_value_heads = num_key_value_heads or num_attention_heads
+        self.head_dim = head_dim or (hidden_size // num_attention_heads if num_attention_heads else None)
+        self.hidden_act = hidden_act
+        self.max_position_embeddings = max_position_embeddings
+        self.initializer_range = initializer_range
+        self.rms_norm_eps = rms_norm_eps
+        self.rope_parameters = rope_parameters
+        self.attention_bias = attention_bias
+        self.attention_dropout = attention_dropout
+        self.mlp_bias = mlp_bias
+        self.use_cache = use_cache
+        self.num_prelude_layers = num_prelude_layers
+        self.num_core_layers = num_core_layers
+        self.num_coda_layers = num_coda_layers
+        self.injection = injection
+        self.state_init = state_init
+        self.state_init_std = state_init_std
+        self.core_norm = core_norm
+        self.num_loops = num_loops
+        self.num_loops_train = num_loops_train
+        self.solver = solver
+        self.tol = tol
+        self.damping = damping
+        self.anderson_memory = anderson_memory
+        self.gradient = gradient
+        self.gradient_steps = gradient_steps
+        self.phantom_tau = phantom_tau
+        self.ift_max_iter = ift_max_iter
+        self.ift_tol = ift_tol
+        self.is_causal = is_causal
+        kwargs.setdefault("auto_map", dict(AUTO_MAP))
+        super().__init__(
+            pad_token_id=pad_token_id,
+            bos_token_id=bos_token_id,
+            eos_token_id=eos_token_id,
+            tie_word_embeddings=tie_word_embeddings,
+            **kwargs,
+        )
+        self.validate_loop_settings()
+
+    @property
+    def num_hidden_layers(self) -> int:
+        """Distinct (parameter-owning) decoder layers: prelude + core + coda."""
+        return self.num_prelude_layers + self.num_core_layers + self.num_coda_layers
+
+    @property
+    def train_loops(self) -> int:
+        """Iterations used in training mode when a forward call does not say."""
+        return self.num_loops_train if self.num_loops_train is not None else self.num_loops
+
+    def validate_loop_settings(self) -> None:
+        """Raise ``ValueError`` naming the first invalid field and what it allows."""
+        _choice("injection", self.injection, INJECTIONS)
+        _choice("state_init", self.state_init, STATE_INITS)
+        _choice("solver", self.solver, SOLVER_NAMES)
+        _choice("gradient", self.gradient, GRADIENTS)
+        _integer("hidden_size", self.hidden_size, minimum=1)
+        _integer("num_attention_heads", self.num_attention_heads, minimum=1)
+        _integer("num_key_value_heads", self.num_key_value_heads, minimum=1)
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(
+                f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
+                f"num_key_value_heads ({self.num_key_value_heads})"
+            )
+        if self.head_dim is None and self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"hidden_size ({self.hidden_size}) must be a multiple of num_attention_heads "
+                f"({self.num_attention_heads}) unless head_dim is given"
+            )
+        _integer("num_prelude_layers", self.num_prelude_layers, minimum=0)
+        _integer("num_core_layers", self.num_core_layers, minimum=1)
+        _integer("num_coda_layers", self.num_coda_layers, minimum=0)
+        _integer("num_loops", self.num_loops, minimum=1)
+        if self.num_loops_train is not None:
+            _integer("num_loops_train", self.num_loops_train, minimum=1)
+        _integer("anderson_memory", self.anderson_memory, minimum=1)
+        _integer("gradient_steps", self.gradient_steps, minimum=1)
+        if self.ift_max_iter is not None:
+            _integer("ift_max_iter", self.ift_max_iter, minimum=1)
+        _positive("tol", self.tol, allow_none=True)
+        _positive("ift_tol", self.ift_tol)
+        _positive("state_init_std", self.state_init_std)
+        _unit_interval("damping", self.damping)
+        _unit_interval("phantom_tau", self.phantom_tau)
+        for name in ("core_norm", "is_causal"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+
+
+def _swiglu_width(hidden_size: int) -> int:
+    """Llama's SwiGLU width: 8/3 of the hidden size, rounded up to a multiple of 32."""
+    return 32 * math.ceil(8 * hidden_size / 3 / 32)
+
+
+def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {', '.join(repr(a) for a in allowed)}; got {value!r}")
+
+
+def _integer(name: str, value: Any, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}; got {value!r}")
+
+
+def _positive(name: str, value: Any, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        allowed = "None or a number > 0" if allow_none else "a number > 0"
+        raise ValueError(f"{name} must be {allowed}; got {value!r}")
+
+
+def _unit_interval(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+        raise ValueError(f"{name} must be a number in (0, 1]; got {value!r}")
+
+
+def _refuse_misspelt_loop_fields(kwargs: dict[str, Any]) -> None:
+    """Refuse keywords that look like a misspelt loop field instead of storing them unused."""
+    for key in kwargs:
+        match = difflib.get_close_matches(key, _LOOP_FIELDS, n=1, cutoff=0.85)
+        if match:
+            raise ValueError(f"unknown ImplicitConfig field {key!r}; did you mean {match[0]!r}?")

@@ -1,0 +1,131 @@
+"""Backward modes for fixed-point layers: how gradients reach the parameters of ``f``.
+
+``fixed_point(f, z0, ...)`` runs a solver for ``max_iter`` evaluations of ``f`` in total and
+returns ``(z, SolverStats)``; the gradient mode decides which of those evaluations autograd sees:
+
+* ``unroll``: all of them (backprop through time; memory grows with the iteration count);
+* ``truncated``: the last ``steps`` Picard steps, after a solve without autograd;
+* ``jfb``: one step at the fixed point (Jacobian-free backprop);
+* ``phantom``: ``steps`` Picard steps damped by ``tau`` after a solve without autograd;
+* ``ift``: one step at the fixed point whose backward solves the adjoint fixed point
+  ``g = J_f(z*)^T g + dL/dz`` with the same solver (implicit differentiation).
+
+Only ``unroll`` keeps more than a constant number of evaluations in memory. Without autograd
+(``torch.no_grad`` or no parameter needing a gradient) every mode is a plain solve.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from .solvers import FixedPointMap, SolverStats, get_solver, picard
+
+logger = logging.getLogger(__name__)
+
+
+def fixed_point(
+    f: FixedPointMap,
+    z0: torch.Tensor,
+    *,
+    solver: str = "picard",
+    max_iter: int,
+    tol: float | None = None,
+    gradient: str = "jfb",
+    steps: int = 1,
+    tau: float = 0.5,
+    backward_max_iter: int | None = None,
+    backward_tol: float = 1e-5,
+    return_trajectory: bool = False,
+    **solver_options,
+) -> tuple[torch.Tensor, SolverStats]:
+    """Solve ``z = f(z)`` from ``z0`` with ``solver`` and attach gradients according to ``gradient``."""
+    solve = get_solver(solver)
+    if not torch.is_grad_enabled():
+        return solve(f, z0, max_iter, tol, return_trajectory=return_trajectory, **solver_options)
+    if gradient == "unroll":
+        return solve(f, z0, max_iter, tol, return_trajectory=return_trajectory, **solver_options)
+    if gradient in ("truncated", "phantom"):
+        differentiable_steps = min(steps, max_iter)
+    elif gradient in ("jfb", "ift"):
+        differentiable_steps = 1
+    else:
+        raise ValueError(f"gradient must be one of 'unroll', 'truncated', 'jfb', 'phantom', 'ift'; got {gradient!r}")
+
+    z, stats = z0.detach(), None
+    if max_iter > differentiable_steps:
+        with torch.no_grad():
+            z, stats = solve(
+                f, z, max_iter - differentiable_steps, tol, return_trajectory=return_trajectory, **solver_options
+            )
+    if gradient == "ift":
+        z, tail = _implicit_step(f, z, solve, backward_max_iter or max_iter, backward_tol, solver_options)
+    else:
+        damping = tau if gradient == "phantom" else 1.0
+        z, tail = picard(f, z, differentiable_steps, None, damping=damping, return_trajectory=return_trajectory)
+    return z, tail if stats is None else merge_stats(stats, tail, tol)
+
+
+def _implicit_step(
+    f: FixedPointMap,
+    z_star: torch.Tensor,
+    solve,
+    backward_max_iter: int,
+    backward_tol: float,
+    solver_options: dict,
+) -> tuple[torch.Tensor, SolverStats]:
+    """One differentiable step ``f(z*)`` whose gradient is corrected by implicit differentiation."""
+    z_star = z_star.detach().requires_grad_()
+    all_rows = torch.arange(z_star.shape[0], device=z_star.device)
+    f_star = f(z_star, all_rows)
+    _, stats = picard(lambda z, index: f_star.detach()[index], z_star.detach(), 1)  # residual of this step
+    if not f_star.requires_grad:
+        return f_star, stats
+
+    def vector_jacobian(g: torch.Tensor, index: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+        full = torch.zeros_like(grad)
+        full[index] = g
+        (vjp,) = torch.autograd.grad(f_star, z_star, full, retain_graph=True)
+        return vjp[index] + grad[index]
+
+    def adjoint_hook(grad: torch.Tensor) -> torch.Tensor:
+        handle.remove()  # the adjoint solve below differentiates f_star again: do not re-enter
+        g, backward_stats = solve(
+            lambda g, index: vector_jacobian(g, index, grad),
+            grad,
+            backward_max_iter,
+            backward_tol,
+            **solver_options,
+        )
+        if bool(backward_stats.diverged.any()):
+            logger.warning(
+                "implicit differentiation: the adjoint fixed point diverged for %d of %d samples; "
+                "their gradients are unreliable",
+                int(backward_stats.diverged.sum()),
+                len(backward_stats.diverged),
+            )
+        return g
+
+    handle = f_star.register_hook(adjoint_hook)
+    return f_star, stats
+
+
+def merge_stats(first: SolverStats, second: SolverStats, tol: float | None) -> SolverStats:
+    """Statistics of running ``first`` and then ``second`` on the same batch."""
+    converged = first.converged | second.converged
+    if tol is not None and second.rel_residual.numel():
+        converged = converged | (second.rel_residual[-1] < tol)
+    trajectory = None
+    if first.trajectory is not None and second.trajectory is not None:
+        trajectory = first.trajectory + second.trajectory
+    return SolverStats(
+        solver=first.solver,
+        steps=first.steps + second.steps,
+        abs_residual=torch.cat([first.abs_residual, second.abs_residual]),
+        rel_residual=torch.cat([first.rel_residual, second.rel_residual]),
+        converged=converged,
+        diverged=first.diverged | second.diverged,
+        fallbacks=first.fallbacks + second.fallbacks,
+        trajectory=trajectory,
+    )

@@ -1,0 +1,376 @@
+"""Implicit (looped, weight-tied) transformers built from transformers' own Llama layers.
+
+    e  = prelude(embed(x))             run once
+    z* = core(inject(z*, e))           one weight-tied block iterated to a fixed point
+    y  = head(norm(coda(z*)))          run once
+
+The layers are `LlamaDecoderLayer`s, so attention goes through transformers' attention interface
+(eager / sdpa / flex / flash) and RoPE, masks and weight layout are transformers'. This file and
+the ones it imports relatively are copied next to saved checkpoints, so it imports nothing from
+``implicit_hf`` by absolute name (``trust_remote_code=True`` loads it where the package is absent).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers import initialization as init
+from transformers.masking_utils import create_bidirectional_mask, create_causal_mask
+from transformers.modeling_outputs import ModelOutput
+from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRMSNorm, LlamaRotaryEmbedding
+
+from .configuration_implicit import SOLVER_NAMES, ImplicitConfig
+from .gradients import fixed_point
+from .solvers import SolverStats
+
+
+@dataclass
+class ImplicitModelOutput(ModelOutput):
+    """Output of `ImplicitModel`.
+
+    Args:
+        last_hidden_state: the coda's normalised output at the fixed point, ``(B, T, hidden)``.
+        loop_stats: what the solver did per sample (steps, residual traces, converged, diverged).
+        trajectory: with ``return_trajectory=True``, ``last_hidden_state`` after each iteration.
+    """
+
+    last_hidden_state: torch.Tensor | None = None
+    loop_stats: SolverStats | None = None
+    trajectory: tuple[torch.Tensor, ...] | None = None
+
+
+@dataclass
+class ImplicitHeadOutput(ModelOutput):
+    """Output of the heads: ``logits`` at the fixed point, optionally per iteration.
+
+    Args:
+        loss: training loss when labels were given.
+        logits: head output, ``(B, T, vocab)`` for LMs, ``(B, T, num_labels)`` for per-token heads.
+        loop_stats: what the solver did per sample.
+        trajectory: with ``return_trajectory=True``, the logits after each iteration (the eval
+            harness scores every loop count from this one run).
+    """
+
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    loop_stats: SolverStats | None = None
+    trajectory: tuple[torch.Tensor, ...] | None = None
+
+
+class ImplicitInjection(nn.Module):
+    """Combines the state ``z`` with the injected input ``e`` at every iteration."""
+
+    def __init__(self, config: ImplicitConfig):
+        super().__init__()
+        self.mode = config.injection
+        self.proj = nn.Linear(2 * config.hidden_size, config.hidden_size, bias=False) if self.mode == "linear" else None
+
+    def forward(self, state: torch.Tensor, injected: torch.Tensor) -> torch.Tensor:
+        if self.proj is None:
+            return state + injected
+        return self.proj(torch.cat([state, injected], dim=-1))
+
+
+class ImplicitPreTrainedModel(PreTrainedModel):
+    config: ImplicitConfig
+    config_class = ImplicitConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["LlamaDecoderLayer"]
+    _supports_flash_attn = True
+    _supports_sdpa = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        if isinstance(module, ImplicitInjection) and module.proj is not None:
+            # Start as plain addition z + e: [I | I].
+            eye = torch.eye(self.config.hidden_size, dtype=module.proj.weight.dtype)
+            init.copy_(module.proj.weight, torch.cat([eye, eye], dim=1))
+
+
+def _rows(x: torch.Tensor | None, index: torch.Tensor, batch: int) -> torch.Tensor | None:
+    """Rows ``index`` of a per-sample tensor; tensors broadcast over the batch pass unchanged."""
+    if x is None or index.shape[0] == batch or x.shape[0] != batch:
+        return x
+    return x[index]
+
+
+class ImplicitModel(ImplicitPreTrainedModel):
+    """Prelude, looped core and coda; returns the normalised hidden states at the fixed point."""
+
+    def __init__(self, config: ImplicitConfig):
+        super().__init__(config)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
+        first_core = config.num_prelude_layers
+        first_coda = first_core + config.num_core_layers
+        self.prelude = nn.ModuleList([LlamaDecoderLayer(config, i) for i in range(first_core)])
+        self.core = nn.ModuleList([LlamaDecoderLayer(config, i) for i in range(first_core, first_coda)])
+        self.coda = nn.ModuleList(
+            [LlamaDecoderLayer(config, i) for i in range(first_coda, first_coda + config.num_coda_layers)]
+        )
+        for layer in (*self.prelude, *self.core, *self.coda):
+            layer.self_attn.is_causal = config.is_causal
+        self.injection = ImplicitInjection(config)
+        self.core_norm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps) if config.core_norm else None
+        self.norm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.rotary_emb = LlamaRotaryEmbedding(config=config)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.embed_tokens = value
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        num_loops: int | None = None,
+        tol: float | None = None,
+        solver: str | None = None,
+        return_trajectory: bool = False,
+        use_cache: bool | None = None,
+        past_key_values=None,
+        **kwargs,
+    ) -> ImplicitModelOutput:
+        r"""
+        num_loops: iterations of the core (default ``config.num_loops``, or ``config.num_loops_train``
+            in training mode); with a tolerance this is the maximum.
+        tol: relative-residual tolerance for per-sample halting (default ``config.tol``; ``0``
+            disables halting for this call).
+        solver: ``"picard"``, ``"anderson"`` or ``"broyden"`` (default ``config.solver``).
+        return_trajectory: also return the hidden states after every iteration.
+        """
+        if use_cache or past_key_values is not None:
+            raise NotImplementedError(
+                "ImplicitModel has no KV cache yet: call it with use_cache=False (generate does so by default)"
+            )
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        loops = self._resolve_loops(num_loops)
+        solver = self.config.solver if solver is None else solver
+        if solver not in SOLVER_NAMES:
+            raise ValueError(f"solver must be one of {', '.join(map(repr, SOLVER_NAMES))}; got {solver!r}")
+        tol = self.config.tol if tol is None else (tol or None)
+
+        hidden = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        batch, length = hidden.shape[:2]
+        if position_ids is None:
+            position_ids = torch.arange(length, device=hidden.device).unsqueeze(0)
+        mask_builder = create_causal_mask if self.config.is_causal else create_bidirectional_mask
+        mask = mask_builder(
+            config=self.config,
+            inputs_embeds=hidden,
+            attention_mask=attention_mask,
+            past_key_values=None,
+            position_ids=position_ids,
+        )
+        cos, sin = self.rotary_emb(hidden, position_ids)
+
+        def run(layers: nn.ModuleList, h: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+            for layer in layers:
+                h = layer(
+                    h,
+                    attention_mask=_rows(mask, index, batch),
+                    position_ids=_rows(position_ids, index, batch),
+                    position_embeddings=(_rows(cos, index, batch), _rows(sin, index, batch)),
+                    **kwargs,
+                )
+            return h
+
+        all_rows = torch.arange(batch, device=hidden.device)
+        injected = run(self.prelude, hidden, all_rows)
+
+        def core_step(state: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+            h = run(self.core, self.injection(state, _rows(injected, index, batch)), index)
+            return self.core_norm(h) if self.core_norm is not None else h
+
+        state, stats = fixed_point(
+            core_step,
+            self._initial_state(injected),
+            solver=solver,
+            max_iter=loops,
+            tol=tol,
+            gradient=self.config.gradient,
+            steps=self.config.gradient_steps,
+            tau=self.config.phantom_tau,
+            backward_max_iter=self.config.ift_max_iter,
+            backward_tol=self.config.ift_tol,
+            return_trajectory=return_trajectory,
+            **self._solver_options(solver),
+        )
+
+        def decode(z: torch.Tensor) -> torch.Tensor:
+            return self.norm(run(self.coda, z, all_rows))
+
+        trajectory = tuple(decode(z) for z in stats.trajectory) if return_trajectory else None
+        stats.trajectory = None  # the decoded trajectory is what callers use; drop the raw states
+        return ImplicitModelOutput(last_hidden_state=decode(state), loop_stats=stats, trajectory=trajectory)
+
+    def _resolve_loops(self, num_loops: int | None) -> int:
+        if num_loops is None:
+            return self.config.train_loops if self.training else self.config.num_loops
+        if isinstance(num_loops, bool) or not isinstance(num_loops, int) or num_loops < 1:
+            raise ValueError(f"num_loops must be an integer >= 1; got {num_loops!r}")
+        return num_loops
+
+    def _initial_state(self, injected: torch.Tensor) -> torch.Tensor:
+        if self.config.state_init == "prelude":
+            return injected
+        if self.config.state_init == "normal":
+            return torch.randn_like(injected) * self.config.state_init_std
+        return torch.zeros_like(injected)
+
+    def _solver_options(self, solver: str) -> dict:
+        if solver == "picard":
+            return {"damping": self.config.damping}
+        if solver == "anderson":
+            return {"damping": self.config.damping, "memory": self.config.anderson_memory}
+        return {}
+
+
+class ImplicitForCausalLM(ImplicitPreTrainedModel, GenerationMixin):
+    """Implicit causal language model; ``generate(..., num_loops=K)`` passes the loop count through."""
+
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: ImplicitConfig):
+        super().__init__(config)
+        self.model = ImplicitModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        num_loops: int | None = None,
+        tol: float | None = None,
+        solver: str | None = None,
+        return_trajectory: bool = False,
+        logits_to_keep: int = 0,
+        use_cache: bool | None = None,
+        past_key_values=None,
+        **kwargs,
+    ) -> ImplicitHeadOutput:
+        r"""
+        labels: next-token targets (shifted inside the loss; ``-100`` is ignored).
+        num_loops / tol / solver / return_trajectory: see `ImplicitModel.forward`.
+        logits_to_keep: compute logits for the last ``logits_to_keep`` positions only (0 = all).
+        """
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            inputs_embeds=inputs_embeds,
+            num_loops=num_loops,
+            tol=tol,
+            solver=solver,
+            return_trajectory=return_trajectory,
+            use_cache=use_cache,
+            past_key_values=past_key_values,
+            **kwargs,
+        )
+        keep = slice(-logits_to_keep, None) if logits_to_keep else slice(None)
+        logits = self.lm_head(outputs.last_hidden_state[:, keep])
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        trajectory = None
+        if outputs.trajectory is not None:
+            trajectory = tuple(self.lm_head(h[:, keep]) for h in outputs.trajectory)
+        return ImplicitHeadOutput(loss=loss, logits=logits, loop_stats=outputs.loop_stats, trajectory=trajectory)
+
+
+class ImplicitForTokenClassification(ImplicitPreTrainedModel):
+    """Per-token head for grid problems (sudoku cells, maze paths) or, with
+    ``config.problem_type="regression"``, per-token regression (pixels, field values, LP solutions).
+
+    ``config.num_labels`` is the number of classes, or of regression outputs per token.
+    """
+
+    def __init__(self, config: ImplicitConfig):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.model = ImplicitModel(config)
+        self.score = nn.Linear(config.hidden_size, config.num_labels)
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        num_loops: int | None = None,
+        tol: float | None = None,
+        solver: str | None = None,
+        return_trajectory: bool = False,
+        **kwargs,
+    ) -> ImplicitHeadOutput:
+        r"""
+        labels: class ids ``(B, T)`` (``-100`` ignored), or targets ``(B, T, num_labels)`` for
+            regression (padding positions, where ``attention_mask`` is 0, are ignored).
+        num_loops / tol / solver / return_trajectory: see `ImplicitModel.forward`.
+        """
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            inputs_embeds=inputs_embeds,
+            num_loops=num_loops,
+            tol=tol,
+            solver=solver,
+            return_trajectory=return_trajectory,
+            **kwargs,
+        )
+        logits = self.score(outputs.last_hidden_state)
+        loss = None if labels is None else self._loss(logits, labels, attention_mask)
+        trajectory = None
+        if outputs.trajectory is not None:
+            trajectory = tuple(self.score(h) for h in outputs.trajectory)
+        return ImplicitHeadOutput(loss=loss, logits=logits, loop_stats=outputs.loop_stats, trajectory=trajectory)
+
+    def _loss(self, logits: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        if self.config.problem_type == "regression":
+            if labels.shape != logits.shape:
+                raise ValueError(f"regression labels must have shape {tuple(logits.shape)}; got {tuple(labels.shape)}")
+            squared = (logits - labels.to(logits.dtype)).pow(2).mean(dim=-1)
+            if attention_mask is None:
+                return squared.mean()
+            weights = attention_mask.to(squared.dtype)
+            return (squared * weights).sum() / weights.sum().clamp_min(1)
+        return nn.functional.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
+
+
+class ImplicitForTokenRegression(ImplicitForTokenClassification):
+    """Per-token regression head (continuous tasks): `ImplicitForTokenClassification` with
+    ``problem_type="regression"``, so checkpoints also load with `AutoModelForTokenClassification`."""
+
+    def __init__(self, config: ImplicitConfig):
+        config.problem_type = "regression"
+        super().__init__(config)
+
+
+__all__ = [
+    "ImplicitForCausalLM",
+    "ImplicitForTokenClassification",
+    "ImplicitForTokenRegression",
+    "ImplicitModel",
+    "ImplicitModelOutput",
+    "ImplicitHeadOutput",
+    "ImplicitPreTrainedModel",
+]
