@@ -30,6 +30,7 @@ _LOOP_FIELDS = (
     "state_init",
     "state_init_std",
     "core_norm",
+    "injection_norm",
     "num_loops",
     "num_loops_train",
     "solver",
@@ -61,8 +62,11 @@ class ImplicitConfig(PretrainedConfig):
             (a linear map of ``[z; e]``, initialised to ``z + e``).
         state_init: the starting state ``z0``: ``"zeros"``, ``"prelude"`` (``e``) or ``"normal"``
             (Gaussian noise of std ``state_init_std``; outputs are then random).
-        core_norm: apply an RMSNorm to the core's output at every iteration (keeps the state
-            bounded so iterating is stable).
+        core_norm: apply an RMSNorm to the core's output at every iteration. The Llama layers are
+            residual (``h + g(h)``), so without it the state is not contracted and drifts.
+        injection_norm: apply an RMSNorm to the prelude output before it is injected, so input and
+            state have the same scale; a tiny injection (fresh embeddings) makes the map nearly the
+            identity on the state and the loop converges slowly.
         num_loops / num_loops_train: default iteration counts at inference and in training mode
             (``num_loops_train=None`` uses ``num_loops``); ``forward(num_loops=K)`` overrides both.
         solver: ``"picard"`` (plain looping, optional ``damping``), ``"anderson"`` (history of
@@ -112,6 +116,7 @@ class ImplicitConfig(PretrainedConfig):
         state_init: str = "zeros",
         state_init_std: float = 1.0,
         core_norm: bool = True,
+        injection_norm: bool = True,
         num_loops: int = 8,
         num_loops_train: int | None = None,
         solver: str = "picard",
@@ -150,6 +155,7 @@ class ImplicitConfig(PretrainedConfig):
         self.state_init = state_init
         self.state_init_std = state_init_std
         self.core_norm = core_norm
+        self.injection_norm = injection_norm
         self.num_loops = num_loops
         self.num_loops_train = num_loops_train
         self.solver = solver
@@ -216,7 +222,7 @@ class ImplicitConfig(PretrainedConfig):
         _positive("state_init_std", self.state_init_std)
         _unit_interval("damping", self.damping)
         _unit_interval("phantom_tau", self.phantom_tau)
-        for name in ("core_norm", "is_causal"):
+        for name in ("core_norm", "injection_norm", "is_causal"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
 

@@ -61,6 +61,8 @@ def fixed_point(
             )
     if gradient == "ift":
         z, tail = _implicit_step(f, z, solve, backward_max_iter or max_iter, backward_tol, solver_options)
+        if return_trajectory:
+            tail.trajectory = [z]
     else:
         damping = tau if gradient == "phantom" else 1.0
         z, tail = picard(f, z, differentiable_steps, None, damping=damping, return_trajectory=return_trajectory)

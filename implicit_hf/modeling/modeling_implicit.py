@@ -61,17 +61,20 @@ class ImplicitHeadOutput(ModelOutput):
 
 
 class ImplicitInjection(nn.Module):
-    """Combines the state ``z`` with the injected input ``e`` at every iteration."""
+    """Combines the state ``z`` with the injected input ``e`` at every iteration.
+
+    ``"add"``: ``z + e``. ``"linear"``: ``W [z; e]`` with ``W`` initialised to ``[I | I]`` (addition).
+    """
 
     def __init__(self, config: ImplicitConfig):
         super().__init__()
-        self.mode = config.injection
-        self.proj = nn.Linear(2 * config.hidden_size, config.hidden_size, bias=False) if self.mode == "linear" else None
+        hidden = config.hidden_size
+        self.weight = nn.Parameter(torch.empty(hidden, 2 * hidden)) if config.injection == "linear" else None
 
     def forward(self, state: torch.Tensor, injected: torch.Tensor) -> torch.Tensor:
-        if self.proj is None:
+        if self.weight is None:
             return state + injected
-        return self.proj(torch.cat([state, injected], dim=-1))
+        return nn.functional.linear(torch.cat([state, injected], dim=-1), self.weight)
 
 
 class ImplicitPreTrainedModel(PreTrainedModel):
@@ -87,10 +90,9 @@ class ImplicitPreTrainedModel(PreTrainedModel):
 
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
-        if isinstance(module, ImplicitInjection) and module.proj is not None:
-            # Start as plain addition z + e: [I | I].
-            eye = torch.eye(self.config.hidden_size, dtype=module.proj.weight.dtype)
-            init.copy_(module.proj.weight, torch.cat([eye, eye], dim=1))
+        if isinstance(module, ImplicitInjection) and module.weight is not None:
+            eye = torch.eye(self.config.hidden_size, dtype=module.weight.dtype)
+            init.copy_(module.weight, torch.cat([eye, eye], dim=1))
 
 
 def _rows(x: torch.Tensor | None, index: torch.Tensor, batch: int) -> torch.Tensor | None:
@@ -117,6 +119,9 @@ class ImplicitModel(ImplicitPreTrainedModel):
             layer.self_attn.is_causal = config.is_causal
         self.injection = ImplicitInjection(config)
         self.core_norm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps) if config.core_norm else None
+        self.injection_norm = (
+            LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps) if config.injection_norm else None
+        )
         self.norm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.rotary_emb = LlamaRotaryEmbedding(config=config)
         self.gradient_checkpointing = False
@@ -189,6 +194,8 @@ class ImplicitModel(ImplicitPreTrainedModel):
 
         all_rows = torch.arange(batch, device=hidden.device)
         injected = run(self.prelude, hidden, all_rows)
+        if self.injection_norm is not None:
+            injected = self.injection_norm(injected)
 
         def core_step(state: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
             h = run(self.core, self.injection(state, _rows(injected, index, batch)), index)
