@@ -20,15 +20,15 @@ demo: install
 	$(BIN)/implicit-hf demo --out outputs/demo
 
 lint: install
-	$(BIN)/ruff check .
-	$(BIN)/ruff format --check .
+	$(BIN)/ruff check implicit_hf tests benchmarks
+	$(BIN)/ruff format --check implicit_hf tests benchmarks
 
 test: lint
 	$(BIN)/python -m pytest -q
 
 format: install
-	$(BIN)/ruff check --fix .
-	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix implicit_hf tests benchmarks
+	$(BIN)/ruff format implicit_hf tests benchmarks
 
 bench: install
 	$(BIN)/python benchmarks/bench_solvers.py

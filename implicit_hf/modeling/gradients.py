@@ -92,7 +92,6 @@ def _implicit_step(
         return vjp[index] + grad[index]
 
     def adjoint_hook(grad: torch.Tensor) -> torch.Tensor:
-        handle.remove()  # the adjoint solve below differentiates f_star again: do not re-enter
         g, backward_stats = solve(
             lambda g, index: vector_jacobian(g, index, grad),
             grad,
@@ -109,8 +108,13 @@ def _implicit_step(
             )
         return g
 
-    handle = f_star.register_hook(adjoint_hook)
-    return f_star, stats
+    # The hook sits on an alias of f_star, not on f_star itself: the adjoint solve differentiates
+    # f_star without re-entering the hook (so the hook never has to remove itself and every
+    # backward through a retained graph is implicit), and the closure holding f_star is owned by
+    # the alias only, so no reference cycle keeps f_star and its graph alive.
+    output = f_star.view_as(f_star)
+    output.register_hook(adjoint_hook)
+    return output, stats
 
 
 def merge_stats(first: SolverStats, second: SolverStats, tol: float | None) -> SolverStats:

@@ -109,18 +109,19 @@ class _Progress:
         abs_res = _flat_norm(fz - z)
         rel_res = abs_res / (_flat_norm(fz) + _EPS)
         finite = torch.isfinite(abs_res) & torch.isfinite(new_state.detach().flatten(1)).all(dim=1)
-        best_before = self.best_abs[index]
+        rows = _all_or(index, self.steps.shape[0])
+        best_before = self.best_abs[rows]
         growth = abs_res / best_before.clamp_min(_EPS)
         healthy = finite & ~(growth > self.divergence_factor)
         improved = finite & (abs_res < best_before)
-        self.steps[index] += 1
-        self.last_abs[index] = abs_res
-        self.last_rel[index] = rel_res
-        self.best_abs[index] = torch.where(improved, abs_res, best_before)
-        self.diverged[index] |= ~healthy
+        self.steps[rows] += 1
+        self.last_abs[rows] = abs_res
+        self.last_rel[rows] = rel_res
+        self.best_abs[rows] = torch.where(improved, abs_res, best_before)
+        self.diverged[rows] |= ~healthy
         if self.tol is not None:
-            self.converged[index] |= healthy & (rel_res < self.tol)
-        self.active[index] &= healthy & ~self.converged[index]
+            self.converged[rows] |= healthy & (rel_res < self.tol)
+        self.active[rows] &= healthy & ~self.converged[rows]
         self.abs_trace.append(self.last_abs.clone())
         self.rel_trace.append(self.last_rel.clone())
         return healthy, improved, growth
@@ -138,6 +139,11 @@ class _Progress:
             fallbacks=self.fallbacks,
             trajectory=self.trajectory,
         )
+
+
+def _all_or(index: torch.Tensor, batch: int) -> torch.Tensor | slice:
+    """``index`` as a key for ``tensor[key]``: a plain slice (a view, no gather) when it is every row."""
+    return slice(None) if index.shape[0] == batch else index
 
 
 def _scatter_rows(full: torch.Tensor, index: torch.Tensor, rows: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
@@ -224,7 +230,8 @@ def anderson(
         index = progress.running()
         if index.numel() == 0:
             break
-        x_run = x_next[index]
+        rows = _all_or(index, batch)
+        x_run = x_next[rows]
         fx_run = f(x_run.view(-1, *shape[1:]), index).reshape(index.shape[0], -1)
         healthy, improved, growth = progress.record(index, fx_run, x_run, fx_run)
         best_x = _scatter_rows(best_x, index, x_run, improved)
@@ -232,15 +239,15 @@ def anderson(
         if progress.trajectory is not None:
             progress.trajectory.append(best_fx.view(shape))
         slot = step % memory
-        xs = xs.index_copy(0, index, _set_slot(xs[index], slot, x_run))
-        fs = fs.index_copy(0, index, _set_slot(fs[index], slot, fx_run))
-        filled[index] = torch.clamp(filled[index] + 1, max=memory)
-        mixed, solvable = _anderson_mix(xs[index], fs[index], filled[index], slot, damping, regularization)
+        xs = _write_slot(xs, rows, slot, x_run)
+        fs = _write_slot(fs, rows, slot, fx_run)
+        filled[rows] = torch.clamp(filled[rows] + 1, max=memory)
+        mixed, solvable = _anderson_mix(xs[rows], fs[rows], filled[rows], slot, damping, regularization)
         restart = growth > restart_factor
-        fell_back = restart | (~solvable & (filled[index] > 1))
-        progress.fallbacks[index] += fell_back.long()
-        filled[index] = torch.where(restart, 0, filled[index])
-        best_x_run, best_fx_run = best_x[index], best_fx[index]
+        fell_back = restart | (~solvable & (filled[rows] > 1))
+        progress.fallbacks[rows] += fell_back.long()
+        filled[rows] = torch.where(restart, 0, filled[rows])
+        best_x_run, best_fx_run = best_x[rows], best_fx[rows]
         picard_step = best_x_run + damping * (best_fx_run - best_x_run)
         new_x = torch.where((solvable & ~restart)[:, None], mixed, picard_step)
         x_next = _scatter_rows(x_next, index, new_x, healthy)
@@ -249,6 +256,16 @@ def anderson(
 
 def _set_slot(history: torch.Tensor, slot: int, rows: torch.Tensor) -> torch.Tensor:
     return torch.cat([history[:, :slot], rows[:, None], history[:, slot + 1 :]], dim=1)
+
+
+def _write_slot(history: torch.Tensor, rows: torch.Tensor | slice, slot: int, values: torch.Tensor) -> torch.Tensor:
+    """``history[rows, slot] = values``: in place without autograd, out of place under it (unroll)."""
+    if torch.is_grad_enabled():
+        if isinstance(rows, slice):
+            return _set_slot(history, slot, values)
+        return history.index_copy(0, rows, _set_slot(history[rows], slot, values))
+    history[rows, slot] = values
+    return history
 
 
 def _anderson_mix(
