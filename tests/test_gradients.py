@@ -30,15 +30,6 @@ CONSTANT_MEMORY = ["truncated", "jfb", "phantom", "ift"]  # truncated with a fix
 SOLVERS = ["picard", "anderson", "broyden"]
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    """Tiny ops run far faster on one thread (and do not fight other processes for the cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # --------------------------------------------------------------------------------------------------
 # A contractive toy block with known-good reference gradients
 # --------------------------------------------------------------------------------------------------
@@ -163,6 +154,20 @@ def test_truncated_with_the_whole_budget_is_unroll():
     unrolled = block.grad("unroll", 7)
     assert torch.allclose(block.grad("truncated", 7, steps=7), unrolled, rtol=1e-12, atol=1e-14)
     assert torch.allclose(block.grad("truncated", 7, steps=50), unrolled, rtol=1e-12, atol=1e-14)
+
+
+def test_window_covering_the_budget_reaches_a_parameter_dependent_start():
+    """With state_init="prelude" the start depends on parameters: a full window must see it."""
+    block = Block(seed=2)
+
+    def grads(mode: str, steps: int) -> torch.Tensor:
+        start = block.x @ block.U.T  # depends on x and U
+        z, _ = fixed_point(block.f, start, max_iter=5, gradient=mode, steps=steps)
+        return torch.cat([g.flatten() for g in torch.autograd.grad(block.loss(z), [block.U, block.x])])
+
+    unrolled = grads("unroll", 1)
+    assert torch.allclose(grads("truncated", 5), unrolled, rtol=1e-12, atol=1e-14)
+    assert not torch.allclose(grads("truncated", 2), unrolled, rtol=1e-6)  # a shorter window drops z0's path
 
 
 def test_unroll_of_few_steps_is_not_the_equilibrium_gradient():

@@ -543,3 +543,23 @@ def test_picard_gradient_equals_manual_unroll():
     want_w, want_x = torch.autograd.grad(manual.sum(), (w, x))
     torch.testing.assert_close(grad_w, want_w, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(grad_x, want_x, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("solver", "option", "value"),
+    [
+        ("picard", "divergence_factor", 0.5),
+        ("anderson", "restart_factor", 1.0),
+        ("anderson", "regularization", -1e-3),
+        ("broyden", "restart_factor", -2.0),
+        ("broyden", "divergence_factor", 1.0),
+    ],
+)
+def test_safeguard_options_are_validated(solver, option, value):
+    with pytest.raises(ValueError, match=option):
+        get_solver(solver)(lambda z, index: z, torch.zeros(2, 3), 3, **{option: value})
+
+
+def test_bool_is_not_an_iteration_count():
+    with pytest.raises(ValueError, match="max_iter"):
+        picard(lambda z, index: z, torch.zeros(2, 3), True)

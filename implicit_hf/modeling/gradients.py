@@ -10,8 +10,9 @@ returns ``(z, SolverStats)``; the gradient mode decides which of those evaluatio
 * ``ift``: one step at the fixed point whose backward solves the adjoint fixed point
   ``g = J_f(z*)^T g + dL/dz`` with the same solver (implicit differentiation).
 
-Only ``unroll`` keeps more than a constant number of evaluations in memory. Without autograd
-(``torch.no_grad`` or no parameter needing a gradient) every mode is a plain solve.
+Only ``unroll`` keeps more than a constant number of evaluations in memory. Under
+``torch.no_grad`` every mode is a plain solve. When the differentiable window covers every
+evaluation (``steps >= max_iter``), gradients also reach ``z0`` (e.g. ``state_init="prelude"``).
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ def fixed_point(
     else:
         raise ValueError(f"gradient must be one of 'unroll', 'truncated', 'jfb', 'phantom', 'ift'; got {gradient!r}")
 
-    z, stats = z0.detach(), None
+    z, stats = z0, None  # a solve without autograd below detaches; otherwise z0 stays in the graph
     if max_iter > differentiable_steps:
         with torch.no_grad():
             z, stats = solve(

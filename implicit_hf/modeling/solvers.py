@@ -73,6 +73,8 @@ class _Progress:
     """Book-keeping shared by the solvers: which samples still run, residual traces, flags."""
 
     def __init__(self, z0: torch.Tensor, name: str, tol: float | None, divergence_factor: float, keep_trajectory: bool):
+        if not divergence_factor > 1:
+            raise ValueError(f"{name}: divergence_factor must be > 1, got {divergence_factor!r}")
         batch = z0.shape[0]
         device = z0.device
         self.name = name
@@ -156,7 +158,7 @@ def _scatter_rows(full: torch.Tensor, index: torch.Tensor, rows: torch.Tensor, k
 def _check_common(name: str, z0: torch.Tensor, max_iter: int, tol: float | None) -> None:
     if z0.dim() < 1 or z0.shape[0] == 0:
         raise ValueError(f"{name}: z0 must be a batched tensor (B, ...) with B >= 1, got shape {tuple(z0.shape)}")
-    if not isinstance(max_iter, int) or max_iter < 1:
+    if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
         raise ValueError(f"{name}: max_iter must be an int >= 1, got {max_iter!r}")
     if tol is not None and not tol > 0:
         raise ValueError(f"{name}: tol must be None (fixed iteration count) or > 0, got {tol!r}")
@@ -218,6 +220,10 @@ def anderson(
         raise ValueError(f"anderson: memory must be an int >= 1, got {memory!r}")
     if not 0 < damping <= 1:
         raise ValueError(f"anderson: damping must be in (0, 1], got {damping!r}")
+    if not restart_factor > 1:
+        raise ValueError(f"anderson: restart_factor must be > 1, got {restart_factor!r}")
+    if not regularization >= 0:
+        raise ValueError(f"anderson: regularization must be >= 0, got {regularization!r}")
     progress = _Progress(z0, "anderson", tol, divergence_factor, return_trajectory)
     batch, shape = z0.shape[0], z0.shape
     x_next = z0.reshape(batch, -1)  # next point to evaluate, per sample
@@ -326,6 +332,8 @@ def broyden(
     _check_common("broyden", z0, max_iter, tol)
     if not isinstance(memory, int) or memory < 1:
         raise ValueError(f"broyden: memory must be an int >= 1, got {memory!r}")
+    if not restart_factor > 1:
+        raise ValueError(f"broyden: restart_factor must be > 1, got {restart_factor!r}")
     progress = _Progress(z0, "broyden", tol, divergence_factor, return_trajectory)
     batch, shape = z0.shape[0], z0.shape
     x = z0.reshape(batch, -1)
