@@ -347,7 +347,8 @@ def broyden(
         index = progress.running()
         if index.numel() == 0:
             break
-        x_run = x[index]
+        rows = _all_or(index, batch)
+        x_run = x[rows]
         fx_run = f(x_run.view(-1, *shape[1:]), index).reshape(index.shape[0], -1)
         g_run = fx_run - x_run
         healthy, improved, growth = progress.record(index, fx_run, x_run, fx_run)
@@ -355,43 +356,57 @@ def broyden(
         best_fx = _scatter_rows(best_fx, index, fx_run, improved)
         if progress.trajectory is not None:
             progress.trajectory.append(best_fx.view(shape))
-        u_run, v_run, count = us[index], vs[index], updates[index]
-        has_prev = progress.steps[index] > 1
-        dx = x_run - x_prev[index]
-        dg = g_run - g_prev[index]
+        u_run, v_run, count = us[rows], vs[rows], updates[rows]
+        has_prev = progress.steps[rows] > 1
+        dx = x_run - x_prev[rows]
+        dg = g_run - g_prev[rows]
         inv_dg = _inverse_jacobian_apply(u_run, v_run, dg)  # J^-1 dg
         dx_inv = _inverse_jacobian_apply_transposed(u_run, v_run, dx)  # dx^T J^-1
         denom = (dx_inv * dg).sum(dim=1)
         usable = has_prev & torch.isfinite(denom) & (denom.abs() > _EPS * (dx.norm(dim=1) * dg.norm(dim=1) + _EPS))
         restart = (growth > restart_factor) | (has_prev & ~usable)
-        full = count >= memory
-        cleared = (restart | full)[:, None, None]
-        u_run = torch.where(cleared, torch.zeros_like(u_run), u_run)
-        v_run = torch.where(cleared, torch.zeros_like(v_run), v_run)
-        count = torch.where(restart | full, 0, count)
+        reset = restart | (count >= memory)  # restart, or history full: start again from -I
         write = usable & ~restart  # store the secant update in the next free slot
-        slot = (
-            torch.nn.functional.one_hot(count.clamp(max=memory - 1), memory).to(x.dtype)[:, :, None]
-            * write[:, None, None]
-        )
+        count = torch.where(reset, 0, count)
         u_new = dx - inv_dg
         v_new = dx_inv / torch.where(write, denom, 1.0)[:, None]
-        u_run = u_run * (1 - slot) + slot * u_new[:, None]
-        v_run = v_run * (1 - slot) + slot * v_new[:, None]
-        count = count + write.long()
-        progress.fallbacks[index] += restart.long()
+        us = _put_rows(us, rows, _update_history(u_run, reset, write, count, u_new))
+        vs = _put_rows(vs, rows, _update_history(v_run, reset, write, count, v_new))
+        u_run, v_run = us[rows], vs[rows]
+        updates[rows] = count + write.long()
+        progress.fallbacks[rows] += restart.long()
         direction = -_inverse_jacobian_apply(u_run, v_run, g_run)  # quasi-Newton step: -J^-1 g
         take_newton = torch.isfinite(direction).all(dim=1) & ~restart
-        new_x = torch.where(take_newton[:, None], x_run + direction, best_fx[index])
-        us = us.index_copy(0, index, u_run)
-        vs = vs.index_copy(0, index, v_run)
-        updates[index] = count
-        x_prev = _scatter_rows(x_prev, index, torch.where(restart[:, None], best_x[index], x_run), healthy)
+        new_x = torch.where(take_newton[:, None], x_run + direction, best_fx[rows])
+        x_prev = _scatter_rows(x_prev, index, torch.where(restart[:, None], best_x[rows], x_run), healthy)
         g_prev = _scatter_rows(
-            g_prev, index, torch.where(restart[:, None], best_fx[index] - best_x[index], g_run), healthy
+            g_prev, index, torch.where(restart[:, None], best_fx[rows] - best_x[rows], g_run), healthy
         )
         x = _scatter_rows(x, index, new_x, healthy)
     return best_fx.view(shape), progress.stats()
+
+
+def _update_history(
+    history: torch.Tensor, reset: torch.Tensor, write: torch.Tensor, slot: torch.Tensor, values: torch.Tensor
+) -> torch.Tensor:
+    """Clear the rows ``reset`` of ``history`` (B, m, d), then write ``values[b]`` at ``slot[b]`` for
+    the rows ``write``. In place without autograd; out of place under it (unroll)."""
+    if torch.is_grad_enabled():
+        one_hot = torch.nn.functional.one_hot(slot, history.shape[1]).to(history.dtype) * write[:, None]
+        keep = (~reset).to(history.dtype)[:, None, None] * (1 - one_hot[:, :, None])
+        return history * keep + one_hot[:, :, None] * values[:, None]
+    if bool(reset.any()):
+        history[reset] = 0
+    written = write.nonzero().squeeze(1)
+    history[written, slot[written]] = values[written]
+    return history
+
+
+def _put_rows(full: torch.Tensor, rows: torch.Tensor | slice, part: torch.Tensor) -> torch.Tensor:
+    """``full`` with ``full[rows] = part`` (``part`` already is the whole tensor when ``rows`` is a slice)."""
+    if isinstance(rows, slice):
+        return part
+    return full.index_copy(0, rows, part)
 
 
 def _inverse_jacobian_apply(us: torch.Tensor, vs: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
