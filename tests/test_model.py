@@ -200,8 +200,10 @@ def test_forward_rejects_bad_overrides():
         model(tokens(), num_loops=0)
     with pytest.raises(ValueError, match="solver must be one of"):
         model(tokens(), solver="newton")
-    with pytest.raises(ValueError, match="exactly one of input_ids or inputs_embeds"):
+    with pytest.raises(ValueError, match="exactly one of input_ids, inputs_embeds or input_features"):
         model()
+    with pytest.raises(ValueError, match="input_features needs a model built with config.input_features > 0"):
+        build(ImplicitForTokenRegression, num_labels=1)(input_features=torch.randn(1, 4, 3))
 
 
 def test_loop_count_is_honoured_without_tolerance():
@@ -335,3 +337,39 @@ def test_version_and_public_api():
     assert implicit_hf.__version__
     for name in implicit_hf.__all__:
         assert hasattr(implicit_hf, name), name
+
+
+def test_continuous_inputs_and_edge_bias():
+    """input_features are embedded linearly; edge_features bias attention per head and are trained."""
+    torch.manual_seed(0)
+    model = build(ImplicitForTokenRegression, num_labels=1, is_causal=False, input_features=5, edge_features=2)
+    features = torch.randn(2, 7, 5)
+    edges = torch.randn(2, 7, 7, 2)
+    mask = torch.ones(2, 7, dtype=torch.long)
+    mask[1, -2:] = 0
+    with torch.no_grad():
+        plain = model(input_features=features, attention_mask=mask).logits
+        biased = model(input_features=features, edge_features=edges, attention_mask=mask).logits
+        padded_changed = features.clone()
+        padded_changed[1, -2:] += 1.0
+        biased_again = model(input_features=padded_changed, edge_features=edges, attention_mask=mask).logits
+    assert plain.shape == (2, 7, 1)
+    assert not torch.allclose(plain, biased)  # the bias changes attention
+    assert torch.allclose(biased[1, :5], biased_again[1, :5], atol=1e-5)  # padding stays masked under the bias
+    model.train()
+    out = model(input_features=features, edge_features=edges, attention_mask=mask, labels=torch.randn(2, 7, 1))
+    out.loss.backward()
+    assert model.model.edge_bias.weight.grad.abs().sum() > 0
+    assert model.model.feature_embed.weight.grad.abs().sum() > 0
+
+
+def test_causal_mask_survives_an_edge_bias():
+    model = build(ImplicitForTokenClassification, num_labels=3, is_causal=True, input_features=4, edge_features=1)
+    features = torch.randn(1, 6, 4)
+    edges = torch.randn(1, 6, 6, 1)
+    changed = features.clone()
+    changed[0, -1] += 1.0
+    with torch.no_grad():
+        first = model(input_features=features, edge_features=edges).logits[0, :5]
+        second = model(input_features=changed, edge_features=edges).logits[0, :5]
+    assert torch.allclose(first, second, atol=1e-6)

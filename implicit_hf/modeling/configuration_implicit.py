@@ -56,6 +56,13 @@ class ImplicitConfig(PretrainedConfig):
     Architecture fields are those of `LlamaConfig` (RMSNorm, RoPE, SwiGLU, grouped-query
     attention) so the layers are transformers' own `LlamaDecoderLayer`s.
 
+    Input fields (continuous tasks):
+        input_features: when > 0, the model also takes ``input_features`` ``(B, T, input_features)``
+            (image patches, field values, LP coefficients), embedded by a linear layer.
+        edge_features: when > 0, the model also takes ``edge_features`` ``(B, T, T, edge_features)``
+            (pairwise structure, e.g. an LP's constraint matrix), turned into a learned additive
+            attention bias per head and used by every layer (Graphormer-style edge encoding).
+
     Loop fields:
         num_prelude_layers / num_core_layers / num_coda_layers: the layer split (core >= 1).
         injection: how the input enters every iteration: ``"add"`` (``z + e``) or ``"linear"``
@@ -109,6 +116,8 @@ class ImplicitConfig(PretrainedConfig):
         pad_token_id: int | None = None,
         bos_token_id: int | None = None,
         eos_token_id: int | list[int] | None = None,
+        input_features: int = 0,
+        edge_features: int = 0,
         num_prelude_layers: int = 2,
         num_core_layers: int = 4,
         num_coda_layers: int = 2,
@@ -148,6 +157,8 @@ class ImplicitConfig(PretrainedConfig):
         self.attention_dropout = attention_dropout
         self.mlp_bias = mlp_bias
         self.use_cache = use_cache
+        self.input_features = input_features
+        self.edge_features = edge_features
         self.num_prelude_layers = num_prelude_layers
         self.num_core_layers = num_core_layers
         self.num_coda_layers = num_coda_layers
@@ -207,6 +218,8 @@ class ImplicitConfig(PretrainedConfig):
                 f"hidden_size ({self.hidden_size}) must be a multiple of num_attention_heads "
                 f"({self.num_attention_heads}) unless head_dim is given"
             )
+        _integer("input_features", self.input_features, minimum=0)
+        _integer("edge_features", self.edge_features, minimum=0)
         _integer("num_prelude_layers", self.num_prelude_layers, minimum=0)
         _integer("num_core_layers", self.num_core_layers, minimum=1)
         _integer("num_coda_layers", self.num_coda_layers, minimum=0)

@@ -102,12 +102,25 @@ def _rows(x: torch.Tensor | None, index: torch.Tensor, batch: int) -> torch.Tens
     return x[index]
 
 
+def _add_bias(mask: torch.Tensor | None, bias: torch.Tensor) -> torch.Tensor:
+    """An additive float mask ``(B, H, T, T)``: the attention mask (bool or additive) plus ``bias``."""
+    if mask is None:
+        return bias
+    if mask.dtype == torch.bool:
+        mask = torch.zeros(mask.shape, dtype=bias.dtype, device=bias.device).masked_fill(~mask, float("-inf"))
+    return mask.to(bias.dtype) + bias
+
+
 class ImplicitModel(ImplicitPreTrainedModel):
     """Prelude, looped core and coda; returns the normalised hidden states at the fixed point."""
 
     def __init__(self, config: ImplicitConfig):
         super().__init__(config)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
+        self.feature_embed = nn.Linear(config.input_features, config.hidden_size) if config.input_features else None
+        self.edge_bias = (
+            nn.Linear(config.edge_features, config.num_attention_heads, bias=False) if config.edge_features else None
+        )
         first_core = config.num_prelude_layers
         first_coda = first_core + config.num_core_layers
         self.prelude = nn.ModuleList([LlamaDecoderLayer(config, i) for i in range(first_core)])
@@ -139,6 +152,8 @@ class ImplicitModel(ImplicitPreTrainedModel):
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
+        input_features: torch.Tensor | None = None,
+        edge_features: torch.Tensor | None = None,
         num_loops: int | None = None,
         tol: float | None = None,
         solver: str | None = None,
@@ -148,6 +163,8 @@ class ImplicitModel(ImplicitPreTrainedModel):
         **kwargs,
     ) -> ImplicitModelOutput:
         r"""
+        input_features: continuous inputs ``(B, T, config.input_features)``, instead of ``input_ids``.
+        edge_features: pairwise features ``(B, T, T, config.edge_features)`` biasing attention.
         num_loops: iterations of the core (default ``config.num_loops``, or ``config.num_loops_train``
             in training mode); with a tolerance this is the maximum.
         tol: relative-residual tolerance for per-sample halting (default ``config.tol``; ``0``
@@ -159,26 +176,52 @@ class ImplicitModel(ImplicitPreTrainedModel):
             raise NotImplementedError(
                 "ImplicitModel has no KV cache yet: call it with use_cache=False (generate does so by default)"
             )
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        given = [
+            name
+            for name, value in (
+                ("input_ids", input_ids),
+                ("inputs_embeds", inputs_embeds),
+                ("input_features", input_features),
+            )
+            if value is not None
+        ]
+        if len(given) != 1:
+            raise ValueError(f"pass exactly one of input_ids, inputs_embeds or input_features; got {given or 'none'}")
+        if input_features is not None and self.feature_embed is None:
+            raise ValueError("input_features needs a model built with config.input_features > 0")
+        if edge_features is not None and self.edge_bias is None:
+            raise ValueError("edge_features needs a model built with config.edge_features > 0")
         loops = self._resolve_loops(num_loops)
         solver = self.config.solver if solver is None else solver
         if solver not in SOLVER_NAMES:
             raise ValueError(f"solver must be one of {', '.join(map(repr, SOLVER_NAMES))}; got {solver!r}")
         tol = self.config.tol if tol is None else (tol or None)
 
+        if input_features is not None:
+            inputs_embeds = self.feature_embed(input_features)
         hidden = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         batch, length = hidden.shape[:2]
         if position_ids is None:
             position_ids = torch.arange(length, device=hidden.device).unsqueeze(0)
-        mask_builder = create_causal_mask if self.config.is_causal else create_bidirectional_mask
-        mask = mask_builder(
-            config=self.config,
-            inputs_embeds=hidden,
-            attention_mask=attention_mask,
-            past_key_values=None,
-            position_ids=position_ids,
-        )
+        # With an edge bias the mask must be materialised (sdpa's "no mask" shortcut would drop the bias).
+        if self.config.is_causal:
+            mask = create_causal_mask(
+                config=self.config,
+                inputs_embeds=hidden,
+                attention_mask=attention_mask,
+                past_key_values=None,
+                position_ids=position_ids,
+                allow_is_causal_skip=edge_features is None,
+            )
+        else:
+            mask = create_bidirectional_mask(
+                config=self.config,
+                inputs_embeds=hidden,
+                attention_mask=attention_mask,
+                allow_is_bidirectional_skip=edge_features is None,
+            )
+        if edge_features is not None:
+            mask = _add_bias(mask, self.edge_bias(edge_features).permute(0, 3, 1, 2))
         cos, sin = self.rotary_emb(hidden, position_ids)
 
         def run(layers: nn.ModuleList, h: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -321,6 +364,8 @@ class ImplicitForTokenClassification(ImplicitPreTrainedModel):
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
+        input_features: torch.Tensor | None = None,
+        edge_features: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         num_loops: int | None = None,
         tol: float | None = None,
@@ -338,6 +383,8 @@ class ImplicitForTokenClassification(ImplicitPreTrainedModel):
             attention_mask=attention_mask,
             position_ids=position_ids,
             inputs_embeds=inputs_embeds,
+            input_features=input_features,
+            edge_features=edge_features,
             num_loops=num_loops,
             tol=tol,
             solver=solver,
