@@ -303,6 +303,10 @@ def test_heads_losses_and_inputs_embeds():
     assert out.logits.shape == (3, 12, 2)
     expected = torch.nn.functional.mse_loss(out.logits, targets)
     assert torch.allclose(out.loss, expected)
+    partial = targets.clone()
+    partial[:, :5] = float("nan")
+    out = regressor(inputs_embeds=embeds, labels=partial)
+    assert torch.allclose(out.loss, torch.nn.functional.mse_loss(out.logits[:, 5:], targets[:, 5:]))
     with pytest.raises(ValueError, match="regression labels must have shape"):
         regressor(inputs_embeds=embeds, labels=targets[..., :1])
 

@@ -375,7 +375,7 @@ class ImplicitForTokenClassification(ImplicitPreTrainedModel):
     ) -> ImplicitHeadOutput:
         r"""
         labels: class ids ``(B, T)`` (``-100`` ignored), or targets ``(B, T, num_labels)`` for
-            regression (padding positions, where ``attention_mask`` is 0, are ignored).
+            regression (NaN targets and padding positions, where ``attention_mask`` is 0, are ignored).
         num_loops / tol / solver / return_trajectory: see `ImplicitModel.forward`.
         """
         outputs = self.model(
@@ -402,11 +402,12 @@ class ImplicitForTokenClassification(ImplicitPreTrainedModel):
         if self.config.problem_type == "regression":
             if labels.shape != logits.shape:
                 raise ValueError(f"regression labels must have shape {tuple(logits.shape)}; got {tuple(labels.shape)}")
-            squared = (logits - labels.to(logits.dtype)).pow(2).mean(dim=-1)
-            if attention_mask is None:
-                return squared.mean()
-            weights = attention_mask.to(squared.dtype)
-            return (squared * weights).sum() / weights.sum().clamp_min(1)
+            labels = labels.to(logits.dtype)
+            scored = torch.isfinite(labels)  # NaN marks a value without a target (like -100 for classes)
+            if attention_mask is not None:
+                scored = scored & attention_mask.bool()[..., None]
+            squared = (logits - torch.where(scored, labels, logits.detach())).pow(2)
+            return squared.sum() / scored.sum().clamp_min(1)
         return nn.functional.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
 
 

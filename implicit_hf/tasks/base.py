@@ -1,0 +1,113 @@
+"""The task-adapter contract: a domain problem (an LP, an image, a PDE, a puzzle) as a sequence problem.
+
+A task adapter owns everything domain-specific, so the training loop and the evaluation harness
+stay generic:
+
+* ``build_dataset(split, n, seed)`` generates the data locally (deterministic by seed) and caches it
+  with ``datasets`` (``save_to_disk``) under ``cache_dir``; nothing is downloaded.
+* ``encode(examples)`` turns a list of dataset rows into model inputs (``input_ids`` or
+  ``input_features``, ``attention_mask``, optional ``edge_features`` / ``position_ids``) plus
+  ``labels``; it is the ``collate_fn`` of the training data loader.
+* ``decode(logits, inputs)`` turns head outputs back into one prediction per sample in the
+  domain's own form (an LP solution vector, an image, a field, a grid).
+* ``compute_metrics(predictions, examples)`` scores predictions with the task's local ``evaluate``
+  module (offline, loaded by path); ``quality_metric`` names the headline number.
+* ``perturb(examples, eps, seed)`` returns perturbed rows and the size of each perturbation
+  ``||δ||`` for the empirical Lipschitz probe ``||y_t(x+δ) - y_t(x)|| / ||δ||``.
+* ``model_config()`` gives the `ImplicitConfig` fields the task needs (head type, input sizes,
+  attention causality); ``head`` names the model class.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+
+Example = dict[str, Any]
+
+
+class TaskAdapter(ABC):
+    """Base class of every task; subclasses register themselves in `TASKS` by ``name``."""
+
+    name: ClassVar[str]
+    head: ClassVar[str]  # "token_regression" | "token_classification" | "causal_lm"
+    quality_metric: ClassVar[str]  # key of compute_metrics() plotted as quality
+    higher_is_better: ClassVar[bool]
+
+    def __init__(self, cache_dir: str | Path | None = None):
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir() / self.name
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "name" in cls.__dict__:
+            TASKS[cls.name] = cls
+
+    @abstractmethod
+    def model_config(self) -> dict[str, Any]:
+        """`ImplicitConfig` fields this task fixes (e.g. ``num_labels``, ``input_features``, ``is_causal``)."""
+
+    @abstractmethod
+    def build_dataset(self, split: str, n: int, seed: int):
+        """A ``datasets.Dataset`` of ``n`` generated rows, deterministic in ``(split, n, seed)``, cached on disk."""
+
+    @abstractmethod
+    def encode(self, examples: list[Example]) -> dict[str, torch.Tensor]:
+        """Model inputs and ``labels`` for a list of rows (the data loader's ``collate_fn``)."""
+
+    @abstractmethod
+    def decode(self, logits: torch.Tensor, inputs: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        """One prediction per sample, in the domain's form, from head outputs on ``inputs``."""
+
+    @abstractmethod
+    def compute_metrics(self, predictions: list[torch.Tensor], examples: list[Example]) -> dict[str, float]:
+        """Metrics averaged over the samples; contains ``quality_metric``."""
+
+    @abstractmethod
+    def perturb(self, examples: list[Example], eps: float, seed: int) -> tuple[list[Example], torch.Tensor]:
+        """Rows perturbed by ``δ`` of norm about ``eps`` (targets recomputed), and ``||δ||`` per row."""
+
+
+TASKS: dict[str, type[TaskAdapter]] = {}
+
+
+def default_cache_dir() -> Path:
+    """Where generated data sets are cached: ``$IMPLICIT_HF_CACHE`` or ``~/.cache/implicit_hf``."""
+    import os
+
+    return Path(os.environ.get("IMPLICIT_HF_CACHE", Path.home() / ".cache" / "implicit_hf"))
+
+
+def get_task(name: str, **kwargs: Any) -> TaskAdapter:
+    """The task registered as ``name``, constructed with ``kwargs``."""
+    from . import lp  # noqa: F401  (importing the task modules registers them)
+
+    if name not in TASKS:
+        raise ValueError(f"task must be one of {sorted(TASKS)}; got {name!r}")
+    return TASKS[name](**kwargs)
+
+
+def build_model(task: TaskAdapter, **config_overrides: Any):
+    """A fresh implicit model with the head and input sizes ``task`` needs, plus ``config_overrides``."""
+    from ..modeling import (
+        ImplicitConfig,
+        ImplicitForCausalLM,
+        ImplicitForTokenClassification,
+        ImplicitForTokenRegression,
+    )
+
+    heads = {
+        "causal_lm": ImplicitForCausalLM,
+        "token_classification": ImplicitForTokenClassification,
+        "token_regression": ImplicitForTokenRegression,
+    }
+    fixed = task.model_config()
+    clashes = {k: (v, fixed[k]) for k, v in config_overrides.items() if k in fixed and fixed[k] != v}
+    if clashes:
+        details = ", ".join(
+            f"{k}={mine!r} (task {task.name!r} needs {theirs!r})" for k, (mine, theirs) in clashes.items()
+        )
+        raise ValueError(f"model settings conflict with the task: {details}")
+    return heads[task.head](ImplicitConfig(**{**config_overrides, **fixed}))
