@@ -20,6 +20,8 @@ stay generic:
 
 from __future__ import annotations
 
+import importlib
+import os
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any, ClassVar
@@ -75,17 +77,19 @@ TASKS: dict[str, type[TaskAdapter]] = {}
 
 def default_cache_dir() -> Path:
     """Where generated data sets are cached: ``$IMPLICIT_HF_CACHE`` or ``~/.cache/implicit_hf``."""
-    import os
-
     return Path(os.environ.get("IMPLICIT_HF_CACHE", Path.home() / ".cache" / "implicit_hf"))
+
+
+# Built-in tasks, imported on first use (importing a task module registers its class).
+BUILTIN_TASK_MODULES = {"lp": "implicit_hf.tasks.lp"}
 
 
 def get_task(name: str, **kwargs: Any) -> TaskAdapter:
     """The task registered as ``name``, constructed with ``kwargs``."""
-    from . import lp  # noqa: F401  (importing the task modules registers them)
-
+    if name not in TASKS and name in BUILTIN_TASK_MODULES:
+        importlib.import_module(BUILTIN_TASK_MODULES[name])
     if name not in TASKS:
-        raise ValueError(f"task must be one of {sorted(TASKS)}; got {name!r}")
+        raise ValueError(f"task must be one of {sorted(set(TASKS) | set(BUILTIN_TASK_MODULES))}; got {name!r}")
     return TASKS[name](**kwargs)
 
 
