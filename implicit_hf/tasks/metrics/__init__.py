@@ -1,0 +1,1 @@
+"""Local `evaluate` modules of the tasks, loaded by file path so nothing is downloaded."""
