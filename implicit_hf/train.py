@@ -101,9 +101,8 @@ class TrainConfig:
     log_every: int = _help("log training statistics every N optimizer steps", default=10)
     eval_every: int = _help("held-out loss every N optimizer steps (0: only at the end)", default=500)
     tracker: str = _help("tensorboard | none (tensorboard is used only if importable)", default="tensorboard")
-    find_unused_parameters: bool | None = _help(
-        "DDP find_unused_parameters (default: on when the model takes input_features: its token embedding is unused)",
-        default=None,
+    find_unused_parameters: bool = _help(
+        "DDP find_unused_parameters (only needed when some parameters get no gradient in a step)", default=False
     )
     resume: bool = _help("continue from the newest complete checkpoint in output_dir/checkpoints", default=False)
     overwrite_output_dir: bool = _help("start afresh even if output_dir already holds checkpoints", default=False)
@@ -499,8 +498,6 @@ def train(config: TrainConfig) -> TrainResult:
         from accelerate.utils import is_tensorboard_available
 
         log_with = "tensorboard" if is_tensorboard_available() else None
-    input_features = {**model_overrides(config), **task.model_config()}.get("input_features", 0)
-    find_unused = config.find_unused_parameters if config.find_unused_parameters is not None else input_features > 0
     accelerator = Accelerator(
         mixed_precision=config.mixed_precision,
         # the loop feeds exactly gradient_accumulation_steps micro-batches per optimizer step, across epochs
@@ -512,7 +509,7 @@ def train(config: TrainConfig) -> TrainResult:
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=config.seed),
         log_with=log_with,
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
-        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=find_unused)],
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=config.find_unused_parameters)],
     )
     global_batch = config.per_device_batch_size * config.gradient_accumulation_steps * accelerator.num_processes
     if config.train_size < config.per_device_batch_size * accelerator.num_processes:

@@ -116,8 +116,13 @@ class ImplicitModel(ImplicitPreTrainedModel):
 
     def __init__(self, config: ImplicitConfig):
         super().__init__(config)
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
-        self.feature_embed = nn.Linear(config.input_features, config.hidden_size) if config.input_features else None
+        # A model fed continuous features has no token vocabulary (an unused embedding would only cost
+        # parameters and make DDP look for gradients that never come).
+        if config.input_features:
+            self.embed_tokens, self.feature_embed = None, nn.Linear(config.input_features, config.hidden_size)
+        else:
+            self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
+            self.feature_embed = None
         self.edge_bias = (
             nn.Linear(config.edge_features, config.num_attention_heads, bias=False) if config.edge_features else None
         )
@@ -140,7 +145,7 @@ class ImplicitModel(ImplicitPreTrainedModel):
         self.gradient_checkpointing = False
         self.post_init()
 
-    def get_input_embeddings(self) -> nn.Embedding:
+    def get_input_embeddings(self) -> nn.Embedding | None:
         return self.embed_tokens
 
     def set_input_embeddings(self, value: nn.Embedding) -> None:
@@ -189,6 +194,8 @@ class ImplicitModel(ImplicitPreTrainedModel):
             raise ValueError(f"pass exactly one of input_ids, inputs_embeds or input_features; got {given or 'none'}")
         if input_features is not None and self.feature_embed is None:
             raise ValueError("input_features needs a model built with config.input_features > 0")
+        if input_ids is not None and self.embed_tokens is None:
+            raise ValueError("this model takes input_features (config.input_features > 0), not input_ids")
         if edge_features is not None and self.edge_bias is None:
             raise ValueError("edge_features needs a model built with config.edge_features > 0")
         loops = self._resolve_loops(num_loops)
