@@ -100,7 +100,7 @@ class _Progress:
         return self.active.nonzero().squeeze(1)
 
     def record(
-        self, index: torch.Tensor, fz: torch.Tensor, z: torch.Tensor, new_state: torch.Tensor
+        self, index: torch.Tensor, fz: torch.Tensor, z: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Record the residual ``f(z) - z`` of the samples ``index``.
 
@@ -109,8 +109,10 @@ class _Progress:
         ``improved`` (lowest residual so far) and ``growth`` (residual / best residual before).
         """
         abs_res = _flat_norm(fz - z)
-        rel_res = abs_res / (_flat_norm(fz) + _EPS)
-        finite = torch.isfinite(abs_res) & torch.isfinite(new_state.detach().flatten(1)).all(dim=1)
+        fz_norm = _flat_norm(fz)
+        rel_res = abs_res / (fz_norm + _EPS)
+        # A NaN or inf anywhere in a sample makes its norms non-finite: no separate element-wise scan.
+        finite = torch.isfinite(abs_res) & torch.isfinite(fz_norm)
         rows = _all_or(index, self.steps.shape[0])
         best_before = self.best_abs[rows]
         growth = abs_res / best_before.clamp_min(_EPS)
@@ -187,7 +189,7 @@ def picard(
         z_run = z if index.shape[0] == z.shape[0] else z[index]
         fz = f(z_run, index)
         new_z = fz if damping == 1.0 else z_run + damping * (fz - z_run)
-        healthy, _, _ = progress.record(index, fz, z_run, new_z)
+        healthy, _, _ = progress.record(index, fz, z_run)
         z = _scatter_rows(z, index, new_z, healthy)
         if progress.trajectory is not None:
             progress.trajectory.append(z)
@@ -239,7 +241,7 @@ def anderson(
         rows = _all_or(index, batch)
         x_run = x_next[rows]
         fx_run = f(x_run.view(-1, *shape[1:]), index).reshape(index.shape[0], -1)
-        healthy, improved, growth = progress.record(index, fx_run, x_run, fx_run)
+        healthy, improved, growth = progress.record(index, fx_run, x_run)
         best_x = _scatter_rows(best_x, index, x_run, improved)
         best_fx = _scatter_rows(best_fx, index, fx_run, improved)
         if progress.trajectory is not None:
@@ -351,7 +353,7 @@ def broyden(
         x_run = x[rows]
         fx_run = f(x_run.view(-1, *shape[1:]), index).reshape(index.shape[0], -1)
         g_run = fx_run - x_run
-        healthy, improved, growth = progress.record(index, fx_run, x_run, fx_run)
+        healthy, improved, growth = progress.record(index, fx_run, x_run)
         best_x = _scatter_rows(best_x, index, x_run, improved)
         best_fx = _scatter_rows(best_fx, index, fx_run, improved)
         if progress.trajectory is not None:

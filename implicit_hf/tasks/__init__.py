@@ -1,5 +1,5 @@
 """Task adapters: domain problems as sequence problems (see `base.TaskAdapter`)."""
 
-from .base import TASKS, Example, TaskAdapter, get_task
+from .base import TASKS, Example, TaskAdapter, build_model, get_task
 
-__all__ = ["TASKS", "Example", "TaskAdapter", "get_task"]
+__all__ = ["TASKS", "Example", "TaskAdapter", "build_model", "get_task"]

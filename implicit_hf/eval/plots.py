@@ -1,0 +1,211 @@
+"""PNG plots of a loop-count sweep (matplotlib, Agg backend; no display needed).
+
+Every function takes the report `implicit_hf.eval.harness.run_eval` writes to ``results.json``
+(``task``, ``model``, ``records``, optional ``baseline``) and a path. Loop axes are log2-scaled;
+the model's training loop count is a vertical dotted line and an explicit baseline, when there is
+one, a horizontal dashed line labelled "explicit baseline" on the quality plots.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator  # noqa: E402
+
+LOOPS_LABEL = "core iterations t (loops, log2 scale)"
+FILES = {
+    "quality": "quality_vs_loops.png",
+    "lipschitz": "lipschitz_vs_loops.png",
+    "residual": "residual_vs_loops.png",
+    "compute": "quality_vs_compute.png",
+}
+_DPI = 120
+
+
+def _finite(values: list) -> list[float]:
+    return [float(v) for v in values if v is not None and math.isfinite(float(v))]
+
+
+def _column(records: list[dict], key: str) -> list[float]:
+    return [math.nan if r.get(key) is None else float(r[key]) for r in records]
+
+
+def _loops_axis(ax, loops: list[int], extra: list[int] = ()) -> None:
+    """log2 x axis with integer tick labels at the powers of two spanning ``loops``."""
+    ax.set_xscale("log", base=2)
+    values = [*loops, *extra]
+    low, high = min(values), max(values)
+    ticks = [2**k for k in range(int(math.floor(math.log2(low))), int(math.ceil(math.log2(high))) + 1)]
+    if len(loops) <= 8:
+        ticks = sorted(set(ticks) | set(loops))
+    ax.xaxis.set_major_locator(FixedLocator(ticks))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.xaxis.set_minor_locator(NullLocator())
+    ax.set_xlim(low / 2**0.25, high * 2**0.25)
+    ax.set_xlabel(LOOPS_LABEL)
+
+
+def _log_y(ax, values: list[float]) -> bool:
+    """Log y axis when there are positive finite values; linear (with a note) otherwise."""
+    positive = [v for v in _finite(values) if v > 0]
+    if positive:
+        ax.set_yscale("log", nonpositive="mask")
+        return True
+    ax.text(0.5, 0.5, "no positive values: linear scale", transform=ax.transAxes, ha="center", alpha=0.6)
+    return False
+
+
+def _auto_quality_scale(ax, values: list[float]) -> None:
+    """Log y for a strictly positive quality spanning more than two decades (e.g. an error going to 0)."""
+    finite = _finite(values)
+    if finite and min(finite) > 0 and max(finite) / min(finite) > 100:
+        ax.set_yscale("log")
+
+
+def _quality_label(report: dict) -> str:
+    task = report["task"]
+    direction = "higher" if task["higher_is_better"] else "lower"
+    return f"{task['quality_metric']} (task units; {direction} is better)"
+
+
+def _title(report: dict, what: str) -> str:
+    model = Path(report["model"]["model_dir"]).name or report["model"]["model_dir"]
+    return f"{report['task']['name']}: {what}\n{model} ({report['model'].get('solver', '?')}, n={report['run']['n']})"
+
+
+def _train_line(ax, report: dict) -> None:
+    loops = report["model"].get("train_loops")
+    if loops:
+        ax.axvline(loops, color="0.35", linestyle=":", linewidth=1.5, label=f"training loops ({loops})")
+
+
+def _baseline_line(ax, report: dict) -> None:
+    baseline = report.get("baseline")
+    if baseline:
+        quality = baseline["record"]["quality"]
+        ax.axhline(quality, color="C3", linestyle="--", linewidth=1.5, label="explicit baseline")
+
+
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=_DPI)
+    plt.close(fig)
+    return path
+
+
+def plot_quality_vs_loops(report: dict, path: str | Path) -> Path:
+    records = report["records"]
+    loops = [r["loops"] for r in records]
+    quality = _column(records, "quality")
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ax.plot(loops, quality, marker="o", markersize=4, label="implicit model")
+    _baseline_line(ax, report)
+    _train_line(ax, report)
+    _loops_axis(ax, loops, [report["model"].get("train_loops") or loops[0]])
+    _auto_quality_scale(ax, quality + ([report["baseline"]["record"]["quality"]] if report.get("baseline") else []))
+    ax.set_ylabel(_quality_label(report))
+    ax.set_title(_title(report, f"{report['task']['quality_metric']} vs loop count"))
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    return _save(fig, Path(path))
+
+
+def plot_lipschitz_vs_loops(report: dict, path: str | Path) -> Path:
+    records = report["records"]
+    loops = [r["loops"] for r in records]
+    worst = _column(records, "lipschitz")
+    mean = _column(records, "lipschitz_mean")
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ax.plot(loops, worst, marker="o", markersize=4, label="max over samples")
+    ax.plot(loops, mean, marker=".", linestyle="--", label="mean over samples")
+    _train_line(ax, report)
+    _loops_axis(ax, loops, [report["model"].get("train_loops") or loops[0]])
+    _log_y(ax, worst + mean)
+    ax.set_ylabel("empirical Lipschitz ||Δy|| / ||δ|| (output units per input unit)")
+    eps = report["run"].get("perturb_eps")
+    ax.set_title(_title(report, f"empirical Lipschitz constant vs loop count (||δ|| ≈ {eps:g})"))
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    return _save(fig, Path(path))
+
+
+def plot_residual_vs_loops(report: dict, path: str | Path) -> Path:
+    records = report["records"]
+    loops = [r["loops"] for r in records]
+    mean = _column(records, "rel_residual_mean")
+    worst = _column(records, "rel_residual_max")
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ax.plot(loops, mean, marker="o", markersize=4, label="mean over samples")
+    ax.plot(loops, worst, marker=".", linestyle="--", label="max over samples")
+    tol = report["run"].get("tol")
+    if tol:
+        ax.axhline(tol, color="C2", linestyle="-.", linewidth=1, label=f"halting tolerance ({tol:g})")
+    _train_line(ax, report)
+    _loops_axis(ax, loops, [report["model"].get("train_loops") or loops[0]])
+    _log_y(ax, mean + worst)
+    ax.set_ylabel("relative residual ||f(z) − z|| / ||f(z)|| (dimensionless)")
+    ax.set_title(_title(report, "fixed-point residual vs loop count"))
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    return _save(fig, Path(path))
+
+
+def plot_quality_vs_compute(report: dict, path: str | Path) -> Path:
+    """Two panels: quality against wall-clock seconds and against estimated FLOPs per sample."""
+    records = report["records"]
+    quality = _column(records, "quality")
+    baseline = report.get("baseline")
+    n = report["run"]["n"]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
+    panels = (
+        ("seconds", f"wall-clock time for {n} samples (s, log scale; linear in t)"),
+        ("flops", "estimated forward FLOPs per sample (FLOP, log scale)"),
+    )
+    for ax, (key, xlabel) in zip(axes, panels, strict=True):
+        cost = _column(records, key)
+        ax.plot(cost, quality, marker="o", markersize=4, label="implicit model (one point per loop count)")
+        for record, x, y in zip(records, cost, quality, strict=True):
+            t = record["loops"]
+            if t & (t - 1) == 0 and math.isfinite(x) and math.isfinite(y):  # label the powers of two
+                ax.annotate(f"t={t}", (x, y), textcoords="offset points", xytext=(3, 4), fontsize=7)
+        if baseline:
+            _baseline_line(ax, report)
+            ax.plot(
+                [baseline["record"][key]],
+                [baseline["record"]["quality"]],
+                marker="*",
+                markersize=12,
+                color="C3",
+                linestyle="none",
+                label=f"explicit baseline cost ({baseline['loops']} loop(s))",
+            )
+        if any(v > 0 for v in _finite(cost)):
+            ax.set_xscale("log")
+        ax.set_xlabel(xlabel)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    _auto_quality_scale(axes[0], quality + ([baseline["record"]["quality"]] if baseline else []))
+    axes[0].set_ylabel(_quality_label(report))
+    axes[0].set_title("quality vs wall-clock time")
+    axes[1].set_title("quality vs estimated FLOPs")
+    fig.suptitle(_title(report, "quality vs compute").replace("\n", " — "))
+    return _save(fig, Path(path))
+
+
+def plot_all(report: dict[str, Any], out_dir: str | Path) -> list[Path]:
+    """Every plot into ``out_dir`` (the Lipschitz plot only when the probe ran); returns the paths."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = [plot_quality_vs_loops(report, out_dir / FILES["quality"])]
+    if any(r.get("lipschitz") is not None for r in report["records"]):
+        paths.append(plot_lipschitz_vs_loops(report, out_dir / FILES["lipschitz"]))
+    paths.append(plot_residual_vs_loops(report, out_dir / FILES["residual"]))
+    paths.append(plot_quality_vs_compute(report, out_dir / FILES["compute"]))
+    return paths
