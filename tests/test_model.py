@@ -377,3 +377,16 @@ def test_causal_mask_survives_an_edge_bias():
         first = model(input_features=features, edge_features=edges).logits[0, :5]
         second = model(input_features=changed, edge_features=edges).logits[0, :5]
     assert torch.allclose(first, second, atol=1e-6)
+
+
+def test_trajectory_of_selected_loop_counts_decodes_only_those():
+    model = build(ImplicitForCausalLM)
+    input_ids = tokens()
+    with torch.no_grad():
+        every = model(input_ids, num_loops=8, return_trajectory=True).trajectory
+        selected = model(input_ids, num_loops=8, return_trajectory=[8, 1, 4]).trajectory
+    assert len(selected) == 3
+    for position, t in enumerate([8, 1, 4]):
+        assert torch.equal(selected[position], every[t - 1])
+    with pytest.raises(ValueError, match="return_trajectory must be"):
+        model(input_ids, num_loops=2, return_trajectory=[0])

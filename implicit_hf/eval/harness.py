@@ -1,6 +1,6 @@
 """Loop-count sweep: score an implicit model at many loop counts from one trajectory run.
 
-For each batch the model runs once with ``num_loops=max(loops)`` and ``return_trajectory=True``;
+For each batch the model runs once with ``num_loops=max(loops)`` and ``return_trajectory=loops``;
 the head output after iteration ``t`` is exactly what a separate run with ``num_loops=t`` returns
 (the solvers are deterministic and the trajectory holds the state each of them would return), so
 one run scores every requested loop count ``t``:
@@ -189,7 +189,7 @@ def _trajectory_pass(
         model_inputs = {k: v for k, v in inputs.items() if k != "labels"}
         _synchronize(device)
         began = time.perf_counter()
-        out = model(**model_inputs, num_loops=max_loops, tol=tol, return_trajectory=True)
+        out = model(**model_inputs, num_loops=max_loops, tol=tol, return_trajectory=loops)
         _synchronize(device)
         seconds += time.perf_counter() - began
         trajectory, stats = out.trajectory, out.loop_stats
@@ -198,9 +198,9 @@ def _trajectory_pass(
         batch_lengths.append((len(batch_rows), int(trajectory[0].shape[1])))
         diverged += int(stats.diverged.sum())
         iterations = stats.rel_residual.shape[0]
-        for t in loops:
-            # rows after the last iteration run (every sample stopped) repeat the final value
-            batch_predictions = task.decode(trajectory[min(t, len(trajectory)) - 1], inputs)
+        for position, t in enumerate(loops):
+            # the model decoded exactly the requested counts (past the last iteration run: the final state)
+            batch_predictions = task.decode(trajectory[position], inputs)
             if len(batch_predictions) != len(batch_rows):
                 raise ValueError(
                     f"task {task.name!r}: decode returned {len(batch_predictions)} predictions "

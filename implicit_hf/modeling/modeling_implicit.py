@@ -12,6 +12,7 @@ the ones it imports relatively are copied next to saved checkpoints, so it impor
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -50,7 +51,7 @@ class ImplicitHeadOutput(ModelOutput):
         loss: training loss when labels were given.
         logits: head output, ``(B, T, vocab)`` for LMs, ``(B, T, num_labels)`` for per-token heads.
         loop_stats: what the solver did per sample.
-        trajectory: with ``return_trajectory=True``, the logits after each iteration (the eval
+        trajectory: with ``return_trajectory``, the logits after each requested iteration (the eval
             harness scores every loop count from this one run).
     """
 
@@ -111,6 +112,15 @@ def _add_bias(mask: torch.Tensor | None, bias: torch.Tensor) -> torch.Tensor:
     return mask.to(bias.dtype) + bias
 
 
+def _loop_counts(requested: Sequence[int]) -> list[int]:
+    counts = list(requested)
+    if not counts or any(isinstance(t, bool) or not isinstance(t, int) or t < 1 for t in counts):
+        raise ValueError(
+            f"return_trajectory must be True, False or a non-empty list of loop counts >= 1; got {requested!r}"
+        )
+    return counts
+
+
 class ImplicitModel(ImplicitPreTrainedModel):
     """Prelude, looped core and coda; returns the normalised hidden states at the fixed point."""
 
@@ -162,7 +172,7 @@ class ImplicitModel(ImplicitPreTrainedModel):
         num_loops: int | None = None,
         tol: float | None = None,
         solver: str | None = None,
-        return_trajectory: bool = False,
+        return_trajectory: bool | Sequence[int] = False,
         use_cache: bool | None = None,
         past_key_values=None,
         **kwargs,
@@ -175,7 +185,10 @@ class ImplicitModel(ImplicitPreTrainedModel):
         tol: relative-residual tolerance for per-sample halting (default ``config.tol``; ``0``
             disables halting for this call).
         solver: ``"picard"``, ``"anderson"`` or ``"broyden"`` (default ``config.solver``).
-        return_trajectory: also return the hidden states after every iteration.
+        return_trajectory: ``True`` also returns the hidden states after every iteration run; a list
+            of loop counts returns them after exactly those iterations, in that order (only those are
+            decoded through the coda: a sweep over 1, 2, 4, ..., 64 decodes 7 states, not 64). Counts
+            past the last iteration run (every sample halted) repeat the final state.
         """
         if use_cache or past_key_values is not None:
             raise NotImplementedError(
@@ -262,14 +275,18 @@ class ImplicitModel(ImplicitPreTrainedModel):
             tau=self.config.phantom_tau,
             backward_max_iter=self.config.ift_max_iter,
             backward_tol=self.config.ift_tol,
-            return_trajectory=return_trajectory,
+            return_trajectory=return_trajectory is not False,
             **self._solver_options(solver),
         )
 
         def decode(z: torch.Tensor) -> torch.Tensor:
             return self.norm(run(self.coda, z, all_rows))
 
-        trajectory = tuple(decode(z) for z in stats.trajectory) if return_trajectory else None
+        trajectory = None
+        if return_trajectory is not False:
+            states = stats.trajectory
+            wanted = range(1, len(states) + 1) if return_trajectory is True else _loop_counts(return_trajectory)
+            trajectory = tuple(decode(states[min(t, len(states)) - 1]) for t in wanted)
         stats.trajectory = None  # the decoded trajectory is what callers use; drop the raw states
         return ImplicitModelOutput(last_hidden_state=decode(state), loop_stats=stats, trajectory=trajectory)
 
@@ -316,7 +333,7 @@ class ImplicitForCausalLM(ImplicitPreTrainedModel, GenerationMixin):
         num_loops: int | None = None,
         tol: float | None = None,
         solver: str | None = None,
-        return_trajectory: bool = False,
+        return_trajectory: bool | Sequence[int] = False,
         logits_to_keep: int = 0,
         use_cache: bool | None = None,
         past_key_values=None,
@@ -377,7 +394,7 @@ class ImplicitForTokenClassification(ImplicitPreTrainedModel):
         num_loops: int | None = None,
         tol: float | None = None,
         solver: str | None = None,
-        return_trajectory: bool = False,
+        return_trajectory: bool | Sequence[int] = False,
         **kwargs,
     ) -> ImplicitHeadOutput:
         r"""
