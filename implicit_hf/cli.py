@@ -1,67 +1,71 @@
-"""``implicit-hf`` command line."""
+"""``implicit-hf`` command line: ``train``, ``eval`` and the end-to-end ``demo``."""
 
 from __future__ import annotations
 
 import argparse
-import json
+from importlib import resources
 from pathlib import Path
 
-import torch
+DEMO_LOOPS = "1,2,4,8,16,32"
 
 
-def demo(out: Path, seed: int) -> dict:
-    """Build a tiny implicit LM, save and reload it with the Auto classes, and sweep loop counts.
+def demo_recipe() -> Path:
+    """The small LP recipe the demo trains (shipped inside the package)."""
+    return Path(str(resources.files("implicit_hf") / "recipes" / "lp_demo.yaml"))
 
-    Prints, per solver and loop count, the relative residual of the state and how far the logits
-    still move from one loop count to the next; writes the same table to ``out/demo.json``.
-    """
-    from transformers import AutoModelForCausalLM
 
-    from . import ImplicitConfig
+def demo(out: Path, max_steps: int | None = None) -> dict:
+    """Train a small implicit model on linear programs, sweep loop counts, write results and plots."""
+    from .eval.harness import run_eval
+    from .train import parse_args, train
 
-    torch.manual_seed(seed)
-    config = ImplicitConfig(
-        vocab_size=256,
-        hidden_size=64,
-        num_attention_heads=4,
-        num_prelude_layers=1,
-        num_core_layers=1,
-        num_coda_layers=1,
-    )
-    model = AutoModelForCausalLM.from_config(config)
-    out.mkdir(parents=True, exist_ok=True)
-    checkpoint = out / "tiny-implicit-lm"
-    model.save_pretrained(checkpoint)
-    model = AutoModelForCausalLM.from_pretrained(checkpoint).eval()
-    input_ids = torch.randint(0, config.vocab_size, (4, 32), generator=torch.Generator().manual_seed(seed))
-
-    rows = []
-    print(f"checkpoint: {checkpoint}")
-    print(f"{'solver':>9} {'loops':>5} {'rel. residual':>14} {'max |dlogits|':>14}")
-    for solver in ("picard", "anderson"):
-        previous = None
-        for loops in (1, 2, 4, 8, 16, 32, 64):
-            with torch.no_grad():
-                output = model(input_ids, num_loops=loops, solver=solver)
-            residual = float(output.loop_stats.final_rel_residual.max())
-            change = float("nan") if previous is None else float((output.logits - previous).abs().max())
-            previous = output.logits
-            rows.append({"solver": solver, "loops": loops, "rel_residual": residual, "max_logit_change": change})
-            print(f"{solver:>9} {loops:>5} {residual:>14.3e} {change:>14.3e}")
-    (out / "demo.json").write_text(json.dumps(rows, indent=2))
-    print(f"wrote {out / 'demo.json'}")
-    return {"rows": rows, "checkpoint": str(checkpoint)}
+    overrides = ["--output_dir", str(out / "train"), "--overwrite_output_dir", "true"]
+    if max_steps is not None:
+        overrides += ["--max_steps", str(max_steps)]
+    config = parse_args([str(demo_recipe()), *overrides])
+    print(f"[demo] training {config.task!r} for {config.max_steps} steps -> {out / 'train'}")
+    train(config)
+    model_dir = out / "train" / "model"
+    print(f"[demo] sweeping loops {DEMO_LOOPS} on held-out LPs")
+    results = run_eval(model_dir, config.task, DEMO_LOOPS, out / "eval", n=200, seed=1, batch_size=100)
+    print(f"{'loops':>5} {'relative error':>15} {'Lipschitz':>10} {'rel. residual':>14}")
+    for record in results["records"]:
+        print(
+            f"{record['loops']:>5} {record['quality']:>15.4f} {record['lipschitz']:>10.3g} "
+            f"{record['rel_residual_mean']:>14.3e}"
+        )
+    plots = sorted((out / "eval").glob("*.png"))
+    print("[demo] results: " + str(out / "eval" / "results.json"))
+    print("[demo] plots:\n  " + "\n  ".join(str(p) for p in plots))
+    return results
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="implicit-hf", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
-    demo_parser = commands.add_parser("demo", help="tiny end-to-end example: build, save, load, sweep loop counts")
+    commands.add_parser(
+        "train",
+        add_help=False,
+        help="train on a task: implicit-hf train RECIPE.yaml [--key value ...] [--resume]",
+    )
+    from .eval.harness import add_arguments, run_from_args
+
+    add_arguments(commands.add_parser("eval", help="score a trained model at many loop counts; write results and plots"))
+    demo_parser = commands.add_parser("demo", help="end to end: train a small LP model, sweep loops, write plots")
     demo_parser.add_argument("--out", type=Path, default=Path("outputs/demo"), help="output folder")
-    demo_parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    if args.command == "demo":
-        demo(args.out, args.seed)
+    demo_parser.add_argument("--max-steps", type=int, default=None, help="override the recipe's training steps")
+    args, rest = parser.parse_known_args(argv)
+    if args.command == "train":
+        from .train import main as train_main
+
+        train_main(rest)
+        return
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    if args.command == "eval":
+        run_from_args(args)
+    elif args.command == "demo":
+        demo(args.out, args.max_steps)
 
 
 if __name__ == "__main__":
