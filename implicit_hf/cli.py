@@ -50,7 +50,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     from .eval.harness import add_arguments, run_from_args
 
-    add_arguments(commands.add_parser("eval", help="score a trained model at many loop counts; write results and plots"))
+    eval_parser = commands.add_parser("eval", help="score a trained model at many loop counts; write results and plots")
+    add_arguments(eval_parser)
     demo_parser = commands.add_parser("demo", help="end to end: train a small LP model, sweep loops, write plots")
     demo_parser.add_argument("--out", type=Path, default=Path("outputs/demo"), help="output folder")
     demo_parser.add_argument("--max-steps", type=int, default=None, help="override the recipe's training steps")
