@@ -645,9 +645,10 @@ def train(config: TrainConfig) -> TrainResult:
                 "train/rel_residual": residual,
                 "train/converged": converged,
                 "train/num_loops": sum(loops_since_log) / len(loops_since_log),
-                "loops": loops_since_log,
                 "epoch": (done * config.gradient_accumulation_steps) / batches_per_epoch,
             }
+            if config.random_loops:  # the sampled count of every step since the last record
+                last["loops"] = loops_since_log
             if grad_norm is not None:  # a tensor (a DTensor under FSDP2), a float or None (DeepSpeed)
                 last["train/grad_norm"] = _as_float(grad_norm)
             log(last, done)
