@@ -76,7 +76,9 @@ def _quality_label(report: dict) -> str:
 
 
 def _title(report: dict, what: str) -> str:
-    model = Path(report["model"]["model_dir"]).name or report["model"]["model_dir"]
+    path = Path(report["model"]["model_dir"])
+    # a training run's final model lives in RUN/model: the run's name says more than "model"
+    model = (path.parent.name if path.name == "model" and path.parent.name else path.name) or str(path)
     return f"{report['task']['name']}: {what}\n{model} ({report['model'].get('solver', '?')}, n={report['run']['n']})"
 
 
