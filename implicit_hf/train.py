@@ -416,6 +416,8 @@ def evaluate_loss(model, dataset, task, accelerator, batch_size: int) -> dict[st
     from accelerate.utils import send_to_device
     from torch.utils.data import DataLoader
 
+    from .tasks.base import feedback_kwargs
+
     shard = dataset.shard(num_shards=accelerator.num_processes, index=accelerator.process_index, contiguous=True)
     # its own generator: creating the iterator then draws no number from the global RNG
     loader = DataLoader(shard, batch_size=batch_size, collate_fn=task.encode, generator=torch.Generator())
@@ -425,7 +427,7 @@ def evaluate_loss(model, dataset, task, accelerator, batch_size: int) -> dict[st
     totals = torch.zeros(5, dtype=torch.float64, device=accelerator.device)  # loss, steps, residual, converged, rows
     for batch in loader:
         batch = send_to_device(batch, accelerator.device)
-        outputs = unwrapped(**batch)
+        outputs = unwrapped(**batch, **feedback_kwargs(task, batch))
         rows = outputs.logits.shape[0]
         stats = outputs.loop_stats
         totals += torch.stack(
@@ -479,7 +481,7 @@ def train(config: TrainConfig) -> TrainResult:
     from tqdm.auto import tqdm
     from transformers import get_scheduler
 
-    from .tasks.base import build_model
+    from .tasks.base import build_model, feedback_kwargs
 
     # -- everything that can be wrong with the recipe fails here, before any process trains -----------
     task = resolve_task(config)
@@ -610,7 +612,7 @@ def train(config: TrainConfig) -> TrainResult:
         for _ in range(config.gradient_accumulation_steps):
             batch = next(batches)
             with accelerator.accumulate(model):  # gradients are synchronised on the last micro-batch only
-                outputs = model(**batch, num_loops=num_loops)
+                outputs = model(**batch, num_loops=num_loops, **feedback_kwargs(task, batch))
                 accelerator.backward(outputs.loss)
             stats = outputs.loop_stats
             running += torch.stack(

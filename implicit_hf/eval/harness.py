@@ -36,7 +36,7 @@ from typing import Any
 
 import torch
 
-from ..tasks.base import TASKS, TaskAdapter
+from ..tasks.base import TASKS, TaskAdapter, feedback_kwargs
 
 DEFAULT_LOOPS = "1,2,4,8,16,32,64"
 
@@ -105,6 +105,9 @@ def estimate_flops(config, seq_len: int, loops: int, head_outputs: int | None = 
     * input: ``2 * input_features * d`` for the feature embedding (token lookup is free), plus
       ``2 * T * edge_features * H`` for the edge bias when the model has one;
     * injection: ``2 * 2d * d`` per iteration for ``injection="linear"`` (``"add"`` is free);
+    * in-loop feedback (``feedback_features > 0``): per iteration, the coda and the head on the
+      current state plus ``2 * feedback_features * d`` for its embedding (the task's own feedback
+      function, e.g. an FFT, is not counted);
     * head: ``2 * d * head_outputs`` (``num_labels`` by default; the vocabulary for a causal LM).
 
     Total: ``T * (input + (prelude + coda) * layer + loops * (core * layer + injection) + head)``.
@@ -121,10 +124,13 @@ def estimate_flops(config, seq_len: int, loops: int, head_outputs: int | None = 
     injection = 4 * d * d if config.injection == "linear" else 0
     outputs = config.num_labels if head_outputs is None else head_outputs
     head = 2 * d * outputs
+    feedback = (
+        config.num_coda_layers * layer + head + 2 * config.feedback_features * d if config.feedback_features else 0
+    )
     per_token = (
         inputs
         + (config.num_prelude_layers + config.num_coda_layers) * layer
-        + loops * (config.num_core_layers * layer + injection)
+        + loops * (config.num_core_layers * layer + injection + feedback)
         + head
     )
     return float(seq_len * per_token)
@@ -189,7 +195,9 @@ def _trajectory_pass(
         model_inputs = {k: v for k, v in inputs.items() if k != "labels"}
         _synchronize(device)
         began = time.perf_counter()
-        out = model(**model_inputs, num_loops=max_loops, tol=tol, return_trajectory=loops)
+        out = model(
+            **model_inputs, num_loops=max_loops, tol=tol, return_trajectory=loops, **feedback_kwargs(task, inputs)
+        )
         _synchronize(device)
         seconds += time.perf_counter() - began
         trajectory, stats = out.trajectory, out.loop_stats
@@ -325,7 +333,8 @@ def sweep(
     max_loops = loops[-1]
     if warmup:  # one untimed call first: lazy initialisation would otherwise land in the timings
         inputs = _to_device(task.encode(rows[:batch_size]), _device_of(model))
-        model(**{k: v for k, v in inputs.items() if k != "labels"}, num_loops=1, tol=tol, return_trajectory=True)
+        model_inputs = {k: v for k, v in inputs.items() if k != "labels"}
+        model(**model_inputs, num_loops=1, tol=tol, return_trajectory=True, **feedback_kwargs(task, inputs))
     clean = _trajectory_pass(model, task, rows, loops, batch_size, tol)
 
     probe = bool(perturb_eps)
@@ -458,6 +467,7 @@ def _model_summary(model: torch.nn.Module, model_dir: str | Path) -> dict[str, A
         "is_causal",
         "input_features",
         "edge_features",
+        "feedback_features",
         "num_labels",
     )
     summary = {name: getattr(config, name, None) for name in fields}

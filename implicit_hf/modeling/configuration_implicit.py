@@ -43,6 +43,7 @@ _LOOP_FIELDS = (
     "ift_max_iter",
     "ift_tol",
     "is_causal",
+    "feedback_features",
 )
 
 
@@ -62,6 +63,11 @@ class ImplicitConfig(PretrainedConfig):
         edge_features: when > 0, the model also takes ``edge_features`` ``(B, T, T, edge_features)``
             (pairwise structure, e.g. an LP's constraint matrix), turned into a learned additive
             attention bias per head and used by every layer (Graphormer-style edge encoding).
+        feedback_features: when > 0, every iteration also injects per-token features computed from
+            the model's current output: ``forward(loop_feedback=fn)`` maps the head's output at the
+            current state ``(B, T, num_labels)`` to ``(B, T, feedback_features)`` (e.g. the
+            data-consistency gradient ``Aᵀ(Ax̂ - y)`` of an inverse problem), embedded by a linear
+            layer and added to the injected input, so the fixed-point map includes it.
 
     Loop fields:
         num_prelude_layers / num_core_layers / num_coda_layers: the layer split (core >= 1).
@@ -118,6 +124,7 @@ class ImplicitConfig(PretrainedConfig):
         eos_token_id: int | list[int] | None = None,
         input_features: int = 0,
         edge_features: int = 0,
+        feedback_features: int = 0,
         num_prelude_layers: int = 2,
         num_core_layers: int = 4,
         num_coda_layers: int = 2,
@@ -159,6 +166,7 @@ class ImplicitConfig(PretrainedConfig):
         self.use_cache = use_cache
         self.input_features = input_features
         self.edge_features = edge_features
+        self.feedback_features = feedback_features
         self.num_prelude_layers = num_prelude_layers
         self.num_core_layers = num_core_layers
         self.num_coda_layers = num_coda_layers
@@ -220,6 +228,7 @@ class ImplicitConfig(PretrainedConfig):
             )
         _integer("input_features", self.input_features, minimum=0)
         _integer("edge_features", self.edge_features, minimum=0)
+        _integer("feedback_features", self.feedback_features, minimum=0)
         _integer("num_prelude_layers", self.num_prelude_layers, minimum=0)
         _integer("num_core_layers", self.num_core_layers, minimum=1)
         _integer("num_coda_layers", self.num_coda_layers, minimum=0)

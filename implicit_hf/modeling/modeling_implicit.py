@@ -12,7 +12,7 @@ the ones it imports relatively are copied next to saved checkpoints, so it impor
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -136,6 +136,9 @@ class ImplicitModel(ImplicitPreTrainedModel):
         self.edge_bias = (
             nn.Linear(config.edge_features, config.num_attention_heads, bias=False) if config.edge_features else None
         )
+        self.feedback_embed = (
+            nn.Linear(config.feedback_features, config.hidden_size) if config.feedback_features else None
+        )
         first_core = config.num_prelude_layers
         first_coda = first_core + config.num_core_layers
         self.prelude = nn.ModuleList([LlamaDecoderLayer(config, i) for i in range(first_core)])
@@ -173,6 +176,7 @@ class ImplicitModel(ImplicitPreTrainedModel):
         tol: float | None = None,
         solver: str | None = None,
         return_trajectory: bool | Sequence[int] = False,
+        loop_feedback: Callable[[torch.Tensor], torch.Tensor] | None = None,
         use_cache: bool | None = None,
         past_key_values=None,
         **kwargs,
@@ -180,6 +184,12 @@ class ImplicitModel(ImplicitPreTrainedModel):
         r"""
         input_features: continuous inputs ``(B, T, config.input_features)``, instead of ``input_ids``.
         edge_features: pairwise features ``(B, T, T, config.edge_features)`` biasing attention.
+        loop_feedback: required exactly when ``config.feedback_features > 0``. Maps this model's output
+            at the current state (the coda and final norm applied to it, ``(B, T, hidden)``) to
+            features ``(B, T, config.feedback_features)``, embedded and added to the injected input
+            at every iteration: the fixed-point map is ``z -> core(inject(z, e + W fb(out(z))))``, so
+            every solver and gradient mode sees it. It is called on the whole batch, acting row by
+            row: when the solver runs a subset of samples, the other rows are zeros and ignored.
         num_loops: iterations of the core (default ``config.num_loops``, or ``config.num_loops_train``
             in training mode); with a tolerance this is the maximum.
         tol: relative-residual tolerance for per-sample halting (default ``config.tol``; ``0``
@@ -211,6 +221,13 @@ class ImplicitModel(ImplicitPreTrainedModel):
             raise ValueError("this model takes input_features (config.input_features > 0), not input_ids")
         if edge_features is not None and self.edge_bias is None:
             raise ValueError("edge_features needs a model built with config.edge_features > 0")
+        if loop_feedback is None and self.feedback_embed is not None:
+            raise ValueError(
+                f"this model was built with config.feedback_features={self.config.feedback_features} and needs "
+                "loop_feedback, the function giving its in-loop features (for a task: task.loop_feedback(inputs))"
+            )
+        if loop_feedback is not None and self.feedback_embed is None:
+            raise ValueError("loop_feedback needs a model built with config.feedback_features > 0")
         loops = self._resolve_loops(num_loops)
         solver = self.config.solver if solver is None else solver
         if solver not in SOLVER_NAMES:
@@ -260,8 +277,23 @@ class ImplicitModel(ImplicitPreTrainedModel):
         if self.injection_norm is not None:
             injected = self.injection_norm(injected)
 
+        def feedback(state: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+            output = self.norm(run(self.coda, state, index))
+            if index.shape[0] != batch:  # the callable sees the whole batch; rows not running are zeros
+                output = output.new_zeros(batch, *output.shape[1:]).index_copy(0, index, output)
+            features = loop_feedback(output)
+            if features.shape != (*output.shape[:2], self.config.feedback_features):
+                raise ValueError(
+                    f"loop_feedback must return shape {(*output.shape[:2], self.config.feedback_features)}; "
+                    f"got {tuple(features.shape)}"
+                )
+            return self.feedback_embed(_rows(features, index, batch))
+
         def core_step(state: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-            h = run(self.core, self.injection(state, _rows(injected, index, batch)), index)
+            injection = _rows(injected, index, batch)
+            if loop_feedback is not None:
+                injection = injection + feedback(state, index)
+            h = run(self.core, self.injection(state, injection), index)
             return self.core_norm(h) if self.core_norm is not None else h
 
         state, stats = fixed_point(
@@ -395,12 +427,16 @@ class ImplicitForTokenClassification(ImplicitPreTrainedModel):
         tol: float | None = None,
         solver: str | None = None,
         return_trajectory: bool | Sequence[int] = False,
+        loop_feedback: Callable[[torch.Tensor], torch.Tensor] | None = None,
         **kwargs,
     ) -> ImplicitHeadOutput:
         r"""
         labels: class ids ``(B, T)`` (``-100`` ignored), or targets ``(B, T, num_labels)`` for
             regression (NaN targets and padding positions, where ``attention_mask`` is 0, are ignored).
         num_loops / tol / solver / return_trajectory: see `ImplicitModel.forward`.
+        loop_feedback: as in `ImplicitModel.forward`, but it maps this head's output at the current
+            state, ``(B, T, num_labels)``, to ``(B, T, config.feedback_features)``: a task's
+            ``loop_feedback(inputs)``, e.g. the data-consistency gradient of the current estimate.
         """
         outputs = self.model(
             input_ids=input_ids,
@@ -413,6 +449,7 @@ class ImplicitForTokenClassification(ImplicitPreTrainedModel):
             tol=tol,
             solver=solver,
             return_trajectory=return_trajectory,
+            loop_feedback=None if loop_feedback is None else lambda hidden: loop_feedback(self.score(hidden)),
             **kwargs,
         )
         logits = self.score(outputs.last_hidden_state)

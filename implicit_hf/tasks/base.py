@@ -16,6 +16,9 @@ stay generic:
   ``||δ||`` for the empirical Lipschitz probe ``||y_t(x+δ) - y_t(x)|| / ||δ||``.
 * ``model_config()`` gives the `ImplicitConfig` fields the task needs (head type, input sizes,
   attention causality); ``head`` names the model class.
+* ``loop_feedback(inputs)`` (optional) gives a domain prior applied inside the loop, e.g. the
+  data-consistency gradient ``Aᵀ(Ax̂ - y)`` of the current estimate for deblurring; the training
+  loop and the evaluation harness pass it to the model (``feedback_kwargs``).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from __future__ import annotations
 import importlib
 import os
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -71,6 +75,16 @@ class TaskAdapter(ABC):
     def perturb(self, examples: list[Example], eps: float, seed: int) -> tuple[list[Example], torch.Tensor]:
         """Rows perturbed by ``δ`` of norm about ``eps`` (targets recomputed), and ``||δ||`` per row."""
 
+    def loop_feedback(self, inputs: dict[str, torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        """The in-loop feedback for the encoded batch ``inputs``, or ``None`` (the default) for none.
+
+        A task whose `model_config` sets ``feedback_features`` returns a function from the head's
+        output at the current iterate, ``(B, T, num_labels)``, to per-token features
+        ``(B, T, feedback_features)``, acting row by row; the model adds their embedding to the
+        injected input at every iteration (see `ImplicitModel.forward`).
+        """
+        return None
+
 
 TASKS: dict[str, type[TaskAdapter]] = {}
 
@@ -81,7 +95,11 @@ def default_cache_dir() -> Path:
 
 
 # Built-in tasks, imported on first use (importing a task module registers its class).
-BUILTIN_TASK_MODULES = {"lp": "implicit_hf.tasks.lp"}
+BUILTIN_TASK_MODULES = {
+    "lp": "implicit_hf.tasks.lp",
+    "deblur": "implicit_hf.tasks.imaging",
+    "ns": "implicit_hf.tasks.pde",
+}
 
 
 def get_task(name: str, **kwargs: Any) -> TaskAdapter:
@@ -91,6 +109,13 @@ def get_task(name: str, **kwargs: Any) -> TaskAdapter:
     if name not in TASKS:
         raise ValueError(f"task must be one of {sorted(set(TASKS) | set(BUILTIN_TASK_MODULES))}; got {name!r}")
     return TASKS[name](**kwargs)
+
+
+def feedback_kwargs(task: TaskAdapter, inputs: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """``{"loop_feedback": ...}`` when ``task`` has in-loop feedback for ``inputs``, else ``{}``: the extra
+    model arguments of a forward pass on ``inputs``."""
+    feedback = task.loop_feedback(inputs)
+    return {} if feedback is None else {"loop_feedback": feedback}
 
 
 def build_model(task: TaskAdapter, **config_overrides: Any):
