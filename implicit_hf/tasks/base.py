@@ -23,6 +23,7 @@ stay generic:
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 from abc import ABC, abstractmethod
@@ -109,6 +110,22 @@ def get_task(name: str, **kwargs: Any) -> TaskAdapter:
     if name not in TASKS:
         raise ValueError(f"task must be one of {sorted(set(TASKS) | set(BUILTIN_TASK_MODULES))}; got {name!r}")
     return TASKS[name](**kwargs)
+
+
+@contextlib.contextmanager
+def single_threaded():
+    """Run torch on one thread inside the block and restore the thread count after it.
+
+    Data generators use it so that a data set is bit-identical whatever the caller's thread count:
+    parallel reductions (and FFTs) change the order of floating-point sums, and an iterated solver
+    amplifies those last-bit differences.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def feedback_kwargs(task: TaskAdapter, inputs: dict[str, torch.Tensor]) -> dict[str, Any]:

@@ -40,7 +40,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .base import Example, TaskAdapter
+from .base import Example, TaskAdapter, single_threaded
 
 PIXEL_MEAN = 0.5  # model inputs and targets are (pixel - PIXEL_MEAN) / PIXEL_SCALE, O(1) on natural images
 PIXEL_SCALE = 0.25
@@ -250,7 +250,8 @@ class DeblurTask(TaskAdapter):
             crops[k] = crop[:, ::-1] if rng.integers(2) else crop
             noise[k] = rng.standard_normal((size, size)) * self.noise_std
             sources.append(name)
-        observations = self.operator.apply(torch.from_numpy(crops)).numpy() + noise
+        with single_threaded():
+            observations = self.operator.apply(torch.from_numpy(crops)).numpy() + noise
         columns = {"image": crops.astype(np.float32), "observation": observations.astype(np.float32), "source": sources}
         data = datasets.Dataset.from_dict(columns, features=_features(size))
         # Write next to the final place and rename, so a concurrent reader never sees half a data set.

@@ -87,7 +87,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .base import Example, TaskAdapter
+from .base import Example, TaskAdapter, single_threaded
 
 NU = 0.02  # viscosity ν
 DRAG = 0.1  # linear drag α
@@ -177,7 +177,8 @@ class NavierStokesTask(TaskAdapter):
         rows: list[Example] = []
         while len(rows) < n:
             forcing = random_forcing(rng, _CHUNK, self.grid_size, rms=FORCING_RMS)
-            state = solve_steady(forcing, max_steps=MAX_STEPS)
+            with single_threaded():
+                state = solve_steady(forcing, max_steps=MAX_STEPS)
             if not state.converged.any():
                 raise RuntimeError(
                     f"none of {_CHUNK} forcings reached a steady residual below {TOL} within {MAX_STEPS} steps "
@@ -278,7 +279,8 @@ class NavierStokesTask(TaskAdapter):
         generators = [np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(len(examples))]
         delta = torch.cat([random_forcing(rng, 1, self.grid_size, rms=1.0) for rng in generators])
         delta *= eps / torch.linalg.vector_norm(delta, dim=(-2, -1), keepdim=True)
-        state = solve_steady(forcing + delta, tol=_PERTURB_TOL, max_steps=MAX_STEPS, initial=vorticity)
+        with single_threaded():
+            state = solve_steady(forcing + delta, tol=_PERTURB_TOL, max_steps=MAX_STEPS, initial=vorticity)
         if not state.converged.all():
             failed = torch.nonzero(~state.converged).flatten().tolist()
             raise RuntimeError(
