@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import gc
 import importlib
 import json
 import math
@@ -690,6 +691,12 @@ def train(config: TrainConfig) -> TrainResult:
     }
     if accelerator.is_main_process:
         (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    # Free the DDP wrapper while every process is still alive: its reducer holds the gloo process group,
+    # and a gloo group destroyed after a peer has exited waits forever for its worker threads.
+    accelerator.wait_for_everyone()
+    model = optimizer = lr_scheduler = train_loader = batches = outputs = None
+    accelerator.free_memory()
+    gc.collect()
     accelerator.end_training()
     return TrainResult(metrics=metrics, model=unwrapped)
 

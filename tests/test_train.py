@@ -132,7 +132,12 @@ def test_two_processes_match_one_process(single_run, tmp_path):
     ]
     # ACCELERATE_USE_CPU: the MULTI_GPU launch starts CPU processes (gloo) on a machine without GPUs
     done = subprocess.run(
-        command, cwd=ROOT, env=subprocess_env(tmp, ACCELERATE_USE_CPU="true"), capture_output=True, text=True
+        command,
+        cwd=ROOT,
+        env=subprocess_env(tmp, ACCELERATE_USE_CPU="true"),
+        capture_output=True,
+        text=True,
+        timeout=600,  # a process that hangs at exit fails the test instead of stalling the suite
     )
     assert done.returncode == 0, done.stderr[-4000:]
     metrics = json.loads((out / "metrics.json").read_text())
