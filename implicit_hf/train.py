@@ -16,7 +16,8 @@ What a run writes under ``output_dir``::
     train_log.jsonl             one JSON record per log_every steps (and eval results)
     logs/train/                 tensorboard events (tracker: tensorboard)
     checkpoints/step_N/         accelerator.save_state + trainer_state.json (written last: marks it complete)
-    model/                      the trained model (save_pretrained; loads with the Auto classes)
+    model/                      the trained model (save_pretrained; loads with the Auto classes) and
+                                implicit_task.json (task, task_kwargs, task_module: what eval rebuilds)
     metrics.json                final step, world size, last training loss, final held-out loss, runtime
 
 ``--resume`` continues from the newest complete checkpoint: model, optimizer, scheduler, gradient
@@ -482,7 +483,7 @@ def train(config: TrainConfig) -> TrainResult:
     from tqdm.auto import tqdm
     from transformers import get_scheduler
 
-    from .tasks.base import build_model, feedback_kwargs
+    from .tasks.base import TASK_FILE, build_model, feedback_kwargs
 
     # -- everything that can be wrong with the recipe fails here, before any process trains -----------
     task = resolve_task(config)
@@ -690,6 +691,8 @@ def train(config: TrainConfig) -> TrainResult:
         "runtime_s": time.perf_counter() - started,
     }
     if accelerator.is_main_process:
+        task_record = {"task": config.task, "task_kwargs": config.task_kwargs, "task_module": config.task_module}
+        (output_dir / "model" / TASK_FILE).write_text(json.dumps(task_record, indent=2))
         (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     # Free the DDP wrapper while every process is still alive: its reducer holds the gloo process group,
     # and a gloo group destroyed after a peer has exited waits forever for its worker threads.

@@ -21,7 +21,23 @@ def test_demo_trains_sweeps_and_writes_plots(tmp_path, capsys):
     assert len(plots) == 4
     for name in plots:
         assert name in printed
-    assert (tmp_path / "demo" / "train" / "model" / "config.json").exists()
+    model_dir = tmp_path / "demo" / "train" / "model"
+    assert (model_dir / "config.json").exists()
+
+    # the model records its task: eval needs no --task
+    recorded = json.loads((model_dir / "implicit_task.json").read_text())
+    assert recorded["task"] == "lp"
+    out = tmp_path / "eval_again"
+    main(["eval", "--model", str(model_dir), "--loops", "1,2", "--out", str(out), "--n", "4", "--no-plots"])
+    again = json.loads((out / "results.json").read_text())
+    assert again["task"]["name"] == "lp"
+    assert again["task"]["task_kwargs"] == recorded["task_kwargs"]
+
+
+def test_eval_without_a_task_needs_a_recorded_one(tmp_path):
+    (tmp_path / "model").mkdir()
+    with pytest.raises(ValueError, match="pass the task name"):
+        main(["eval", "--model", str(tmp_path / "model"), "--out", str(tmp_path / "out")])
 
 
 def test_unknown_arguments_are_refused(capsys):

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import importlib
 import json
 import math
 import platform
@@ -400,6 +401,40 @@ def sweep(
 # run_eval: checkpoint -> results.json, results.csv, plots
 
 
+def recorded_task(model_dir: str | Path) -> dict[str, Any] | None:
+    """The task a model was trained on (``implicit_task.json`` written by the training loop), or ``None``."""
+    from ..tasks.base import TASK_FILE
+
+    path = Path(model_dir) / TASK_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def task_for_model(
+    model_dir: str | Path, task_name: str | TaskAdapter | None, task_kwargs: dict[str, Any] | None
+) -> tuple[TaskAdapter, dict[str, Any]]:
+    """The task to score ``model_dir`` on, and its constructor arguments: ``task_name`` / ``task_kwargs``
+    when given, else what the model was trained on.
+
+    Recorded constructor arguments fill in only for the recorded task, and only when ``task_kwargs`` is
+    not given, so a model trained on ``deblur`` with ``blur_sigma: 2.5`` is scored on that blur by default.
+    """
+    record = recorded_task(model_dir)
+    if task_name is None:
+        if record is None:
+            raise ValueError(
+                f"no task given and {str(Path(model_dir) / 'implicit_task.json')!r} does not exist "
+                "(it is written by implicit-hf train): pass the task name (--task)"
+            )
+        task_name = record["task"]
+    if record is not None and task_name == record["task"]:
+        if record.get("task_module"):
+            importlib.import_module(record["task_module"])
+        if task_kwargs is None:
+            task_kwargs = record.get("task_kwargs") or {}
+    task_kwargs = dict(task_kwargs or {})
+    return resolve_task(task_name, task_kwargs), task_kwargs
+
+
 def resolve_task(name: str | TaskAdapter, task_kwargs: dict[str, Any] | None = None) -> TaskAdapter:
     """A task adapter instance: ``name`` itself, a task already registered in `TASKS`, or `get_task`."""
     if isinstance(name, TaskAdapter):
@@ -531,7 +566,7 @@ def write_csv(records: list[dict[str, Any]], path: str | Path) -> Path:
 
 def run_eval(
     model_dir: str | Path,
-    task_name: str | TaskAdapter,
+    task_name: str | TaskAdapter | None,
     loops: str | Sequence[int],
     out_dir: str | Path,
     n: int = 200,
@@ -551,13 +586,15 @@ def run_eval(
     with ``plots``, the PNGs of `implicit_hf.eval.plots.plot_all`. ``baseline_dir`` is an explicit
     model (e.g. trained with ``num_loops=1``) evaluated once at its own ``config.num_loops``; its
     record is stored under ``baseline`` and drawn as a dashed line on the quality plots.
+    ``task_name=None`` (and ``task_kwargs=None``) use the task recorded with the model by the
+    training loop (`task_for_model`).
     Returns the content of ``results.json`` plus ``files`` (the paths written).
     """
     loops = _normalise_loops(loops)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     torch_device = _resolve_device(device)
-    task = resolve_task(task_name, task_kwargs)
+    task, task_kwargs = task_for_model(model_dir, task_name, task_kwargs)
     rows = _as_rows(task.build_dataset("test", n, seed))
     model = load_model(model_dir, task.head, torch_device)
     settings = dict(batch_size=batch_size, perturb_eps=perturb_eps, seed=seed, keep_tol=keep_tol)
@@ -634,7 +671,7 @@ def _json_object(value: str) -> dict[str, Any]:
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add the ``implicit-hf eval`` options to ``parser`` (for cli.py's subcommand)."""
     parser.add_argument("--model", required=True, type=Path, help="checkpoint folder (save_pretrained)")
-    parser.add_argument("--task", required=True, help="task name (implicit_hf.tasks), e.g. lp")
+    parser.add_argument("--task", default=None, help="task name, e.g. lp (default: the task the model was trained on)")
     parser.add_argument(
         "--loops",
         type=_loops_argument,
@@ -649,7 +686,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         "--perturb-eps", type=float, default=1e-4, help="perturbation size of the Lipschitz probe; 0 skips it"
     )
     parser.add_argument("--baseline", type=Path, default=None, help="explicit baseline checkpoint (own num_loops)")
-    parser.add_argument("--task-kwargs", type=_json_object, default=None, help="JSON object of task constructor args")
+    parser.add_argument(
+        "--task-kwargs",
+        type=_json_object,
+        default=None,
+        help="JSON object of task constructor args (default: those the model was trained with, for its own task)",
+    )
     parser.add_argument(
         "--keep-tol", action="store_true", help="keep the model's halting tolerance (default: exactly K iterations)"
     )

@@ -90,6 +90,11 @@ class TaskAdapter(ABC):
 TASKS: dict[str, type[TaskAdapter]] = {}
 
 
+# Written next to a trained model by the training loop: the task (and its constructor arguments) the model
+# was trained on, so the evaluation harness can rebuild the same task without being told.
+TASK_FILE = "implicit_task.json"
+
+
 def default_cache_dir() -> Path:
     """Where generated data sets are cached: ``$IMPLICIT_HF_CACHE`` or ``~/.cache/implicit_hf``."""
     return Path(os.environ.get("IMPLICIT_HF_CACHE", Path.home() / ".cache" / "implicit_hf"))
