@@ -26,11 +26,15 @@ from __future__ import annotations
 import contextlib
 import importlib
 import os
+import shutil
+import uuid
+import zlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 
 Example = dict[str, Any]
@@ -115,6 +119,40 @@ def get_task(name: str, **kwargs: Any) -> TaskAdapter:
     if name not in TASKS:
         raise ValueError(f"task must be one of {sorted(set(TASKS) | set(BUILTIN_TASK_MODULES))}; got {name!r}")
     return TASKS[name](**kwargs)
+
+
+def check_size_and_seed(n: int, seed: int) -> None:
+    """Refuse a data-set size or seed that is not an integer >= 0 (`TaskAdapter.build_dataset`'s arguments)."""
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        raise ValueError(f"n must be an integer >= 0; got {n!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"seed must be an integer >= 0; got {seed!r}")
+
+
+def split_rng(split: str, seed: int) -> np.random.Generator:
+    """The random stream of ``(split, seed)``: splits never share draws, and a smaller ``n`` is a prefix."""
+    return np.random.default_rng(np.random.SeedSequence([seed, zlib.crc32(split.encode("utf-8"))]))
+
+
+def cached_dataset(path: Path, build: Callable[[], Any]):
+    """The data set cached at ``path``, or ``build()`` saved there (``save_to_disk``) and loaded back.
+
+    The new data set is written next to ``path`` and renamed into place, so a concurrent reader never
+    sees half of it; when another process finishes the same data set first, its copy is kept.
+    """
+    import datasets
+
+    if path.exists():
+        return datasets.load_from_disk(str(path))
+    data = build()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.{uuid.uuid4().hex}.partial")
+    data.save_to_disk(str(partial))
+    try:
+        partial.rename(path)
+    except OSError:  # another process finished the same data set first
+        shutil.rmtree(partial, ignore_errors=True)
+    return datasets.load_from_disk(str(path))
 
 
 @contextlib.contextmanager

@@ -30,9 +30,6 @@ from __future__ import annotations
 
 import functools
 import math
-import shutil
-import uuid
-import zlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -40,7 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .base import Example, TaskAdapter, single_threaded
+from .base import Example, TaskAdapter, cached_dataset, check_size_and_seed, single_threaded, split_rng
 
 PIXEL_MEAN = 0.5  # model inputs and targets are (pixel - PIXEL_MEAN) / PIXEL_SCALE, O(1) on natural images
 PIXEL_SCALE = 0.25
@@ -226,18 +223,19 @@ class DeblurTask(TaskAdapter):
         """
         import datasets
 
-        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
-            raise ValueError(f"n must be an integer >= 0; got {n!r}")
-        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-            raise ValueError(f"seed must be an integer >= 0; got {seed!r}")
+        check_size_and_seed(n, seed)
         if n == 0:  # nothing to generate or cache (datasets cannot load an empty saved set back)
             return datasets.Dataset.from_dict(
                 {name: [] for name in _features(self.image_size)}, _features(self.image_size)
             )
-        path = self.dataset_path(split, n, seed)
-        if path.exists():
-            return datasets.load_from_disk(str(path))
-        rng = np.random.default_rng(np.random.SeedSequence([seed, zlib.crc32(split.encode("utf-8"))]))
+        return cached_dataset(
+            self.dataset_path(split, n, seed), lambda: self._generate(split, split_rng(split, seed), n)
+        )
+
+    def _generate(self, split: str, rng: np.random.Generator, n: int):
+        """``n`` fresh rows from ``rng`` as a ``datasets.Dataset`` (`build_dataset` caches them)."""
+        import datasets
+
         names = TRAIN_IMAGES if split == "train" else HELD_OUT_IMAGES
         size = self.image_size
         sources, crops, noise = [], np.zeros((n, size, size)), np.zeros((n, size, size))
@@ -253,16 +251,7 @@ class DeblurTask(TaskAdapter):
         with single_threaded():
             observations = self.operator.apply(torch.from_numpy(crops)).numpy() + noise
         columns = {"image": crops.astype(np.float32), "observation": observations.astype(np.float32), "source": sources}
-        data = datasets.Dataset.from_dict(columns, features=_features(size))
-        # Write next to the final place and rename, so a concurrent reader never sees half a data set.
-        path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_name(f".{path.name}.{uuid.uuid4().hex}.partial")
-        data.save_to_disk(str(partial))
-        try:
-            partial.rename(path)
-        except OSError:  # another process finished the same data set first
-            shutil.rmtree(partial, ignore_errors=True)
-        return datasets.load_from_disk(str(path))
+        return datasets.Dataset.from_dict(columns, features=_features(size))
 
     # ------------------------------------------------------------------ encode / decode
 

@@ -45,9 +45,6 @@ padding (ignored by the regression loss); `decode` multiplies by ``Y_SCALE`` aga
 
 from __future__ import annotations
 
-import shutil
-import uuid
-import zlib
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -55,7 +52,7 @@ import numpy as np
 import torch
 from scipy.optimize import linprog
 
-from .base import Example, TaskAdapter
+from .base import Example, TaskAdapter, cached_dataset, check_size_and_seed, split_rng
 
 B_SCALE = 1.0  # b ~ U(-1, 1) already
 C_SCALE = 0.01  # c ~ 0.01 U(-1, 1): c / C_SCALE ~ U(-1, 1)
@@ -152,27 +149,17 @@ class LinearProgramTask(TaskAdapter):
         The stream of instances depends on ``(split, seed)`` only, so a smaller ``n`` gives a prefix
         of a larger one, and different splits never share instances by construction.
         """
+        check_size_and_seed(n, seed)
+        return cached_dataset(
+            self.dataset_path(split, n, seed), lambda: self._generate(split, split_rng(split, seed), n)
+        )
+
+    def _generate(self, split: str, rng: np.random.Generator, n: int):
+        """``n`` fresh rows from ``rng`` as a ``datasets.Dataset`` (`build_dataset` caches them)."""
         import datasets
 
-        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
-            raise ValueError(f"n must be an integer >= 0; got {n!r}")
-        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-            raise ValueError(f"seed must be an integer >= 0; got {seed!r}")
-        path = self.dataset_path(split, n, seed)
-        if path.exists():
-            return datasets.load_from_disk(str(path))
-        rng = np.random.default_rng(np.random.SeedSequence([seed, zlib.crc32(split.encode("utf-8"))]))
         rows = [self._draw_solved(rng) for _ in range(n)]
-        data = datasets.Dataset.from_list(rows, features=_features()) if rows else _empty_dataset()
-        # Write next to the final place and rename, so a concurrent reader never sees half a data set.
-        path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_name(f".{path.name}.{uuid.uuid4().hex}.partial")
-        data.save_to_disk(str(partial))
-        try:
-            partial.rename(path)
-        except OSError:  # another process finished the same data set first
-            shutil.rmtree(partial, ignore_errors=True)
-        return datasets.load_from_disk(str(path))
+        return datasets.Dataset.from_list(rows, features=_features()) if rows else _empty_dataset()
 
     def _draw_solved(self, rng: np.random.Generator) -> Example:
         m, n = self.num_constraints, self.num_variables

@@ -77,9 +77,6 @@ from __future__ import annotations
 
 import functools
 import math
-import shutil
-import uuid
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -87,7 +84,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .base import Example, TaskAdapter, single_threaded
+from .base import Example, TaskAdapter, cached_dataset, check_size_and_seed, single_threaded, split_rng
 
 NU = 0.02  # viscosity ν
 DRAG = 0.1  # linear drag α
@@ -164,16 +161,15 @@ class NavierStokesTask(TaskAdapter):
         seed)`` only, so a smaller ``n`` gives a prefix of a larger one and different splits never
         share forcings. Raises `RuntimeError` if a whole chunk fails to converge (broken settings).
         """
+        check_size_and_seed(n, seed)
+        return cached_dataset(
+            self.dataset_path(split, n, seed), lambda: self._generate(split, split_rng(split, seed), n)
+        )
+
+    def _generate(self, split: str, rng: np.random.Generator, n: int):
+        """``n`` fresh rows from ``rng`` as a ``datasets.Dataset`` (`build_dataset` caches them)."""
         import datasets
 
-        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
-            raise ValueError(f"n must be an integer >= 0; got {n!r}")
-        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-            raise ValueError(f"seed must be an integer >= 0; got {seed!r}")
-        path = self.dataset_path(split, n, seed)
-        if path.exists():
-            return datasets.load_from_disk(str(path))
-        rng = np.random.default_rng(np.random.SeedSequence([seed, zlib.crc32(split.encode("utf-8"))]))
         rows: list[Example] = []
         while len(rows) < n:
             forcing = random_forcing(rng, _CHUNK, self.grid_size, rms=FORCING_RMS)
@@ -186,16 +182,7 @@ class NavierStokesTask(TaskAdapter):
                 )
             for k in torch.nonzero(state.converged).flatten().tolist():
                 rows.append(_row(forcing[k], state.vorticity[k], int(state.steps[k])))
-        data = datasets.Dataset.from_list(rows[:n], features=_features()) if n else _empty_dataset()
-        # Write next to the final place and rename, so a concurrent reader never sees half a data set.
-        path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_name(f".{path.name}.{uuid.uuid4().hex}.partial")
-        data.save_to_disk(str(partial))
-        try:
-            partial.rename(path)
-        except OSError:  # another process finished the same data set first
-            shutil.rmtree(partial, ignore_errors=True)
-        return datasets.load_from_disk(str(path))
+        return datasets.Dataset.from_list(rows[:n], features=_features()) if n else _empty_dataset()
 
     # ------------------------------------------------------------------ encode / decode
 
