@@ -109,6 +109,8 @@ BUILTIN_TASK_MODULES = {
     "lp": "implicit_hf.tasks.lp",
     "deblur": "implicit_hf.tasks.imaging",
     "ns": "implicit_hf.tasks.pde",
+    "sudoku": "implicit_hf.tasks.reasoning.sudoku",
+    "maze": "implicit_hf.tasks.reasoning.maze",
 }
 
 
@@ -145,6 +147,8 @@ def cached_dataset(path: Path, build: Callable[[], Any]):
     if path.exists():
         return datasets.load_from_disk(str(path))
     data = build()
+    if len(data) == 0:  # nothing to cache (and datasets cannot load an empty saved set back)
+        return data
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f".{path.name}.{uuid.uuid4().hex}.partial")
     data.save_to_disk(str(partial))

@@ -1,0 +1,1 @@
+"""Reasoning tasks: discrete puzzles (sudoku, mazes) as token-classification problems."""
