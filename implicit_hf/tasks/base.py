@@ -24,6 +24,7 @@ stay generic:
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import os
 import shutil
@@ -121,6 +122,14 @@ def get_task(name: str, **kwargs: Any) -> TaskAdapter:
     if name not in TASKS:
         raise ValueError(f"task must be one of {sorted(set(TASKS) | set(BUILTIN_TASK_MODULES))}; got {name!r}")
     return TASKS[name](**kwargs)
+
+
+@functools.cache
+def load_local_metric(name: str):
+    """The local `evaluate` module ``tasks/metrics/{name}.py``, loaded by path (offline) once per process."""
+    import evaluate
+
+    return evaluate.load(str(Path(__file__).parent / "metrics" / f"{name}.py"))
 
 
 def check_size_and_seed(n: int, seed: int) -> None:

@@ -37,7 +37,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from .base import Example, TaskAdapter, cached_dataset, check_size_and_seed, single_threaded, split_rng
+from .base import (
+    Example,
+    TaskAdapter,
+    cached_dataset,
+    check_size_and_seed,
+    load_local_metric,
+    single_threaded,
+    split_rng,
+)
 
 PIXEL_MEAN = 0.5  # model inputs and targets are (pixel - PIXEL_MEAN) / PIXEL_SCALE, O(1) on natural images
 PIXEL_SCALE = 0.25
@@ -49,8 +57,6 @@ HELD_OUT_IMAGES = ("coffee", "coins", "rocket")
 PRIORS = ("none", "adjoint", "gradient")
 BLURS = ("gaussian", "motion")
 PERTURB_MODES = 8  # Fourier modes of the blur with the largest |transfer| spanned by the probe's δx
-
-_metric_module = None
 
 
 class BlurOperator:
@@ -347,13 +353,8 @@ class DeblurTask(TaskAdapter):
 
 
 def load_metric():
-    """The task's local `evaluate` module (``metrics/imaging_metrics.py``), loaded by path once per process."""
-    global _metric_module
-    if _metric_module is None:
-        import evaluate
-
-        _metric_module = evaluate.load(str(Path(__file__).parent / "metrics" / "imaging_metrics.py"))
-    return _metric_module
+    """The task's local `evaluate` module (``metrics/imaging_metrics.py``), loaded once per process."""
+    return load_local_metric("imaging_metrics")
 
 
 def _normalise(pixels: torch.Tensor) -> torch.Tensor:

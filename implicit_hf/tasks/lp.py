@@ -52,7 +52,7 @@ import numpy as np
 import torch
 from scipy.optimize import linprog
 
-from .base import Example, TaskAdapter, cached_dataset, check_size_and_seed, split_rng
+from .base import Example, TaskAdapter, cached_dataset, check_size_and_seed, load_local_metric, split_rng
 
 B_SCALE = 1.0  # b ~ U(-1, 1) already
 C_SCALE = 0.01  # c ~ 0.01 U(-1, 1): c / C_SCALE ~ U(-1, 1)
@@ -67,8 +67,6 @@ CONSTRAINT, VARIABLE = 0, 1  # columns of the token-type one-hot
 
 _MAX_DRAWS_PER_INSTANCE = 1000  # consecutive infeasible draws before build_dataset gives up
 _PERTURB_RETRIES = 100  # noise redraws per instance before perturb gives up
-
-_metric_module = None
 
 
 class LinearProgramTask(TaskAdapter):
@@ -325,13 +323,8 @@ def solve_lp(
 
 
 def load_metric():
-    """The task's local `evaluate` module (``metrics/lp_metrics.py``), loaded by path once per process."""
-    global _metric_module
-    if _metric_module is None:
-        import evaluate
-
-        _metric_module = evaluate.load(str(Path(__file__).parent / "metrics" / "lp_metrics.py"))
-    return _metric_module
+    """The task's local `evaluate` module (``metrics/lp_metrics.py``), loaded once per process."""
+    return load_local_metric("lp_metrics")
 
 
 def _row(A, b, c, lower, upper, is_equality, solution, objective) -> Example:

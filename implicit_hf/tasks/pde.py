@@ -84,7 +84,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from .base import Example, TaskAdapter, cached_dataset, check_size_and_seed, single_threaded, split_rng
+from .base import (
+    Example,
+    TaskAdapter,
+    cached_dataset,
+    check_size_and_seed,
+    load_local_metric,
+    single_threaded,
+    split_rng,
+)
 
 NU = 0.02  # viscosity ν
 DRAG = 0.1  # linear drag α
@@ -102,8 +110,6 @@ _CHECK_EVERY = 10  # steps between residual checks
 _DIVERGED = 1e3  # a relative residual above this (or not finite) marks a sample as blown up
 _CHUNK = 64  # forcings drawn and solved together (fixed, so the data do not depend on n)
 _PERTURB_TOL = 1e-12  # residual of re-solved perturbed rows
-
-_metric_module = None
 
 
 class NavierStokesTask(TaskAdapter):
@@ -447,13 +453,8 @@ def _unpatchify(tokens: torch.Tensor, n: int, patch: int) -> torch.Tensor:
 
 
 def load_metric():
-    """The task's local `evaluate` module (``metrics/pde_metrics.py``), loaded by path once per process."""
-    global _metric_module
-    if _metric_module is None:
-        import evaluate
-
-        _metric_module = evaluate.load(str(Path(__file__).parent / "metrics" / "pde_metrics.py"))
-    return _metric_module
+    """The task's local `evaluate` module (``metrics/pde_metrics.py``), loaded once per process."""
+    return load_local_metric("pde_metrics")
 
 
 def _row(forcing: torch.Tensor, vorticity: torch.Tensor, steps: int) -> Example:

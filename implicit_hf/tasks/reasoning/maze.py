@@ -43,12 +43,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..base import Example, TaskAdapter, cached_dataset, check_size_and_seed, split_rng
+from ..base import Example, TaskAdapter, cached_dataset, check_size_and_seed, load_local_metric, split_rng
 
 PAD, WALL, OPEN, START, GOAL = 0, 1, 2, 3, 4
 VOCAB_SIZE = 5
-
-_metric_module = None
 
 
 class MazeTask(TaskAdapter):
@@ -270,13 +268,8 @@ def _reference(example: Example) -> np.ndarray:
 
 
 def load_metric():
-    """The task's local `evaluate` module (``metrics/maze_metrics.py``), loaded by path once per process."""
-    global _metric_module
-    if _metric_module is None:
-        import evaluate
-
-        _metric_module = evaluate.load(str(Path(__file__).parent.parent / "metrics" / "maze_metrics.py"))
-    return _metric_module
+    """The task's local `evaluate` module (``metrics/maze_metrics.py``), loaded once per process."""
+    return load_local_metric("maze_metrics")
 
 
 def _features():

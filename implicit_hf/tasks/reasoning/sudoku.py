@@ -49,7 +49,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..base import Example, TaskAdapter, cached_dataset, check_size_and_seed, split_rng
+from ..base import Example, TaskAdapter, cached_dataset, check_size_and_seed, load_local_metric, split_rng
 
 SIZE = 9
 CELLS = 81
@@ -67,8 +67,6 @@ PEERS = [sorted({j for unit in UNITS if i in unit for j in unit} - {i}) for i in
 CELL_UNITS = [[unit for unit in UNITS if i in unit] for i in range(CELLS)]
 
 _MAX_ATTEMPTS = 1000  # solutions drawn per puzzle before giving up (unreachable settings)
-
-_metric_module = None
 
 
 # ---------------------------------------------------------------------- solver
@@ -372,13 +370,8 @@ def _cells(example: Example, key: str, index: int, low: int) -> torch.Tensor:
 
 
 def load_metric():
-    """The task's local `evaluate` module (``metrics/sudoku_metrics.py``), loaded by path once per process."""
-    global _metric_module
-    if _metric_module is None:
-        import evaluate
-
-        _metric_module = evaluate.load(str(Path(__file__).parent.parent / "metrics" / "sudoku_metrics.py"))
-    return _metric_module
+    """The task's local `evaluate` module (``metrics/sudoku_metrics.py``), loaded once per process."""
+    return load_local_metric("sudoku_metrics")
 
 
 def _features():
