@@ -1,15 +1,13 @@
 """The Navier–Stokes task: solver (checked independently in numpy), generator, cache, encoding, metrics,
 perturbations and a tiny training run."""
 
-import json
 import math
 
 import numpy as np
 import pytest
 import torch
-import yaml
+from tiny_training import train_tiny
 
-from implicit_hf import train as train_mod
 from implicit_hf.tasks import get_task
 from implicit_hf.tasks import pde as pde_module
 from implicit_hf.tasks.pde import (
@@ -316,37 +314,9 @@ def test_perturb_gives_up_with_a_clear_error(task, rows, monkeypatch):
 
 
 def test_training_run_lowers_the_loss(tmp_path, monkeypatch):
-    monkeypatch.setenv("IMPLICIT_HF_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    recipe = {
-        "task": "ns",
-        "task_kwargs": {"grid_size": N},
-        "model": {
-            "hidden_size": 32,
-            "num_attention_heads": 4,
-            "num_prelude_layers": 0,
-            "num_core_layers": 1,
-            "num_coda_layers": 0,
-            "num_loops": 4,
-            "gradient": "unroll",
-        },
-        "output_dir": str(tmp_path / "out"),
-        "train_size": 64,
-        "eval_size": 16,
-        "per_device_batch_size": 16,
-        "learning_rate": 3e-3,
-        "warmup_steps": 5,
-        "max_steps": 60,
-        "log_every": 10,
-        "eval_every": 0,
-        "checkpoint_every": 0,
-        "tracker": "none",
-    }
-    path = tmp_path / "ns.yaml"
-    path.write_text(yaml.safe_dump(recipe))
-    result = train_mod.main([str(path)])
-    log = [json.loads(line) for line in (tmp_path / "out" / "train_log.jsonl").read_text().splitlines()]
-    losses = [record["train/loss"] for record in log if "train/loss" in record]
+    losses, result = train_tiny(
+        tmp_path, monkeypatch, "ns", {"num_loops": 4}, task_kwargs={"grid_size": N}, max_steps=60
+    )
     assert len(losses) == 6 and all(math.isfinite(loss) for loss in losses)
     assert losses[-1] < 0.5 * losses[0], losses
     assert result.metrics["eval/loss"] < 0.6 * losses[0]

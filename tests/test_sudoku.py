@@ -1,15 +1,13 @@
 """The sudoku task: solver, generator (uniqueness, givens, determinism), cache, encoding, metrics, perturbations
 and a tiny training run."""
 
-import json
 import math
 
 import numpy as np
 import pytest
 import torch
-import yaml
+from tiny_training import train_tiny
 
-from implicit_hf import train as train_mod
 from implicit_hf.tasks import get_task
 from implicit_hf.tasks.reasoning import sudoku as sudoku_module
 from implicit_hf.tasks.reasoning.sudoku import (
@@ -180,37 +178,14 @@ def test_perturb(task, rows):
 
 
 def test_training_run_lowers_the_loss(tmp_path, monkeypatch):
-    monkeypatch.setenv("IMPLICIT_HF_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    recipe = {
-        "task": "sudoku",
-        "task_module": "implicit_hf.tasks.reasoning.sudoku",
-        "model": {
-            "hidden_size": 32,
-            "num_attention_heads": 4,
-            "num_prelude_layers": 0,
-            "num_core_layers": 1,
-            "num_coda_layers": 0,
-            "num_loops": 2,
-            "gradient": "unroll",
-        },
-        "output_dir": str(tmp_path / "out"),
-        "train_size": 64,
-        "eval_size": 16,
-        "per_device_batch_size": 16,
-        "learning_rate": 3e-3,
-        "warmup_steps": 5,
-        "max_steps": 40,
-        "log_every": 10,
-        "eval_every": 0,
-        "checkpoint_every": 0,
-        "tracker": "none",
-    }
-    path = tmp_path / "sudoku.yaml"
-    path.write_text(yaml.safe_dump(recipe))
-    result = train_mod.main([str(path)])
-    log = [json.loads(line) for line in (tmp_path / "out" / "train_log.jsonl").read_text().splitlines()]
-    losses = [record["train/loss"] for record in log if "train/loss" in record]
+    losses, result = train_tiny(
+        tmp_path,
+        monkeypatch,
+        "sudoku",
+        {"num_loops": 2},
+        task_module="implicit_hf.tasks.reasoning.sudoku",
+        max_steps=40,
+    )
     assert len(losses) == 4 and all(math.isfinite(loss) for loss in losses)
     assert losses[-1] < 0.9 * losses[0], losses
     assert result.metrics["eval/loss"] < losses[0]
