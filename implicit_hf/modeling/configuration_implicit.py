@@ -117,7 +117,7 @@ class ImplicitConfig(PretrainedConfig):
         attention_bias: bool = False,
         attention_dropout: float = 0.0,
         mlp_bias: bool = False,
-        use_cache: bool = False,
+        use_cache: bool = True,
         tie_word_embeddings: bool = False,
         pad_token_id: int | None = None,
         bos_token_id: int | None = None,

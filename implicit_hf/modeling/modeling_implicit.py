@@ -19,10 +19,13 @@ import torch
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
+from transformers.cache_utils import Cache
 from transformers.masking_utils import create_bidirectional_mask, create_causal_mask
 from transformers.modeling_outputs import ModelOutput
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRMSNorm, LlamaRotaryEmbedding
+from transformers.utils.deprecation import deprecate_kwarg
 
+from .cache import LoopSlots, new_cache
 from .configuration_implicit import SOLVER_NAMES, ImplicitConfig
 from .gradients import fixed_point
 from .solvers import SolverStats
@@ -36,11 +39,13 @@ class ImplicitModelOutput(ModelOutput):
         last_hidden_state: the coda's normalised output at the fixed point, ``(B, T, hidden)``.
         loop_stats: what the solver did per sample (steps, residual traces, converged, diverged).
         trajectory: with ``return_trajectory=True``, ``last_hidden_state`` after each iteration.
+        cache: the KV cache (one slot per prelude/coda layer and per (loop, core layer)), with ``use_cache``.
     """
 
     last_hidden_state: torch.Tensor | None = None
     loop_stats: SolverStats | None = None
     trajectory: tuple[torch.Tensor, ...] | None = None
+    cache: Cache | None = None
 
 
 @dataclass
@@ -53,12 +58,14 @@ class ImplicitHeadOutput(ModelOutput):
         loop_stats: what the solver did per sample.
         trajectory: with ``return_trajectory``, the logits after each requested iteration (the eval
             harness scores every loop count from this one run).
+        cache: the KV cache, with ``use_cache``.
     """
 
     loss: torch.Tensor | None = None
     logits: torch.Tensor | None = None
     loop_stats: SolverStats | None = None
     trajectory: tuple[torch.Tensor, ...] | None = None
+    cache: Cache | None = None
 
 
 class ImplicitInjection(nn.Module):
@@ -164,6 +171,7 @@ class ImplicitModel(ImplicitPreTrainedModel):
     def set_input_embeddings(self, value: nn.Embedding) -> None:
         self.embed_tokens = value
 
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -178,7 +186,7 @@ class ImplicitModel(ImplicitPreTrainedModel):
         return_trajectory: bool | Sequence[int] = False,
         loop_feedback: Callable[[torch.Tensor], torch.Tensor] | None = None,
         use_cache: bool | None = None,
-        past_key_values=None,
+        cache: Cache | None = None,
         **kwargs,
     ) -> ImplicitModelOutput:
         r"""
@@ -199,11 +207,29 @@ class ImplicitModel(ImplicitPreTrainedModel):
             of loop counts returns them after exactly those iterations, in that order (only those are
             decoded through the coda: a sweep over 1, 2, 4, ..., 64 decodes 7 states, not 64). Counts
             past the last iteration run (every sample halted) repeat the final state.
+        use_cache: keep keys and values in ``cache`` (one slot per (loop, core layer), see
+            ``modeling/cache.py``) and return it; by default on for a causal model at inference
+            without ``return_trajectory``. A cache filled at one loop count cannot be continued at
+            another. With Picard iteration and no tolerance, cached decoding equals uncached decoding.
+        cache: a transformers ``DynamicCache`` from an earlier call (``past_key_values``, its former name,
+            is accepted with a deprecation warning, as in transformers' own models).
         """
-        if use_cache or past_key_values is not None:
-            raise NotImplementedError(
-                "ImplicitModel has no KV cache yet: call it with use_cache=False (generate does so by default)"
+        if use_cache is None:  # a cache by default where it serves: causal inference without trajectories
+            use_cache = (
+                cache is not None
+                or self.config.use_cache
+                and self.config.is_causal
+                and not self.training
+                and not return_trajectory
             )
+        if not use_cache:
+            cache = None
+        elif not self.config.is_causal:
+            raise ValueError("use_cache needs a causal model (config.is_causal=True); this one attends both ways")
+        elif cache is None:
+            cache = new_cache()
+        if cache is not None and return_trajectory is not False:
+            raise ValueError("return_trajectory cannot be combined with a KV cache: call with use_cache=False")
         given = [
             name
             for name, value in (
@@ -228,6 +254,8 @@ class ImplicitModel(ImplicitPreTrainedModel):
             )
         if loop_feedback is not None and self.feedback_embed is None:
             raise ValueError("loop_feedback needs a model built with config.feedback_features > 0")
+        if loop_feedback is not None and cache is not None:
+            raise ValueError("loop_feedback runs the coda inside the loop and cannot use a KV cache: use_cache=False")
         loops = self._resolve_loops(num_loops)
         solver = self.config.solver if solver is None else solver
         if solver not in SOLVER_NAMES:
@@ -239,16 +267,17 @@ class ImplicitModel(ImplicitPreTrainedModel):
         hidden = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         batch, length = hidden.shape[:2]
         if position_ids is None:
-            position_ids = torch.arange(length, device=hidden.device).unsqueeze(0)
+            past = cache.get_seq_length() if cache is not None else 0
+            position_ids = torch.arange(past, past + length, device=hidden.device).unsqueeze(0)
         # With an edge bias the mask must be materialised (sdpa's "no mask" shortcut would drop the bias).
         if self.config.is_causal:
             mask = create_causal_mask(
                 config=self.config,
                 inputs_embeds=hidden,
                 attention_mask=attention_mask,
-                past_key_values=None,
                 position_ids=position_ids,
                 allow_is_causal_skip=edge_features is None,
+                cache=cache,
             )
         else:
             mask = create_bidirectional_mask(
@@ -260,20 +289,29 @@ class ImplicitModel(ImplicitPreTrainedModel):
         if edge_features is not None:
             mask = _add_bias(mask, self.edge_bias(edge_features).permute(0, 3, 1, 2))
         cos, sin = self.rotary_emb(hidden, position_ids)
+        # Padding positions (a 2-D attention mask's zeros) hold zeros in the state: they are masked out of
+        # attention anyway, and this keeps them out of the residual norms that decide halting.
+        is_token = None
+        if attention_mask is not None and attention_mask.ndim == 2:
+            is_token = attention_mask[:, -length:, None].bool()
+        slots = (
+            LoopSlots(cache, len(self.prelude), len(self.core), len(self.coda), loops) if cache is not None else None
+        )
 
-        def run(layers: nn.ModuleList, h: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        def run(layers: nn.ModuleList, h: torch.Tensor, index: torch.Tensor, layer_cache=None) -> torch.Tensor:
             for layer in layers:
                 h = layer(
                     h,
                     attention_mask=_rows(mask, index, batch),
                     position_ids=_rows(position_ids, index, batch),
                     position_embeddings=(_rows(cos, index, batch), _rows(sin, index, batch)),
+                    cache=layer_cache,
                     **kwargs,
                 )
             return h
 
         all_rows = torch.arange(batch, device=hidden.device)
-        injected = run(self.prelude, hidden, all_rows)
+        injected = run(self.prelude, hidden, all_rows, slots and slots.prelude())
         if self.injection_norm is not None:
             injected = self.injection_norm(injected)
 
@@ -289,16 +327,26 @@ class ImplicitModel(ImplicitPreTrainedModel):
                 )
             return self.feedback_embed(_rows(features, index, batch))
 
+        evaluations = 0  # core evaluations so far: the loop index of the next one (its cache slots)
+
         def core_step(state: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+            nonlocal evaluations
+            layer_cache = None
+            if slots is not None:
+                layer_cache = slots.core(evaluations, None if index.shape[0] == batch else index)
+            evaluations += 1
             injection = _rows(injected, index, batch)
             if loop_feedback is not None:
                 injection = injection + feedback(state, index)
-            h = run(self.core, self.injection(state, injection), index)
-            return self.core_norm(h) if self.core_norm is not None else h
+            h = run(self.core, self.injection(state, injection), index, layer_cache)
+            if self.core_norm is not None:
+                h = self.core_norm(h)
+            return h if is_token is None else h.masked_fill(~_rows(is_token, index, batch), 0.0)
 
+        initial = self._initial_state(injected)
         state, stats = fixed_point(
             core_step,
-            self._initial_state(injected),
+            initial if is_token is None else initial.masked_fill(~is_token, 0.0),
             solver=solver,
             max_iter=loops,
             tol=tol,
@@ -310,9 +358,11 @@ class ImplicitModel(ImplicitPreTrainedModel):
             return_trajectory=return_trajectory is not False,
             **self._solver_options(solver),
         )
+        if slots is not None:
+            slots.fill_remaining_loops(evaluations, length)
 
-        def decode(z: torch.Tensor) -> torch.Tensor:
-            return self.norm(run(self.coda, z, all_rows))
+        def decode(z: torch.Tensor, layer_cache=None) -> torch.Tensor:
+            return self.norm(run(self.coda, z, all_rows, layer_cache))
 
         trajectory = None
         if return_trajectory is not False:
@@ -320,7 +370,12 @@ class ImplicitModel(ImplicitPreTrainedModel):
             wanted = range(1, len(states) + 1) if return_trajectory is True else _loop_counts(return_trajectory)
             trajectory = tuple(decode(states[min(t, len(states)) - 1]) for t in wanted)
         stats.trajectory = None  # the decoded trajectory is what callers use; drop the raw states
-        return ImplicitModelOutput(last_hidden_state=decode(state), loop_stats=stats, trajectory=trajectory)
+        return ImplicitModelOutput(
+            last_hidden_state=decode(state, slots and slots.coda()),
+            loop_stats=stats,
+            trajectory=trajectory,
+            cache=cache,
+        )
 
     def _resolve_loops(self, num_loops: int | None) -> int:
         if num_loops is None:
@@ -355,6 +410,7 @@ class ImplicitForCausalLM(ImplicitPreTrainedModel, GenerationMixin):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
 
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -368,12 +424,12 @@ class ImplicitForCausalLM(ImplicitPreTrainedModel, GenerationMixin):
         return_trajectory: bool | Sequence[int] = False,
         logits_to_keep: int = 0,
         use_cache: bool | None = None,
-        past_key_values=None,
+        cache: Cache | None = None,
         **kwargs,
     ) -> ImplicitHeadOutput:
         r"""
         labels: next-token targets (shifted inside the loss; ``-100`` is ignored).
-        num_loops / tol / solver / return_trajectory: see `ImplicitModel.forward`.
+        num_loops / tol / solver / return_trajectory / use_cache / cache: see `ImplicitModel.forward`.
         logits_to_keep: compute logits for the last ``logits_to_keep`` positions only (0 = all).
         """
         outputs = self.model(
@@ -386,7 +442,7 @@ class ImplicitForCausalLM(ImplicitPreTrainedModel, GenerationMixin):
             solver=solver,
             return_trajectory=return_trajectory,
             use_cache=use_cache,
-            past_key_values=past_key_values,
+            cache=cache,
             **kwargs,
         )
         keep = slice(-logits_to_keep, None) if logits_to_keep else slice(None)
@@ -397,7 +453,13 @@ class ImplicitForCausalLM(ImplicitPreTrainedModel, GenerationMixin):
         trajectory = None
         if outputs.trajectory is not None:
             trajectory = tuple(self.lm_head(h[:, keep]) for h in outputs.trajectory)
-        return ImplicitHeadOutput(loss=loss, logits=logits, loop_stats=outputs.loop_stats, trajectory=trajectory)
+        return ImplicitHeadOutput(
+            loss=loss,
+            logits=logits,
+            loop_stats=outputs.loop_stats,
+            trajectory=trajectory,
+            cache=outputs.cache,
+        )
 
 
 class ImplicitForTokenClassification(ImplicitPreTrainedModel):
