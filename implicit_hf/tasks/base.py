@@ -112,6 +112,7 @@ BUILTIN_TASK_MODULES = {
     "ns": "implicit_hf.tasks.pde",
     "sudoku": "implicit_hf.tasks.reasoning.sudoku",
     "maze": "implicit_hf.tasks.reasoning.maze",
+    "addition": "implicit_hf.tasks.reasoning.addition",
 }
 
 
