@@ -203,3 +203,13 @@ def test_training_mode_keeps_no_cache():
     (prompt,) = prompts([6])
     out = model(prompt[None], labels=prompt[None])
     assert out.cache is None
+
+
+def test_beam_search_reorders_every_loop_slot():
+    model = causal_lm().double()
+    input_ids, attention_mask = left_pad(prompts([3, 6]))
+    settings = dict(attention_mask=attention_mask, max_new_tokens=6, num_beams=3, do_sample=False, pad_token_id=PAD)
+    with torch.no_grad():
+        cached = model.generate(input_ids, num_loops=4, use_cache=True, **settings)
+        uncached = model.generate(input_ids, num_loops=4, use_cache=False, **settings)
+    assert torch.equal(cached, uncached)
