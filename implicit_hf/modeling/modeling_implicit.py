@@ -163,6 +163,9 @@ class ImplicitModel(ImplicitPreTrainedModel):
         self.norm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.rotary_emb = LlamaRotaryEmbedding(config=config)
         self.gradient_checkpointing = False
+        # Called with the 0-based loop index before every core evaluation, e.g. to switch to that loop's
+        # LoRA adapter (`implicit_hf.lora.add_loop_adapters`); not saved with the model.
+        self.loop_hook: Callable[[int], None] | None = None
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Embedding | None:
@@ -334,6 +337,8 @@ class ImplicitModel(ImplicitPreTrainedModel):
             layer_cache = None
             if slots is not None:
                 layer_cache = slots.core(evaluations, None if index.shape[0] == batch else index)
+            if self.loop_hook is not None:
+                self.loop_hook(evaluations)
             evaluations += 1
             injection = _rows(injected, index, batch)
             if loop_feedback is not None:
