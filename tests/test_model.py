@@ -390,3 +390,24 @@ def test_trajectory_of_selected_loop_counts_decodes_only_those():
         assert torch.equal(selected[position], every[t - 1])
     with pytest.raises(ValueError, match="return_trajectory must be"):
         model(input_ids, num_loops=2, return_trajectory=[0])
+
+
+def test_save_pretrained_writes_a_model_card_and_keeps_a_hand_written_one(tmp_path):
+    from implicit_hf.modeling.model_card import update_model_card
+
+    model = build(ImplicitForCausalLM, num_loops=5, solver="anderson")
+    model.save_pretrained(tmp_path / "ckpt")
+    card = (tmp_path / "ckpt" / "README.md").read_text()
+    assert card.startswith("---\nlibrary_name: transformers")  # metadata block first, as the hub reads it
+    assert "| layers (prelude / core / coda) | 1 / 2 / 1 |" in card
+    assert "| solver | anderson |" in card and "num_loops=5" in card
+    assert f"| parameters | {model.num_parameters():,} |" in card
+    sweep = {"task": "toy", "quality_metric": "accuracy", "records": [{"loops": 4, "quality": 0.75}]}
+    update_model_card(tmp_path / "ckpt", sweep)
+    card = (tmp_path / "ckpt" / "README.md").read_text()
+    assert "## Loop sweep (toy)" in card and "| 4 | 0.75 |" in card
+    model.save_pretrained(tmp_path / "ckpt")  # a later save keeps the stored sweep
+    assert "## Loop sweep (toy)" in (tmp_path / "ckpt" / "README.md").read_text()
+    (tmp_path / "ckpt" / "README.md").write_text("# my own card\n")
+    model.save_pretrained(tmp_path / "ckpt")
+    assert (tmp_path / "ckpt" / "README.md").read_text() == "# my own card\n"

@@ -28,6 +28,7 @@ from transformers.utils.deprecation import deprecate_kwarg
 from .cache import LoopSlots, new_cache
 from .configuration_implicit import SOLVER_NAMES, ImplicitConfig
 from .gradients import fixed_point
+from .model_card import write_model_card
 from .solvers import SolverStats
 
 
@@ -95,6 +96,13 @@ class ImplicitPreTrainedModel(PreTrainedModel):
     _supports_sdpa = True
     _supports_flex_attn = True
     _supports_attention_backend = True
+
+    def save_pretrained(self, save_directory, *args, **kwargs) -> None:
+        """transformers' ``save_pretrained``, plus a model card (README.md: architecture, loop settings,
+        conversion provenance, and the loop sweep when one was stored), unless a hand-written card is there."""
+        super().save_pretrained(save_directory, *args, **kwargs)
+        if kwargs.get("is_main_process", True):
+            write_model_card(save_directory, self.config, type(self).__name__, self.num_parameters())
 
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
