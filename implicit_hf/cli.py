@@ -1,4 +1,4 @@
-"""``implicit-hf`` command line: ``train``, ``eval``, ``convert`` and the end-to-end ``demo``."""
+"""``implicit-hf`` command line: ``train``, ``eval``, ``lm-eval``, ``convert`` and the end-to-end ``demo``."""
 
 from __future__ import annotations
 
@@ -86,6 +86,11 @@ def main(argv: list[str] | None = None) -> None:
 
     eval_parser = commands.add_parser("eval", help="score a trained model at many loop counts; write results and plots")
     add_arguments(eval_parser)
+    from .eval import lm_eval_bridge
+
+    lm_eval_bridge.add_arguments(
+        commands.add_parser("lm-eval", help="run lm-evaluation-harness tasks at several loop counts; write plots")
+    )
     add_convert_arguments(
         commands.add_parser("convert", help="turn a pretrained Llama-family checkpoint into an implicit one")
     )
@@ -102,6 +107,8 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     if args.command == "eval":
         run_from_args(args)
+    elif args.command == "lm-eval":
+        lm_eval_bridge.run_from_args(args)
     elif args.command == "convert":
         convert(args)
     elif args.command == "demo":
