@@ -1,0 +1,140 @@
+"""Language modelling on local text: the data set for healing a converted LLM and for perplexity vs loops.
+
+Corpus: ``corpus="pydoc"`` (default) is the text of the Python reference manual's topics that every
+CPython ships (``pydoc_data.topics``, ~465k characters of English prose and code); any other value
+is the path of a UTF-8 text file. It is tokenized with ``tokenizer`` (a tokenizer directory, e.g. a
+converted checkpoint's), cut into windows of ``seq_len`` tokens, and every tenth window goes to the
+test split, the next one to validation, the rest to training (so the splits never share text).
+Rows: ``input_ids`` (``seq_len`` ids). Deterministic in ``(split, n, seed)``; cached with
+`cached_dataset` under a name that includes a fingerprint of the tokenizer and corpus.
+
+Scoring: ``decode`` gives, per sample, ``log p(token_t | tokens_<t)`` for every token after the first;
+the metric (``metrics/text_metrics.py``) is the perplexity ``exp(-mean log p)``. The Lipschitz probe
+replaces one token of the first half by another (``||δ|| = 1``, a Hamming distance) and measures the
+change of that log-probability vector.
+"""
+
+from __future__ import annotations
+
+import zlib
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .base import Example, TaskAdapter, cached_dataset, check_size_and_seed, load_local_metric, split_rng
+
+SPLITS = ("train", "validation", "test")
+
+
+def corpus_text(corpus: str) -> str:
+    """The corpus's text: ``"pydoc"`` (CPython's bundled reference topics) or a UTF-8 file's contents."""
+    if corpus == "pydoc":
+        from pydoc_data.topics import topics
+
+        return "\n\n".join(topics[name] for name in sorted(topics))
+    path = Path(corpus)
+    if not path.is_file():
+        raise ValueError(f"corpus must be 'pydoc' or the path of a text file; {corpus!r} is neither")
+    return path.read_text(encoding="utf-8")
+
+
+class TextTask(TaskAdapter):
+    """Next-token prediction on windows of a local corpus; quality: perplexity (lower is better)."""
+
+    name = "text"
+    head = "causal_lm"
+    quality_metric = "perplexity"
+    higher_is_better = False
+
+    def __init__(
+        self,
+        cache_dir: str | Path | None = None,
+        tokenizer: str | None = None,
+        corpus: str = "pydoc",
+        seq_len: int = 64,
+    ):
+        super().__init__(cache_dir)
+        if tokenizer is None:
+            raise ValueError("the text task needs tokenizer: a tokenizer directory (e.g. the model's checkpoint)")
+        if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 2:
+            raise ValueError(f"seq_len must be an integer >= 2; got {seq_len!r}")
+        self.tokenizer_path, self.corpus, self.seq_len = str(tokenizer), corpus, seq_len
+
+    @cached_property
+    def tokenizer(self):
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(self.tokenizer_path)
+
+    def model_config(self) -> dict[str, Any]:
+        return {"vocab_size": len(self.tokenizer), "is_causal": True}
+
+    def save_artifacts(self, model_dir: str | Path) -> None:
+        self.tokenizer.save_pretrained(model_dir)
+
+    # ------------------------------------------------------------------ data
+
+    def _windows(self, split: str) -> list[list[int]]:
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}; got {split!r}")
+        ids = self.tokenizer(corpus_text(self.corpus), add_special_tokens=False).input_ids
+        windows = [ids[start : start + self.seq_len] for start in range(0, len(ids) - self.seq_len + 1, self.seq_len)]
+        position = SPLITS.index(split)
+        keep = {0: lambda i: i % 10 >= 2, 1: lambda i: i % 10 == 1, 2: lambda i: i % 10 == 0}[position]
+        return [window for i, window in enumerate(windows) if keep(i)]
+
+    def dataset_path(self, split: str, n: int, seed: int) -> Path:
+        fingerprint = zlib.crc32(f"{self.tokenizer.backend_tokenizer.to_str()}|{self.corpus}".encode())
+        return self.cache_dir / f"{split}-{fingerprint:08x}-len{self.seq_len}-{n}-seed{seed}"
+
+    def build_dataset(self, split: str, n: int, seed: int):
+        check_size_and_seed(n, seed)
+
+        def build():
+            import datasets
+
+            windows = self._windows(split)
+            if n > len(windows):
+                raise ValueError(
+                    f"the {split} split of {self.corpus!r} has {len(windows)} windows of "
+                    f"{self.seq_len} tokens; asked for {n}"
+                )
+            order = split_rng(split, seed).permutation(len(windows))[:n]
+            return datasets.Dataset.from_dict({"input_ids": [windows[i] for i in order]})
+
+        return cached_dataset(self.dataset_path(split, n, seed), build)
+
+    # ------------------------------------------------------------------ encode / decode
+
+    def encode(self, examples: list[Example]) -> dict[str, torch.Tensor]:
+        if not examples:
+            raise ValueError("encode needs at least one example")
+        input_ids = torch.tensor([example["input_ids"] for example in examples], dtype=torch.long)
+        return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": input_ids.clone()}
+
+    def decode(self, logits: torch.Tensor, inputs: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        """Per sample: ``log p(token_t | tokens_<t)`` for t = 1 .. T-1 (float64, on the CPU)."""
+        targets = inputs["input_ids"][:, 1:].to(logits.device)
+        logprobs = logits[:, :-1].float().log_softmax(-1).gather(-1, targets[..., None])[..., 0]
+        return list(logprobs.detach().double().cpu())
+
+    def compute_metrics(self, predictions: list[torch.Tensor], examples: list[Example]) -> dict[str, float]:
+        if len(predictions) != len(examples):
+            raise ValueError(f"{len(predictions)} predictions for {len(examples)} examples")
+        return load_local_metric("text_metrics").compute(predictions=[p.tolist() for p in predictions])
+
+    def perturb(self, examples: list[Example], eps: float, seed: int) -> tuple[list[Example], torch.Tensor]:
+        """One token of each row's first half replaced by another token id; ``||δ|| = 1`` (0 when ``eps == 0``)."""
+        rng = np.random.default_rng(seed)
+        vocab = len(self.tokenizer)
+        perturbed = []
+        for example in examples:
+            ids = list(example["input_ids"])
+            if eps > 0:
+                position = int(rng.integers(0, max(1, len(ids) // 2)))
+                ids[position] = int((ids[position] + rng.integers(1, vocab)) % vocab)
+            perturbed.append({**example, "input_ids": ids})
+        return perturbed, torch.full((len(examples),), 1.0 if eps > 0 else 0.0)

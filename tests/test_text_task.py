@@ -1,0 +1,73 @@
+"""The local-text language-modelling task (healing data for converted LLMs; perplexity vs loops)."""
+
+import math
+
+import pytest
+import torch
+from test_convert import character_tokenizer
+
+import implicit_hf.tasks.text  # noqa: F401  (registers the task)
+from implicit_hf.eval.harness import sweep
+from implicit_hf.tasks.base import build_model
+from implicit_hf.tasks.text import TextTask, corpus_text
+
+
+@pytest.fixture
+def task(tmp_path):
+    character_tokenizer().save_pretrained(tmp_path / "tokenizer")
+    return TextTask(cache_dir=tmp_path / "cache", tokenizer=str(tmp_path / "tokenizer"), seq_len=32)
+
+
+def test_splits_are_disjoint_deterministic_and_cached(task):
+    train = task.build_dataset("train", 200, seed=0)
+    test = task.build_dataset("test", 50, seed=0)
+    assert len(train) == 200 and len(test) == 50 and len(train[0]["input_ids"]) == 32
+    assert not {tuple(r) for r in train["input_ids"]} & {tuple(r) for r in test["input_ids"]}
+    assert task.build_dataset("train", 200, seed=0)["input_ids"] == train["input_ids"]
+    assert task.build_dataset("train", 200, seed=1)["input_ids"] != train["input_ids"]
+    corpus = task.tokenizer(corpus_text("pydoc"), add_special_tokens=False).input_ids
+    windows = {tuple(corpus[i : i + 32]) for i in range(0, len(corpus) - 31, 32)}
+    assert all(tuple(row) in windows for row in train["input_ids"])  # contiguous windows of the corpus
+
+
+def test_bad_arguments_are_refused(task, tmp_path):
+    with pytest.raises(ValueError, match="needs tokenizer"):
+        TextTask(cache_dir=tmp_path)
+    with pytest.raises(ValueError, match="corpus must be 'pydoc' or the path"):
+        TextTask(cache_dir=tmp_path, tokenizer=task.tokenizer_path, corpus="/nonexistent.txt").build_dataset(
+            "test", 1, 0
+        )
+    with pytest.raises(ValueError, match="asked for 100000"):
+        task.build_dataset("test", 100000, seed=0)
+
+
+def test_perplexity_is_computed_from_the_model_logits(task):
+    rows = task.build_dataset("test", 4, seed=0).to_list()
+    inputs = task.encode(rows)
+    logits = torch.zeros(4, 32, len(task.tokenizer))  # a uniform model
+    metrics = task.compute_metrics(task.decode(logits, inputs), rows)
+    assert metrics["perplexity"] == pytest.approx(len(task.tokenizer), rel=1e-6)
+    assert metrics["nll"] == pytest.approx(math.log(len(task.tokenizer)), rel=1e-6)
+
+
+def test_perturb_changes_one_token(task):
+    rows = task.build_dataset("test", 8, seed=0).to_list()
+    perturbed, norms = task.perturb(rows, eps=1.0, seed=0)
+    for row, other in zip(rows, perturbed, strict=True):
+        assert sum(a != b for a, b in zip(row["input_ids"], other["input_ids"], strict=True)) == 1
+    assert torch.equal(norms, torch.ones(8))
+
+
+def test_sweep_scores_perplexity_at_every_loop_count(task):
+    torch.manual_seed(0)
+    model = build_model(
+        task, hidden_size=32, num_attention_heads=4, num_prelude_layers=1, num_core_layers=1, num_coda_layers=1
+    ).eval()
+    rows = task.build_dataset("test", 8, seed=0).to_list()
+    result = sweep(model, task, rows, loops=[1, 2, 4], batch_size=4)
+    assert [r["loops"] for r in result["records"]] == [1, 2, 4]
+    for record in result["records"]:
+        with torch.no_grad():
+            direct = model(**{k: v for k, v in task.encode(rows).items() if k != "labels"}, num_loops=record["loops"])
+        expected = task.compute_metrics(task.decode(direct.logits, task.encode(rows)), rows)["perplexity"]
+        assert record["quality"] == pytest.approx(expected, rel=1e-5)
