@@ -112,6 +112,7 @@ BUILTIN_TASK_MODULES = {
     "ns": "implicit_hf.tasks.pde",
     "sudoku": "implicit_hf.tasks.reasoning.sudoku",
     "maze": "implicit_hf.tasks.reasoning.maze",
+    "text": "implicit_hf.tasks.text",
     "addition": "implicit_hf.tasks.reasoning.addition",
 }
 
