@@ -74,10 +74,17 @@ def test_registered_and_model_config(task):
         "num_labels": 2,
         "vocab_size": 5,
         "is_causal": False,
+        "edge_features": 6,
     }
+    assert "edge_features" not in MazeTask(size=9, relations=False).model_config()
     for bad in (8, 3, 9.0, True):
         with pytest.raises(ValueError, match="odd integer"):
             MazeTask(size=bad)
+    for bad in (0, -1.0, True, "10"):
+        with pytest.raises(ValueError, match="relation_scale"):
+            MazeTask(relation_scale=bad)
+    with pytest.raises(ValueError, match="relations"):
+        MazeTask(relations=1)
 
 
 def test_generator_deterministic_and_split_dependent(rows, tmp_path):
@@ -137,13 +144,14 @@ def test_encode_mixed_sizes_and_decode_round_trip(task, rows):
     small = maze_module.make_row(maze_module.random_maze(np.random.default_rng(1), 5))
     batch = [rows[0], small, rows[1]]
     enc = task.encode(batch)
-    assert set(enc) == {"input_ids", "attention_mask", "position_ids", "labels"}
+    assert set(enc) == {"input_ids", "attention_mask", "position_ids", "edge_features", "labels"}
     assert enc["input_ids"].shape == enc["labels"].shape == (3, 81)
+    assert enc["edge_features"].shape == (3, 81, 81, 6) and enc["edge_features"].dtype == torch.float32
     assert enc["attention_mask"][1].tolist() == [1] * 25 + [0] * 56
     assert enc["attention_mask"][0].sum() == 81 and enc["attention_mask"][2].sum() == 81
     assert torch.equal(enc["input_ids"][1, 25:], torch.full((56,), PAD))
     assert torch.equal(enc["labels"][1, 25:], torch.full((56,), -100))
-    assert torch.equal(enc["position_ids"], torch.arange(81).expand(3, -1))
+    assert torch.equal(enc["position_ids"], torch.zeros(3, 81, dtype=torch.long))  # no absolute positions
     assert enc["input_ids"][0].reshape(9, 9).tolist() == rows[0]["grid"]  # row-major
     assert enc["labels"][0].reshape(9, 9).tolist() == rows[0]["path"]
     assert enc["labels"][1, :25].reshape(5, 5).tolist() == small["path"]
@@ -161,6 +169,42 @@ def test_encode_mixed_sizes_and_decode_round_trip(task, rows):
         task.decode(logits[..., :1], enc)
     with pytest.raises(ValueError, match="encode needs"):
         task.encode([])
+
+
+def test_relations_mark_exactly_the_four_neighbours(task, rows):
+    small = maze_module.make_row(maze_module.random_maze(np.random.default_rng(1), 5))
+    enc = task.encode([rows[0], small])
+    edges = enc["edge_features"] / maze_module.RELATION_SCALE
+    kind = {name: k for k, name in enumerate(maze_module.RELATIONS)}
+    for b, side in ((0, 9), (1, 5)):
+        n = side * side
+        real = edges[b, :n, :n]
+        assert torch.equal(real.sum(-1), torch.ones(n, n))  # exactly one relation per pair of real squares
+        assert set(real.unique().tolist()) == {0.0, 1.0}
+        for i in range(n):
+            r, c = divmod(i, side)
+            expected = {
+                "self": [i],
+                "up": [(r - 1) * side + c] if r > 0 else [],
+                "down": [(r + 1) * side + c] if r < side - 1 else [],
+                "left": [r * side + c - 1] if c > 0 else [],  # no wrap-around to the previous row
+                "right": [r * side + c + 1] if c < side - 1 else [],
+            }
+            for name, keys in expected.items():
+                assert real[i, :, kind[name]].nonzero().flatten().tolist() == keys, (side, i, name)
+            others = n - sum(len(keys) for keys in expected.values())
+            assert int(real[i, :, kind["other"]].sum()) == others
+    # the padded rows and columns of the 5 x 5 maze have no relation at all
+    assert not edges[1, 25:].any() and not edges[1, :, 25:].any()
+    # the relation of two squares depends on their offset only: a 9 x 9 block of the 13 x 13 grid is the 9 x 9 grid
+    big = maze_module.grid_relations(13).reshape(13, 13, 13, 13, 6)
+    assert torch.equal(big[2:11, 3:12, 2:11, 3:12].reshape(81, 81, 6), maze_module.grid_relations(9))
+    # relation_scale sets the feature value; relations=False restores the 1-D positions and drops the features
+    scaled = MazeTask(cache_dir=task.cache_dir, relation_scale=2.5).encode([rows[0]])["edge_features"]
+    assert torch.equal(scaled, 2.5 * edges[:1])
+    plain = MazeTask(cache_dir=task.cache_dir, relations=False).encode([rows[0], small])
+    assert "edge_features" not in plain and torch.equal(plain["position_ids"], torch.arange(81).expand(2, -1))
+    assert torch.equal(plain["input_ids"], enc["input_ids"]) and torch.equal(plain["labels"], enc["labels"])
 
 
 def test_metrics_hand_computed(task):
@@ -241,6 +285,16 @@ def test_training_run_lowers_the_loss(tmp_path, monkeypatch):
     assert losses[-1] < 0.5 * losses[0], losses
     assert result.metrics["eval/loss"] < 0.6 * losses[0]
     assert (tmp_path / "cache" / "maze" / "train-size7-64-seed0").is_dir()  # generated into IMPLICIT_HF_CACHE
+    # the model trained on 7 x 7 mazes is scored on 11 x 11 ones through the eval harness (--task-kwargs)
+    from implicit_hf.eval.harness import run_eval
+
+    report = run_eval(
+        tmp_path / "out" / "model", None, [1, 4], tmp_path / "eval11", n=6, task_kwargs={"size": 11}, plots=False
+    )
+    assert report["task"]["task_kwargs"] == {"size": 11}
+    assert report["run"]["seq_len_mean"] == 121  # the edge features followed the size
+    assert [record["loops"] for record in report["records"]] == [1, 4]
+    assert all(0.0 <= record["quality"] <= 1.0 for record in report["records"])
 
 
 def test_model_forward_on_a_mixed_size_batch(task, rows):
@@ -253,7 +307,7 @@ def test_model_forward_on_a_mixed_size_batch(task, rows):
     small = maze_module.make_row(maze_module.random_maze(np.random.default_rng(2), 5))
     big = maze_module.make_row(maze_module.random_maze(np.random.default_rng(3), 17))
     enc = task.encode([small, rows[0], big])
-    assert enc["input_ids"].shape == (3, 289)
+    assert enc["input_ids"].shape == (3, 289) and enc["edge_features"].shape == (3, 289, 289, 6)
     out = model(**enc)
     assert out.logits.shape == (3, 289, 2) and torch.isfinite(out.loss)
     assert [tuple(d.shape) for d in task.decode(out.logits, enc)] == [(5, 5), (9, 9), (17, 17)]

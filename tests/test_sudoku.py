@@ -50,7 +50,12 @@ def test_registered_and_model_config(task):
         "num_labels": 9,
         "vocab_size": 10,
         "is_causal": False,
+        "edge_features": 4,
     }
+    assert "edge_features" not in SudokuTask(relations=False).model_config()
+    for bad in (0, -2, False, None):
+        with pytest.raises(ValueError, match="relation_scale"):
+            SudokuTask(relation_scale=bad)
     assert (task.head, task.quality_metric, task.higher_is_better) == ("token_classification", "exact_match", True)
     for bad in (16, 82, 30.0, True):
         with pytest.raises(ValueError, match="min_givens"):
@@ -120,7 +125,8 @@ def test_encode_layout_and_decode_round_trip(task, rows):
     assert torch.equal(enc["input_ids"][1], torch.tensor(rows[1]["puzzle"]))
     assert torch.equal(enc["labels"][2] + 1, torch.tensor(rows[2]["solution"]))
     assert enc["labels"].min() >= 0 and enc["labels"].max() <= 8
-    assert torch.equal(enc["position_ids"][3], torch.arange(81)) and bool(enc["attention_mask"].all())
+    assert torch.equal(enc["position_ids"], torch.zeros(4, 81, dtype=torch.long)) and bool(enc["attention_mask"].all())
+    assert enc["edge_features"].shape == (4, 81, 81, 4) and enc["edge_features"].dtype == torch.float32
     logits = torch.nn.functional.one_hot(enc["labels"], 9).float()
     grids = task.decode(logits, enc)
     for grid, row in zip(grids, rows[:4], strict=True):
@@ -135,6 +141,30 @@ def test_encode_layout_and_decode_round_trip(task, rows):
         task.decode(logits[..., :4], enc)
     with pytest.raises(ValueError, match="81 digits"):
         task.encode([{"puzzle": [0] * 80}])
+
+
+def test_relations_are_the_rules_units(task, rows):
+    enc = task.encode(rows[:2])
+    edges = enc["edge_features"] / sudoku_module.RELATION_SCALE
+    assert torch.equal(edges[0], edges[1])  # the same for every puzzle
+    rel = edges[0]
+    assert set(rel.unique().tolist()) == {0.0, 1.0}
+    for i in range(81):
+        r, c = divmod(i, 9)
+        for j in range(81):
+            a, b = divmod(j, 9)
+            same_box = (r // 3, c // 3) == (a // 3, b // 3)
+            expected = [i == j, i != j and r == a, i != j and c == b, i != j and same_box]
+            assert rel[i, j].tolist() == [float(e) for e in expected], (i, j)
+    # every cell: itself, 8 in its row, 8 in its column, 8 in its box; 20 distinct peers; 60 unrelated cells
+    assert rel.sum(1).tolist() == [[1.0, 8.0, 8.0, 8.0]] * 81
+    assert (rel[:, :, 1:].sum(-1) > 0).sum(1).tolist() == [20] * 81
+    assert (rel.sum(-1) == 0).sum(1).tolist() == [60] * 81
+    plain = SudokuTask(cache_dir=task.cache_dir, relations=False).encode(rows[:2])
+    assert "edge_features" not in plain and torch.equal(plain["position_ids"], torch.arange(81).expand(2, -1))
+    assert torch.equal(plain["input_ids"], enc["input_ids"]) and torch.equal(plain["labels"], enc["labels"])
+    scaled = SudokuTask(cache_dir=task.cache_dir, relation_scale=3).encode(rows[:1])["edge_features"]
+    assert torch.equal(scaled, 3 * edges[:1])
 
 
 def test_metrics_hand_computed(task, rows):

@@ -29,7 +29,15 @@ prefix), cached with `cached_dataset`.
 Sequence form
 -------------
 81 tokens, cell ``(r, c)`` at ``t = 9 r + c``: ``input_ids`` = the puzzle (0 blank, 1-9 given; vocab
-size 10), bidirectional attention, ``position_ids`` = ``t`` (1-D RoPE over the flattened grid).
+size 10), bidirectional attention. With ``relations=True`` (the default) the rules' geometry is given
+as ``edge_features (B, 81, 81, 4)`` (float32), for query cell ``i`` and key cell ``j`` in the order
+``RELATIONS`` = self (``i = j``), same row, same column, same box (``j != i``; a cell in the same row
+and box has both), all zeros for cells that share no unit, times ``relation_scale`` (default 10, so
+that Adam's steps of about the learning rate move the attention bias ten times as fast, as for
+mazes); the model turns them into a learned attention bias per head (`ImplicitConfig.edge_features`),
+and ``position_ids`` are all zero (RoPE is the identity, so the operator is the same at every cell,
+as the rules are). With ``relations=False``
+there are no edge features and ``position_ids`` = ``t`` (1-D RoPE over the flattened grid).
 ``labels[b, t]`` = solution digit - 1 on every cell (9 classes; givens too: the model must copy
 them). `decode` takes the argmax per cell, + 1, and copies the givens from ``input_ids``: one
 ``(9, 9)`` grid of digits per sample. Metrics (``metrics/sudoku_metrics.py``): ``exact_match``
@@ -43,6 +51,7 @@ token of the input changed (a Hamming distance; ``eps`` only has to be > 0 and s
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +72,8 @@ DIGIT = {1 << d: d + 1 for d in range(9)}  # single-bit mask -> digit
 UNITS = [[r * 9 + c for c in range(9)] for r in range(9)]
 UNITS += [[r * 9 + c for r in range(9)] for c in range(9)]
 UNITS += [[(b // 3) * 27 + (b % 3) * 3 + (k // 3) * 9 + k % 3 for k in range(9)] for b in range(9)]
+RELATIONS = ("self", "row", "column", "box")  # the edge features, in this order
+RELATION_SCALE = 10.0  # value of a relation feature (see the module docstring)
 PEERS = [sorted({j for unit in UNITS if i in unit for j in unit} - {i}) for i in range(CELLS)]
 CELL_UNITS = [[unit for unit in UNITS if i in unit] for i in range(CELLS)]
 
@@ -256,17 +267,33 @@ class SudokuTask(TaskAdapter):
     quality_metric = "exact_match"
     higher_is_better = True
 
-    def __init__(self, cache_dir: str | Path | None = None, min_givens: int = 30, require_search: bool = False):
+    def __init__(
+        self,
+        cache_dir: str | Path | None = None,
+        min_givens: int = 30,
+        require_search: bool = False,
+        relations: bool = True,
+        relation_scale: float = RELATION_SCALE,
+    ):
         super().__init__(cache_dir)
         if isinstance(min_givens, bool) or not isinstance(min_givens, int) or not 17 <= min_givens <= CELLS:
             raise ValueError(f"min_givens must be an integer in [17, 81]; got {min_givens!r}")
+        if not isinstance(relations, bool):
+            raise ValueError(f"relations must be true or false; got {relations!r}")
         self.min_givens = min_givens
         self.require_search = bool(require_search)
+        if isinstance(relation_scale, bool) or not isinstance(relation_scale, (int, float)) or not relation_scale > 0:
+            raise ValueError(f"relation_scale must be a number > 0; got {relation_scale!r}")
+        self.relations = relations
+        self.relation_scale = float(relation_scale)
 
     num_tokens = CELLS
 
     def model_config(self) -> dict[str, Any]:
-        return {"problem_type": "single_label_classification", "num_labels": 9, "vocab_size": 10, "is_causal": False}
+        config = {"problem_type": "single_label_classification", "num_labels": 9, "vocab_size": 10, "is_causal": False}
+        if self.relations:
+            config["edge_features"] = len(RELATIONS)
+        return config
 
     # ------------------------------------------------------------------ data
 
@@ -293,8 +320,9 @@ class SudokuTask(TaskAdapter):
     # ------------------------------------------------------------------ encode / decode
 
     def encode(self, examples: list[Example]) -> dict[str, torch.Tensor]:
-        """``input_ids (B, 81)`` (0 blank, 1-9 given), ``attention_mask``, ``position_ids`` and, when every row
-        has its ``solution``, ``labels (B, 81)`` = solution digit - 1 on every cell."""
+        """``input_ids (B, 81)`` (0 blank, 1-9 given), ``attention_mask``, ``position_ids``, with ``relations``
+        ``edge_features (B, 81, 81, 4)``, and, when every row has its ``solution``, ``labels (B, 81)`` =
+        solution digit - 1 on every cell."""
         if not examples:
             raise ValueError("encode needs at least one example")
         puzzles = torch.stack([_cells(example, "puzzle", k, low=0) for k, example in enumerate(examples)])
@@ -302,8 +330,12 @@ class SudokuTask(TaskAdapter):
         encoded = {
             "input_ids": puzzles,
             "attention_mask": torch.ones(batch, CELLS, dtype=torch.long),
-            "position_ids": torch.arange(CELLS).expand(batch, -1).clone(),
         }
+        if self.relations:
+            encoded["edge_features"] = (cell_relations() * self.relation_scale).expand(batch, -1, -1, -1).clone()
+            encoded["position_ids"] = torch.zeros(batch, CELLS, dtype=torch.long)
+        else:
+            encoded["position_ids"] = torch.arange(CELLS).expand(batch, -1).clone()
         if all(example.get("solution") is not None for example in examples):
             solutions = torch.stack([_cells(example, "solution", k, low=1) for k, example in enumerate(examples)])
             encoded["labels"] = solutions - 1
@@ -360,6 +392,17 @@ class SudokuTask(TaskAdapter):
 
 
 # ---------------------------------------------------------------------- helpers
+
+
+@functools.cache
+def cell_relations() -> torch.Tensor:
+    """The relations ``(81, 81, 4)`` (float32) of query cell ``i`` and key cell ``j``, in the order of
+    `RELATIONS`: ``i = j``; same row, same column, same box (for ``j != i``). Cached; callers copy it."""
+    index = torch.arange(CELLS)
+    row, col, box = (torch.tensor(unit) for unit in (ROW, COL, BOX))
+    self_ = index[:, None] == index[None, :]
+    units = [unit[:, None] == unit[None, :] for unit in (row, col, box)]
+    return torch.stack([self_] + [same & ~self_ for same in units], dim=-1).float()
 
 
 def _cells(example: Example, key: str, index: int, low: int) -> torch.Tensor:
