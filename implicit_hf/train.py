@@ -16,8 +16,9 @@ What a run writes under ``output_dir``::
     train_log.jsonl             one JSON record per log_every steps (and eval results)
     logs/train/                 tensorboard events (tracker: tensorboard)
     checkpoints/step_N/         accelerator.save_state + trainer_state.json (written last: marks it complete)
-    model/                      the trained model (save_pretrained; loads with the Auto classes) and
+    model/                      the trained model (save_pretrained; loads with the Auto classes),
                                 implicit_task.json (task, task_kwargs, task_module: what eval rebuilds)
+                                and the task's artifacts (task.save_artifacts: e.g. a tokenizer)
     metrics.json                final step, world size, last training loss, final held-out loss, runtime
 
 ``--resume`` continues from the newest complete checkpoint: model, optimizer, scheduler, gradient
@@ -693,6 +694,7 @@ def train(config: TrainConfig) -> TrainResult:
     if accelerator.is_main_process:
         task_record = {"task": config.task, "task_kwargs": config.task_kwargs, "task_module": config.task_module}
         (output_dir / "model" / TASK_FILE).write_text(json.dumps(task_record, indent=2))
+        task.save_artifacts(output_dir / "model")  # e.g. a causal-LM task's tokenizer
         (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     # Free the DDP wrapper while every process is still alive: its reducer holds the gloo process group,
     # and a gloo group destroyed after a peer has exited waits forever for its worker threads.

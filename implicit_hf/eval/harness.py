@@ -17,6 +17,13 @@ row ``t`` of the trajectory is the model at ``num_loops=t``. With ``keep_tol`` t
 tolerance applies; a sample that stopped early then repeats its final state in later rows, which
 is again what a separate run with that budget returns.
 
+A *generative* task (``task.generative``, a causal LM answering in text) cannot be scored from one
+trajectory: every loop count ``K`` needs its own ``model.generate(..., num_loops=K)``. `sweep` then
+calls `generative_sweep`, which generates once per ``K`` (``task.complete``), scores the generated
+text (``task.compute_metrics``) and, for the Lipschitz columns, runs the text probe
+`text_lipschitz_probe` on the task's prompt pairs: ``word edit distance(outputs) / word edit
+distance(prompts)`` per pair (`word_edit_distance`), max and mean over pairs.
+
 `run_eval` loads a checkpoint, sweeps it on the task's test split and writes ``results.json``,
 ``results.csv`` and PNG plots; `main` is the ``implicit-hf eval`` command line.
 """
@@ -330,6 +337,19 @@ def sweep(
     if perturb_eps is not None and perturb_eps < 0:
         raise ValueError(f"perturb_eps must be >= 0 (0 or None skips the Lipschitz probe); got {perturb_eps!r}")
     model.eval()
+    if getattr(task, "generative", False):
+        return generative_sweep(
+            model,
+            task,
+            rows,
+            loops,
+            batch_size=batch_size,
+            probe=bool(perturb_eps),
+            seed=seed,
+            keep_tol=keep_tol,
+            return_predictions=return_predictions,
+            warmup=warmup,
+        )
     tol = None if keep_tol else 0
     max_loops = loops[-1]
     if warmup:  # one untimed call first: lazy initialisation would otherwise land in the timings
@@ -394,6 +414,166 @@ def sweep(
         result["predictions"] = clean["predictions"]
         if probe:
             result["perturbed_predictions"] = perturbed["predictions"]
+    return result
+
+
+# --------------------------------------------------------------------------------------------------
+# Generative tasks: one generate per loop count, and the text Lipschitz probe
+
+
+def word_edit_distance(a: str, b: str) -> int:
+    """Levenshtein distance between the whitespace-separated words of ``a`` and ``b`` (inserting,
+    deleting or substituting one word costs 1)."""
+    x, y = a.split(), b.split()
+    previous = list(range(len(y) + 1))
+    for i, word in enumerate(x, start=1):
+        current = [i]
+        for j, other in enumerate(y, start=1):
+            current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (word != other)))
+        previous = current
+    return previous[-1]
+
+
+@torch.no_grad()
+def text_lipschitz_probe(
+    model: torch.nn.Module,
+    task: TaskAdapter,
+    pairs: list[dict[str, Any]],
+    loops: Sequence[int] | str,
+    batch_size: int = 64,
+    tol: float | None = 0,
+) -> list[dict[str, Any]]:
+    """The text Lipschitz probe of an implicit LM: per loop count ``t``, generate (``task.complete``) for
+    both prompts of every pair and take ``word_edit_distance(outputs) / word_edit_distance(prompts)``.
+
+    ``pairs`` are ``{"prompt_a": ..., "prompt_b": ...}`` whose prompts differ (pairs with equal
+    prompts are refused). Returns one record per loop count (ascending): ``loops``, ``ratio_max``,
+    ``ratio_mean``, ``output_distance_mean``, ``changed_fraction`` (pairs whose outputs differ),
+    ``num_pairs`` and ``ratios`` (per pair).
+    """
+    loops = _normalise_loops(loops)
+    if not pairs:
+        raise ValueError("the text Lipschitz probe needs at least one prompt pair")
+    prompts_a = [pair["prompt_a"] for pair in pairs]
+    prompts_b = [pair["prompt_b"] for pair in pairs]
+    prompt_distances = [word_edit_distance(a, b) for a, b in zip(prompts_a, prompts_b, strict=True)]
+    if min(prompt_distances) == 0:
+        raise ValueError(f"prompt pair {prompt_distances.index(0)} has two identical prompts (no perturbation)")
+    records = []
+    for t in loops:
+        outputs_a = task.complete(model, prompts_a, t, batch_size, tol)
+        outputs_b = task.complete(model, prompts_b, t, batch_size, tol)
+        distances = [word_edit_distance(a, b) for a, b in zip(outputs_a, outputs_b, strict=True)]
+        ratios = [d / p for d, p in zip(distances, prompt_distances, strict=True)]
+        records.append(
+            {
+                "loops": t,
+                "ratio_max": max(ratios),
+                "ratio_mean": sum(ratios) / len(ratios),
+                "output_distance_mean": sum(distances) / len(distances),
+                "changed_fraction": sum(d > 0 for d in distances) / len(distances),
+                "num_pairs": len(pairs),
+                "ratios": ratios,
+            }
+        )
+    return records
+
+
+@torch.no_grad()
+def generative_sweep(
+    model: torch.nn.Module,
+    task: TaskAdapter,
+    rows: list[dict],
+    loops: list[int],
+    batch_size: int = 64,
+    probe: bool = True,
+    seed: int = 0,
+    keep_tol: bool = False,
+    return_predictions: bool = False,
+    warmup: bool = True,
+) -> dict[str, Any]:
+    """`sweep` for a generative task: ``task.complete(model, prompts, t, ...)`` once per loop count ``t``.
+
+    Records have the keys of `sweep`'s: ``quality`` and ``metrics`` from the generated text,
+    ``lipschitz`` / ``lipschitz_mean`` the max / mean text ratio of `text_lipschitz_probe` on
+    ``task.lipschitz_pairs()`` (``None`` without ``probe`` or pairs; the per-pair details under
+    ``text_lipschitz``), ``seconds`` the measured generation time for all rows at ``t``, ``flops``
+    `estimate_flops` of one forward pass over the mean generated sequence (with a KV cache every
+    token is computed once; without it generation costs more), ``steps_mean`` ``t`` (no halting) and
+    the residual columns NaN (``generate`` does not return the solver's residuals).
+    """
+    tol = None if keep_tol else 0
+    prompts = [task.prompt(row) for row in rows]
+    device = _device_of(model)
+    if warmup:  # untimed: lazy initialisation would otherwise land in the first timing
+        task.complete(model, prompts[:batch_size], 1, batch_size, tol)
+    pairs = task.lipschitz_pairs() if probe and hasattr(task, "lipschitz_pairs") else None
+    text_probe = (
+        {r["loops"]: r for r in text_lipschitz_probe(model, task, pairs, loops, batch_size, tol)} if pairs else {}
+    )
+    tokenizer = getattr(task, "tokenizer", None)
+    head_outputs = _head_outputs(model)
+    predictions, records = {}, []
+    for t in loops:
+        _synchronize(device)
+        began = time.perf_counter()
+        texts = task.complete(model, prompts, t, batch_size, tol)
+        _synchronize(device)
+        seconds = time.perf_counter() - began
+        if len(texts) != len(rows):
+            raise ValueError(f"task {task.name!r}: complete returned {len(texts)} texts for {len(rows)} prompts")
+        predictions[t] = texts
+        metrics = _builtin(task.compute_metrics(texts, rows))
+        if task.quality_metric not in metrics:
+            raise KeyError(
+                f"task {task.name!r}: compute_metrics returned {sorted(metrics)}, "
+                f"without its quality_metric {task.quality_metric!r}"
+            )
+        flops = math.nan
+        if tokenizer is not None:
+            lengths = [len(tokenizer(p + c)["input_ids"]) + 1 for p, c in zip(prompts, texts, strict=True)]
+            flops = sum(estimate_flops(model.config, n, t, head_outputs) for n in lengths) / len(lengths)
+        ratios = text_probe.get(t)
+        records.append(
+            {
+                "loops": t,
+                "metrics": metrics,
+                "quality": metrics[task.quality_metric],
+                "lipschitz": ratios["ratio_max"] if ratios else None,
+                "lipschitz_mean": ratios["ratio_mean"] if ratios else None,
+                "rel_residual_mean": math.nan,
+                "rel_residual_max": math.nan,
+                "steps_mean": float(t) if not keep_tol else math.nan,
+                "seconds": seconds,
+                "flops": flops,
+                "text_lipschitz": ratios,
+                "examples": [{"prompt": p, "generated": g} for p, g in list(zip(prompts, texts, strict=True))[:5]],
+            }
+        )
+    result = {
+        "loops": loops,
+        "max_loops": loops[-1],
+        "num_samples": len(rows),
+        "quality_metric": task.quality_metric,
+        "higher_is_better": bool(task.higher_is_better),
+        "tol": model.config.tol if keep_tol else None,
+        "solver": model.config.solver,
+        "perturb_eps": None,
+        "seed": seed,
+        "batch_size": batch_size,
+        "seconds_total": sum(r["seconds"] for r in records),
+        "seconds_perturbed_total": None,
+        "seq_len_mean": None,
+        "diverged_fraction": math.nan,
+        "generative": True,
+        "use_cache": getattr(task, "use_cache", None),
+        "num_pairs": len(pairs) if pairs else 0,
+        "lipschitz_label": "word edit distance(outputs) / word edit distance(prompts)",
+        "lipschitz_title": f"text Lipschitz ratio vs loop count ({len(pairs) if pairs else 0} prompt pairs)",
+        "records": records,
+    }
+    if return_predictions:
+        result["predictions"] = predictions
     return result
 
 
@@ -627,7 +807,11 @@ def run_eval(
             "n": n,
             "device": str(torch_device),
             "keep_tol": keep_tol,
-            "seconds_note": "seconds = trajectory-run seconds for all samples * t / max_loops (linear cost assumed)",
+            "seconds_note": (
+                "seconds = measured generate() time for all samples at t loops (one generate per t)"
+                if result.get("generative")
+                else "seconds = trajectory-run seconds for all samples * t / max_loops (linear cost assumed)"
+            ),
             "flops_note": "estimated forward FLOPs per sample at t loops (implicit_hf.eval.harness.estimate_flops)",
         },
         "model": _model_summary(model, model_dir),

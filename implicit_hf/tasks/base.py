@@ -19,6 +19,13 @@ stay generic:
 * ``loop_feedback(inputs)`` (optional) gives a domain prior applied inside the loop, e.g. the
   data-consistency gradient ``Aᵀ(Ax̂ - y)`` of the current estimate for deblurring; the training
   loop and the evaluation harness pass it to the model (``feedback_kwargs``).
+* ``save_artifacts(model_dir)`` (optional) writes what a trained model needs besides its weights,
+  e.g. a tokenizer; the training loop calls it after saving the final model.
+* A *generative* task (``generative = True``, a causal LM answering in text) is scored by
+  generation rather than from one trajectory: it provides ``prompt(row)`` (the text to continue),
+  ``complete(model, prompts, num_loops, batch_size, tol)`` (the generated texts at that loop
+  count) and optionally ``lipschitz_pairs()`` (prompt pairs ``{"prompt_a", "prompt_b"}`` of the text
+  Lipschitz probe); ``compute_metrics`` then scores the generated texts.
 """
 
 from __future__ import annotations
@@ -48,6 +55,7 @@ class TaskAdapter(ABC):
     head: ClassVar[str]  # "token_regression" | "token_classification" | "causal_lm"
     quality_metric: ClassVar[str]  # key of compute_metrics() plotted as quality
     higher_is_better: ClassVar[bool]
+    generative: ClassVar[bool] = False  # scored by generating text at each loop count (see the module docstring)
 
     def __init__(self, cache_dir: str | Path | None = None):
         self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir() / self.name
@@ -91,6 +99,11 @@ class TaskAdapter(ABC):
         """
         return None
 
+    def save_artifacts(self, model_dir: str | Path) -> None:
+        """Write what a trained model needs besides its weights into ``model_dir`` (e.g. a tokenizer);
+        nothing by default. The training loop calls it after saving the final model."""
+        return None
+
 
 TASKS: dict[str, type[TaskAdapter]] = {}
 
@@ -114,6 +127,7 @@ BUILTIN_TASK_MODULES = {
     "maze": "implicit_hf.tasks.reasoning.maze",
     "text": "implicit_hf.tasks.text",
     "addition": "implicit_hf.tasks.reasoning.addition",
+    "arith_lm": "implicit_hf.tasks.reasoning.arith_lm",
 }
 
 
