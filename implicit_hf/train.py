@@ -16,9 +16,11 @@ What a run writes under ``output_dir``::
     train_log.jsonl             one JSON record per log_every steps (and eval results)
     logs/train/                 tensorboard events (tracker: tensorboard)
     checkpoints/step_N/         accelerator.save_state + trainer_state.json (written last: marks it complete)
-    model/                      the trained model (save_pretrained; loads with the Auto classes),
+    model/                      the trained model (save_pretrained; loads with the Auto classes; with
+                                LoRA, the adapters merged into the weights),
                                 implicit_task.json (task, task_kwargs, task_module: what eval rebuilds)
                                 and the task's artifacts (task.save_artifacts: e.g. a tokenizer)
+    adapter/                    with ``lora``: the adapters alone (peft save_pretrained)
     metrics.json                final step, world size, last training loss, final held-out loss, runtime
 
 ``--resume`` continues from the newest complete checkpoint: model, optimizer, scheduler, gradient
@@ -54,6 +56,21 @@ TRACKERS = ("tensorboard", "none")
 # transformers schedulers that need more than (optimizer, warmup, total steps) to step
 _UNSUPPORTED_SCHEDULERS = ("reduce_lr_on_plateau", "greedy")
 CHECKPOINT_MARKER = "trainer_state.json"
+# Loop settings that own no weights: what a recipe may change on a checkpoint it starts from (init_from).
+RUNTIME_MODEL_FIELDS = (
+    "num_loops",
+    "num_loops_train",
+    "solver",
+    "tol",
+    "damping",
+    "anderson_memory",
+    "gradient",
+    "gradient_steps",
+    "phantom_tau",
+    "ift_max_iter",
+    "ift_tol",
+)
+LORA_KEYS = ("r", "alpha", "dropout", "parts", "modules")
 
 
 def _help(text: str, **kwargs: Any) -> Any:
@@ -71,6 +88,16 @@ class TrainConfig:
     )
     model: dict[str, Any] = _help(
         "ImplicitConfig fields (the task fixes its head and input sizes)", default_factory=dict
+    )
+    init_from: str | None = _help(
+        "start from this implicit checkpoint (save_pretrained, implicit-hf convert) instead of a fresh model; "
+        "'model' may then set only loop settings that own no weights (num_loops, solver, gradient, ...)",
+        default=None,
+    )
+    lora: dict[str, Any] = _help(
+        "train peft LoRA adapters instead of every weight: {r, alpha, dropout, parts: [prelude|core|coda], "
+        "modules: [q_proj, ...]} (empty: no LoRA)",
+        default_factory=dict,
     )
     output_dir: str = _help("where checkpoints, logs, the final model and metrics go", default="outputs/train")
     seed: int = _help("seed of model init, data generation and order, and random loop counts", default=0)
@@ -328,6 +355,9 @@ def check_model_config(config: TrainConfig, task) -> None:
     """Build the model's config (not its weights) so an invalid model field fails before training."""
     from .modeling import ImplicitConfig
 
+    if config.init_from is not None:
+        check_initial_model(config, task)
+        return
     allowed = set(ImplicitConfig().to_dict()) | {"num_labels", "attn_implementation"}
     allowed -= {"model_type", "transformers_version", "_name_or_path", "auto_map"}
     for key in config.model:
@@ -344,6 +374,79 @@ def check_model_config(config: TrainConfig, task) -> None:
         ImplicitConfig(**{**overrides, **fixed})
     except (ValueError, TypeError) as err:
         raise RecipeError(f"recipe key 'model': {err}") from err
+
+
+def check_initial_model(config: TrainConfig, task) -> None:
+    """``init_from`` must be an implicit checkpoint that fits the task; ``model`` may set runtime fields only."""
+    from .modeling import ImplicitConfig
+
+    path = Path(config.init_from)
+    if not (path / "config.json").is_file():
+        raise RecipeError(f"recipe key 'init_from': {str(path)!r} is not a checkpoint directory (no config.json)")
+    try:
+        saved = ImplicitConfig.from_pretrained(str(path))
+    except (OSError, ValueError) as err:
+        raise RecipeError(f"recipe key 'init_from': {str(path)!r} is not an implicit checkpoint: {err}") from err
+    structural = sorted(set(model_overrides(config)) - set(RUNTIME_MODEL_FIELDS))
+    if structural:
+        raise RecipeError(
+            f"recipe key 'model': with init_from, only loop settings that own no weights can change "
+            f"({', '.join(RUNTIME_MODEL_FIELDS)}); got {structural}"
+        )
+    mismatched = {
+        k: (v, getattr(saved, k, None)) for k, v in task.model_config().items() if getattr(saved, k, None) != v
+    }
+    if mismatched:
+        details = ", ".join(
+            f"{k}: task needs {need!r}, checkpoint has {has!r}" for k, (need, has) in mismatched.items()
+        )
+        raise RecipeError(f"recipe key 'init_from': the checkpoint does not fit task {task.name!r}: {details}")
+    for key, value in model_overrides(config).items():
+        setattr(saved, key, value)
+    try:
+        saved.validate_loop_settings()
+    except ValueError as err:
+        raise RecipeError(f"recipe key 'model': {err}") from err
+
+
+def check_lora(config: TrainConfig) -> None:
+    """An invalid ``lora`` mapping fails before training (unknown keys, bad rank or layer groups)."""
+    if not config.lora:
+        return
+    unknown = sorted(set(config.lora) - set(LORA_KEYS))
+    if unknown:
+        raise RecipeError(f"recipe key 'lora': unknown entries {unknown}; allowed: {list(LORA_KEYS)}")
+    try:
+        from .lora import lora_config
+
+        lora_config(**config.lora)
+    except ImportError as err:
+        raise RecipeError(f"recipe key 'lora' needs peft (pip install 'implicit-hf[peft]'): {err}") from err
+    except (TypeError, ValueError) as err:
+        raise RecipeError(f"recipe key 'lora': {err}") from err
+
+
+def initial_model(config: TrainConfig, task):
+    """The model training starts from: ``init_from`` with the recipe's loop settings, or a fresh one; with
+    ``lora``, wrapped by peft so that only the adapters train."""
+    from .tasks.base import build_model
+
+    if config.init_from is None:
+        model = build_model(task, **model_overrides(config))
+    else:
+        from .eval.harness import load_model
+
+        model = load_model(config.init_from, task.head).train()
+        for key, value in model_overrides(config).items():
+            setattr(model.config, key, value)
+        model.config.validate_loop_settings()
+    if config.lora:
+        from peft import get_peft_model
+
+        from .lora import lora_config
+
+        model = get_peft_model(model, lora_config(**config.lora))
+    return model
 
 
 def check_scheduler(config: TrainConfig) -> None:
@@ -484,11 +587,12 @@ def train(config: TrainConfig) -> TrainResult:
     from tqdm.auto import tqdm
     from transformers import get_scheduler
 
-    from .tasks.base import TASK_FILE, build_model, feedback_kwargs
+    from .tasks.base import TASK_FILE, feedback_kwargs
 
     # -- everything that can be wrong with the recipe fails here, before any process trains -----------
     task = resolve_task(config)
     check_model_config(config, task)
+    check_lora(config)
     check_scheduler(config)
     output_dir = Path(config.output_dir)
     if not config.resume and not config.overwrite_output_dir and find_checkpoints(output_dir):
@@ -541,7 +645,7 @@ def train(config: TrainConfig) -> TrainResult:
     )
 
     # -- model, optimizer (no weight decay on biases and norm weights), schedule ----------------------
-    model = build_model(task, **model_overrides(config))
+    model = initial_model(config, task)
     decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
     optimizer = torch.optim.AdamW(
@@ -674,12 +778,17 @@ def train(config: TrainConfig) -> TrainResult:
         log(final_eval, config.max_steps)
     accelerator.wait_for_everyone()
     unwrapped = accelerator.unwrap_model(model)
-    unwrapped.save_pretrained(
-        output_dir / "model",
-        is_main_process=accelerator.is_main_process,
-        save_function=accelerator.save,
-        state_dict=accelerator.get_state_dict(model),
-    )
+    if config.lora:  # the adapters alone, then the model with them merged (loads with the Auto classes)
+        unwrapped.save_pretrained(output_dir / "adapter", is_main_process=accelerator.is_main_process)
+        unwrapped = unwrapped.merge_and_unload()
+        unwrapped.save_pretrained(output_dir / "model", is_main_process=accelerator.is_main_process)
+    else:
+        unwrapped.save_pretrained(
+            output_dir / "model",
+            is_main_process=accelerator.is_main_process,
+            save_function=accelerator.save,
+            state_dict=accelerator.get_state_dict(model),
+        )
     metrics = {
         "step": config.max_steps,
         "num_processes": accelerator.num_processes,
