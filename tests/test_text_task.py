@@ -30,9 +30,20 @@ def test_splits_are_disjoint_deterministic_and_cached(task):
     assert all(tuple(row) in windows for row in train["input_ids"])  # contiguous windows of the corpus
 
 
+def test_default_character_tokenizer_round_trips_the_corpus(tmp_path):
+    task = TextTask(cache_dir=tmp_path / "cache", seq_len=48)
+    row = task.build_dataset("validation", 3, seed=0)[0]["input_ids"]
+    text = "".join(task.tokenizer.convert_ids_to_tokens(row))
+    assert len(row) == 48 and text in corpus_text("pydoc")  # every character is in the vocabulary
+    task.save_artifacts(tmp_path / "model")
+    from transformers import AutoTokenizer
+
+    assert AutoTokenizer.from_pretrained(tmp_path / "model").convert_ids_to_tokens(row) == list(text)
+
+
 def test_bad_arguments_are_refused(task, tmp_path):
-    with pytest.raises(ValueError, match="needs tokenizer"):
-        TextTask(cache_dir=tmp_path)
+    with pytest.raises(ValueError, match="seq_len must be an integer >= 2"):
+        TextTask(cache_dir=tmp_path, seq_len=1)
     with pytest.raises(ValueError, match="corpus must be 'pydoc' or the path"):
         TextTask(cache_dir=tmp_path, tokenizer=task.tokenizer_path, corpus="/nonexistent.txt").build_dataset(
             "test", 1, 0

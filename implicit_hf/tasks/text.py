@@ -3,8 +3,10 @@
 Corpus: ``corpus="pydoc"`` (default) is the text of the Python reference manual's topics that every
 CPython ships (``pydoc_data.topics``, ~465k characters of English prose and code); any other value
 is the path of a UTF-8 text file. It is tokenized with ``tokenizer`` (a tokenizer directory, e.g. a
-converted checkpoint's), cut into windows of ``seq_len`` tokens, and every tenth window goes to the
-test split, the next one to validation, the rest to training (so the splits never share text).
+converted checkpoint's; by default a character-level tokenizer of the corpus's own characters, built
+here with ``tokenizers`` and saved with a trained model), cut into windows of ``seq_len`` tokens,
+and every tenth window goes to the test split, the next one to validation, the rest to training (so
+the splits never share text).
 Rows: ``input_ids`` (``seq_len`` ids). Deterministic in ``(split, n, seed)``; cached with
 `cached_dataset` under a name that includes a fingerprint of the tokenizer and corpus.
 
@@ -41,6 +43,18 @@ def corpus_text(corpus: str) -> str:
     return path.read_text(encoding="utf-8")
 
 
+def character_tokenizer(text: str):
+    """A character-level tokenizer of the characters of ``text`` (sorted), plus ``<pad>``, ``<unk>``, ``<eos>``."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<unk>", "<eos>"]
+    vocab = {token: i for i, token in enumerate(specials + sorted(set(text)))}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", unk_token="<unk>", eos_token="<eos>")
+
+
 class TextTask(TaskAdapter):
     """Next-token prediction on windows of a local corpus; quality: perplexity (lower is better)."""
 
@@ -57,16 +71,17 @@ class TextTask(TaskAdapter):
         seq_len: int = 64,
     ):
         super().__init__(cache_dir)
-        if tokenizer is None:
-            raise ValueError("the text task needs tokenizer: a tokenizer directory (e.g. the model's checkpoint)")
         if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 2:
             raise ValueError(f"seq_len must be an integer >= 2; got {seq_len!r}")
-        self.tokenizer_path, self.corpus, self.seq_len = str(tokenizer), corpus, seq_len
+        self.tokenizer_path = None if tokenizer is None else str(tokenizer)
+        self.corpus, self.seq_len = corpus, seq_len
 
     @cached_property
     def tokenizer(self):
         from transformers import AutoTokenizer
 
+        if self.tokenizer_path is None:
+            return character_tokenizer(corpus_text(self.corpus))
         return AutoTokenizer.from_pretrained(self.tokenizer_path)
 
     def model_config(self) -> dict[str, Any]:
