@@ -56,20 +56,6 @@ TRACKERS = ("tensorboard", "none")
 # transformers schedulers that need more than (optimizer, warmup, total steps) to step
 _UNSUPPORTED_SCHEDULERS = ("reduce_lr_on_plateau", "greedy")
 CHECKPOINT_MARKER = "trainer_state.json"
-# Loop settings that own no weights: what a recipe may change on a checkpoint it starts from (init_from).
-RUNTIME_MODEL_FIELDS = (
-    "num_loops",
-    "num_loops_train",
-    "solver",
-    "tol",
-    "damping",
-    "anderson_memory",
-    "gradient",
-    "gradient_steps",
-    "phantom_tau",
-    "ift_max_iter",
-    "ift_tol",
-)
 LORA_KEYS = ("r", "alpha", "dropout", "parts", "modules")
 
 
@@ -379,6 +365,7 @@ def check_model_config(config: TrainConfig, task) -> None:
 def check_initial_model(config: TrainConfig, task) -> None:
     """``init_from`` must be an implicit checkpoint that fits the task; ``model`` may set runtime fields only."""
     from .modeling import ImplicitConfig
+    from .modeling.configuration_implicit import RUNTIME_LOOP_FIELDS
 
     path = Path(config.init_from)
     if not (path / "config.json").is_file():
@@ -387,11 +374,11 @@ def check_initial_model(config: TrainConfig, task) -> None:
         saved = ImplicitConfig.from_pretrained(str(path))
     except (OSError, ValueError) as err:
         raise RecipeError(f"recipe key 'init_from': {str(path)!r} is not an implicit checkpoint: {err}") from err
-    structural = sorted(set(model_overrides(config)) - set(RUNTIME_MODEL_FIELDS))
+    structural = sorted(set(model_overrides(config)) - set(RUNTIME_LOOP_FIELDS))
     if structural:
         raise RecipeError(
             f"recipe key 'model': with init_from, only loop settings that own no weights can change "
-            f"({', '.join(RUNTIME_MODEL_FIELDS)}); got {structural}"
+            f"({', '.join(RUNTIME_LOOP_FIELDS)}); got {structural}"
         )
     mismatched = {
         k: (v, getattr(saved, k, None)) for k, v in task.model_config().items() if getattr(saved, k, None) != v

@@ -22,15 +22,9 @@ AUTO_MAP = {
     "AutoModelForTokenClassification": "modeling_implicit.ImplicitForTokenClassification",
 }
 
-_LOOP_FIELDS = (
-    "num_prelude_layers",
-    "num_core_layers",
-    "num_coda_layers",
-    "injection",
-    "state_init",
-    "state_init_std",
-    "core_norm",
-    "injection_norm",
+# Loop settings that own no weights: they can change on a trained or converted checkpoint (e.g. the
+# training loop's init_from) without touching its parameters.
+RUNTIME_LOOP_FIELDS = (
     "num_loops",
     "num_loops_train",
     "solver",
@@ -42,6 +36,17 @@ _LOOP_FIELDS = (
     "phantom_tau",
     "ift_max_iter",
     "ift_tol",
+)
+_LOOP_FIELDS = (
+    "num_prelude_layers",
+    "num_core_layers",
+    "num_coda_layers",
+    "injection",
+    "state_init",
+    "state_init_std",
+    "core_norm",
+    "injection_norm",
+    *RUNTIME_LOOP_FIELDS,
     "is_causal",
     "feedback_features",
 )
