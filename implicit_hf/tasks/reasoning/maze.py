@@ -30,9 +30,9 @@ Geometry (``relations=True``, the default) is given to the model as ``edge_featu
 ``relation_scale`` (default 10). The model turns them into a learned attention bias per head
 (`ImplicitConfig.edge_features`, Graphormer-style): ``bias_h(i, j) = relation_scale * W[h, rel(i, j)]``.
 The scale is there for the optimiser: Adam moves ``W`` by about the learning rate per step, and a
-bias must reach a few units (the 4 neighbours against the ~T others) before attention is local; with
-features of 1 that takes thousands of steps at a learning rate of 1e-3 (a 500-step probe stayed at
-the trivial loss), with 10 a few hundred. ``position_ids`` are all zero (RoPE is then the identity),
+bias must reach a few units (the 4 neighbours against the ~T others) before attention is local. In a
+500-step probe of the maze recipe (peak learning rate 2e-3, cosine) features of 1 left the loss at the
+trivial 0.22; with 10 it fell below that after ~400 steps. ``position_ids`` are all zero (RoPE is then the identity),
 so the operator a layer applies is local and the same at every size: a model trained on 9 x 9 mazes
 runs unchanged on 13 x 13 or 17 x 17 (at 17 x 17, 289 tokens, the features take 2 MB per maze).
 Pairs that involve a padded token have no relation (all zeros; the attention mask removes padded
