@@ -33,6 +33,27 @@ def test_demo_trains_sweeps_and_writes_plots(tmp_path, capsys):
     assert again["task"]["name"] == "lp"
     assert again["task"]["task_kwargs"] == recorded["task_kwargs"]
 
+    # --model-card: the sweep goes into the model's card
+    assert "## Loop sweep" not in (model_dir / "README.md").read_text()
+    main(
+        [
+            "eval",
+            "--model",
+            str(model_dir),
+            "--loops",
+            "1,2",
+            "--out",
+            str(out),
+            "--n",
+            "4",
+            "--no-plots",
+            "--model-card",
+        ]
+    )
+    card = (model_dir / "README.md").read_text()
+    assert "## Loop sweep (lp)" in card and "| loops | relative_error |" in card
+    assert f"| 2 | {json.loads((out / 'results.json').read_text())['records'][1]['quality']:.4g} |" in card
+
 
 def test_eval_without_a_task_needs_a_recorded_one(tmp_path):
     (tmp_path / "model").mkdir()

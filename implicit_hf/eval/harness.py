@@ -881,6 +881,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     )
     parser.add_argument("--device", default="auto", help="cpu, cuda or auto (default: cuda when available)")
     parser.add_argument("--no-plots", action="store_true", help="write results.json/csv only")
+    parser.add_argument(
+        "--model-card",
+        action="store_true",
+        help="also store the sweep in the model folder and add its table to the model card (README.md)",
+    )
     return parser
 
 
@@ -915,6 +920,12 @@ def run_from_args(args: argparse.Namespace) -> dict[str, Any]:
         print(f"explicit baseline ({base['loops']} loops): {metric} = {base['record']['quality']:.5g}")
     for path in result["files"]:
         print(f"wrote {path}")
+    if args.model_card:
+        from ..modeling.model_card import update_model_card
+
+        sweep = {"task": result["task"]["name"], "quality_metric": metric, "records": result["records"]}
+        update_model_card(args.model, sweep)
+        print(f"wrote {Path(args.model) / 'README.md'} (loop sweep added)")
     return result
 
 
