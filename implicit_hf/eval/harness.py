@@ -337,7 +337,7 @@ def sweep(
     if perturb_eps is not None and perturb_eps < 0:
         raise ValueError(f"perturb_eps must be >= 0 (0 or None skips the Lipschitz probe); got {perturb_eps!r}")
     model.eval()
-    if getattr(task, "generative", False):
+    if task.generative:
         return generative_sweep(
             model,
             task,

@@ -30,11 +30,6 @@ import torch
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
 
-def new_cache() -> DynamicCache:
-    """An empty cache whose slots are created on first use."""
-    return DynamicCache()
-
-
 def _ensure_slots(cache: Cache, count: int) -> None:
     if len(cache.layers) >= count:
         return
@@ -73,8 +68,8 @@ class LoopSlots:
         """The view for iteration ``loop`` (0-based); ``rows``: the batch rows running it (``None``: all)."""
         if not 0 <= loop < self.num_loops:
             raise RuntimeError(f"core evaluation {loop + 1} exceeds the {self.num_loops} loops laid out in the cache")
-        previous = self.num_coda + (loop - 1) * self.num_core if loop > 0 else None
-        return LoopCacheView(self.cache, offset=self.num_coda + loop * self.num_core, rows=rows, previous=previous)
+        offset = self.num_coda + loop * self.num_core
+        return LoopCacheView(self.cache, offset, rows=rows, previous=offset - self.num_core if loop > 0 else None)
 
     def fill_remaining_loops(self, loops_run: int, new_tokens: int) -> None:
         """Copy the last loop's new keys/values into the slots of loops ``loops_run .. num_loops-1``."""
@@ -111,6 +106,3 @@ class LoopCacheView:
         keys[self.rows], values[self.rows] = key_states, value_states
         keys, values = self.cache.update(keys, values, slot, *args, **kwargs)
         return keys[self.rows], values[self.rows]
-
-    def get_seq_length(self, layer_idx: int = 0) -> int:
-        return self.cache.get_seq_length()

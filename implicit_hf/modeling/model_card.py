@@ -3,7 +3,10 @@ when one was measured, the loop-sweep table."""
 
 from __future__ import annotations
 
+import json
+import math
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from .configuration_implicit import ImplicitConfig
@@ -106,9 +109,6 @@ SWEEP_FILE = "loop_sweep.json"
 def write_model_card(save_directory, config: ImplicitConfig, class_name: str, num_parameters: int) -> None:
     """Write README.md into ``save_directory`` unless a hand-written card is there; includes the loop sweep
     stored next to it (``loop_sweep.json``, written by ``implicit-hf eval --model-card``) when present."""
-    import json
-    from pathlib import Path
-
     folder = Path(save_directory)
     card = folder / "README.md"
     if card.is_file() and GENERATED_MARK not in card.read_text():
@@ -120,9 +120,6 @@ def write_model_card(save_directory, config: ImplicitConfig, class_name: str, nu
 
 def update_model_card(model_dir, sweep: dict[str, Any]) -> None:
     """Store ``sweep`` next to a saved checkpoint and rewrite its generated card with the sweep table."""
-    import json
-    from pathlib import Path
-
     from safetensors import safe_open
 
     folder = Path(model_dir)
@@ -131,11 +128,6 @@ def update_model_card(model_dir, sweep: dict[str, Any]) -> None:
     count = 0
     for shard in sorted(folder.glob("*.safetensors")):
         with safe_open(str(shard), "pt") as weights:
-            for key in weights.keys():
-                shape = weights.get_slice(key).get_shape()
-                size = 1
-                for dim in shape:
-                    size *= dim
-                count += size
+            count += sum(math.prod(weights.get_slice(key).get_shape()) for key in weights.keys())
     architectures = config.architectures or ["ImplicitModel"]
     write_model_card(folder, config, architectures[0], count)

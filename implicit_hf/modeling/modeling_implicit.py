@@ -19,13 +19,13 @@ import torch
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
-from transformers.cache_utils import Cache
+from transformers.cache_utils import Cache, DynamicCache
 from transformers.masking_utils import create_bidirectional_mask, create_causal_mask
 from transformers.modeling_outputs import ModelOutput
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRMSNorm, LlamaRotaryEmbedding
 from transformers.utils.deprecation import deprecate_kwarg
 
-from .cache import LoopSlots, new_cache
+from .cache import LoopSlots
 from .configuration_implicit import SOLVER_NAMES, ImplicitConfig
 from .gradients import fixed_point
 from .model_card import write_model_card
@@ -238,7 +238,7 @@ class ImplicitModel(ImplicitPreTrainedModel):
         elif not self.config.is_causal:
             raise ValueError("use_cache needs a causal model (config.is_causal=True); this one attends both ways")
         elif cache is None:
-            cache = new_cache()
+            cache = DynamicCache()  # its slots are created on first use
         if cache is not None and return_trajectory is not False:
             raise ValueError("return_trajectory cannot be combined with a KV cache: call with use_cache=False")
         given = [
@@ -301,10 +301,13 @@ class ImplicitModel(ImplicitPreTrainedModel):
             mask = _add_bias(mask, self.edge_bias(edge_features).permute(0, 3, 1, 2))
         cos, sin = self.rotary_emb(hidden, position_ids)
         # Padding positions (a 2-D attention mask's zeros) hold zeros in the state: they are masked out of
-        # attention anyway, and this keeps them out of the residual norms that decide halting.
+        # attention anyway, and this keeps them out of the residual norms that decide halting. Without
+        # padding among this call's tokens (e.g. every cached decoding step) there is nothing to mask.
         is_token = None
         if attention_mask is not None and attention_mask.ndim == 2:
             is_token = attention_mask[:, -length:, None].bool()
+            if bool(is_token.all()):
+                is_token = None
         slots = (
             LoopSlots(cache, len(self.prelude), len(self.core), len(self.coda), loops) if cache is not None else None
         )
