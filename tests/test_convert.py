@@ -20,6 +20,7 @@ from transformers import (
 
 import implicit_hf  # noqa: F401  (registers the Auto classes)
 from implicit_hf.modeling.convert import convert_checkpoint, convert_model, parse_layers
+from implicit_hf.tasks.text import character_tokenizer as text_character_tokenizer
 
 ARCHITECTURES = {
     "llama": (LlamaConfig, LlamaForCausalLM),
@@ -125,12 +126,8 @@ def test_parse_layers():
 
 
 def character_tokenizer() -> PreTrainedTokenizerFast:
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    vocab = {"<pad>": 0, "<eos>": 1} | {chr(c): c - 30 for c in range(32, 127)}
-    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", eos_token="<eos>")
+    """The text task's character-level tokenizer over printable ASCII (98 tokens with the specials)."""
+    return text_character_tokenizer("".join(chr(c) for c in range(32, 127)))
 
 
 def test_convert_checkpoint_writes_a_loadable_implicit_checkpoint(tmp_path):

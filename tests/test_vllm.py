@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from test_convert import character_tokenizer
+from test_generation import left_pad
 
 from implicit_hf import ImplicitConfig, ImplicitForCausalLM
 
@@ -59,12 +60,8 @@ def hf_greedy(model, prompts: list[list[int]], loops: int, new_tokens: int) -> l
     vLLM runs with ``ignore_eos``: it may pick EOS and go on. HF's equivalent is no EOS at all (its
     ``min_new_tokens`` would instead forbid EOS and pick the runner-up)."""
     model.generation_config.eos_token_id = None
-    length = max(len(p) for p in prompts)
-    input_ids = torch.zeros(len(prompts), length, dtype=torch.long)
-    attention_mask = torch.zeros_like(input_ids)
-    for k, prompt in enumerate(prompts):
-        input_ids[k, length - len(prompt) :] = torch.tensor(prompt)
-        attention_mask[k, length - len(prompt) :] = 1
+    input_ids, attention_mask = left_pad([torch.tensor(prompt) for prompt in prompts])
+    length = input_ids.shape[1]
     with torch.no_grad():
         out = model.generate(
             input_ids,
