@@ -38,7 +38,6 @@ import gc
 import importlib
 import json
 import math
-import random
 import re
 import shutil
 import sys
@@ -50,6 +49,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from .loop_schedule import LoopSchedule
+from .objective import DISTILL_FIELDS, Objective, check_teacher, load_teacher
 
 MIXED_PRECISION = ("no", "fp16", "bf16")
 TRACKERS = ("tensorboard", "none")
@@ -109,8 +111,36 @@ class TrainConfig:
     mixed_precision: str = _help("no | fp16 | bf16", default="no")
     loops_train: int | None = _help("overrides the model's num_loops_train (core iterations in training)", default=None)
     random_loops: list[int] | None = _help(
-        "[min, max]: sample each step's loop count uniformly (a function of seed and step, same on every process)",
+        "[min, max]: sample each step's loop count uniformly (a function of seed and step, same on every process); "
+        "the same as loop_schedule {distribution: uniform, min, max}",
         default=None,
+    )
+    loop_schedule: dict[str, Any] = _help(
+        "each step's loop count, a function of seed and step: {distribution: uniform | poisson_lognormal, "
+        "min, max, mean (poisson_lognormal: a log-normal rate of this mean, then a Poisson draw, clipped to "
+        "[min, max]), sigma (default 0.5), ramp_steps (the mean rises from min over these steps)} (empty: none)",
+        default_factory=dict,
+    )
+    jacobian_penalty: float = _help(
+        "weight of the Hutchinson estimate of ||df/dz||_F^2 / dim at the last iterate (0: off)", default=0.0
+    )
+    fixed_point_penalty: float = _help(
+        "weight of the squared relative residual ||f(z) - z||^2 / ||z||^2 at the last iterate (0: off)", default=0.0
+    )
+    deep_supervision: list[int] = _help(
+        "loop counts at which the task loss is also taken (decoded from the trajectory) and averaged with the "
+        "final one; counts >= a step's loop count are skipped",
+        default_factory=list,
+    )
+    teacher: str | None = _help(
+        "distill from this frozen AutoModelForCausalLM checkpoint (same vocabulary as the student), e.g. the "
+        "unconverted source of a retrofit",
+        default=None,
+    )
+    distill: dict[str, Any] = _help(
+        "with teacher: {weight (in [0, 1], default 0.5): loss = (1 - weight) task + weight T^2 KL(teacher || "
+        "student), temperature T (> 0, default 1)}",
+        default_factory=dict,
     )
     checkpoint_every: int = _help("save a resumable checkpoint every N optimizer steps (0: never)", default=500)
     keep_checkpoints: int = _help("keep only the newest N checkpoints (0: keep all)", default=2)
@@ -309,8 +339,81 @@ def _check_values(config: TrainConfig) -> None:
             raise RecipeError(
                 f"recipe key 'random_loops' must be [min, max] with 1 <= min <= max; got {config.random_loops!r}"
             )
-        if config.loops_train is not None:
-            raise RecipeError("recipe keys 'random_loops' and 'loops_train' exclude each other; set one")
+    per_step = [key for key in ("random_loops", "loop_schedule", "loops_train") if getattr(config, key)]
+    if len(per_step) > 1:
+        raise RecipeError(f"recipe keys {per_step} each set the training loop count and exclude each other; set one")
+    try:
+        loop_schedule_of(config)
+    except (TypeError, ValueError) as err:
+        raise RecipeError(f"recipe key 'loop_schedule': {err}") from err
+    for key in ("jacobian_penalty", "fixed_point_penalty"):
+        if not getattr(config, key) >= 0:
+            raise RecipeError(f"recipe key {key!r} must be a weight >= 0; got {getattr(config, key)!r}")
+    if any(count < 1 for count in config.deep_supervision) or len(set(config.deep_supervision)) != len(
+        config.deep_supervision
+    ):
+        raise RecipeError(
+            f"recipe key 'deep_supervision' must list distinct loop counts >= 1; got {config.deep_supervision!r}"
+        )
+    if config.distill and config.teacher is None:
+        raise RecipeError("recipe key 'distill' needs a 'teacher' checkpoint to distill from")
+    unknown = sorted(set(config.distill) - set(DISTILL_FIELDS))
+    if unknown:
+        raise RecipeError(f"recipe key 'distill': unknown entries {unknown}; allowed: {list(DISTILL_FIELDS)}")
+    weight, temperature = distill_settings(config)
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 <= weight <= 1:
+        raise RecipeError(f"recipe key 'distill': weight must be a number in [0, 1]; got {weight!r}")
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
+        raise RecipeError(f"recipe key 'distill': temperature must be a number > 0; got {temperature!r}")
+
+
+def loop_schedule_of(config: TrainConfig) -> LoopSchedule | None:
+    """The recipe's per-step loop counts (``loop_schedule``, or ``random_loops`` as its uniform case), or None."""
+    if config.random_loops is not None:
+        low, high = config.random_loops
+        return LoopSchedule("uniform", min=low, max=high)
+    return LoopSchedule.from_dict(config.loop_schedule) if config.loop_schedule else None
+
+
+def distill_settings(config: TrainConfig) -> tuple[Any, Any]:
+    """``(weight, temperature)`` of distillation, with their defaults (0.5 and 1)."""
+    return config.distill.get("weight", 0.5), config.distill.get("temperature", 1.0)
+
+
+def check_teacher_fits(config: TrainConfig, task) -> None:
+    """The teacher must be a causal-LM checkpoint with the student's vocabulary (checked before training)."""
+    if config.teacher is None:
+        return
+    if task.head != "causal_lm":
+        raise RecipeError(f"recipe key 'teacher': distillation needs a causal-LM task; {task.name!r} is {task.head}")
+    from .modeling import ImplicitConfig
+
+    if config.init_from is not None:
+        vocab_size = ImplicitConfig.from_pretrained(config.init_from).vocab_size
+    else:
+        vocab_size = task.model_config().get("vocab_size", config.model.get("vocab_size", ImplicitConfig().vocab_size))
+    tokenizer = getattr(task, "tokenizer", None)
+    if tokenizer is None and config.init_from is not None and (Path(config.init_from) / "tokenizer.json").is_file():
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(config.init_from)
+    try:
+        check_teacher(config.teacher, vocab_size, tokenizer)
+    except (OSError, ValueError) as err:
+        raise RecipeError(f"recipe key 'teacher': {err}") from err
+
+
+def objective_of(config: TrainConfig, device) -> Objective:
+    """The training objective of the recipe (the teacher, if any, loaded frozen on ``device``)."""
+    weight, temperature = distill_settings(config)
+    return Objective(
+        deep_supervision=tuple(config.deep_supervision),
+        jacobian_penalty=config.jacobian_penalty,
+        fixed_point_penalty=config.fixed_point_penalty,
+        teacher=None if config.teacher is None else load_teacher(config.teacher, device),
+        distill_weight=float(weight),
+        temperature=float(temperature),
+    )
 
 
 def resolve_task(config: TrainConfig):
@@ -458,15 +561,6 @@ def check_scheduler(config: TrainConfig) -> None:
 # ----------------------------------------------------------------------------------------------------
 
 
-def loop_count(config: TrainConfig, step: int) -> int | None:
-    """Core iterations of optimizer step ``step`` (0-based): a function of ``(seed, step)`` with ``random_loops``,
-    otherwise ``None`` (the model's own ``num_loops_train``)."""
-    if config.random_loops is None:
-        return None
-    low, high = config.random_loops
-    return random.Random(f"random_loops/{config.seed}/{step}").randint(low, high)
-
-
 def find_checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
     """``(step, path)`` of the complete checkpoints (those with a marker file), oldest first."""
     found = []
@@ -579,6 +673,7 @@ def train(config: TrainConfig) -> TrainResult:
     # -- everything that can be wrong with the recipe fails here, before any process trains -----------
     task = resolve_task(config)
     check_model_config(config, task)
+    check_teacher_fits(config, task)
     check_lora(config)
     check_scheduler(config)
     output_dir = Path(config.output_dir)
@@ -693,8 +788,10 @@ def train(config: TrainConfig) -> TrainResult:
 
     # -- the loop --------------------------------------------------------------------------------------
     model.train()
+    schedule = loop_schedule_of(config)
     default_loops = accelerator.unwrap_model(model).config.train_loops
-    running = torch.zeros(5, dtype=torch.float64, device=accelerator.device)  # loss, steps, residual, conv., n
+    objective = objective_of(config, accelerator.device)
+    running: dict[str, torch.Tensor] = {}  # sums over the micro-batches since the last record
     loops_since_log: list[int] = []
     last: dict[str, Any] = {}
     started = time.perf_counter()
@@ -702,22 +799,25 @@ def train(config: TrainConfig) -> TrainResult:
         total=config.max_steps, initial=start_step, disable=not accelerator.is_local_main_process, desc="train"
     )
     for step in range(start_step, config.max_steps):
-        num_loops = loop_count(config, step)
+        num_loops = default_loops if schedule is None else schedule.sample(config.seed, step)
         for _ in range(config.gradient_accumulation_steps):
             batch = next(batches)
             with accelerator.accumulate(model):  # gradients are synchronised on the last micro-batch only
-                outputs = model(**batch, num_loops=num_loops, **feedback_kwargs(task, batch))
-                accelerator.backward(outputs.loss)
+                outputs = model(
+                    **batch, num_loops=num_loops, **feedback_kwargs(task, batch), **objective.forward_kwargs(num_loops)
+                )
+                loss, parts = objective(outputs, batch)
+                accelerator.backward(loss)
             stats = outputs.loop_stats
-            running += torch.stack(
-                [
-                    outputs.loss.detach().double(),
-                    stats.steps.double().mean(),
-                    stats.final_rel_residual.double().mean(),
-                    stats.converged.double().mean(),
-                    torch.ones((), dtype=torch.float64, device=accelerator.device),
-                ]
-            )
+            measured = {
+                "train/loss": loss.detach(),
+                **({f"train/{name}": value for name, value in parts.items()} if len(parts) > 1 else {}),
+                "train/loop_steps": stats.steps.double().mean(),
+                "train/rel_residual": stats.final_rel_residual.double().mean(),
+                "train/converged": stats.converged.double().mean(),
+            }
+            for name, value in measured.items():
+                running[name] = running.get(name, 0) + value.double()
         grad_norm = None
         if config.max_grad_norm > 0:
             grad_norm = accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
@@ -725,31 +825,29 @@ def train(config: TrainConfig) -> TrainResult:
         if not accelerator.optimizer_step_was_skipped:  # fp16: a step with inf gradients changes nothing
             lr_scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        loops_since_log.append(num_loops if num_loops is not None else default_loops)
+        loops_since_log.append(num_loops)
         done = step + 1
         progress.update(1)
 
         checkpoint_now = config.checkpoint_every and done % config.checkpoint_every == 0
         # log at checkpoints too, so a resumed run's log is the uninterrupted run's log
         if done % config.log_every == 0 or done == config.max_steps or checkpoint_now:
-            totals = accelerator.reduce(running, "mean")  # every process ran the same number of micro-batches
-            loss, steps, residual, converged = (totals[:4] / totals[4]).tolist()
-            last = {
-                "train/loss": loss,
+            # every process ran the same number of micro-batches: the mean of the sums, over their count
+            totals = accelerator.reduce(torch.stack(list(running.values())), "mean")
+            micro_batches = len(loops_since_log) * config.gradient_accumulation_steps
+            last = dict(zip(running, (totals / micro_batches).tolist(), strict=True))
+            last |= {
                 "train/lr": lr_scheduler.get_last_lr()[0],
-                "train/loop_steps": steps,
-                "train/rel_residual": residual,
-                "train/converged": converged,
                 "train/num_loops": sum(loops_since_log) / len(loops_since_log),
                 "epoch": (done * config.gradient_accumulation_steps) / batches_per_epoch,
             }
-            if config.random_loops:  # the sampled count of every step since the last record
+            if schedule is not None:  # the sampled count of every step since the last record
                 last["loops"] = loops_since_log
             if grad_norm is not None:  # a tensor (a DTensor under FSDP2), a float or None (DeepSpeed)
                 last["train/grad_norm"] = _as_float(grad_norm)
             log(last, done)
-            progress.set_postfix(loss=f"{loss:.4g}", loops=f"{steps:.1f}")
-            running.zero_()
+            progress.set_postfix(loss=f"{last['train/loss']:.4g}", loops=f"{last['train/loop_steps']:.1f}")
+            running = {}
             loops_since_log = []
         if eval_set is not None and config.eval_every and done % config.eval_every == 0 and done < config.max_steps:
             log(evaluate_loss(model, eval_set, task, accelerator, eval_batch), done)
@@ -795,7 +893,7 @@ def train(config: TrainConfig) -> TrainResult:
     # Free the DDP wrapper while every process is still alive: its reducer holds the gloo process group,
     # and a gloo group destroyed after a peer has exited waits forever for its worker threads.
     accelerator.wait_for_everyone()
-    model = optimizer = lr_scheduler = train_loader = batches = outputs = None
+    model = optimizer = lr_scheduler = train_loader = batches = outputs = objective = None
     accelerator.free_memory()
     gc.collect()
     accelerator.end_training()

@@ -245,16 +245,16 @@ def test_killed_run_resumes_bit_identical(uninterrupted, tmp_path):
 def test_random_loops_are_logged_and_reproducible(uninterrupted):
     out, result = uninterrupted
     config = train_mod.TrainConfig(**json.loads((out / "train_config.json").read_text()))
-    expected = [train_mod.loop_count(config, step) for step in range(RESUME["max_steps"])]
-    assert expected == [train_mod.loop_count(config, step) for step in range(RESUME["max_steps"])]
+    schedule = train_mod.loop_schedule_of(config)
+    expected = [schedule.sample(config.seed, step) for step in range(RESUME["max_steps"])]
+    assert expected == [schedule.sample(config.seed, step) for step in range(RESUME["max_steps"])]
     assert set(expected) == {1, 2, 3, 4}  # sampled over the whole [min, max] range
     records = [r for r in log_records(out) if "loops" in r]
     assert [r["step"] for r in records] == list(range(1, RESUME["max_steps"] + 1))
     assert [loops for r in records for loops in r["loops"]] == expected
     # without a tolerance the solver runs exactly the sampled count
     assert [r["train/loop_steps"] for r in records] == [float(k) for k in expected]
-    other_seed = train_mod.TrainConfig(**{**json.loads((out / "train_config.json").read_text()), "seed": 4})
-    assert [train_mod.loop_count(other_seed, step) for step in range(RESUME["max_steps"])] != expected
+    assert [schedule.sample(4, step) for step in range(RESUME["max_steps"])] != expected
 
 
 BAD_RECIPES = [

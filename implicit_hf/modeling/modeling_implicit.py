@@ -29,6 +29,7 @@ from .cache import LoopSlots
 from .configuration_implicit import SOLVER_NAMES, ImplicitConfig
 from .gradients import fixed_point
 from .model_card import write_model_card
+from .penalties import check_penalties, fixed_point_penalties
 from .solvers import SolverStats
 
 
@@ -40,12 +41,14 @@ class ImplicitModelOutput(ModelOutput):
         last_hidden_state: the coda's normalised output at the fixed point, ``(B, T, hidden)``.
         loop_stats: what the solver did per sample (steps, residual traces, converged, diverged).
         trajectory: with ``return_trajectory=True``, ``last_hidden_state`` after each iteration.
+        penalties: with ``penalties``, each requested stabilising penalty at the last iterate (a scalar).
         cache: the KV cache (one slot per prelude/coda layer and per (loop, core layer)), with ``use_cache``.
     """
 
     last_hidden_state: torch.Tensor | None = None
     loop_stats: SolverStats | None = None
     trajectory: tuple[torch.Tensor, ...] | None = None
+    penalties: dict[str, torch.Tensor] | None = None
     cache: Cache | None = None
 
 
@@ -59,6 +62,9 @@ class ImplicitHeadOutput(ModelOutput):
         loop_stats: what the solver did per sample.
         trajectory: with ``return_trajectory``, the logits after each requested iteration (the eval
             harness scores every loop count from this one run).
+        trajectory_loss: with labels and ``return_trajectory``, the loss of each trajectory entry,
+            shape ``(len(trajectory),)`` (deep supervision).
+        penalties: with ``penalties``, each requested stabilising penalty at the last iterate.
         cache: the KV cache, with ``use_cache``.
     """
 
@@ -66,6 +72,8 @@ class ImplicitHeadOutput(ModelOutput):
     logits: torch.Tensor | None = None
     loop_stats: SolverStats | None = None
     trajectory: tuple[torch.Tensor, ...] | None = None
+    trajectory_loss: torch.Tensor | None = None
+    penalties: dict[str, torch.Tensor] | None = None
     cache: Cache | None = None
 
 
@@ -196,6 +204,7 @@ class ImplicitModel(ImplicitPreTrainedModel):
         solver: str | None = None,
         return_trajectory: bool | Sequence[int] = False,
         loop_feedback: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        penalties: Sequence[str] = (),
         use_cache: bool | None = None,
         cache: Cache | None = None,
         **kwargs,
@@ -218,6 +227,8 @@ class ImplicitModel(ImplicitPreTrainedModel):
             of loop counts returns them after exactly those iterations, in that order (only those are
             decoded through the coda: a sweep over 1, 2, 4, ..., 64 decodes 7 states, not 64). Counts
             past the last iteration run (every sample halted) repeat the final state.
+        penalties: stabilising penalties to return at the last iterate, a subset of ``("jacobian",
+            "fixed_point")`` (``modeling/penalties.py``): each costs one more evaluation of the core.
         use_cache: keep keys and values in ``cache`` (one slot per (loop, core layer), see
             ``modeling/cache.py``) and return it; by default on for a causal model at inference
             without ``return_trajectory``. A cache filled at one loop count cannot be continued at
@@ -241,6 +252,9 @@ class ImplicitModel(ImplicitPreTrainedModel):
             cache = DynamicCache()  # its slots are created on first use
         if cache is not None and return_trajectory is not False:
             raise ValueError("return_trajectory cannot be combined with a KV cache: call with use_cache=False")
+        penalties = check_penalties(penalties)
+        if cache is not None and penalties:
+            raise ValueError("penalties are a training objective and cannot use a KV cache: call with use_cache=False")
         given = [
             name
             for name, value in (
@@ -376,6 +390,7 @@ class ImplicitModel(ImplicitPreTrainedModel):
         )
         if slots is not None:
             slots.fill_remaining_loops(evaluations, length)
+        measured = fixed_point_penalties(core_step, state, penalties) if penalties else None
 
         def decode(z: torch.Tensor, layer_cache=None) -> torch.Tensor:
             return self.norm(run(self.coda, z, all_rows, layer_cache))
@@ -390,6 +405,7 @@ class ImplicitModel(ImplicitPreTrainedModel):
             last_hidden_state=decode(state, slots and slots.coda()),
             loop_stats=stats,
             trajectory=trajectory,
+            penalties=measured,
             cache=cache,
         )
 
@@ -438,6 +454,7 @@ class ImplicitForCausalLM(ImplicitPreTrainedModel, GenerationMixin):
         tol: float | None = None,
         solver: str | None = None,
         return_trajectory: bool | Sequence[int] = False,
+        penalties: Sequence[str] = (),
         logits_to_keep: int = 0,
         use_cache: bool | None = None,
         cache: Cache | None = None,
@@ -445,7 +462,7 @@ class ImplicitForCausalLM(ImplicitPreTrainedModel, GenerationMixin):
     ) -> ImplicitHeadOutput:
         r"""
         labels: next-token targets (shifted inside the loss; ``-100`` is ignored).
-        num_loops / tol / solver / return_trajectory / use_cache / cache: see `ImplicitModel.forward`.
+        num_loops / tol / solver / return_trajectory / penalties / use_cache / cache: see `ImplicitModel.forward`.
         logits_to_keep: compute logits for the last ``logits_to_keep`` positions only (0 = all).
         """
         outputs = self.model(
@@ -457,23 +474,32 @@ class ImplicitForCausalLM(ImplicitPreTrainedModel, GenerationMixin):
             tol=tol,
             solver=solver,
             return_trajectory=return_trajectory,
+            penalties=penalties,
             use_cache=use_cache,
             cache=cache,
             **kwargs,
         )
         keep = slice(-logits_to_keep, None) if logits_to_keep else slice(None)
         logits = self.lm_head(outputs.last_hidden_state[:, keep])
-        loss = None
-        if labels is not None:
-            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
         trajectory = None
         if outputs.trajectory is not None:
             trajectory = tuple(self.lm_head(h[:, keep]) for h in outputs.trajectory)
+        loss = trajectory_loss = None
+        if labels is not None:
+
+            def loss_of(x: torch.Tensor) -> torch.Tensor:
+                return self.loss_function(logits=x, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+
+            loss = loss_of(logits)
+            if trajectory is not None:
+                trajectory_loss = torch.stack([loss_of(x) for x in trajectory])
         return ImplicitHeadOutput(
             loss=loss,
             logits=logits,
             loop_stats=outputs.loop_stats,
             trajectory=trajectory,
+            trajectory_loss=trajectory_loss,
+            penalties=outputs.penalties,
             cache=outputs.cache,
         )
 
@@ -506,12 +532,13 @@ class ImplicitForTokenClassification(ImplicitPreTrainedModel):
         solver: str | None = None,
         return_trajectory: bool | Sequence[int] = False,
         loop_feedback: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        penalties: Sequence[str] = (),
         **kwargs,
     ) -> ImplicitHeadOutput:
         r"""
         labels: class ids ``(B, T)`` (``-100`` ignored), or targets ``(B, T, num_labels)`` for
             regression (NaN targets and padding positions, where ``attention_mask`` is 0, are ignored).
-        num_loops / tol / solver / return_trajectory: see `ImplicitModel.forward`.
+        num_loops / tol / solver / return_trajectory / penalties: see `ImplicitModel.forward`.
         loop_feedback: as in `ImplicitModel.forward`, but it maps this head's output at the current
             state, ``(B, T, num_labels)``, to ``(B, T, config.feedback_features)``: a task's
             ``loop_feedback(inputs)``, e.g. the data-consistency gradient of the current estimate.
@@ -528,14 +555,26 @@ class ImplicitForTokenClassification(ImplicitPreTrainedModel):
             solver=solver,
             return_trajectory=return_trajectory,
             loop_feedback=None if loop_feedback is None else lambda hidden: loop_feedback(self.score(hidden)),
+            penalties=penalties,
             **kwargs,
         )
         logits = self.score(outputs.last_hidden_state)
-        loss = None if labels is None else self._loss(logits, labels, attention_mask)
         trajectory = None
         if outputs.trajectory is not None:
             trajectory = tuple(self.score(h) for h in outputs.trajectory)
-        return ImplicitHeadOutput(loss=loss, logits=logits, loop_stats=outputs.loop_stats, trajectory=trajectory)
+        loss = trajectory_loss = None
+        if labels is not None:
+            loss = self._loss(logits, labels, attention_mask)
+            if trajectory is not None:
+                trajectory_loss = torch.stack([self._loss(x, labels, attention_mask) for x in trajectory])
+        return ImplicitHeadOutput(
+            loss=loss,
+            logits=logits,
+            loop_stats=outputs.loop_stats,
+            trajectory=trajectory,
+            trajectory_loss=trajectory_loss,
+            penalties=outputs.penalties,
+        )
 
     def _loss(self, logits: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
         if self.config.problem_type == "regression":

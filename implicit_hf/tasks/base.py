@@ -128,6 +128,7 @@ BUILTIN_TASK_MODULES = {
     "text": "implicit_hf.tasks.text",
     "addition": "implicit_hf.tasks.reasoning.addition",
     "arith_lm": "implicit_hf.tasks.reasoning.arith_lm",
+    "multihop": "implicit_hf.tasks.reasoning.multihop",
 }
 
 

@@ -1,0 +1,92 @@
+"""Loop counts for training steps: a random count per optimizer step, a function of ``(seed, step)``.
+
+Training at many loop counts teaches an implicit model to settle rather than to stop at one depth;
+a heavy tail of large counts (with gradients through the last few iterations only, so their cost
+stays bounded) is what lets it keep improving, then stay stable, past its training counts.
+
+* ``uniform``: a count drawn uniformly from ``[min, max]``;
+* ``poisson_lognormal`` (recurrent-depth training, Geiping et al. 2025): a rate
+  ``τ ~ LogNormal(log(mean) - sigma²/2, sigma)`` (so ``E[τ] = mean``), then ``Poisson(τ)``, clipped to
+  ``[min, max]``: most steps near the mean, a heavy tail of deep ones.
+
+``ramp_steps`` raises the mean linearly from ``min`` to ``mean`` over the first ``ramp_steps`` steps
+(for ``uniform``, the upper end rises from ``min`` to ``max``), so early training is shallow and cheap.
+Every draw depends on ``(seed, step)`` only: the same on every process, and a resumed run draws what
+the uninterrupted one drew.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+DISTRIBUTIONS = ("uniform", "poisson_lognormal")
+FIELDS = ("distribution", "mean", "sigma", "min", "max", "ramp_steps")
+
+
+@dataclass(frozen=True)
+class LoopSchedule:
+    """A loop-count distribution for training steps (see the module docstring)."""
+
+    distribution: str = "uniform"
+    min: int = 1
+    max: int = 8
+    mean: float | None = None
+    sigma: float = 0.5
+    ramp_steps: int = 0
+
+    def __post_init__(self) -> None:
+        if self.distribution not in DISTRIBUTIONS:
+            raise ValueError(f"loop_schedule.distribution must be one of {DISTRIBUTIONS}; got {self.distribution!r}")
+        for name in ("min", "max"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"loop_schedule.{name} must be an integer >= 1; got {value!r}")
+        if self.min > self.max:
+            raise ValueError(f"loop_schedule needs min <= max; got min={self.min}, max={self.max}")
+        if isinstance(self.ramp_steps, bool) or not isinstance(self.ramp_steps, int) or self.ramp_steps < 0:
+            raise ValueError(f"loop_schedule.ramp_steps must be an integer >= 0; got {self.ramp_steps!r}")
+        if self.distribution == "poisson_lognormal":
+            if not _number(self.mean) or not self.min <= self.mean <= self.max:
+                raise ValueError(
+                    f"loop_schedule.mean must be a number in [min, max] = [{self.min}, {self.max}] for "
+                    f"poisson_lognormal; got {self.mean!r}"
+                )
+            if not _number(self.sigma) or not self.sigma > 0:
+                raise ValueError(f"loop_schedule.sigma must be a number > 0; got {self.sigma!r}")
+        elif self.mean is not None:
+            raise ValueError("loop_schedule.mean applies to poisson_lognormal only (uniform's mean is (min + max) / 2)")
+
+    @classmethod
+    def from_dict(cls, fields: dict[str, Any]) -> LoopSchedule:
+        """A schedule from a recipe mapping; unknown keys are refused, naming the allowed ones."""
+        unknown = sorted(set(fields) - set(FIELDS))
+        if unknown:
+            raise ValueError(f"loop_schedule: unknown entries {unknown}; allowed: {list(FIELDS)}")
+        return cls(**fields)
+
+    def current_mean(self, step: int) -> float:
+        """The mean loop count at ``step`` (after the ramp: ``mean``, or ``(min + max) / 2`` for uniform)."""
+        target = self.mean if self.distribution == "poisson_lognormal" else (self.min + self.max) / 2
+        return self.min + (target - self.min) * self._ramp(step)
+
+    def _ramp(self, step: int) -> float:
+        return 1.0 if self.ramp_steps == 0 else min(1.0, step / self.ramp_steps)
+
+    def sample(self, seed: int, step: int) -> int:
+        """The loop count of optimizer step ``step`` (0-based) of a run seeded ``seed``."""
+        if self.distribution == "uniform":
+            high = self.min + round((self.max - self.min) * self._ramp(step))
+            return random.Random(f"random_loops/{seed}/{step}").randint(self.min, high)
+        rng = np.random.default_rng([seed, step, 0x100B5])
+        mean = self.current_mean(step)
+        rate = rng.lognormal(math.log(mean) - self.sigma**2 / 2, self.sigma)
+        return int(np.clip(rng.poisson(rate), self.min, self.max))
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
