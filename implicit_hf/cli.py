@@ -1,4 +1,5 @@
-"""``implicit-hf`` command line: ``train``, ``eval``, ``lm-eval``, ``convert`` and the end-to-end ``demo``."""
+"""``implicit-hf`` command line: ``train``, ``eval``, ``lm-eval``, ``lm-eval-data``, ``convert`` and the end-to-end
+``demo``."""
 
 from __future__ import annotations
 
@@ -74,6 +75,38 @@ def convert(args: argparse.Namespace) -> None:
     )
 
 
+def add_lm_eval_data_arguments(parser: argparse.ArgumentParser) -> None:
+    from .eval.harness import _json_object
+
+    parser.add_argument("task", choices=("multihop",), help="the task whose lm-eval data to write")
+    parser.add_argument("--hops", default=None, help="comma-separated hop counts (default: every shipped task)")
+    parser.add_argument("--n", type=int, default=500, help="documents per hop count")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--task-kwargs", type=_json_object, default={}, help="other MultiHopTask arguments (JSON)")
+    parser.add_argument("--out", type=Path, default=None, help="folder (default: where the tasks look by default)")
+
+
+def lm_eval_data(args: argparse.Namespace) -> list[Path]:
+    """Write the data files of the package's lm-eval tasks ``multihop_hops{k}`` and print how to run them."""
+    from .tasks.reasoning.lm_eval_tasks.multihop_data import default_data_dir
+    from .tasks.reasoning.multihop import LM_EVAL_DIR, lm_eval_hops, write_lm_eval_data
+
+    hops = lm_eval_hops() if args.hops is None else [int(k) for k in args.hops.split(",") if k.strip()]
+    out = args.out or default_data_dir()
+    try:
+        paths = write_lm_eval_data(out, hops, n=args.n, seed=args.seed, **args.task_kwargs)
+    except (TypeError, ValueError) as err:
+        raise SystemExit(f"error: {err}") from None
+    print(f"[lm-eval-data] wrote {len(paths)} files to {out}")
+    data = "" if args.out is None else f' --metadata \'{{"data_dir": "{out}"}}\''
+    tasks = ",".join(f"multihop_hops{k}" for k in hops)
+    print(
+        "run them with: lm_eval --model hf --model_args pretrained=DIR,num_loops=K,trust_remote_code=True "
+        f"--include_path {LM_EVAL_DIR} --tasks {tasks}{data}"
+    )
+    return paths
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="implicit-hf", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -90,6 +123,9 @@ def main(argv: list[str] | None = None) -> None:
 
     lm_eval_bridge.add_arguments(
         commands.add_parser("lm-eval", help="run lm-evaluation-harness tasks at several loop counts; write plots")
+    )
+    add_lm_eval_data_arguments(
+        commands.add_parser("lm-eval-data", help="write the data files of the lm-eval tasks this package ships")
     )
     add_convert_arguments(
         commands.add_parser("convert", help="turn a pretrained Llama-family checkpoint into an implicit one")
@@ -109,6 +145,8 @@ def main(argv: list[str] | None = None) -> None:
         run_from_args(args)
     elif args.command == "lm-eval":
         lm_eval_bridge.run_from_args(args)
+    elif args.command == "lm-eval-data":
+        lm_eval_data(args)
     elif args.command == "convert":
         convert(args)
     elif args.command == "demo":

@@ -211,7 +211,7 @@ def evaluated(task, checkpoints, tmp_path_factory):
         seed=0,
         batch_size=4,
         perturb_eps=1e-3,
-        baseline_dir=checkpoints / "explicit",
+        baseline_dirs=[checkpoints / "explicit"],
         task_kwargs={"cache_dir": str(task.cache_dir)},
         device="cpu",
     )
@@ -230,8 +230,9 @@ def test_run_eval_writes_results_json_and_csv(evaluated, checkpoints):
     for record in report["records"]:
         assert math.isfinite(record["quality"]) and math.isfinite(record["lipschitz"])
         assert record["quality"] == record["metrics"]["mse"]
-    baseline = report["baseline"]
+    (baseline,) = report["baselines"]
     assert baseline["model_dir"] == str(checkpoints / "explicit") and baseline["loops"] == 1
+    assert baseline["name"] == "explicit"
     assert math.isfinite(baseline["record"]["quality"]) and baseline["record"]["loops"] == 1
 
     with (out / "results.csv").open() as handle:
@@ -276,6 +277,8 @@ def test_cli_main_end_to_end(task, checkpoints, tmp_path, capsys):
         json.dumps({"cache_dir": str(task.cache_dir), "seq_len": 6}),
         "--baseline",
         str(checkpoints / "explicit"),
+        "--baseline",
+        str(checkpoints / "implicit"),
         "--device",
         "cpu",
     ]
@@ -284,7 +287,9 @@ def test_cli_main_end_to_end(task, checkpoints, tmp_path, capsys):
     assert "loops" in printed and "explicit baseline" in printed and "results.json" in printed
     report = json.loads((out / "results.json").read_text())
     assert report["loops"] == [1, 2, 3, 6] and len(report["records"]) == 4
-    assert report["task"]["task_kwargs"]["seq_len"] == 6 and report["baseline"]["loops"] == 1
+    assert report["task"]["task_kwargs"]["seq_len"] == 6
+    assert [(b["name"], b["loops"]) for b in report["baselines"]] == [("explicit", 1), ("implicit", 4)]
+    assert "explicit baseline implicit (4 loops)" in printed
     assert all((out / name).exists() for name in FILES.values())
     assert result["records"] == report["records"]
 
@@ -310,6 +315,6 @@ def test_run_eval_without_probe_or_baseline(task, checkpoints, tmp_path):
         perturb_eps=0,
         device="cpu",
     )
-    assert result["baseline"] is None and all(r["lipschitz"] is None for r in result["records"])
+    assert result["baselines"] == [] and all(r["lipschitz"] is None for r in result["records"])
     assert not (tmp_path / FILES["lipschitz"]).exists()
     assert (tmp_path / FILES["quality"]).exists() and (tmp_path / FILES["compute"]).exists()

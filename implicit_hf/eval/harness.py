@@ -31,6 +31,7 @@ distance(prompts)`` per pair (`word_edit_distance`), max and mean over pairs.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import importlib
 import json
@@ -479,6 +480,26 @@ def text_lipschitz_probe(
     return records
 
 
+@contextlib.contextmanager
+def recorded_loop_steps(model: torch.nn.Module):
+    """Collect, inside the block, the per-sample solver steps of every forward pass of ``model``'s implicit
+    body (`ImplicitModel`), e.g. the loops each generated token took under halting."""
+    from ..modeling import ImplicitModel
+
+    steps: list[torch.Tensor] = []
+
+    def record(module, args, output) -> None:
+        if output.loop_stats is not None:
+            steps.append(output.loop_stats.steps.detach().cpu())
+
+    handles = [m.register_forward_hook(record) for m in model.modules() if isinstance(m, ImplicitModel)]
+    try:
+        yield steps
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 @torch.no_grad()
 def generative_sweep(
     model: torch.nn.Module,
@@ -499,8 +520,10 @@ def generative_sweep(
     ``task.lipschitz_pairs()`` (``None`` without ``probe`` or pairs; the per-pair details under
     ``text_lipschitz``), ``seconds`` the measured generation time for all rows at ``t``, ``flops``
     `estimate_flops` of one forward pass over the mean generated sequence (with a KV cache every
-    token is computed once; without it generation costs more), ``steps_mean`` ``t`` (no halting) and
-    the residual columns NaN (``generate`` does not return the solver's residuals).
+    token is computed once; without it generation costs more), ``steps_mean`` the mean loops per
+    generated token (measured: every forward pass generate makes yields one token per sequence, and its
+    per-sequence solver steps are recorded; ``t`` without halting, fewer with ``keep_tol``) and the
+    residual columns NaN (``generate`` does not return the solver's residuals).
     """
     tol = None if keep_tol else 0
     prompts = [task.prompt(row) for row in rows]
@@ -517,7 +540,8 @@ def generative_sweep(
     for t in loops:
         _synchronize(device)
         began = time.perf_counter()
-        texts = task.complete(model, prompts, t, batch_size, tol)
+        with recorded_loop_steps(model) as steps:
+            texts = task.complete(model, prompts, t, batch_size, tol)
         _synchronize(device)
         seconds = time.perf_counter() - began
         if len(texts) != len(rows):
@@ -543,7 +567,7 @@ def generative_sweep(
                 "lipschitz_mean": ratios["ratio_mean"] if ratios else None,
                 "rel_residual_mean": math.nan,
                 "rel_residual_max": math.nan,
-                "steps_mean": float(t) if not keep_tol else math.nan,
+                "steps_mean": float(torch.cat(steps).double().mean()) if steps else math.nan,
                 "seconds": seconds,
                 "flops": flops,
                 "text_lipschitz": ratios,
@@ -659,6 +683,12 @@ def train_loops(config) -> int:
     return int(value if value is not None else config.num_loops)
 
 
+def run_name(model_dir: str | Path) -> str:
+    """A checkpoint's name for tables and legends: its training run's folder when it is that run's ``model/``."""
+    path = Path(model_dir)
+    return (path.parent.name if path.name == "model" and path.parent.name else path.name) or str(path)
+
+
 def _model_summary(model: torch.nn.Module, model_dir: str | Path) -> dict[str, Any]:
     config = model.config
     fields = (
@@ -753,7 +783,7 @@ def run_eval(
     seed: int = 0,
     batch_size: int = 64,
     perturb_eps: float | None = 1e-4,
-    baseline_dir: str | Path | None = None,
+    baseline_dirs: Sequence[str | Path] = (),
     task_kwargs: dict[str, Any] | None = None,
     keep_tol: bool = False,
     device: str | None = "auto",
@@ -762,10 +792,11 @@ def run_eval(
     """Sweep the checkpoint in ``model_dir`` over ``loops`` on ``task.build_dataset("test", n, seed)``.
 
     Writes to ``out_dir``: ``results.json`` (run settings, model and task summary, ``loops``,
-    ``records``, ``baseline`` and ``environment``), ``results.csv`` (one row per loop count) and,
-    with ``plots``, the PNGs of `implicit_hf.eval.plots.plot_all`. ``baseline_dir`` is an explicit
-    model (e.g. trained with ``num_loops=1``) evaluated once at its own ``config.num_loops``; its
-    record is stored under ``baseline`` and drawn as a dashed line on the quality plots.
+    ``records``, ``baselines`` and ``environment``), ``results.csv`` (one row per loop count) and,
+    with ``plots``, the PNGs of `implicit_hf.eval.plots.plot_all`. Each of ``baseline_dirs`` is an
+    explicit model (e.g. the same layers trained with ``num_loops=1``, or a non-tied stack) evaluated
+    once at its own ``config.num_loops`` on the same rows; their records are stored under
+    ``baselines`` (each with a ``name``: its run folder) and drawn as dashed lines on the quality plots.
     ``task_name=None`` (and ``task_kwargs=None``) use the task recorded with the model by the
     training loop (`task_for_model`).
     Returns the content of ``results.json`` plus ``files`` (the paths written).
@@ -781,17 +812,20 @@ def run_eval(
     result = sweep(model, task, rows, loops, **settings)
     records = result.pop("records")
 
-    baseline = None
-    if baseline_dir is not None:
+    baselines = []
+    for baseline_dir in baseline_dirs:
         baseline_model = load_model(baseline_dir, task.head, torch_device)
         baseline_loops = int(baseline_model.config.num_loops)
         baseline_result = sweep(baseline_model, task, rows, [baseline_loops], **settings)
-        baseline = {
-            "model_dir": str(baseline_dir),
-            "loops": baseline_loops,
-            "record": baseline_result["records"][0],
-            "model": _model_summary(baseline_model, baseline_dir),
-        }
+        baselines.append(
+            {
+                "name": run_name(baseline_dir),
+                "model_dir": str(baseline_dir),
+                "loops": baseline_loops,
+                "record": baseline_result["records"][0],
+                "model": _model_summary(baseline_model, baseline_dir),
+            }
+        )
         del baseline_model
 
     report = {
@@ -817,7 +851,7 @@ def run_eval(
         "model": _model_summary(model, model_dir),
         "loops": loops,
         "records": records,
-        "baseline": baseline,
+        "baselines": baselines,
         "environment": environment(torch_device),
     }
     report = _builtin(report)
@@ -846,9 +880,9 @@ def _json_object(value: str) -> dict[str, Any]:
     try:
         parsed = json.loads(value)
     except json.JSONDecodeError as error:
-        raise argparse.ArgumentTypeError(f"--task-kwargs must be a JSON object; {error}") from None
+        raise argparse.ArgumentTypeError(f"must be a JSON object; {error}") from None
     if not isinstance(parsed, dict):
-        raise argparse.ArgumentTypeError(f"--task-kwargs must be a JSON object like '{{\"size\": 8}}'; got {value!r}")
+        raise argparse.ArgumentTypeError(f"must be a JSON object like '{{\"size\": 8}}'; got {value!r}")
     return parsed
 
 
@@ -869,7 +903,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument(
         "--perturb-eps", type=float, default=1e-4, help="perturbation size of the Lipschitz probe; 0 skips it"
     )
-    parser.add_argument("--baseline", type=Path, default=None, help="explicit baseline checkpoint (own num_loops)")
+    parser.add_argument(
+        "--baseline",
+        type=Path,
+        action="append",
+        default=[],
+        help="explicit baseline checkpoint, evaluated at its own num_loops (repeat for several)",
+    )
     parser.add_argument(
         "--task-kwargs",
         type=_json_object,
@@ -900,7 +940,7 @@ def run_from_args(args: argparse.Namespace) -> dict[str, Any]:
         seed=args.seed,
         batch_size=args.batch_size,
         perturb_eps=args.perturb_eps,
-        baseline_dir=args.baseline,
+        baseline_dirs=args.baseline,
         task_kwargs=args.task_kwargs,
         keep_tol=args.keep_tol,
         device=args.device,
@@ -915,9 +955,8 @@ def run_from_args(args: argparse.Namespace) -> dict[str, Any]:
             f"{(f'{lipschitz:.4g}' if lipschitz is not None else '-'):>11} "
             f"{record['rel_residual_mean']:>12.3e} {record['seconds']:>9.3f} {record['flops'] / 1e9:>13.4g}"
         )
-    if result["baseline"] is not None:
-        base = result["baseline"]
-        print(f"explicit baseline ({base['loops']} loops): {metric} = {base['record']['quality']:.5g}")
+    for base in result["baselines"]:
+        print(f"explicit baseline {base['name']} ({base['loops']} loops): {metric} = {base['record']['quality']:.5g}")
     for path in result["files"]:
         print(f"wrote {path}")
     if args.model_card:

@@ -6,10 +6,14 @@
     lm_eval --model hf --model_args pretrained=DIR,num_loops=16,trust_remote_code=True --tasks ...
 
 runs the checkpoint at 16 loops (``trust_remote_code=True`` because the ``lm_eval`` process does not
-import ``implicit_hf``; the checkpoint carries its code). `lm_eval_sweep` does this for a list of
-loop counts in one process -- the model is loaded once and its ``config.num_loops`` set per run -- and
-writes ``results.json``, ``results.csv`` and one quality-vs-loops plot per task metric with the
-sweep harness's plotting (`implicit_hf.eval.plots`).
+import ``implicit_hf``; the checkpoint carries its code). `lm_eval_sweep` runs a list of loop counts in
+one process: the model is loaded once, and loglikelihood-type requests (multiple choice, perplexity)
+are scored at EVERY count from one trajectory per batch (`LoopSweepLM`: the model decodes the head
+after each requested iteration of one run at the largest count), so a sweep costs about one pass at
+its largest count instead of one pass per count. Generation (``generate_until``) cannot share a
+trajectory and runs once per count. It writes ``results.json``, ``results.csv``, one
+quality-vs-loops plot per task metric and, for a metric several tasks share (e.g. ``acc`` of
+``multihop_hops4``, ``multihop_hops8``, ...), one plot with a line per task.
 """
 
 from __future__ import annotations
@@ -22,8 +26,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .harness import _normalise_loops, environment, load_model, train_loops
-from .plots import plot_quality_vs_loops
+from .harness import _json_object, _normalise_loops, environment, load_model, train_loops
+from .plots import plot_quality_vs_loops, plot_tasks_vs_loops
 
 # lm_eval metrics where lower is better (everything else it reports is higher-is-better)
 LOWER_IS_BETTER = ("perplexity", "word_perplexity", "byte_perplexity", "bits_per_byte", "ter")
@@ -40,6 +44,90 @@ def _metrics(task_results: dict[str, Any]) -> dict[str, float]:
     return metrics
 
 
+def _loop_sweep_lm_class():
+    """`LoopSweepLM`, defined on first use so that importing this module does not import lm_eval."""
+    import torch
+    from lm_eval.models.huggingface import HFLM
+
+    class LoopSweepLM(HFLM):
+        """An `HFLM` that scores loglikelihood requests at every count of ``loops`` from one trajectory per batch.
+
+        ``loop_count`` chooses which count's scores the loglikelihood methods return and the count that
+        generation runs at. The first request for a batch of contexts runs the model once at
+        ``max(loops)`` with ``return_trajectory=loops`` and lm-eval's own scoring code once per count on
+        those logits; the scores of every count are kept, so evaluating the same requests at the other
+        counts costs no model call.
+        """
+
+        def __init__(self, loops: Sequence[int], **kwargs: Any):
+            super().__init__(**kwargs)
+            self.loops = list(loops)
+            self._scores: dict[tuple, dict[int, tuple[float, bool]]] = {}
+            self._scoring: int | None = None  # the count whose logits _model_call returns while scoring
+            self._trajectory: tuple[torch.Tensor, dict[int, torch.Tensor]] | None = None
+            self.loop_count = self.loops[-1]
+
+        @property
+        def loop_count(self) -> int:
+            return self.model.config.num_loops
+
+        @loop_count.setter
+        def loop_count(self, count: int) -> None:
+            if count not in self.loops:
+                raise ValueError(f"loop_count must be one of the sweep's loop counts {self.loops}; got {count!r}")
+            self.model.config.num_loops = count  # what generate_until runs at
+
+        def _model_call(self, inps: torch.Tensor, attn_mask=None, labels=None) -> torch.Tensor:
+            if self._scoring is None:
+                return super()._model_call(inps, attn_mask, labels)
+            if self._trajectory is None or not torch.equal(self._trajectory[0], inps):
+                autocast = torch.autocast(
+                    device_type=self.device.type,
+                    dtype=self.mixed_precision_dtype,
+                    enabled=self.mixed_precision_dtype is not None,
+                )
+                with torch.no_grad(), autocast:
+                    out = self.model(inps, num_loops=max(self.loops), return_trajectory=self.loops, use_cache=False)
+                self._trajectory = (inps, dict(zip(self.loops, out.trajectory, strict=True)))
+            return self._trajectory[1][self._scoring]
+
+        def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs: int | None = None):
+            key = _request_key
+            todo = [request for request in requests if key(request) not in self._scores]
+            batch = self.batch_size if isinstance(self.batch_size, int) else (override_bs or 1)
+            for chunk in _context_chunks(todo, batch):
+                for count in self.loops:
+                    self._scoring = count
+                    try:
+                        scores = super()._loglikelihood_tokens(chunk, disable_tqdm=True, override_bs=batch)
+                    finally:
+                        self._scoring = None
+                    for request, score in zip(chunk, scores, strict=True):
+                        self._scores.setdefault(key(request), {})[count] = score
+                self._trajectory = None
+            return [self._scores[key(request)][self.loop_count] for request in requests]
+
+    return LoopSweepLM
+
+
+def _request_key(request) -> tuple:
+    """A loglikelihood request ``((context, continuation), context_tokens, continuation_tokens)`` by its tokens."""
+    return tuple(request[1]), tuple(request[2])
+
+
+def _context_chunks(requests: list, batch_size: int) -> list[list]:
+    """``requests`` cut into chunks of ``batch_size`` distinct model inputs (lm-eval scores the one-token
+    continuations of one context from a single row), longest first as lm-eval orders them."""
+    groups: dict[tuple, list] = {}
+    for request in requests:
+        groups.setdefault(tuple(request[1] + request[2][:-1]), []).append(request)
+    ordered = sorted(groups.values(), key=lambda group: -len(group[0][1] + group[0][2]))
+    return [
+        [request for group in ordered[start : start + batch_size] for request in group]
+        for start in range(0, len(ordered), batch_size)
+    ]
+
+
 def lm_eval_sweep(
     model_dir: str | Path,
     tasks: Sequence[str],
@@ -51,8 +139,15 @@ def lm_eval_sweep(
     num_fewshot: int | None = None,
     device: str = "cpu",
     log_samples: bool = False,
+    metadata: dict[str, Any] | None = None,
+    share_trajectory: bool = True,
 ) -> dict[str, Any]:
-    """Run lm-evaluation-harness ``tasks`` on the implicit LM in ``model_dir`` at every loop count."""
+    """Run lm-evaluation-harness ``tasks`` on the implicit LM in ``model_dir`` at every loop count.
+
+    ``metadata`` is lm-eval's ``--metadata`` (task arguments, e.g. ``{"data_dir": ...}``). With
+    ``share_trajectory`` (default) loglikelihood requests are scored at every count from one trajectory
+    (`LoopSweepLM`); without it every count is a separate lm-eval pass (the reference it equals).
+    """
     import lm_eval
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
@@ -61,11 +156,16 @@ def lm_eval_sweep(
     loop_counts = _normalise_loops(loops)
     model = load_model(model_dir, "causal_lm", device)
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    task_manager = TaskManager(include_path=str(include_path) if include_path else None)
+    task_manager = TaskManager(include_path=str(include_path) if include_path else None, metadata=metadata)
+    settings = {"pretrained": model, "tokenizer": tokenizer, "batch_size": batch_size, "device": device}
+    lm = _loop_sweep_lm_class()(loop_counts, **settings) if share_trajectory else None
     runs = []
     for count in loop_counts:
-        model.config.num_loops = count  # the default every forward and generate call uses
-        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device)
+        if share_trajectory:
+            lm.loop_count = count
+        else:
+            model.config.num_loops = count  # the default every forward and generate call uses
+            lm = HFLM(**settings)
         output = lm_eval.simple_evaluate(
             model=lm,
             tasks=list(tasks),
@@ -82,7 +182,13 @@ def lm_eval_sweep(
         "model": {"model_dir": str(model_dir), "train_loops": train_loops(model.config), "solver": model.config.solver},
         "tasks": list(tasks),
         "loops": loop_counts,
-        "run": {"limit": limit, "num_fewshot": num_fewshot, "batch_size": batch_size},
+        "run": {
+            "limit": limit,
+            "num_fewshot": num_fewshot,
+            "batch_size": batch_size,
+            "share_trajectory": share_trajectory,
+            "metadata": metadata,
+        },
         "environment": environment(),
         "runs": runs,
     }
@@ -121,9 +227,24 @@ def _plot(report: dict[str, Any], out: Path) -> list[Path]:
             "run": {"n": report["run"]["limit"] or "all"},
             "records": [{"loops": t, "quality": v} for t, v in zip(report["loops"], values, strict=True)],
         }
-        safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in f"{task}_{metric}")
-        paths.append(plot_quality_vs_loops(plot_report, out / f"lm_eval_{safe}_vs_loops.png"))
+        paths.append(plot_quality_vs_loops(plot_report, out / f"lm_eval_{_file_safe(f'{task}_{metric}')}_vs_loops.png"))
+    for metric in sorted({metric for _, metric in pairs}):
+        tasks = [task for task, m in pairs if m == metric]
+        if len(tasks) > 1:  # e.g. acc of multihop_hops4 / 8 / 16: one line per task in one plot
+            series = {
+                task: [run["tasks"].get(task, {}).get(metric, math.nan) for run in report["runs"]] for task in tasks
+            }
+            path = out / f"lm_eval_{_file_safe(metric)}_vs_loops.png"
+            paths.append(
+                plot_tasks_vs_loops(
+                    report["loops"], series, metric, metric not in LOWER_IS_BETTER, report["model"], path
+                )
+            )
     return paths
+
+
+def _file_safe(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_" else "_" for c in name)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -135,6 +256,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--limit", type=float, default=None, help="documents per task (lm_eval's --limit)")
     parser.add_argument("--num-fewshot", type=int, default=None)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--metadata", type=_json_object, default=None, help="lm-eval's --metadata (a JSON object)")
+    parser.add_argument(
+        "--per-count-passes",
+        action="store_true",
+        help="one full lm-eval pass per loop count instead of scoring every count from one trajectory",
+    )
     parser.add_argument("--out", type=Path, default=Path("outputs/lm_eval"))
     return parser
 
@@ -153,6 +280,8 @@ def run_from_args(args: argparse.Namespace) -> dict[str, Any]:
         limit=limit,
         num_fewshot=args.num_fewshot,
         device=args.device,
+        metadata=args.metadata,
+        share_trajectory=not args.per_count_passes,
     )
     for run in report["runs"]:
         summary = ", ".join(f"{task} {m}={v:.4g}" for task, ms in run["tasks"].items() for m, v in ms.items())

@@ -1,9 +1,9 @@
 """PNG plots of a loop-count sweep (matplotlib, Agg backend; no display needed).
 
 Every function takes the report `implicit_hf.eval.harness.run_eval` writes to ``results.json``
-(``task``, ``model``, ``records``, optional ``baseline``) and a path. Loop axes are log2-scaled;
-the model's training loop count is a vertical dotted line and an explicit baseline, when there is
-one, a horizontal dashed line labelled "explicit baseline" on the quality plots.
+(``task``, ``model``, ``records``, ``baselines``) and a path. Loop axes are log2-scaled; the model's
+training loop count is a vertical dotted line and each explicit baseline a horizontal dashed line
+labelled with its name on the quality plots.
 """
 
 from __future__ import annotations
@@ -18,6 +18,8 @@ matplotlib.use("Agg")
 
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator  # noqa: E402
+
+from .harness import run_name  # noqa: E402
 
 LOOPS_LABEL = "core iterations t (loops, log2 scale)"
 FILES = {
@@ -76,9 +78,7 @@ def _quality_label(report: dict) -> str:
 
 
 def _title(report: dict, what: str) -> str:
-    path = Path(report["model"]["model_dir"])
-    # a training run's final model lives in RUN/model: the run's name says more than "model"
-    model = (path.parent.name if path.name == "model" and path.parent.name else path.name) or str(path)
+    model = run_name(report["model"]["model_dir"])
     return f"{report['task']['name']}: {what}\n{model} ({report['model'].get('solver', '?')}, n={report['run']['n']})"
 
 
@@ -88,11 +88,14 @@ def _train_line(ax, report: dict) -> None:
         ax.axvline(loops, color="0.35", linestyle=":", linewidth=1.5, label=f"training loops ({loops})")
 
 
-def _baseline_line(ax, report: dict) -> None:
-    baseline = report.get("baseline")
-    if baseline:
-        quality = baseline["record"]["quality"]
-        ax.axhline(quality, color="C3", linestyle="--", linewidth=1.5, label="explicit baseline")
+def _baselines(report: dict) -> list[dict]:
+    return report.get("baselines") or []
+
+
+def _baseline_lines(ax, report: dict) -> None:
+    for k, baseline in enumerate(_baselines(report)):
+        label = f"explicit baseline: {baseline['name']}" if baseline.get("name") else "explicit baseline"
+        ax.axhline(baseline["record"]["quality"], color=f"C{3 + k}", linestyle="--", linewidth=1.5, label=label)
 
 
 def _save(fig, path: Path) -> Path:
@@ -108,14 +111,39 @@ def plot_quality_vs_loops(report: dict, path: str | Path) -> Path:
     quality = _column(records, "quality")
     fig, ax = plt.subplots(figsize=(7, 4.5))
     ax.plot(loops, quality, marker="o", markersize=4, label="implicit model")
-    _baseline_line(ax, report)
+    _baseline_lines(ax, report)
     _train_line(ax, report)
     _loops_axis(ax, loops, [report["model"].get("train_loops") or loops[0]])
-    _auto_quality_scale(ax, quality + ([report["baseline"]["record"]["quality"]] if report.get("baseline") else []))
+    _auto_quality_scale(ax, quality + [b["record"]["quality"] for b in _baselines(report)])
     ax.set_ylabel(_quality_label(report))
     ax.set_title(_title(report, f"{report['task']['quality_metric']} vs loop count"))
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
+    return _save(fig, Path(path))
+
+
+def plot_tasks_vs_loops(
+    loops: list[int],
+    series: dict[str, list[float]],
+    metric: str,
+    higher_is_better: bool,
+    model: dict[str, Any],
+    path: str | Path,
+) -> Path:
+    """One metric of several tasks against the loop count, a line per task (e.g. accuracy at hops 4, 8, 16)."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, values in series.items():
+        ax.plot(loops, [math.nan if v is None else float(v) for v in values], marker="o", markersize=4, label=name)
+    train = model.get("train_loops")
+    if train:
+        ax.axvline(train, color="0.35", linestyle=":", linewidth=1.5, label=f"training loops ({train})")
+    _loops_axis(ax, loops, [train or loops[0]])
+    ax.set_ylabel(f"{metric} ({'higher' if higher_is_better else 'lower'} is better)")
+    ax.set_title(
+        f"{metric} vs loop count, one line per task\n{run_name(model['model_dir'])} ({model.get('solver', '?')})"
+    )
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
     return _save(fig, Path(path))
 
 
@@ -164,7 +192,7 @@ def plot_quality_vs_compute(report: dict, path: str | Path) -> Path:
     """Two panels: quality against wall-clock seconds and against estimated FLOPs per sample."""
     records = report["records"]
     quality = _column(records, "quality")
-    baseline = report.get("baseline")
+    baselines = _baselines(report)
     n = report["run"]["n"]
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
     panels = (
@@ -178,23 +206,23 @@ def plot_quality_vs_compute(report: dict, path: str | Path) -> Path:
             t = record["loops"]
             if t & (t - 1) == 0 and math.isfinite(x) and math.isfinite(y):  # label the powers of two
                 ax.annotate(f"t={t}", (x, y), textcoords="offset points", xytext=(3, 4), fontsize=7)
-        if baseline:
-            _baseline_line(ax, report)
+        _baseline_lines(ax, report)
+        for k, baseline in enumerate(baselines):
             ax.plot(
                 [baseline["record"][key]],
                 [baseline["record"]["quality"]],
                 marker="*",
                 markersize=12,
-                color="C3",
+                color=f"C{3 + k}",
                 linestyle="none",
-                label=f"explicit baseline cost ({baseline['loops']} loop(s))",
+                label=f"{baseline.get('name') or 'explicit baseline'} cost ({baseline['loops']} loop(s))",
             )
         if any(v > 0 for v in _finite(cost)):
             ax.set_xscale("log")
         ax.set_xlabel(xlabel)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
-    _auto_quality_scale(axes[0], quality + ([baseline["record"]["quality"]] if baseline else []))
+    _auto_quality_scale(axes[0], quality + [b["record"]["quality"] for b in baselines])
     axes[0].set_ylabel(_quality_label(report))
     axes[0].set_title("quality vs wall-clock time")
     axes[1].set_title("quality vs estimated FLOPs")

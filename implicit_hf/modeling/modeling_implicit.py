@@ -126,13 +126,16 @@ def _rows(x: torch.Tensor | None, index: torch.Tensor, batch: int) -> torch.Tens
     return x[index]
 
 
+def _additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A boolean mask (True: attend) as an additive float mask (0 or -inf); a float mask unchanged."""
+    if mask.dtype != torch.bool:
+        return mask.to(dtype)
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, float("-inf"))
+
+
 def _add_bias(mask: torch.Tensor | None, bias: torch.Tensor) -> torch.Tensor:
     """An additive float mask ``(B, H, T, T)``: the attention mask (bool or additive) plus ``bias``."""
-    if mask is None:
-        return bias
-    if mask.dtype == torch.bool:
-        mask = torch.zeros(mask.shape, dtype=bias.dtype, device=bias.device).masked_fill(~mask, float("-inf"))
-    return mask.to(bias.dtype) + bias
+    return bias if mask is None else _additive(mask, bias.dtype) + bias
 
 
 def _loop_counts(requested: Sequence[int]) -> list[int]:
@@ -313,6 +316,8 @@ class ImplicitModel(ImplicitPreTrainedModel):
             )
         if edge_features is not None:
             mask = _add_bias(mask, self.edge_bias(edge_features).permute(0, 3, 1, 2))
+        elif attention_mask is not None and attention_mask.ndim == 4 and self.config._attn_implementation == "eager":
+            mask = _additive(mask, hidden.dtype)  # a custom 4-D mask passes through as given; eager adds it
         cos, sin = self.rotary_emb(hidden, position_ids)
         # Padding positions (a 2-D attention mask's zeros) hold zeros in the state: they are masked out of
         # attention anyway, and this keeps them out of the residual norms that decide halting. Without

@@ -5,38 +5,48 @@ Text form
 A prompt is a list of assignments forming ``1 + distractors`` disjoint chains, then a question about
 the last variable of the first chain; the answer (one digit) is written right after the question::
 
-    prompt:      "qa=4; kd=7; xb=qa; mc=xb; ue=kd; mc?"
+    prompt:      "4>qa; 7>kd; qa>xb; xb>mc; kd>ue; ?mc"
     completion:  "4"                                     (mc = xb = qa = 4: three hops)
 
-A chain of ``h`` hops is ``h`` assignments: its first variable gets a digit, every later one the
-previous variable (``update="copy"``) or the previous variable plus a digit, modulo 10
-(``update="add"``: ``"xb=qa+3"``), so that every hop changes the value and no root value can stand in
-for the answer. Variables are two-letter names drawn without replacement from the first
-``num_variables`` of ``aa, ab, ..., zz``. ``order="interleaved"`` keeps each chain's assignments in
-chain order and interleaves the chains at random; ``order="shuffled"`` shuffles all assignments.
-With a causal model, interleaved order lets every assignment's position resolve its own value from
-earlier ones, one hop per layer application (a looped core can run as many as it needs); shuffled
-order leaves all the hops to the question's position.
+``v>w`` assigns the value of ``v`` (a digit or a variable) to ``w``. A chain of ``h`` hops is ``h``
+assignments: its first variable gets a digit, every later one the previous variable
+(``update="copy"``) or the previous variable plus a digit, modulo 10 (``update="add"``:
+``"qa+3>xb"``), so that every hop changes the value and no chain's first digit can stand in for the
+answer. Variables are two-letter names drawn without replacement from the first ``num_variables`` of
+``aa, ab, ..., zz``. ``order="interleaved"`` keeps each chain's assignments in chain order and
+interleaves the chains at random; ``order="shuffled"`` shuffles all assignments. With a causal
+model, interleaved order lets every assignment resolve its value from earlier ones, one hop per
+layer application (a looped core runs as many as it needs); shuffled order leaves all the hops to
+the question's position.
 
-``hops`` is the length of every chain: an integer, or ``[min, max]`` to draw each chain's length
-uniformly (training mixes difficulties; evaluation fixes it). Only the first chain is asked in the
-prompt; training rows also ask the other chains (``queries`` of them, each question right after the
-previous answer: ``"...; mc?4; ue?7"``), a denser signal that leaks nothing, since chains share no
-variable. Rows: ``prompt``, ``completion``, ``answer``, ``hops`` (the asked chain's) and, for the
-training sequence, ``statements``, ``questions``, ``answers``; deterministic in ``(split, n, seed)``
-(`split_rng`; a smaller ``n`` is a prefix), cached with `cached_dataset`.
+Why this form: the value comes before the name it is given, so the position of a name holds its own
+identity (the key of a lookup) and the value sits one step behind it; every name, digit and symbol
+is one token. ``hops`` is the length of every chain: an integer, or ``[min, max]`` to draw each
+chain's length uniformly (training mixes difficulties; evaluation fixes it).
 
-Tokenizer, training, scoring
-----------------------------
-A word-level tokenizer (`multihop_tokenizer`: names, digits, ``= ; ? +`` each one token, spaces
-dropped; `PreTrainedTokenizerFast`, LEFT padding) saved next to a trained model. ``encode`` gives
-``[BOS] statements questions-and-answers`` right-padded, with ``labels`` on the answer digits only.
-The task is generative: `complete` generates the one answer token with ``model.generate(...,
-num_loops=K)`` (halting with ``tol``), and the local metric (``metrics/multihop_metrics.py``) scores
-``exact_match`` of the answer. `lipschitz_pairs` gives prompt pairs that differ by one token (a
-chain's first digit; half of them in the asked chain) for the text Lipschitz probe. The
-lm-evaluation-harness tasks ``multihop_hops{k}`` (``tasks/reasoning/lm_eval/``) score the same
-prompts as a 10-way choice of the answer digit; `write_lm_eval_data` writes their data files.
+Questions and training rows
+---------------------------
+Only the first chain is asked in the prompt. A training sequence asks many questions about the same
+assignments (``questions="all"``: every variable, so every depth from 1 to the chain's length is
+supervised; ``"last"``: the last variable of every chain), each seeing the assignments and itself
+only: ``encode`` writes them after the assignments with a 4-D attention mask that hides the questions
+from each other and position ids that restart where the assignments end, so every question is
+exactly the prompt a model is asked at evaluation (and no answer can be read off another question
+or found by elimination). Labels are on the answer digits only. Rows: ``prompt``, ``completion``,
+``answer``, ``hops`` (the asked chain's), ``statements``, ``questions``, ``answers``;
+deterministic in ``(split, n, seed)`` (`split_rng`; a smaller ``n`` is a prefix), cached with
+`cached_dataset`.
+
+Tokenizer, scoring, lm-eval
+---------------------------
+A word-level tokenizer (`multihop_tokenizer`: names, digits, ``> ; ? +`` each one token, spaces
+dropped; `PreTrainedTokenizerFast`, LEFT padding) saved next to a trained model. The task is
+generative: `complete` generates the answer token with ``model.generate(..., num_loops=K)``
+(halting with ``tol``), and the local metric (``metrics/multihop_metrics.py``) scores
+``exact_match``. `lipschitz_pairs` gives prompt pairs that differ by one token (a chain's first
+digit; in the asked chain for every other pair) for the text Lipschitz probe. The
+lm-evaluation-harness tasks ``multihop_hops{k}`` (``tasks/reasoning/lm_eval_tasks/``) score the
+same prompts as a 10-way choice of the answer digit; `write_lm_eval_data` writes their data files.
 """
 
 from __future__ import annotations
@@ -55,11 +65,12 @@ from ..base import Example, TaskAdapter, cached_dataset, check_size_and_seed, lo
 SPECIAL_TOKENS = ("[PAD]", "[BOS]", "[EOS]", "[UNK]")
 PAD_ID, BOS_ID, EOS_ID, UNK_ID = range(4)
 DIGITS = tuple(string.digits)
-SYMBOLS = ("=", ";", "?", "+")
+SYMBOLS = (">", ";", "?", "+")
 NAMES = tuple("".join(pair) for pair in itertools.product(string.ascii_lowercase, repeat=2))
 UPDATES = ("copy", "add")
 ORDERS = ("interleaved", "shuffled")
-LM_EVAL_DIR = Path(__file__).parent / "lm_eval"
+QUESTIONS = ("all", "last")
+LM_EVAL_DIR = Path(__file__).parent / "lm_eval_tasks"
 
 
 def multihop_tokenizer():
@@ -86,10 +97,7 @@ def multihop_tokenizer():
 
 
 def _hop_range(hops: Any) -> tuple[int, int]:
-    if isinstance(hops, (list, tuple)) and len(hops) == 2:
-        low, high = hops
-    else:
-        low = high = hops
+    low, high = hops if isinstance(hops, (list, tuple)) and len(hops) == 2 else (hops, hops)
     for value in (low, high):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
             raise ValueError(f"hops must be an integer >= 1 or [min, max] of such integers; got {hops!r}")
@@ -98,8 +106,13 @@ def _hop_range(hops: Any) -> tuple[int, int]:
     return int(low), int(high)
 
 
+def _choice(name: str, value: Any, allowed: tuple) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {allowed}; got {value!r}")
+
+
 class MultiHopTask(TaskAdapter):
-    """Answer ``x?`` after a list of chained assignments: ``hops`` serial lookups, no intermediate text."""
+    """Answer ``?x`` after a list of chained assignments: ``hops`` serial lookups, no intermediate text."""
 
     name = "multihop"
     head = "causal_lm"
@@ -114,7 +127,7 @@ class MultiHopTask(TaskAdapter):
         distractors: int = 3,
         update: str = "copy",
         order: str = "interleaved",
-        queries: int | None = None,
+        questions: str = "all",
         num_variables: int = len(NAMES),
         use_cache: bool = True,
         pairs: int = 150,
@@ -124,20 +137,12 @@ class MultiHopTask(TaskAdapter):
         for name, value, low in (("distractors", distractors, 0), ("pairs", pairs, 1)):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"{name} must be an integer >= {low}; got {value!r}")
-        if update not in UPDATES:
-            raise ValueError(f"update must be one of {UPDATES}; got {update!r}")
-        if order not in ORDERS:
-            raise ValueError(f"order must be one of {ORDERS}; got {order!r}")
-        chains = distractors + 1
-        queries = chains if queries is None else queries
-        if isinstance(queries, bool) or not isinstance(queries, int) or not 1 <= queries <= chains:
-            raise ValueError(f"queries must be an integer in [1, distractors + 1 = {chains}]; got {queries!r}")
-        if (
-            isinstance(num_variables, bool)
-            or not isinstance(num_variables, int)
-            or not 1 <= num_variables <= len(NAMES)
-        ):
+        _choice("update", update, UPDATES)
+        _choice("order", order, ORDERS)
+        _choice("questions", questions, QUESTIONS)
+        if isinstance(num_variables, bool) or not isinstance(num_variables, int) or not 0 < num_variables <= len(NAMES):
             raise ValueError(f"num_variables must be an integer in [1, {len(NAMES)}]; got {num_variables!r}")
+        chains = distractors + 1
         if chains * self.max_hops > num_variables:
             raise ValueError(
                 f"{chains} chains of up to {self.max_hops} hops need {chains * self.max_hops} distinct variables; "
@@ -145,7 +150,7 @@ class MultiHopTask(TaskAdapter):
             )
         if not isinstance(use_cache, bool):
             raise ValueError(f"use_cache must be true or false; got {use_cache!r}")
-        self.distractors, self.update, self.order, self.queries = distractors, update, order, queries
+        self.distractors, self.update, self.order, self.questions = distractors, update, order, questions
         self.num_variables, self.use_cache, self.num_pairs = num_variables, use_cache, pairs
         self.tokenizer = multihop_tokenizer()
 
@@ -168,7 +173,7 @@ class MultiHopTask(TaskAdapter):
         """Where `build_dataset` caches ``(split, n, seed)``."""
         return self.cache_dir / (
             f"{split}-hops{self.min_hops}to{self.max_hops}-d{self.distractors}-{self.update}-{self.order}"
-            f"-q{self.queries}-v{self.num_variables}-{n}-seed{seed}"
+            f"-{self.questions}-v{self.num_variables}-{n}-seed{seed}"
         )
 
     def build_dataset(self, split: str, n: int, seed: int):
@@ -190,15 +195,13 @@ class MultiHopTask(TaskAdapter):
         """One problem: the chains, their assignments in the task's order, and the questions."""
         chains = self.distractors + 1
         lengths = rng.integers(self.min_hops, self.max_hops + 1, size=chains).tolist()
-        names = [NAMES[i] for i in rng.choice(self.num_variables, size=sum(lengths), replace=False).tolist()]
-        variables = [names[sum(lengths[:c]) : sum(lengths[: c + 1])] for c in range(chains)]
+        picked = [NAMES[i] for i in rng.choice(self.num_variables, size=sum(lengths), replace=False).tolist()]
+        variables = [picked[sum(lengths[:c]) : sum(lengths[: c + 1])] for c in range(chains)]
         roots = rng.integers(0, 10, size=chains).tolist()
-        deltas = [
-            rng.integers(1, 10, size=length - 1).tolist() if self.update == "add" else [0] * (length - 1)
-            for length in lengths
-        ]
-        statements = [chain_statements(v, r, d, self.update) for v, r, d in zip(variables, roots, deltas, strict=True)]
-        answers = [(root + sum(delta)) % 10 for root, delta in zip(roots, deltas, strict=True)]
+        statements = []
+        for names, root in zip(variables, roots, strict=True):
+            deltas = rng.integers(1, 10, size=len(names) - 1).tolist() if self.update == "add" else None
+            statements.append(chain_statements(names, root, deltas))
         if self.order == "interleaved":  # a random interleaving that keeps every chain in order
             owners = rng.permutation(np.repeat(np.arange(chains), lengths)).tolist()
             cursor = [0] * chains
@@ -209,44 +212,52 @@ class MultiHopTask(TaskAdapter):
         else:
             flat = [s for chain in statements for s in chain]
             ordered = [flat[i] for i in rng.permutation(len(flat)).tolist()]
-        asked = [0, *(1 + rng.permutation(chains - 1)).tolist()][: self.queries]
-        return make_row(ordered, [variables[c][-1] for c in asked], [answers[c] for c in asked], lengths[0])
+        if self.questions == "last":
+            asked = [names[-1] for names in variables]
+        else:
+            asked = [name for names in variables for name in names]
+        first = asked.index(variables[0][-1])
+        others = [asked[i] for i in rng.permutation(len(asked)).tolist() if i != first]
+        return make_row(ordered, [variables[0][-1], *others], lengths[0])
 
     # ------------------------------------------------------------------ encode / decode
 
     def encode(self, examples: list[Example]) -> dict[str, torch.Tensor]:
-        """Training sequences (every question and answer) right-padded, ``labels`` on the answer digits;
-        rows without ``answers`` (prompts only) are encoded as their prompt, without labels."""
+        """Training rows: the assignments, then every question with its answer, each question hidden from the
+        others (a 4-D boolean ``attention_mask`` ``(B, 1, T, T)`` and ``position_ids``), ``labels`` on the answer
+        digits only. Rows without ``answers`` are encoded as their prompt (2-D mask, no labels)."""
         if not examples:
             raise ValueError("encode needs at least one example")
-        with_labels = all(example.get("answers") for example in examples)
-        sequences, answer_positions = [], []
+        if not all(example.get("answers") for example in examples):
+            prompts = self.tokenizer([example["prompt"] for example in examples], padding=True, return_tensors="pt")
+            return {"input_ids": prompts["input_ids"], "attention_mask": prompts["attention_mask"]}
+        question_mark = self.tokenizer.convert_tokens_to_ids("?")
+        rows = []
         for example in examples:
-            if not with_labels:
-                sequences.append(self.tokenizer(example["prompt"])["input_ids"])
-                answer_positions.append([])
-                continue
-            ids = self.tokenizer(example["statements"] + ";")["input_ids"]
-            positions = []
-            for question, answer in zip(example["questions"], example["answers"], strict=True):
-                ids += self.tokenizer(f"{question}?", add_special_tokens=False)["input_ids"]
-                positions.append(len(ids))
-                ids += [self.tokenizer.convert_tokens_to_ids(str(answer))]
-                ids += [self.tokenizer.convert_tokens_to_ids(";")]
-            sequences.append(ids[:-1])  # no separator after the last answer
-            answer_positions.append(positions)
-        batch, length = len(sequences), max(len(s) for s in sequences)
+            prefix = self.tokenizer(example["statements"] + ";")["input_ids"]
+            names = self.tokenizer.convert_tokens_to_ids(example["questions"])
+            digits = self.tokenizer.convert_tokens_to_ids([str(a) for a in example["answers"]])
+            rows.append((prefix, [(question_mark, name, digit) for name, digit in zip(names, digits, strict=True)]))
+        length = max(len(prefix) + 3 * len(questions) for prefix, questions in rows)
+        batch = len(rows)
         input_ids = torch.full((batch, length), PAD_ID, dtype=torch.long)
-        attention_mask = torch.zeros(batch, length, dtype=torch.long)
+        position_ids = torch.zeros((batch, length), dtype=torch.long)
         labels = torch.full((batch, length), -100, dtype=torch.long)
-        for k, (sequence, positions) in enumerate(zip(sequences, answer_positions, strict=True)):
-            input_ids[k, : len(sequence)] = torch.tensor(sequence)
-            attention_mask[k, : len(sequence)] = 1
-            labels[k, positions] = input_ids[k, positions]
-        encoded = {"input_ids": input_ids, "attention_mask": attention_mask}
-        if with_labels:
-            encoded["labels"] = labels
-        return encoded
+        mask = torch.eye(length, dtype=torch.bool).repeat(batch, 1, 1, 1)  # padding attends to itself only
+        causal = torch.ones(length, length, dtype=torch.bool).tril()
+        for k, (prefix, questions) in enumerate(rows):
+            start = len(prefix)
+            input_ids[k, :start] = torch.tensor(prefix)
+            position_ids[k, :start] = torch.arange(start)
+            mask[k, 0, :start, :start] = causal[:start, :start]
+            for q, tokens in enumerate(questions):
+                at = start + 3 * q
+                input_ids[k, at : at + 3] = torch.tensor(tokens)
+                position_ids[k, at : at + 3] = torch.arange(start, start + 3)
+                mask[k, 0, at : at + 3, :start] = True
+                mask[k, 0, at : at + 3, at : at + 3] = causal[:3, :3]
+                labels[k, at + 2] = tokens[2]
+        return {"input_ids": input_ids, "attention_mask": mask, "position_ids": position_ids, "labels": labels}
 
     def decode(self, logits: torch.Tensor, inputs: dict[str, torch.Tensor]) -> list[str]:
         """The answer digit predicted after the first question of every row (teacher-forced logits)."""
@@ -259,7 +270,7 @@ class MultiHopTask(TaskAdapter):
             positions = (inputs["input_ids"][k] == question).nonzero()
             if positions.numel() == 0:
                 raise ValueError(f"row {k}: no '?' in the input")
-            scores = logits[k, int(positions[0]), digit_ids]
+            scores = logits[k, int(positions[0]) + 1, digit_ids]  # read at the asked name, after the '?'
             texts.append(DIGITS[int(scores.argmax())])
         return texts
 
@@ -320,27 +331,27 @@ class MultiHopTask(TaskAdapter):
         generators = [np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(len(examples))]
         perturbed, norms = [], []
         for example, rng in zip(examples, generators, strict=True):
-            chains = parse_chains(example["statements"])
-            changes = min(max(1, round(eps)), len(chains))
+            roots = first_digits(example["statements"])
+            changes = min(max(1, round(eps)), len(roots))
             row = example
-            for root in rng.permutation(sorted(chains))[:changes].tolist():
-                row = change_root(row, root, int((chains[root] + rng.integers(1, 10)) % 10))
+            for root in rng.permutation(sorted(roots))[:changes].tolist():
+                row = change_first_digit(row, root, int((roots[root] + rng.integers(1, 10)) % 10))
             perturbed.append(row)
             norms.append(float(changes))
         return perturbed, torch.tensor(norms, dtype=torch.float64)
 
     def lipschitz_pairs(self) -> list[dict[str, Any]]:
-        """``pairs`` prompt pairs of the text Lipschitz probe (test-split problems at the task's hops): the
-        same problem with one chain's first digit changed, in the asked chain for every other pair."""
+        """``pairs`` prompt pairs of the text Lipschitz probe (problems at the task's hops): the same problem with
+        one chain's first digit changed, in the asked chain for every other pair."""
         rng = split_rng("pairs", 0)
         pairs = []
         for k in range(self.num_pairs):
             row = self.random_row(rng)
-            chains = parse_chains(row["statements"])
-            asked_root = chain_of(row["statements"], row["questions"][0])
-            others = [root for root in sorted(chains) if root != asked_root]
-            root = asked_root if k % 2 == 0 or not others else others[int(rng.integers(len(others)))]
-            other = change_root(row, root, int((chains[root] + rng.integers(1, 10)) % 10))
+            roots = first_digits(row["statements"])
+            asked = chain_start(row["statements"], row["questions"][0])
+            others = [root for root in sorted(roots) if root != asked]
+            root = asked if k % 2 == 0 or not others else others[int(rng.integers(len(others)))]
+            other = change_first_digit(row, root, int((roots[root] + rng.integers(1, 10)) % 10))
             pairs.append(
                 {
                     "prompt_a": row["prompt"],
@@ -355,41 +366,33 @@ class MultiHopTask(TaskAdapter):
 # ---------------------------------------------------------------------- problems and text
 
 
-def chain_statements(variables: list[str], root: int, deltas: list[int], update: str) -> list[str]:
-    """The assignments of one chain: ``v0=root``, then ``v_i=v_{i-1}`` (copy) or ``v_i=v_{i-1}+d`` (add)."""
-    statements = [f"{variables[0]}={root}"]
-    for previous, variable, delta in zip(variables[:-1], variables[1:], deltas, strict=True):
-        statements.append(f"{variable}={previous}+{delta}" if update == "add" else f"{variable}={previous}")
+def chain_statements(variables: list[str], root: int, deltas: list[int] | None = None) -> list[str]:
+    """The assignments of one chain: ``root>v0``, then ``v_{i-1}>v_i`` (copy) or ``v_{i-1}+d>v_i`` (add)."""
+    statements = [f"{root}>{variables[0]}"]
+    for i, (previous, variable) in enumerate(itertools.pairwise(variables)):
+        statements.append(f"{previous}>{variable}" if deltas is None else f"{previous}+{deltas[i]}>{variable}")
     return statements
 
 
-def make_row(statements: list[str], questions: list[str], answers: list[int], hops: int) -> Example:
-    """A data-set row: the assignments (in order), the questions asked and their answers (the first is the prompt's)."""
-    text = "; ".join(statements)
-    return {
-        "prompt": f"{text}; {questions[0]}?",
-        "completion": str(answers[0]),
-        "answer": int(answers[0]),
-        "hops": int(hops),
-        "statements": text,
-        "questions": list(questions),
-        "answers": [int(a) for a in answers],
-    }
+def parse_statements(statements: str) -> dict[str, tuple[str, int]]:
+    """``{variable: (source, delta)}`` of ``"4>a; a+3>b; ..."`` (``source`` a variable or a digit)."""
+    rules = {}
+    for statement in statements.split(";"):
+        source, _, target = statement.strip().partition(">")
+        name, _, delta = source.partition("+")
+        rules[target] = (name, int(delta or 0))
+    return rules
 
 
 def evaluate_statements(statements: str) -> dict[str, int]:
-    """The value of every variable of ``"a=4; b=a+3; ..."`` (modulo 10), in any order of the assignments."""
-    rules = {}
-    for statement in statements.split(";"):
-        target, _, source = statement.strip().partition("=")
-        name, _, delta = source.partition("+")
-        rules[target] = (name, int(delta or 0))
+    """The value of every variable of ``"4>a; a+3>b; ..."`` (modulo 10), in any order of the assignments."""
+    rules = parse_statements(statements)
     values: dict[str, int] = {}
 
     def value(variable: str) -> int:
         if variable not in values:
-            name, delta = rules[variable]
-            values[variable] = ((int(name) if name.isdigit() else value(name)) + delta) % 10
+            source, delta = rules[variable]
+            values[variable] = ((int(source) if source.isdigit() else value(source)) + delta) % 10
         return values[variable]
 
     for variable in rules:
@@ -397,42 +400,59 @@ def evaluate_statements(statements: str) -> dict[str, int]:
     return values
 
 
-def parse_chains(statements: str) -> dict[str, int]:
+def first_digits(statements: str) -> dict[str, int]:
     """``{first variable: its digit}`` of every chain in ``statements``."""
-    chains = {}
-    for statement in statements.split(";"):
-        target, _, source = statement.strip().partition("=")
-        if source.isdigit():
-            chains[target] = int(source)
-    return chains
+    return {target: int(source) for target, (source, _) in parse_statements(statements).items() if source.isdigit()}
 
 
-def chain_of(statements: str, variable: str) -> str:
+def chain_start(statements: str, variable: str) -> str:
     """The first variable of the chain ``variable`` belongs to."""
-    sources = {}
-    for statement in statements.split(";"):
-        target, _, source = statement.strip().partition("=")
-        sources[target] = source.partition("+")[0]
-    while not sources[variable].isdigit():
-        variable = sources[variable]
+    rules = parse_statements(statements)
+    while not rules[variable][0].isdigit():
+        variable = rules[variable][0]
     return variable
 
 
-def change_root(row: Example, root: str, digit: int) -> Example:
-    """``row`` with the chain starting at ``root`` given the first digit ``digit`` (answers recomputed)."""
-    statements = [
-        f"{root}={digit}" if s.partition("=")[0] == root else s
-        for s in (s.strip() for s in row["statements"].split(";"))
-    ]
-    values = evaluate_statements("; ".join(statements))
-    return make_row(statements, row["questions"], [values[q] for q in row["questions"]], row["hops"])
+def make_row(statements: list[str], questions: list[str], hops: int) -> Example:
+    """A data-set row: the assignments (in order) and the questions asked (the first is the prompt's)."""
+    text = "; ".join(statements)
+    values = evaluate_statements(text)
+    return {
+        "prompt": f"{text}; ?{questions[0]}",
+        "completion": str(values[questions[0]]),
+        "answer": values[questions[0]],
+        "hops": int(hops),
+        "statements": text,
+        "questions": list(questions),
+        "answers": [values[q] for q in questions],
+    }
+
+
+def change_first_digit(row: Example, variable: str, digit: int) -> Example:
+    """``row`` with the chain starting at ``variable`` given the first digit ``digit`` (answers recomputed)."""
+    statements = [s.strip() for s in row["statements"].split(";")]
+    statements = [f"{digit}>{variable}" if s.partition(">")[2] == variable else s for s in statements]
+    return make_row(statements, row["questions"], row["hops"])
+
+
+def lm_eval_hops() -> list[int]:
+    """The hop counts of the lm-evaluation-harness tasks shipped in ``lm_eval_tasks/`` (``multihop_hops{k}.yaml``)."""
+    return sorted(int(path.stem.removeprefix("multihop_hops")) for path in LM_EVAL_DIR.glob("multihop_hops*.yaml"))
 
 
 def write_lm_eval_data(
     out_dir: str | Path, hops: list[int], n: int = 500, seed: int = 0, **task_kwargs: Any
 ) -> list[Path]:
-    """The data files of the lm-evaluation-harness tasks ``multihop_hops{k}``: ``n`` test-split problems per hop
-    count (one JSON object per line: ``prompt``, ``answer``, ``hops``), written to ``out_dir``."""
+    """The data files of the lm-evaluation-harness tasks ``multihop_hops{k}``: the first ``n`` problems of the
+    test split (the rows `build_dataset("test", n, seed)` holds) of `MultiHopTask(hops=k, **task_kwargs)`, one
+    JSON object per line (``prompt``, ``answer``, ``hops``), plus ``multihop_settings.json`` recording how."""
+    shipped = lm_eval_hops()
+    unknown = [k for k in hops if k not in shipped]
+    if unknown:
+        raise ValueError(f"no lm-eval task for hops {unknown}; the package ships multihop_hops{{k}} for k in {shipped}")
+    check_size_and_seed(n, seed)
+    if n == 0:
+        raise ValueError("n must be >= 1: an lm-eval task needs at least one document")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = []
@@ -445,6 +465,8 @@ def write_lm_eval_data(
             "".join(json.dumps({key: row[key] for key in ("prompt", "answer", "hops")}) + "\n" for row in rows)
         )
         paths.append(path)
+    settings = {"hops": list(hops), "n": n, "seed": seed, "task_kwargs": task_kwargs}
+    (out / "multihop_settings.json").write_text(json.dumps(settings, indent=2) + "\n")
     return paths
 
 

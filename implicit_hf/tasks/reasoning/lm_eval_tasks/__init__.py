@@ -1,0 +1,1 @@
+"""lm-evaluation-harness task YAMLs shipped with the package (``--include_path`` this folder)."""
