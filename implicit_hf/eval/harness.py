@@ -786,6 +786,7 @@ def run_eval(
     baseline_dirs: Sequence[str | Path] = (),
     task_kwargs: dict[str, Any] | None = None,
     keep_tol: bool = False,
+    tol: float | None = None,
     device: str | None = "auto",
     plots: bool = True,
 ) -> dict[str, Any]:
@@ -798,7 +799,8 @@ def run_eval(
     once at its own ``config.num_loops`` on the same rows; their records are stored under
     ``baselines`` (each with a ``name``: its run folder) and drawn as dashed lines on the quality plots.
     ``task_name=None`` (and ``task_kwargs=None``) use the task recorded with the model by the
-    training loop (`task_for_model`).
+    training loop (`task_for_model`). ``tol`` halts every sample at that relative-residual tolerance
+    (the model's ``config.tol`` for this run; implies ``keep_tol``), so ``steps_mean`` is the loops used.
     Returns the content of ``results.json`` plus ``files`` (the paths written).
     """
     loops = _normalise_loops(loops)
@@ -808,6 +810,9 @@ def run_eval(
     task, task_kwargs = task_for_model(model_dir, task_name, task_kwargs)
     rows = _as_rows(task.build_dataset("test", n, seed))
     model = load_model(model_dir, task.head, torch_device)
+    if tol is not None:
+        model.config.tol, keep_tol = tol, True
+        model.config.validate_loop_settings()
     settings = dict(batch_size=batch_size, perturb_eps=perturb_eps, seed=seed, keep_tol=keep_tol)
     result = sweep(model, task, rows, loops, **settings)
     records = result.pop("records")
@@ -919,6 +924,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument(
         "--keep-tol", action="store_true", help="keep the model's halting tolerance (default: exactly K iterations)"
     )
+    parser.add_argument(
+        "--tol",
+        type=float,
+        default=None,
+        help="halt each sample at this relative-residual tolerance (implies --keep-tol)",
+    )
     parser.add_argument("--device", default="auto", help="cpu, cuda or auto (default: cuda when available)")
     parser.add_argument("--no-plots", action="store_true", help="write results.json/csv only")
     parser.add_argument(
@@ -943,6 +954,7 @@ def run_from_args(args: argparse.Namespace) -> dict[str, Any]:
         baseline_dirs=args.baseline,
         task_kwargs=args.task_kwargs,
         keep_tol=args.keep_tol,
+        tol=args.tol,
         device=args.device,
         plots=not args.no_plots,
     )
