@@ -23,6 +23,10 @@ What a run writes under ``output_dir``::
     adapter/                    with ``lora``: the adapters alone (peft save_pretrained)
     metrics.json                final step, world size, last training loss, final held-out loss, runtime
 
+Each step's loop count comes from ``loop_schedule`` (or ``random_loops``; `implicit_hf.loop_schedule`), and
+the loss is `implicit_hf.objective.Objective`: the task loss, optionally with deep supervision, the Jacobian
+and fixed-point penalties and distillation from a frozen ``teacher``.
+
 ``--resume`` continues from the newest complete checkpoint: model, optimizer, scheduler, gradient
 scaler and RNG states come back through ``accelerator.load_state``, the data loader skips the batches
 already consumed in the current epoch (each epoch's order is seeded by ``seed + epoch``), and the
