@@ -55,6 +55,8 @@ bench: install
 	$(BIN)/python benchmarks/bench_overhead.py
 	$(BIN)/python benchmarks/bench_sweep.py
 	$(BIN)/python benchmarks/bench_decode.py
+	$(BIN)/python benchmarks/bench_train_step.py
+	$(BIN)/python benchmarks/bench_lm_eval_sweep.py
 
 clean:
 	rm -rf $(VENV) $(VLLM_VENV) outputs .pytest_cache .ruff_cache

@@ -65,6 +65,7 @@ def _loop_sweep_lm_class():
             self._scores: dict[tuple, dict[int, tuple[float, bool]]] = {}
             self._scoring: int | None = None  # the count whose logits _model_call returns while scoring
             self._trajectory: tuple[torch.Tensor, dict[int, torch.Tensor]] | None = None
+            self._text_scores: dict[tuple[str, str], dict[int, tuple[float, bool]]] = {}
             self.loop_count = self.loops[-1]
 
         @property
@@ -91,6 +92,13 @@ def _loop_sweep_lm_class():
                 self._trajectory = (inps, dict(zip(self.loops, out.trajectory, strict=True)))
             return self._trajectory[1][self._scoring]
 
+        def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
+            """Requests already scored at every count (by their text) are answered without tokenizing them again."""
+            texts = [tuple(request.args) for request in requests]
+            if all(text in self._text_scores for text in texts):
+                return [self._text_scores[text][self.loop_count] for text in texts]
+            return super().loglikelihood(requests, disable_tqdm=disable_tqdm)
+
         def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs: int | None = None):
             key = _request_key
             todo = [request for request in requests if key(request) not in self._scores]
@@ -104,6 +112,8 @@ def _loop_sweep_lm_class():
                         self._scoring = None
                     for request, score in zip(chunk, scores, strict=True):
                         self._scores.setdefault(key(request), {})[count] = score
+                        if isinstance(request[0], tuple) and all(isinstance(part, str) for part in request[0]):
+                            self._text_scores.setdefault(request[0], {})[count] = score
                 self._trajectory = None
             return [self._scores[key(request)][self.loop_count] for request in requests]
 
@@ -141,12 +151,15 @@ def lm_eval_sweep(
     log_samples: bool = False,
     metadata: dict[str, Any] | None = None,
     share_trajectory: bool = True,
+    task_manager: Any = None,
 ) -> dict[str, Any]:
     """Run lm-evaluation-harness ``tasks`` on the implicit LM in ``model_dir`` at every loop count.
 
     ``metadata`` is lm-eval's ``--metadata`` (task arguments, e.g. ``{"data_dir": ...}``). With
     ``share_trajectory`` (default) loglikelihood requests are scored at every count from one trajectory
     (`LoopSweepLM`); without it every count is a separate lm-eval pass (the reference it equals).
+    ``task_manager``: an lm-eval ``TaskManager`` to reuse (building one indexes every task YAML lm-eval
+    ships, seconds); by default one is built from ``include_path`` and ``metadata``.
     """
     import lm_eval
     from lm_eval.models.huggingface import HFLM
@@ -156,7 +169,8 @@ def lm_eval_sweep(
     loop_counts = _normalise_loops(loops)
     model = load_model(model_dir, "causal_lm", device)
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    task_manager = TaskManager(include_path=str(include_path) if include_path else None, metadata=metadata)
+    if task_manager is None:
+        task_manager = TaskManager(include_path=str(include_path) if include_path else None, metadata=metadata)
     settings = {"pretrained": model, "tokenizer": tokenizer, "batch_size": batch_size, "device": device}
     lm = _loop_sweep_lm_class()(loop_counts, **settings) if share_trajectory else None
     runs = []
