@@ -25,6 +25,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora import LoraLayer
 
 from .modeling import ImplicitModel
+from .modeling.configuration_implicit import check_integer
 
 LINEAR_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 LAYER_GROUPS = ("prelude", "core", "coda")
@@ -101,8 +102,7 @@ def add_loop_adapters(
     model: torch.nn.Module, num_loops: int, r: int = 8, alpha: float | None = None, **kwargs: Any
 ) -> PeftModel:
     """``model`` with LoRA adapters ``loop_0 .. loop_{num_loops-1}`` on its core, loop ``k`` using adapter ``k``."""
-    if isinstance(num_loops, bool) or not isinstance(num_loops, int) or num_loops < 1:
-        raise ValueError(f"num_loops must be an integer >= 1; got {num_loops!r}")
+    num_loops = check_integer("num_loops", num_loops)
     config = lora_config(("core",), r=r, alpha=alpha, **kwargs)
     names = loop_adapter_names(num_loops)
     peft_model = get_peft_model(model, config, adapter_name=names[0])

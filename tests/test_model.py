@@ -188,6 +188,42 @@ def test_config_rejects_invalid_values(field, value, message):
         tiny_config(**{field: value})
 
 
+def test_loop_settings_are_checked_wherever_they_are_set(tmp_path):
+    config = tiny_config()
+    for field, value, message in (
+        ("num_loops", 0, "num_loops must be an integer >= 1; got 0"),
+        ("solver", "newton", "solver must be one of"),
+        ("tol", 0.0, "tol must be None or a number > 0"),
+    ):
+        before = getattr(config, field)
+        with pytest.raises(ValueError, match=message):
+            setattr(config, field, value)  # e.g. model.config.num_loops = 0 after loading
+        assert getattr(config, field) == before
+    build(ImplicitForCausalLM).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="num_loops must be an integer >= 1; got 0"):
+        ImplicitForCausalLM.from_pretrained(tmp_path, num_loops=0)  # what lm-eval's num_loops=K does
+    with pytest.raises(ValueError, match="gradient_steps must be an integer >= 1"):
+        AutoConfig.from_pretrained(tmp_path, gradient_steps=-2)
+
+
+def test_numpy_integers_are_loop_counts(tmp_path):
+    import json
+
+    import numpy as np
+
+    config = tiny_config(num_loops=np.int64(3), num_loops_train=np.int32(2))
+    assert type(config.num_loops) is int and type(config.num_loops_train) is int
+    model = build(ImplicitForCausalLM, num_loops=np.int64(3)).eval()
+    with torch.no_grad():
+        expected = model(tokens(), num_loops=2).logits
+        got = model(tokens(), num_loops=np.int64(2), return_trajectory=[np.int64(1), np.int16(2)])
+    torch.testing.assert_close(got.logits, expected)
+    assert len(got.trajectory) == 2
+    model.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["num_loops"] == 3
+    assert ImplicitForCausalLM.from_pretrained(tmp_path, num_loops=np.int64(5)).config.num_loops == 5
+
+
 def test_config_refuses_misspelt_loop_field_but_keeps_unrelated_extras():
     with pytest.raises(ValueError, match="did you mean 'num_loops'"):
         tiny_config(num_loop=3)

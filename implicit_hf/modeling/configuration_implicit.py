@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import math
+import numbers
 from typing import Any
 
 from transformers import PretrainedConfig
@@ -212,15 +213,17 @@ class ImplicitConfig(PretrainedConfig):
         """Iterations used in training mode when a forward call does not say."""
         return self.num_loops_train if self.num_loops_train is not None else self.num_loops
 
+    def __setattr__(self, key: str, value: Any) -> None:
+        # Every checked field is checked where it is set: in __init__, by from_pretrained(dir, field=...)
+        # (transformers sets config attributes from keyword arguments) and by `config.field = value`.
+        check = _FIELD_CHECKS.get(key)
+        super().__setattr__(key, value if check is None else check(key, value))
+
     def validate_loop_settings(self) -> None:
-        """Raise ``ValueError`` naming the first invalid field and what it allows."""
-        _choice("injection", self.injection, INJECTIONS)
-        _choice("state_init", self.state_init, STATE_INITS)
-        _choice("solver", self.solver, SOLVER_NAMES)
-        _choice("gradient", self.gradient, GRADIENTS)
-        _integer("hidden_size", self.hidden_size, minimum=1)
-        _integer("num_attention_heads", self.num_attention_heads, minimum=1)
-        _integer("num_key_value_heads", self.num_key_value_heads, minimum=1)
+        """Raise ``ValueError`` naming the first invalid field and what it allows (each field is also checked
+        when it is set; this re-checks them all and the constraints between fields)."""
+        for name in _FIELD_CHECKS:
+            setattr(self, name, getattr(self, name))
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(
                 f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
@@ -231,27 +234,6 @@ class ImplicitConfig(PretrainedConfig):
                 f"hidden_size ({self.hidden_size}) must be a multiple of num_attention_heads "
                 f"({self.num_attention_heads}) unless head_dim is given"
             )
-        _integer("input_features", self.input_features, minimum=0)
-        _integer("edge_features", self.edge_features, minimum=0)
-        _integer("feedback_features", self.feedback_features, minimum=0)
-        _integer("num_prelude_layers", self.num_prelude_layers, minimum=0)
-        _integer("num_core_layers", self.num_core_layers, minimum=1)
-        _integer("num_coda_layers", self.num_coda_layers, minimum=0)
-        _integer("num_loops", self.num_loops, minimum=1)
-        if self.num_loops_train is not None:
-            _integer("num_loops_train", self.num_loops_train, minimum=1)
-        _integer("anderson_memory", self.anderson_memory, minimum=1)
-        _integer("gradient_steps", self.gradient_steps, minimum=1)
-        if self.ift_max_iter is not None:
-            _integer("ift_max_iter", self.ift_max_iter, minimum=1)
-        _positive("tol", self.tol, allow_none=True)
-        _positive("ift_tol", self.ift_tol)
-        _positive("state_init_std", self.state_init_std)
-        _unit_interval("damping", self.damping)
-        _unit_interval("phantom_tau", self.phantom_tau)
-        for name in ("core_norm", "injection_norm", "is_causal"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
 
 
 def _swiglu_width(hidden_size: int) -> int:
@@ -259,27 +241,83 @@ def _swiglu_width(hidden_size: int) -> int:
     return 32 * math.ceil(8 * hidden_size / 3 / 32)
 
 
-def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise ValueError(f"{name} must be one of {', '.join(repr(a) for a in allowed)}; got {value!r}")
-
-
-def _integer(name: str, value: Any, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+def check_integer(name: str, value: Any, minimum: int = 1) -> int:
+    """``value`` as an ``int`` if it is an integral number (Python or numpy, not a bool) ``>= minimum``;
+    otherwise a ``ValueError`` naming ``name`` and what it allows."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}; got {value!r}")
+    return int(value)
 
 
-def _positive(name: str, value: Any, allow_none: bool = False) -> None:
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        allowed = "None or a number > 0" if allow_none else "a number > 0"
-        raise ValueError(f"{name} must be {allowed}; got {value!r}")
+def _choice(allowed: tuple[str, ...]):
+    def check(name: str, value: Any) -> str:
+        if value not in allowed:
+            raise ValueError(f"{name} must be one of {', '.join(repr(a) for a in allowed)}; got {value!r}")
+        return value
+
+    return check
 
 
-def _unit_interval(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+def _integer(minimum: int, allow_none: bool = False):
+    def check(name: str, value: Any) -> int | None:
+        return None if value is None and allow_none else check_integer(name, value, minimum)
+
+    return check
+
+
+def _positive(allow_none: bool = False):
+    def check(name: str, value: Any) -> float | None:
+        if value is None and allow_none:
+            return None
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not value > 0:
+            allowed = "None or a number > 0" if allow_none else "a number > 0"
+            raise ValueError(f"{name} must be {allowed}; got {value!r}")
+        return value if isinstance(value, (int, float)) else float(value)
+
+    return check
+
+
+def _unit_interval(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 < value <= 1:
         raise ValueError(f"{name} must be a number in (0, 1]; got {value!r}")
+    return value if isinstance(value, (int, float)) else float(value)
+
+
+def _boolean(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be True or False, got {value!r}")
+    return value
+
+
+# The fields ImplicitConfig checks whenever they are set, and how.
+_FIELD_CHECKS = {
+    "injection": _choice(INJECTIONS),
+    "state_init": _choice(STATE_INITS),
+    "solver": _choice(SOLVER_NAMES),
+    "gradient": _choice(GRADIENTS),
+    "hidden_size": _integer(1),
+    "num_attention_heads": _integer(1),
+    "num_key_value_heads": _integer(1),
+    "input_features": _integer(0),
+    "edge_features": _integer(0),
+    "feedback_features": _integer(0),
+    "num_prelude_layers": _integer(0),
+    "num_core_layers": _integer(1),
+    "num_coda_layers": _integer(0),
+    "num_loops": _integer(1),
+    "num_loops_train": _integer(1, allow_none=True),
+    "anderson_memory": _integer(1),
+    "gradient_steps": _integer(1),
+    "ift_max_iter": _integer(1, allow_none=True),
+    "tol": _positive(allow_none=True),
+    "ift_tol": _positive(),
+    "state_init_std": _positive(),
+    "damping": _unit_interval,
+    "phantom_tau": _unit_interval,
+    "core_norm": _boolean,
+    "injection_norm": _boolean,
+    "is_causal": _boolean,
+}
 
 
 def _refuse_misspelt_loop_fields(kwargs: dict[str, Any]) -> None:

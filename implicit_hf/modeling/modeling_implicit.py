@@ -26,7 +26,7 @@ from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRMS
 from transformers.utils.deprecation import deprecate_kwarg
 
 from .cache import LoopSlots
-from .configuration_implicit import SOLVER_NAMES, ImplicitConfig
+from .configuration_implicit import SOLVER_NAMES, ImplicitConfig, check_integer
 from .gradients import fixed_point
 from .model_card import write_model_card
 from .penalties import check_penalties, fixed_point_penalties
@@ -140,11 +140,13 @@ def _add_bias(mask: torch.Tensor | None, bias: torch.Tensor) -> torch.Tensor:
 
 def _loop_counts(requested: Sequence[int]) -> list[int]:
     counts = list(requested)
-    if not counts or any(isinstance(t, bool) or not isinstance(t, int) or t < 1 for t in counts):
-        raise ValueError(
-            f"return_trajectory must be True, False or a non-empty list of loop counts >= 1; got {requested!r}"
-        )
-    return counts
+    message = f"return_trajectory must be True, False or a non-empty list of loop counts >= 1; got {requested!r}"
+    if not counts:
+        raise ValueError(message)
+    try:
+        return [check_integer("return_trajectory", count) for count in counts]
+    except ValueError:
+        raise ValueError(message) from None
 
 
 class ImplicitModel(ImplicitPreTrainedModel):
@@ -417,9 +419,7 @@ class ImplicitModel(ImplicitPreTrainedModel):
     def _resolve_loops(self, num_loops: int | None) -> int:
         if num_loops is None:
             return self.config.train_loops if self.training else self.config.num_loops
-        if isinstance(num_loops, bool) or not isinstance(num_loops, int) or num_loops < 1:
-            raise ValueError(f"num_loops must be an integer >= 1; got {num_loops!r}")
-        return num_loops
+        return check_integer("num_loops", num_loops)
 
     def _initial_state(self, injected: torch.Tensor) -> torch.Tensor:
         if self.config.state_init == "prelude":
