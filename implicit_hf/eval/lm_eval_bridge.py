@@ -65,7 +65,6 @@ def _loop_sweep_lm_class():
             self._scores: dict[tuple, dict[int, tuple[float, bool]]] = {}
             self._scoring: int | None = None  # the count whose logits _model_call returns while scoring
             self._trajectory: tuple[torch.Tensor, dict[int, torch.Tensor]] | None = None
-            self._text_scores: dict[tuple[str, str], dict[int, tuple[float, bool]]] = {}
             self.loop_count = self.loops[-1]
 
         @property
@@ -95,8 +94,8 @@ def _loop_sweep_lm_class():
         def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
             """Requests already scored at every count (by their text) are answered without tokenizing them again."""
             texts = [tuple(request.args) for request in requests]
-            if all(text in self._text_scores for text in texts):
-                return [self._text_scores[text][self.loop_count] for text in texts]
+            if all(text in self._scores for text in texts):
+                return [self._scores[text][self.loop_count] for text in texts]
             return super().loglikelihood(requests, disable_tqdm=disable_tqdm)
 
         def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs: int | None = None):
@@ -112,8 +111,6 @@ def _loop_sweep_lm_class():
                         self._scoring = None
                     for request, score in zip(chunk, scores, strict=True):
                         self._scores.setdefault(key(request), {})[count] = score
-                        if isinstance(request[0], tuple) and all(isinstance(part, str) for part in request[0]):
-                            self._text_scores.setdefault(request[0], {})[count] = score
                 self._trajectory = None
             return [self._scores[key(request)][self.loop_count] for request in requests]
 
@@ -121,7 +118,11 @@ def _loop_sweep_lm_class():
 
 
 def _request_key(request) -> tuple:
-    """A loglikelihood request ``((context, continuation), context_tokens, continuation_tokens)`` by its tokens."""
+    """A request ``(text, context_tokens, continuation_tokens)`` by its ``(context, continuation)`` text when it
+    has one (what `loglikelihood` is asked again at the next count), else by its tokens (rolling windows)."""
+    text = request[0]
+    if isinstance(text, tuple) and all(isinstance(part, str) for part in text):
+        return text
     return tuple(request[1]), tuple(request[2])
 
 

@@ -140,13 +140,14 @@ def _add_bias(mask: torch.Tensor | None, bias: torch.Tensor) -> torch.Tensor:
 
 def _loop_counts(requested: Sequence[int]) -> list[int]:
     counts = list(requested)
-    message = f"return_trajectory must be True, False or a non-empty list of loop counts >= 1; got {requested!r}"
-    if not counts:
-        raise ValueError(message)
     try:
-        return [check_integer("return_trajectory", count) for count in counts]
+        if counts:
+            return [check_integer("return_trajectory", count) for count in counts]
     except ValueError:
-        raise ValueError(message) from None
+        pass
+    raise ValueError(
+        f"return_trajectory must be True, False or a non-empty list of loop counts >= 1; got {requested!r}"
+    )
 
 
 class ImplicitModel(ImplicitPreTrainedModel):
