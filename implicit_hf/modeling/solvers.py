@@ -14,6 +14,14 @@ Every solver has the signature ``solve(f, z0, max_iter, tol=None, **opts) -> (z,
   exactly ``K`` applications of the block. Anderson and Broyden return, per sample, the image
   ``f(x)`` of their lowest-residual iterate.
 
+The state keeps its dtype (the iterates handed to ``f`` are in ``z0``'s dtype), but the solvers' own
+arithmetic (residual norms, Anderson's least-squares weights, Broyden's low-rank inverse) runs in at
+least float32 and outside any ``torch.autocast`` region; ``f`` itself still runs under the caller's
+autocast. Done in bfloat16, that arithmetic put a floor of about 1e-3 under the relative residual
+(Anderson under autocast never halted at ``tol=1e-4``). A bfloat16 or float16 *state* is still
+rounded at every step: tolerances below its resolution (about 4e-3 and 5e-4 of a value) are reached
+when the iteration lands on an exact fixed point of the rounded map, which Picard usually does.
+
 A non-finite value or a residual that grows ``divergence_factor`` times above the best residual a
 sample has reached marks that sample as diverged: it stops, keeps its last finite state, and is
 flagged in ``SolverStats.diverged``. Anderson and Broyden never raise on a singular system: the
@@ -22,6 +30,7 @@ affected samples take a damped Picard step instead, counted in ``SolverStats.fal
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -65,8 +74,24 @@ class SolverStats:
         )
 
 
-def _flat_norm(x: torch.Tensor) -> torch.Tensor:
-    return x.detach().flatten(1).float().norm(dim=1)
+def _work_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the solvers' own arithmetic: float32 for bfloat16 / float16 states, else the state's."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _no_autocast(device: torch.device) -> contextlib.AbstractContextManager:
+    """Leave any autocast region for the solvers' algebra (``f`` is called outside this context)."""
+    if torch.amp.is_autocast_available(device.type):
+        return torch.autocast(device_type=device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
+def _residual_norms(fz: torch.Tensor, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample ``||f(z) - z||`` and ``||f(z)||`` in float32, the difference taken in ``_work_dtype``."""
+    with _no_autocast(fz.device):
+        fz = fz.detach().flatten(1).to(_work_dtype(fz.dtype))
+        residual = fz - z.detach().flatten(1)
+        return residual.norm(dim=1).float(), fz.norm(dim=1).float()
 
 
 class _Progress:
@@ -108,8 +133,7 @@ class _Progress:
         are flagged diverged and stopped, and the caller must not overwrite their state),
         ``improved`` (lowest residual so far) and ``growth`` (residual / best residual before).
         """
-        abs_res = _flat_norm(fz - z)
-        fz_norm = _flat_norm(fz)
+        abs_res, fz_norm = _residual_norms(fz, z)
         rel_res = abs_res / (fz_norm + _EPS)
         # A NaN or inf anywhere in a sample makes its norms non-finite: no separate element-wise scan.
         finite = torch.isfinite(abs_res) & torch.isfinite(fz_norm)
@@ -285,8 +309,19 @@ def _anderson_mix(
     written most recently (``slot``, ``slot - 1``, ... modulo ``memory``), so entries stored before
     a restart stay excluded. Returns the mixed next iterates and a flag per sample saying the solve
     was usable (finite and with at least two stored iterates). Unused slots get weight zero through
-    the constraint rows.
+    the constraint rows. The algebra runs in ``_work_dtype`` outside autocast; the mixed iterates
+    come back in the history's dtype.
     """
+    with _no_autocast(xs.device):
+        mixed, ok = _anderson_weights_and_mix(
+            xs.to(_work_dtype(xs.dtype)), fs.to(_work_dtype(fs.dtype)), filled, slot, damping, regularization
+        )
+    return mixed.to(xs.dtype), ok
+
+
+def _anderson_weights_and_mix(
+    xs: torch.Tensor, fs: torch.Tensor, filled: torch.Tensor, slot: int, damping: float, regularization: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     batch, memory, _ = xs.shape
     valid = (slot - torch.arange(memory, device=xs.device))[None, :] % memory < filled[:, None]  # (B, m)
     g = (fs - xs) * valid[:, :, None]
@@ -329,7 +364,8 @@ def broyden(
     A sample whose update is degenerate, or whose residual grows above ``restart_factor`` times its
     best, falls back: its updates are cleared and it takes a Picard step from its best iterate
     (counted in ``stats.fallbacks``). Returns, per sample, the image ``f(x)`` of its
-    lowest-residual iterate.
+    lowest-residual iterate. Residuals, updates and steps are kept in ``_work_dtype`` (float32 for a
+    half-precision state); the iterates handed to ``f`` are cast back to the state's dtype.
     """
     _check_common("broyden", z0, max_iter, tol)
     if not isinstance(memory, int) or memory < 1:
@@ -339,11 +375,11 @@ def broyden(
     progress = _Progress(z0, "broyden", tol, divergence_factor, return_trajectory)
     batch, shape = z0.shape[0], z0.shape
     x = z0.reshape(batch, -1)
-    dim = x.shape[1]
-    us = x.new_zeros(batch, memory, dim)  # inverse Jacobian = -I + sum_i u_i v_i^T
-    vs = x.new_zeros(batch, memory, dim)
+    dim, work = x.shape[1], _work_dtype(x.dtype)
+    us = x.new_zeros(batch, memory, dim, dtype=work)  # inverse Jacobian = -I + sum_i u_i v_i^T
+    vs = x.new_zeros(batch, memory, dim, dtype=work)
     updates = torch.zeros(batch, dtype=torch.long, device=z0.device)  # rank-one updates stored
-    x_prev, g_prev = x, torch.zeros_like(x)
+    x_prev, g_prev = x, torch.zeros_like(x, dtype=work)
     best_x, best_fx = x, x
     for _ in range(max_iter):
         index = progress.running()
@@ -352,7 +388,7 @@ def broyden(
         rows = _all_or(index, batch)
         x_run = x[rows]
         fx_run = f(x_run.view(-1, *shape[1:]), index).reshape(index.shape[0], -1)
-        g_run = fx_run - x_run
+        g_run = fx_run.to(work) - x_run
         healthy, improved, growth = progress.record(index, fx_run, x_run)
         best_x = _scatter_rows(best_x, index, x_run, improved)
         best_fx = _scatter_rows(best_fx, index, fx_run, improved)
@@ -360,7 +396,7 @@ def broyden(
             progress.trajectory.append(best_fx.view(shape))
         u_run, v_run, count = us[rows], vs[rows], updates[rows]
         has_prev = progress.steps[rows] > 1
-        dx = x_run - x_prev[rows]
+        dx = x_run.to(work) - x_prev[rows]
         dg = g_run - g_prev[rows]
         inv_dg = _inverse_jacobian_apply(u_run, v_run, dg)  # J^-1 dg
         dx_inv = _inverse_jacobian_apply_transposed(u_run, v_run, dx)  # dx^T J^-1
@@ -379,10 +415,10 @@ def broyden(
         progress.fallbacks[rows] += restart.long()
         direction = -_inverse_jacobian_apply(u_run, v_run, g_run)  # quasi-Newton step: -J^-1 g
         take_newton = torch.isfinite(direction).all(dim=1) & ~restart
-        new_x = torch.where(take_newton[:, None], x_run + direction, best_fx[rows])
+        new_x = torch.where(take_newton[:, None], x_run + direction, best_fx[rows]).to(x.dtype)
         x_prev = _scatter_rows(x_prev, index, torch.where(restart[:, None], best_x[rows], x_run), healthy)
         g_prev = _scatter_rows(
-            g_prev, index, torch.where(restart[:, None], best_fx[rows] - best_x[rows], g_run), healthy
+            g_prev, index, torch.where(restart[:, None], best_fx[rows].to(work) - best_x[rows], g_run), healthy
         )
         x = _scatter_rows(x, index, new_x, healthy)
     return best_fx.view(shape), progress.stats()
@@ -412,13 +448,15 @@ def _put_rows(full: torch.Tensor, rows: torch.Tensor | slice, part: torch.Tensor
 
 
 def _inverse_jacobian_apply(us: torch.Tensor, vs: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """(-I + U^T V) x with U, V of shape (B, m, d)."""
-    return -x + torch.einsum("bmd,bm->bd", us, torch.einsum("bmd,bd->bm", vs, x))
+    """(-I + U^T V) x with U, V of shape (B, m, d), outside autocast."""
+    with _no_autocast(x.device):
+        return -x + torch.einsum("bmd,bm->bd", us, torch.einsum("bmd,bd->bm", vs, x))
 
 
 def _inverse_jacobian_apply_transposed(us: torch.Tensor, vs: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """x^T (-I + U^T V), as a row vector per sample."""
-    return -x + torch.einsum("bmd,bm->bd", vs, torch.einsum("bmd,bd->bm", us, x))
+    """x^T (-I + U^T V), as a row vector per sample, outside autocast."""
+    with _no_autocast(x.device):
+        return -x + torch.einsum("bmd,bm->bd", vs, torch.einsum("bmd,bd->bm", us, x))
 
 
 SOLVERS: dict[str, Callable[..., tuple[torch.Tensor, SolverStats]]] = {
