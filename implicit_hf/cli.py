@@ -51,6 +51,13 @@ def add_convert_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--injection", choices=("add", "linear"), default="add")
     parser.add_argument("--num-loops", type=int, default=1, help="default loop count stored in the config")
     parser.add_argument("--core-norm", action="store_true", help="RMSNorm after each core pass (changes outputs)")
+    parser.add_argument(
+        "--state-weight",
+        type=float,
+        default=None,
+        help="inject A*z + (1-A)*e from the prelude state (linear injection): the first loop computes the source's "
+        "layers, later loops contract towards a fixed point (A in [0, 1), e.g. 0.5; needs --injection linear)",
+    )
 
 
 def convert(args: argparse.Namespace) -> None:
@@ -66,6 +73,7 @@ def convert(args: argparse.Namespace) -> None:
         injection=args.injection,
         num_loops=args.num_loops,
         core_norm=args.core_norm,
+        state_weight=args.state_weight,
     )
     conversion = model.config.conversion
     print(

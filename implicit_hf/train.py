@@ -62,7 +62,7 @@ TRACKERS = ("tensorboard", "none")
 # transformers schedulers that need more than (optimizer, warmup, total steps) to step
 _UNSUPPORTED_SCHEDULERS = ("reduce_lr_on_plateau", "greedy")
 CHECKPOINT_MARKER = "trainer_state.json"
-LORA_KEYS = ("r", "alpha", "dropout", "parts", "modules")
+LORA_KEYS = ("r", "alpha", "dropout", "parts", "modules", "modules_to_save")
 
 
 def _help(text: str, **kwargs: Any) -> Any:
@@ -88,7 +88,8 @@ class TrainConfig:
     )
     lora: dict[str, Any] = _help(
         "train peft LoRA adapters instead of every weight: {r, alpha, dropout, parts: [prelude|core|coda], "
-        "modules: [q_proj, ...]} (empty: no LoRA)",
+        "modules: [q_proj, ...], modules_to_save: [injection, core_norm, ...] (small modules trained in full, "
+        "peft's modules_to_save)} (empty: no LoRA)",
         default_factory=dict,
     )
     output_dir: str = _help("where checkpoints, logs, the final model and metrics go", default="outputs/train")
@@ -540,7 +541,25 @@ def initial_model(config: TrainConfig, task):
         from .lora import lora_config
 
         model = get_peft_model(model, lora_config(**config.lora))
+        check_modules_to_save(model, config.lora.get("modules_to_save") or [])
     return model
+
+
+def check_modules_to_save(model, names: list[str]) -> None:
+    """peft ignores a ``modules_to_save`` name that matches no module; refuse it instead."""
+    from peft.utils import ModulesToSaveWrapper
+
+    wrapped = [name for name, module in model.named_modules() if isinstance(module, ModulesToSaveWrapper)]
+    unmatched = [name for name in names if not any(path.split(".")[-1] == name for path in wrapped)]
+    if unmatched:
+        from .lora import implicit_model_of
+
+        implicit = implicit_model_of(model)
+        present = [name for name, child in implicit.named_children() if not isinstance(child, torch.nn.ModuleList)]
+        raise RecipeError(
+            f"recipe key 'lora': modules_to_save {unmatched} match no module of this model; "
+            f"its small modules: {present}"
+        )
 
 
 def check_scheduler(config: TrainConfig) -> None:

@@ -95,6 +95,38 @@ def test_dropped_layers_are_recorded_and_the_core_is_weight_tied():
     )
 
 
+def test_state_weight_keeps_the_first_loop_and_makes_the_loop_contract():
+    source = tiny_source("llama")
+    contracting = convert_model(source, [0], [1, 2], [4], state_weight=0.5)
+    plain = convert_model(source, [0], [1, 2], [4], injection="linear")
+    assert (contracting.config.injection, contracting.config.state_init) == ("linear", "prelude")
+    assert contracting.config.conversion["state_weight"] == 0.5
+    input_ids = tokens()
+    with torch.no_grad():
+        torch.testing.assert_close(contracting(input_ids, num_loops=1).logits, plain(input_ids, num_loops=1).logits)
+        residual = {
+            name: model(input_ids, num_loops=16).loop_stats.rel_residual[-1].max().item()
+            for name, model in (("contracting", contracting), ("plain", plain))
+        }
+    # z + e from zero grows by e every loop (relative change ~1/k); a z + (1 - a) e settles faster
+    assert residual["contracting"] < 0.3 * residual["plain"]
+
+
+@pytest.mark.parametrize(
+    "state_weight, settings, message",
+    [
+        (1.0, {}, r"state_weight must be a number in \[0, 1\)"),
+        (-0.1, {}, r"state_weight must be a number in \[0, 1\)"),
+        (True, {}, "state_weight must be a number"),
+        (0.5, {"injection": "add"}, "state_weight needs injection='linear'"),
+        (0.5, {"state_init": "zeros"}, "state_weight needs state_init='prelude'"),
+    ],
+)
+def test_bad_state_weights_are_refused(state_weight, settings, message):
+    with pytest.raises(ValueError, match=message):
+        convert_model(tiny_source("llama"), [0], [1], [4], state_weight=state_weight, **settings)
+
+
 @pytest.mark.parametrize(
     "prelude, core, coda, message",
     [

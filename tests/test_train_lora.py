@@ -69,6 +69,18 @@ def test_lora_fine_tune_of_a_converted_model(tmp_path, monkeypatch, converted):
     assert (tmp_path / "out" / "model" / "tokenizer.json").is_file()  # the task saved the tokenizer
 
 
+def test_lora_trains_the_modules_to_save_in_full(tmp_path, monkeypatch, converted):
+    convert_checkpoint(converted / "source", tmp_path / "contracting", [0], [1, 2], [4], state_weight=0.5)
+    lora = {"r": 4, "parts": ["core"], "modules_to_save": ["injection"]}
+    recipe = recipe_file(tmp_path, monkeypatch, converted, init_from=str(tmp_path / "contracting"), lora=lora)
+    train_mod.main([recipe, "--max_steps", "5"])
+    before = load_file(tmp_path / "contracting" / "model.safetensors")
+    after = load_file(tmp_path / "out" / "model" / "model.safetensors")
+    assert set(after) == set(before)  # merged, the trained copy of the injection in its place
+    assert not torch.equal(before["model.injection.weight"], after["model.injection.weight"])
+    assert torch.equal(before["model.prelude.0.mlp.up_proj.weight"], after["model.prelude.0.mlp.up_proj.weight"])
+
+
 @pytest.mark.parametrize(
     "changes, message",
     [
@@ -76,6 +88,7 @@ def test_lora_fine_tune_of_a_converted_model(tmp_path, monkeypatch, converted):
         ({"lora": {"rank": 4}}, "unknown entries"),
         ({"lora": {"r": 4, "parts": ["body"]}}, "parts must be a non-empty subset"),
         ({"init_from": "/nonexistent"}, "not a checkpoint directory"),
+        ({"lora": {"r": 4, "modules_to_save": ["injektion"]}}, r"modules_to_save \['injektion'\] match no module"),
     ],
 )
 def test_bad_init_or_lora_recipes_fail_before_training(tmp_path, monkeypatch, converted, changes, message):

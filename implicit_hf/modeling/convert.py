@@ -14,6 +14,13 @@ With ``num_loops=1``, zero initial state, additive (or freshly initialised linea
 core or injection norm -- the defaults here -- the converted model computes exactly the source
 model when no layer is dropped: the core then runs once on the prelude's output. More loops, or
 dropped layers, need healing (a short fine-tune, e.g. with LoRA).
+
+A converted residual stack does not settle when looped: with ``z + e`` injection from a zero state the
+state grows by ``e`` every iteration (perplexity 456 at one loop, 1.2M at 24 for SmolLM2 with 8 layers
+dropped). ``state_weight=a`` starts the loop from the prelude output instead and injects
+``a z + (1 - a) e`` (a linear injection initialised to ``[a I | (1 - a) I]``): the first loop still
+computes the source's layers, and later ones contract towards a fixed point at a rate of about
+``a`` (456 at one loop, 534 at 24 for ``a = 0.5``, before any healing).
 """
 
 from __future__ import annotations
@@ -134,20 +141,39 @@ def implicit_config_from(
     )
 
 
+def _contracting_settings(state_weight: float, loop_settings: dict[str, Any]) -> dict[str, Any]:
+    """The loop settings ``state_weight`` implies (linear injection, prelude state), refusing conflicting ones."""
+    if isinstance(state_weight, bool) or not isinstance(state_weight, (int, float)) or not 0 <= state_weight < 1:
+        raise ValueError(f"state_weight must be a number in [0, 1); got {state_weight!r}")
+    implied = {"injection": "linear", "state_init": "prelude"}
+    for key, value in implied.items():
+        if loop_settings.get(key, value) != value:
+            raise ValueError(f"state_weight needs {key}={value!r}; got {key}={loop_settings[key]!r}")
+    return {**loop_settings, **implied}
+
+
 def convert_model(
     source_model: torch.nn.Module,
     prelude_layers: Sequence[int],
     core_layers: Sequence[int],
     coda_layers: Sequence[int],
     source: str | None = None,
+    state_weight: float | None = None,
     **loop_settings: Any,
 ):
-    """An `ImplicitForCausalLM` holding ``source_model``'s weights, split into prelude, core and coda."""
+    """An `ImplicitForCausalLM` holding ``source_model``'s weights, split into prelude, core and coda.
+
+    ``state_weight`` (in [0, 1)): inject ``a z + (1 - a) e`` from the prelude state, so the loop contracts
+    (see the module docstring); ``None`` keeps ``loop_settings``' injection and initial state.
+    """
     from .modeling_implicit import ImplicitForCausalLM
 
+    if state_weight is not None:
+        loop_settings = _contracting_settings(state_weight, loop_settings)
     config = implicit_config_from(
         source_model.config, prelude_layers, core_layers, coda_layers, source=source, **loop_settings
     )
+    config.conversion["state_weight"] = state_weight
     dtype = next(source_model.parameters()).dtype
     model = ImplicitForCausalLM(config).to(dtype)
     source_state = source_model.state_dict()
@@ -176,6 +202,9 @@ def convert_model(
             key.startswith(("model.injection", "model.core_norm", "model.injection_norm")) or key == "lm_head.weight"
         ):
             raise ValueError(f"the source model has no weight for {key!r}")
+    if state_weight is not None:
+        eye = torch.eye(config.hidden_size, dtype=dtype)
+        model.model.injection.weight.data.copy_(torch.cat([state_weight * eye, (1 - state_weight) * eye], dim=1))
     return model.eval()
 
 
