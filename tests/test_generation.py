@@ -213,3 +213,35 @@ def test_beam_search_reorders_every_loop_slot():
         cached = model.generate(input_ids, num_loops=4, use_cache=True, **settings)
         uncached = model.generate(input_ids, num_loops=4, use_cache=False, **settings)
     assert torch.equal(cached, uncached)
+
+
+def test_loop_settings_come_from_the_generation_config_and_an_explicit_argument_wins(tmp_path):
+    from transformers import GenerationConfig
+
+    model = causal_lm()
+    prompt = prompts([5])[0][None]
+    settings = dict(max_new_tokens=12, do_sample=False, pad_token_id=PAD)
+    steps: list[int] = []
+    model.register_forward_hook(lambda module, args, output: steps.append(int(output.loop_stats.steps.max())))
+
+    def run(**kwargs):
+        steps.clear()
+        tokens = model.generate(prompt, **settings, **kwargs)
+        return tokens, set(steps)
+
+    one_loop, one_steps = run(num_loops=1)
+    default, default_steps = run()
+    assert (one_steps, default_steps) == ({1}, {4}) and not torch.equal(one_loop, default)
+    passed, passed_steps = run(generation_config=GenerationConfig(num_loops=1, **settings))
+    assert passed_steps == {1} and torch.equal(passed, one_loop)
+    model.generation_config.num_loops = 1
+    from_model, from_model_steps = run()
+    assert from_model_steps == {1} and torch.equal(from_model, one_loop)
+    assert run(num_loops=4)[1] == {4}  # the explicit argument wins over the model's generation config
+    model.generation_config.tol, model.generation_config.num_loops = 1e9, 16
+    assert run()[1] == {1}  # tol from the generation config halts every row at its first iteration
+    model.generation_config.tol = None
+    model.save_pretrained(tmp_path)
+    assert ImplicitForCausalLM.from_pretrained(tmp_path).generation_config.num_loops == 16
+    with pytest.raises(ValueError, match="num_loops must be an integer >= 1"):
+        model.generate(prompt, generation_config=GenerationConfig(num_loops=0, **settings))

@@ -94,6 +94,11 @@ class ImplicitInjection(nn.Module):
         return nn.functional.linear(torch.cat([state, injected], dim=-1), self.weight)
 
 
+# Loop settings `generate` reads from a GenerationConfig (``generation_config=`` or ``model.generation_config``)
+# and hands to every forward pass; an explicit ``generate(num_loops=...)`` argument wins.
+GENERATION_LOOP_FIELDS = ("num_loops", "tol", "solver")
+
+
 class ImplicitPreTrainedModel(PreTrainedModel):
     config: ImplicitConfig
     config_class = ImplicitConfig
@@ -107,7 +112,12 @@ class ImplicitPreTrainedModel(PreTrainedModel):
 
     def save_pretrained(self, save_directory, *args, **kwargs) -> None:
         """transformers' ``save_pretrained``, plus a model card (README.md: architecture, loop settings,
-        conversion provenance, and the loop sweep when one was stored), unless a hand-written card is there."""
+        conversion provenance, and the loop sweep when one was stored), unless a hand-written card is there.
+        Loop settings set on ``generation_config`` are saved with it (transformers drops a custom entry of a
+        generation config derived from the model config when loading it)."""
+        generation_config = getattr(self, "generation_config", None)
+        if generation_config is not None and any(hasattr(generation_config, n) for n in GENERATION_LOOP_FIELDS):
+            generation_config._from_model_config = False
         super().save_pretrained(save_directory, *args, **kwargs)
         if kwargs.get("is_main_process", True):
             write_model_card(save_directory, self.config, type(self).__name__, self.num_parameters())
@@ -438,7 +448,8 @@ class ImplicitModel(ImplicitPreTrainedModel):
 
 
 class ImplicitForCausalLM(ImplicitPreTrainedModel, GenerationMixin):
-    """Implicit causal language model; ``generate(..., num_loops=K)`` passes the loop count through."""
+    """Implicit causal language model; ``generate(..., num_loops=K)`` passes the loop count through, as do
+    ``num_loops`` / ``tol`` / ``solver`` entries of a `GenerationConfig`."""
 
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
 
@@ -447,6 +458,17 @@ class ImplicitForCausalLM(ImplicitPreTrainedModel, GenerationMixin):
         self.model = ImplicitModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
+
+    def _prepare_generation_config(self, generation_config, **kwargs):
+        # transformers would absorb loop settings into the generation config (they are custom entries of it)
+        # and never pass them to forward: take them out, explicit arguments first, then the config's.
+        explicit = {name: kwargs.pop(name) for name in GENERATION_LOOP_FIELDS if name in kwargs}
+        generation_config, model_kwargs = super()._prepare_generation_config(generation_config, **kwargs)
+        for name in GENERATION_LOOP_FIELDS:
+            value = explicit[name] if name in explicit else getattr(generation_config, name, None)
+            if value is not None:
+                model_kwargs[name] = value
+        return generation_config, model_kwargs
 
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(
