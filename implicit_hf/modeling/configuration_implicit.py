@@ -5,6 +5,7 @@ from __future__ import annotations
 import difflib
 import math
 import numbers
+from collections.abc import Iterable
 from typing import Any
 
 from transformers import PretrainedConfig
@@ -160,6 +161,11 @@ class ImplicitConfig(PretrainedConfig):
         self.intermediate_size = intermediate_size or _swiglu_width(hidden_size)
         self.num_attention_heads = num_attention_heads
         self.num_key_value_heads = num_key_value_heads or num_attention_heads
+        if head_dim is None and num_attention_heads and hidden_size % num_attention_heads:
+            raise ValueError(
+                f"hidden_size ({hidden_size}) must be a multiple of num_attention_heads ({num_attention_heads}) "
+                "unless head_dim is given"
+            )
         self.head_dim = head_dim or (hidden_size // num_attention_heads if num_attention_heads else None)
         self.hidden_act = hidden_act
         self.max_position_embeddings = max_position_embeddings
@@ -213,6 +219,12 @@ class ImplicitConfig(PretrainedConfig):
         """Iterations used in training mode when a forward call does not say."""
         return self.num_loops_train if self.num_loops_train is not None else self.num_loops
 
+    @classmethod
+    def from_dict(cls, config_dict: dict[str, Any], **kwargs: Any) -> ImplicitConfig:
+        # from_pretrained(dir, num_loop=3) arrives here: refuse a misspelt loop field as __init__ does
+        _refuse_misspelt_loop_fields({key: value for key, value in kwargs.items() if key not in _LOOP_FIELDS})
+        return super().from_dict(config_dict, **kwargs)
+
     def __setattr__(self, key: str, value: Any) -> None:
         # Every checked field is checked where it is set: in __init__, by from_pretrained(dir, field=...)
         # (transformers sets config attributes from keyword arguments) and by `config.field = value`.
@@ -228,11 +240,6 @@ class ImplicitConfig(PretrainedConfig):
             raise ValueError(
                 f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
                 f"num_key_value_heads ({self.num_key_value_heads})"
-            )
-        if self.head_dim is None and self.hidden_size % self.num_attention_heads:
-            raise ValueError(
-                f"hidden_size ({self.hidden_size}) must be a multiple of num_attention_heads "
-                f"({self.num_attention_heads}) unless head_dim is given"
             )
 
 
@@ -318,6 +325,17 @@ _FIELD_CHECKS = {
     "injection_norm": _boolean,
     "is_causal": _boolean,
 }
+
+
+def refuse_unknown_keywords(where: str, unknown: Iterable[str], known: Iterable[str]) -> None:
+    """A ``TypeError`` naming the first of ``unknown`` (if any) and the closest of ``known``."""
+    unknown = sorted(unknown)
+    if not unknown:
+        return
+    known = sorted(known)
+    match = difflib.get_close_matches(unknown[0], known, n=1, cutoff=0.6)
+    hint = f"did you mean {match[0]!r}?" if match else f"accepted: {', '.join(known)}"
+    raise TypeError(f"{where} got an unexpected keyword argument {unknown[0]!r}; {hint}")
 
 
 def _refuse_misspelt_loop_fields(kwargs: dict[str, Any]) -> None:

@@ -12,6 +12,7 @@ the ones it imports relatively are copied next to saved checkpoints, so it impor
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -24,9 +25,10 @@ from transformers.masking_utils import create_bidirectional_mask, create_causal_
 from transformers.modeling_outputs import ModelOutput
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRMSNorm, LlamaRotaryEmbedding
 from transformers.utils.deprecation import deprecate_kwarg
+from transformers.utils.generic import TransformersKwargs
 
 from .cache import LoopSlots
-from .configuration_implicit import SOLVER_NAMES, ImplicitConfig, check_integer
+from .configuration_implicit import SOLVER_NAMES, ImplicitConfig, check_integer, refuse_unknown_keywords
 from .gradients import fixed_point
 from .model_card import write_model_card
 from .penalties import check_penalties, fixed_point_penalties
@@ -94,6 +96,9 @@ class ImplicitInjection(nn.Module):
         return nn.functional.linear(torch.cat([state, injected], dim=-1), self.weight)
 
 
+# Keywords a forward pass takes beyond its own arguments: what transformers' generate, Trainer and attention
+# back-ends pass (TransformersKwargs); anything else is refused with a did-you-mean, not ignored.
+PASSED_THROUGH = frozenset(TransformersKwargs.__annotations__) | {"cache_position", "return_dict"}
 # Loop settings `generate` reads from a GenerationConfig (``generation_config=`` or ``model.generation_config``)
 # and hands to every forward pass; an explicit ``generate(num_loops=...)`` argument wins.
 GENERATION_LOOP_FIELDS = ("num_loops", "tol", "solver")
@@ -252,6 +257,7 @@ class ImplicitModel(ImplicitPreTrainedModel):
         cache: a transformers ``DynamicCache`` from an earlier call (``past_key_values``, its former name,
             is accepted with a deprecation warning, as in transformers' own models).
         """
+        refuse_unknown_keywords(f"{type(self).__name__}.forward()", set(kwargs) - PASSED_THROUGH, FORWARD_KEYWORDS)
         if use_cache is None:  # a cache by default where it serves: causal inference without trajectories
             use_cache = (
                 cache is not None
@@ -445,6 +451,14 @@ class ImplicitModel(ImplicitPreTrainedModel):
         if solver == "anderson":
             return {"damping": self.config.damping, "memory": self.config.anderson_memory}
         return {}
+
+
+# What a misspelt forward keyword is compared with: the model's own arguments, the heads' and the passed-through ones.
+FORWARD_KEYWORDS = (
+    (set(inspect.signature(ImplicitModel.forward).parameters) - {"self", "kwargs"})
+    | {"labels", "logits_to_keep"}
+    | PASSED_THROUGH
+)
 
 
 class ImplicitForCausalLM(ImplicitPreTrainedModel, GenerationMixin):

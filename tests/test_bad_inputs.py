@@ -1,0 +1,149 @@
+"""Bad input gets a clear error naming what is wrong, on every path the value can enter: the config, forward,
+generate, from_pretrained, conversion. Each case asserts the error type and that the message names the
+offending field or argument (and, where there is one, what to use instead)."""
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, GenerationConfig
+
+from implicit_hf import ImplicitConfig, ImplicitForCausalLM
+from implicit_hf.modeling.convert import convert_model
+
+VOCAB = 61
+
+
+def tiny_config(**overrides) -> ImplicitConfig:
+    settings = dict(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        num_attention_heads=4,
+        num_prelude_layers=1,
+        num_core_layers=1,
+        num_coda_layers=1,
+        num_loops=2,
+    )
+    return ImplicitConfig(**{**settings, **overrides})
+
+
+@pytest.fixture(scope="module")
+def model() -> ImplicitForCausalLM:
+    torch.manual_seed(0)
+    return ImplicitForCausalLM(tiny_config()).eval()
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory, model):
+    folder = tmp_path_factory.mktemp("bad_inputs") / "ckpt"
+    model.save_pretrained(folder)
+    return folder
+
+
+def ids(batch: int = 2, length: int = 5) -> torch.Tensor:
+    return torch.randint(1, VOCAB, (batch, length), generator=torch.Generator().manual_seed(0))
+
+
+CONFIG_CASES = [
+    ({"num_loops": 0}, ValueError, "num_loops must be an integer >= 1"),
+    ({"num_loops": 2.5}, ValueError, "num_loops must be an integer"),
+    ({"num_loops": "4"}, ValueError, "num_loops must be an integer"),
+    ({"solver": "newton"}, ValueError, "solver"),
+    ({"gradient": "backprop"}, ValueError, "gradient"),
+    ({"injection": "concat"}, ValueError, "injection"),
+    ({"tol": -1.0}, ValueError, "tol"),
+    ({"damping": 1.5}, ValueError, r"damping must be a number in \(0, 1\]"),
+    ({"num_core_layers": 0}, ValueError, "num_core_layers"),
+    ({"hidden_size": 30}, ValueError, "hidden_size \\(30\\) must be a multiple of num_attention_heads"),
+    ({"num_key_value_heads": 3}, ValueError, "num_key_value_heads"),
+    ({"num_loop": 3}, ValueError, "did you mean 'num_loops'"),
+]
+
+
+@pytest.mark.parametrize(("overrides", "error", "message"), CONFIG_CASES, ids=[str(c[0]) for c in CONFIG_CASES])
+def test_bad_config_fields(overrides, error, message):
+    with pytest.raises(error, match=message):
+        tiny_config(**overrides)
+
+
+def test_a_bad_field_set_on_a_loaded_config_is_refused_and_the_old_value_kept(model):
+    with pytest.raises(ValueError, match="num_loops must be an integer >= 1"):
+        model.config.num_loops = 0
+    assert model.config.num_loops == 2
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        ({"num_loops": 0}, ValueError, "num_loops must be an integer >= 1"),
+        ({"num_loop": 3}, ValueError, "did you mean 'num_loops'"),
+        ({"solver": "newton"}, ValueError, "solver"),
+    ],
+)
+def test_bad_from_pretrained_keywords(checkpoint, kwargs, error, message):
+    with pytest.raises(error, match=message):
+        AutoModelForCausalLM.from_pretrained(checkpoint, **kwargs)
+
+
+FORWARD_CASES = [
+    ({"num_loop": 1}, TypeError, "unexpected keyword argument 'num_loop'; did you mean 'num_loops'"),
+    ({"label": ids()}, TypeError, "did you mean 'labels'"),
+    ({"return_trajectorys": True}, TypeError, "did you mean 'return_trajectory'"),
+    ({"num_loops": 0}, ValueError, "num_loops must be an integer >= 1"),
+    ({"num_loops": True}, ValueError, "num_loops must be an integer"),
+    ({"solver": "newton"}, ValueError, "solver"),
+    ({"return_trajectory": [0]}, ValueError, "return_trajectory"),
+    ({"penalties": ["lipschitz"]}, ValueError, "penalties"),
+]
+
+
+@pytest.mark.parametrize(("kwargs", "error", "message"), FORWARD_CASES, ids=[str(c[0])[:40] for c in FORWARD_CASES])
+def test_bad_forward_arguments(model, kwargs, error, message):
+    with pytest.raises(error, match=message):
+        model(ids(), use_cache=False, **kwargs)
+
+
+def test_forward_needs_exactly_one_input(model):
+    with pytest.raises(ValueError, match="exactly one of input_ids, inputs_embeds"):
+        model(ids(), inputs_embeds=torch.zeros(2, 5, 32))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        ({"num_loops": 0}, ValueError, "num_loops must be an integer >= 1"),
+        ({"generation_config": GenerationConfig(num_loops=0, max_new_tokens=2)}, ValueError, "num_loops"),
+        ({"num_loop": 2}, ValueError, "num_loop"),
+    ],
+)
+def test_bad_generate_arguments(model, kwargs, error, message):
+    with pytest.raises(error, match=message):
+        model.generate(ids(1, 3), max_new_tokens=2, do_sample=False, pad_token_id=0, **kwargs)
+
+
+def tiny_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.mark.parametrize(
+    ("plan", "settings", "error", "message"),
+    [
+        (([0], [], [3]), {}, ValueError, "core_layers must name at least one layer"),
+        (([0], [1, 9], [3]), {}, ValueError, r"core_layers \[1, 9\] must lie in 0..3"),
+        (([0], [1], [3]), {"state_weight": 1.0}, ValueError, r"state_weight must be a number in \[0, 1\)"),
+        (([0], [1], [3]), {"state_weight": 0.5, "injection": "add"}, ValueError, "state_weight needs injection"),
+        (([0], [1], [3]), {"num_loops": 0}, ValueError, "num_loops must be an integer >= 1"),
+    ],
+)
+def test_bad_conversions(plan, settings, error, message):
+    with pytest.raises(error, match=message):
+        convert_model(tiny_llama(), *plan, **settings)
