@@ -147,3 +147,55 @@ def tiny_llama():
 def test_bad_conversions(plan, settings, error, message):
     with pytest.raises(error, match=message):
         convert_model(tiny_llama(), *plan, **settings)
+
+
+SHAPE_CASES = [
+    (
+        {"attention_mask": torch.ones(2, 7)},
+        r"attention_mask has shape \(2, 7\); with input_ids \(2, 5\) it must be \(2, 5\)",
+    ),
+    ({"attention_mask": torch.ones(3, 5)}, r"attention_mask has shape \(3, 5\)"),
+    ({"attention_mask": torch.ones(5)}, r"attention_mask has shape \(5,\)"),
+    ({"attention_mask": torch.ones(2, 1, 5, 6)}, r"attention_mask has shape \(2, 1, 5, 6\)"),
+    ({"position_ids": torch.arange(4)[None]}, r"position_ids has shape \(1, 4\); .* must be \(2 or 1, 5\)"),
+    ({"position_ids": torch.arange(5)}, r"position_ids has shape \(5,\)"),
+]
+
+
+@pytest.mark.parametrize(("kwargs", "message"), SHAPE_CASES, ids=[str(i) for i in range(len(SHAPE_CASES))])
+def test_input_shapes_are_checked_against_each_other(model, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        model(ids(), use_cache=False, **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("inputs", "message"),
+    [
+        ({"input_ids": torch.tensor([[1, 2, VOCAB]])}, rf"token id {VOCAB}, outside the vocabulary \[0, {VOCAB}\)"),
+        ({"input_ids": torch.tensor([[1, -1, 2]])}, "token id -1, outside the vocabulary"),
+        ({"input_ids": torch.ones(2, 5)}, "input_ids must be integer token ids"),
+        ({"input_ids": torch.ones(5, dtype=torch.long)}, r"input_ids must be .* of shape \(batch, length\)"),
+        ({"inputs_embeds": torch.zeros(2, 5, 16)}, r"inputs_embeds must have shape \(batch, length, 32\)"),
+    ],
+)
+def test_bad_token_ids_and_embeddings(model, inputs, message):
+    with pytest.raises(ValueError, match=message):
+        model(**inputs, use_cache=False)
+
+
+def test_attention_mask_must_cover_the_cached_tokens(model):
+    prompt = ids(1, 4)
+    out = model(prompt, use_cache=True)
+    with pytest.raises(ValueError, match=r"after 4 cached tokens it must be \(1, 5\)"):
+        model(ids(1, 1), attention_mask=torch.ones(1, 1), cache=out.cache)
+
+
+def test_a_corrupted_weights_file_is_named(checkpoint, tmp_path):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(checkpoint, broken)
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(OSError, match=f"cannot read the weights in {weights}"):
+        AutoModelForCausalLM.from_pretrained(broken)

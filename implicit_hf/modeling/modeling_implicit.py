@@ -15,6 +15,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -115,6 +116,24 @@ class ImplicitPreTrainedModel(PreTrainedModel):
     _supports_flex_attn = True
     _supports_attention_backend = True
 
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """transformers' ``from_pretrained``; a weights file that cannot be read is reported by its path."""
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        except SafetensorError as err:
+            unreadable = []
+            for path in sorted(Path(str(pretrained_model_name_or_path)).glob("*.safetensors")):
+                try:
+                    with safe_open(path, framework="pt"):
+                        pass
+                except SafetensorError:
+                    unreadable.append(str(path))
+            where = ", ".join(unreadable) or f"a safetensors file of {pretrained_model_name_or_path}"
+            raise OSError(f"cannot read the weights in {where} (truncated or corrupted?): {err}") from err
+
     def save_pretrained(self, save_directory, *args, **kwargs) -> None:
         """transformers' ``save_pretrained``, plus a model card (README.md: architecture, loop settings,
         conversion provenance, and the loop sweep when one was stored), unless a hand-written card is there.
@@ -151,6 +170,68 @@ def _additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 def _add_bias(mask: torch.Tensor | None, bias: torch.Tensor) -> torch.Tensor:
     """An additive float mask ``(B, H, T, T)``: the attention mask (bool or additive) plus ``bias``."""
     return bias if mask is None else _additive(mask, bias.dtype) + bias
+
+
+def check_input_shapes(
+    config: ImplicitConfig,
+    input_ids: torch.Tensor | None,
+    inputs_embeds: torch.Tensor | None,
+    input_features: torch.Tensor | None,
+    attention_mask: torch.Tensor | None,
+    position_ids: torch.Tensor | None,
+    edge_features: torch.Tensor | None,
+    past: int,
+) -> None:
+    """Check every tensor input against the others and the config (``past``: tokens already in the cache);
+    the error names the argument, its shape and the shape it needs."""
+    if input_ids is not None:
+        name, given = "input_ids", input_ids
+        if input_ids.ndim != 2 or input_ids.dtype.is_floating_point or input_ids.dtype == torch.bool:
+            raise ValueError(
+                f"input_ids must be integer token ids of shape (batch, length); got {_describe(input_ids)}"
+            )
+        if input_ids.numel() and not 0 <= int(input_ids.min()) <= int(input_ids.max()) < config.vocab_size:
+            bad = int(input_ids.max()) if int(input_ids.max()) >= config.vocab_size else int(input_ids.min())
+            raise ValueError(f"input_ids holds token id {bad}, outside the vocabulary [0, {config.vocab_size})")
+    else:
+        name, given = (
+            ("inputs_embeds", inputs_embeds) if inputs_embeds is not None else ("input_features", input_features)
+        )
+        width = config.hidden_size if inputs_embeds is not None else config.input_features
+        if given.ndim != 3 or given.shape[-1] != width:
+            raise ValueError(f"{name} must have shape (batch, length, {width}); got {_describe(given)}")
+    batch, length = given.shape[:2]
+    total = past + length
+    context = f"{name} {tuple(given.shape)}" + (f" after {past} cached tokens" if past else "")
+    if attention_mask is not None:
+        if attention_mask.ndim == 2:
+            needed = (batch, total)
+            ok = tuple(attention_mask.shape) == needed
+        elif attention_mask.ndim == 4:
+            needed = (batch, "1 or heads", length, total)
+            ok = attention_mask.shape[0] in (1, batch) and tuple(attention_mask.shape[2:]) == (length, total)
+        else:
+            needed, ok = (batch, total), False
+        if not ok:
+            raise ValueError(
+                f"attention_mask has shape {tuple(attention_mask.shape)}; with {context} it must be "
+                f"{needed} (or a 4-D mask (batch, 1, {length}, {total}))"
+            )
+    if position_ids is not None and (
+        position_ids.ndim != 2 or position_ids.shape[0] not in (1, batch) or position_ids.shape[1] != length
+    ):
+        raise ValueError(
+            f"position_ids has shape {tuple(position_ids.shape)}; with {context} it must be ({batch} or 1, {length})"
+        )
+    if edge_features is not None and tuple(edge_features.shape) != (batch, length, length, config.edge_features):
+        raise ValueError(
+            f"edge_features has shape {tuple(edge_features.shape)}; with {context} it must be "
+            f"{(batch, length, length, config.edge_features)}"
+        )
+
+
+def _describe(x: torch.Tensor) -> str:
+    return f"shape {tuple(x.shape)}, dtype {x.dtype}"
 
 
 def _loop_counts(requested: Sequence[int]) -> list[int]:
@@ -303,6 +384,10 @@ class ImplicitModel(ImplicitPreTrainedModel):
             raise ValueError("loop_feedback needs a model built with config.feedback_features > 0")
         if loop_feedback is not None and cache is not None:
             raise ValueError("loop_feedback runs the coda inside the loop and cannot use a KV cache: use_cache=False")
+        past = cache.get_seq_length() if cache is not None else 0
+        check_input_shapes(
+            self.config, input_ids, inputs_embeds, input_features, attention_mask, position_ids, edge_features, past
+        )
         loops = self._resolve_loops(num_loops)
         solver = self.config.solver if solver is None else solver
         if solver not in SOLVER_NAMES:
@@ -314,7 +399,6 @@ class ImplicitModel(ImplicitPreTrainedModel):
         hidden = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         batch, length = hidden.shape[:2]
         if position_ids is None:
-            past = cache.get_seq_length() if cache is not None else 0
             position_ids = torch.arange(past, past + length, device=hidden.device).unsqueeze(0)
         # With an edge bias the mask must be materialised (sdpa's "no mask" shortcut would drop the bias).
         if self.config.is_causal:
