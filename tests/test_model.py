@@ -447,3 +447,45 @@ def test_save_pretrained_writes_a_model_card_and_keeps_a_hand_written_one(tmp_pa
     (tmp_path / "ckpt" / "README.md").write_text("# my own card\n")
     model.save_pretrained(tmp_path / "ckpt")
     assert (tmp_path / "ckpt" / "README.md").read_text() == "# my own card\n"
+
+
+def test_hidden_states_attentions_and_tuples_as_in_transformers():
+    from implicit_hf import ImplicitForCausalLM
+
+    torch.manual_seed(0)
+    config = ImplicitConfig(
+        vocab_size=61,
+        hidden_size=32,
+        num_attention_heads=4,
+        num_prelude_layers=1,
+        num_core_layers=2,
+        num_coda_layers=1,
+        num_loops=3,
+    )
+    model = ImplicitForCausalLM(config).eval()
+    input_ids = torch.randint(0, 61, (2, 5))
+    out = model(input_ids, output_hidden_states=True, use_cache=False)
+    embeddings, prelude, *states, last = out.hidden_states
+    assert len(states) == 3  # one per iteration
+    torch.testing.assert_close(embeddings, model.model.embed_tokens(input_ids))
+    torch.testing.assert_close(last, model.model(input_ids, use_cache=False).last_hidden_state)
+    torch.testing.assert_close(model.lm_head(last), out.logits)
+    assert not torch.allclose(states[0], states[-1])
+    assert isinstance(model(input_ids, return_dict=False, use_cache=False), tuple)
+    torch.testing.assert_close(model(input_ids, return_dict=False, use_cache=False)[0], out.logits)
+    with pytest.raises(ValueError, match="output_attentions=True needs eager attention"):
+        model(input_ids, output_attentions=True, use_cache=False)
+    model.config._attn_implementation = "eager"
+    attentions = model(input_ids, output_attentions=True, use_cache=False).attentions
+    assert len(attentions) == 1 + 2 * 3 + 1  # prelude, core layers at every loop, coda
+    assert attentions[0].shape == (2, 4, 5, 5)
+    torch.testing.assert_close(attentions[1].sum(-1), torch.ones(2, 4, 5))  # rows of a softmax
+    generated = model.generate(
+        input_ids[:, :3],
+        max_new_tokens=2,
+        do_sample=False,
+        pad_token_id=0,
+        output_hidden_states=True,
+        return_dict_in_generate=True,
+    )
+    assert len(generated.hidden_states) == 2 and len(generated.hidden_states[0]) == 3 + 3

@@ -24,9 +24,16 @@ from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.masking_utils import create_bidirectional_mask, create_causal_mask
 from transformers.modeling_outputs import ModelOutput
-from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRMSNorm, LlamaRotaryEmbedding
+from transformers.models.llama.modeling_llama import (
+    LlamaAttention,
+    LlamaDecoderLayer,
+    LlamaRMSNorm,
+    LlamaRotaryEmbedding,
+)
+from transformers.utils import can_return_tuple
 from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.generic import TransformersKwargs
+from transformers.utils.output_capturing import capture_outputs
 
 from .cache import LoopSlots
 from .configuration_implicit import SOLVER_NAMES, ImplicitConfig, check_integer, refuse_unknown_keywords
@@ -46,6 +53,10 @@ class ImplicitModelOutput(ModelOutput):
         trajectory: with ``return_trajectory=True``, ``last_hidden_state`` after each iteration.
         penalties: with ``penalties``, each requested stabilising penalty at the last iterate (a scalar).
         cache: the KV cache (one slot per prelude/coda layer and per (loop, core layer)), with ``use_cache``.
+        hidden_states: with ``output_hidden_states``: the embeddings, the prelude's output, the state after
+            every iteration run, and ``last_hidden_state`` (3 + iterations entries, each ``(B, T, hidden)``).
+        attentions: with ``output_attentions`` (eager attention): the weights of every attention call in
+            order: the prelude's layers, the core's layers at every iteration, the coda's layers.
     """
 
     last_hidden_state: torch.Tensor | None = None
@@ -53,6 +64,8 @@ class ImplicitModelOutput(ModelOutput):
     trajectory: tuple[torch.Tensor, ...] | None = None
     penalties: dict[str, torch.Tensor] | None = None
     cache: Cache | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+    attentions: tuple[torch.Tensor, ...] | None = None
 
 
 @dataclass
@@ -69,6 +82,7 @@ class ImplicitHeadOutput(ModelOutput):
             shape ``(len(trajectory),)`` (deep supervision).
         penalties: with ``penalties``, each requested stabilising penalty at the last iterate.
         cache: the KV cache, with ``use_cache``.
+        hidden_states / attentions: see `ImplicitModelOutput`.
     """
 
     loss: torch.Tensor | None = None
@@ -78,6 +92,8 @@ class ImplicitHeadOutput(ModelOutput):
     trajectory_loss: torch.Tensor | None = None
     penalties: dict[str, torch.Tensor] | None = None
     cache: Cache | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+    attentions: tuple[torch.Tensor, ...] | None = None
 
 
 class ImplicitInjection(nn.Module):
@@ -115,6 +131,7 @@ class ImplicitPreTrainedModel(PreTrainedModel):
     _supports_sdpa = True
     _supports_flex_attn = True
     _supports_attention_backend = True
+    _can_record_outputs = {"attentions": LlamaAttention}  # transformers' capture_outputs hooks collect them
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
@@ -293,6 +310,7 @@ class ImplicitModel(ImplicitPreTrainedModel):
         self.embed_tokens = value
 
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    @capture_outputs
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -339,6 +357,14 @@ class ImplicitModel(ImplicitPreTrainedModel):
             is accepted with a deprecation warning, as in transformers' own models).
         """
         refuse_unknown_keywords(f"{type(self).__name__}.forward()", set(kwargs) - PASSED_THROUGH, FORWARD_KEYWORDS)
+        if kwargs.get("output_attentions") and self.config._attn_implementation != "eager":
+            raise ValueError(
+                f"output_attentions=True needs eager attention; this model uses {self.config._attn_implementation!r} "
+                "(load it with attn_implementation='eager')"
+            )
+        output_hidden_states = kwargs.pop("output_hidden_states", None)
+        if output_hidden_states is None:
+            output_hidden_states = self.config.output_hidden_states
         if use_cache is None:  # a cache by default where it serves: causal inference without trajectories
             use_cache = (
                 cache is not None
@@ -447,7 +473,7 @@ class ImplicitModel(ImplicitPreTrainedModel):
             return h
 
         all_rows = torch.arange(batch, device=hidden.device)
-        injected = run(self.prelude, hidden, all_rows, slots and slots.prelude())
+        prelude_output = injected = run(self.prelude, hidden, all_rows, slots and slots.prelude())
         if self.injection_norm is not None:
             injected = self.injection_norm(injected)
 
@@ -493,7 +519,7 @@ class ImplicitModel(ImplicitPreTrainedModel):
             tau=self.config.phantom_tau,
             backward_max_iter=self.config.ift_max_iter,
             backward_tol=self.config.ift_tol,
-            return_trajectory=return_trajectory is not False,
+            return_trajectory=return_trajectory is not False or output_hidden_states,
             **self._solver_options(solver),
         )
         if slots is not None:
@@ -503,18 +529,19 @@ class ImplicitModel(ImplicitPreTrainedModel):
         def decode(z: torch.Tensor, layer_cache=None) -> torch.Tensor:
             return self.norm(run(self.coda, z, all_rows, layer_cache))
 
+        states, stats.trajectory = stats.trajectory, None  # callers get decoded states, not the raw list
         trajectory = None
         if return_trajectory is not False:
-            states = stats.trajectory
             wanted = range(1, len(states) + 1) if return_trajectory is True else _loop_counts(return_trajectory)
             trajectory = tuple(decode(states[min(t, len(states)) - 1]) for t in wanted)
-        stats.trajectory = None  # the decoded trajectory is what callers use; drop the raw states
+        last_hidden_state = decode(state, slots and slots.coda())
         return ImplicitModelOutput(
-            last_hidden_state=decode(state, slots and slots.coda()),
+            last_hidden_state=last_hidden_state,
             loop_stats=stats,
             trajectory=trajectory,
             penalties=measured,
             cache=cache,
+            hidden_states=(hidden, prelude_output, *states, last_hidden_state) if output_hidden_states else None,
         )
 
     def _resolve_loops(self, num_loops: int | None) -> int:
@@ -569,6 +596,7 @@ class ImplicitForCausalLM(ImplicitPreTrainedModel, GenerationMixin):
         return generation_config, model_kwargs
 
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -627,6 +655,8 @@ class ImplicitForCausalLM(ImplicitPreTrainedModel, GenerationMixin):
             trajectory_loss=trajectory_loss,
             penalties=outputs.penalties,
             cache=outputs.cache,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
         )
 
 
@@ -644,6 +674,7 @@ class ImplicitForTokenClassification(ImplicitPreTrainedModel):
         self.score = nn.Linear(config.hidden_size, config.num_labels)
         self.post_init()
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -700,6 +731,8 @@ class ImplicitForTokenClassification(ImplicitPreTrainedModel):
             trajectory=trajectory,
             trajectory_loss=trajectory_loss,
             penalties=outputs.penalties,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
         )
 
     def _loss(self, logits: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
