@@ -97,3 +97,24 @@ def test_vllm_greedy_outputs_equal_hf_generate(tmp_path):
         expected = hf_greedy(model, prompts, loops, 8)
         assert served[str(loops)]["tokens"] == expected, loops
     assert served["2"]["tokens"] != served["5"]["tokens"]  # the loop-count override took effect
+
+
+def test_vllm_refuses_a_bad_loop_count_override(tmp_path):
+    tiny_checkpoint(tmp_path / "ckpt")
+    request, result = tmp_path / "request.json", tmp_path / "result.json"
+    request.write_text(json.dumps({"prompts": [[1, 2]], "max_new_tokens": 2, "loops": [0]}))
+    run = subprocess.run(
+        [
+            str(VLLM_PYTHON),
+            "-m",
+            "implicit_hf.integrations.vllm_generate",
+            str(tmp_path / "ckpt"),
+            str(request),
+            str(result),
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert run.returncode != 0 and "num_loops must be an integer >= 1" in run.stdout + run.stderr

@@ -44,6 +44,8 @@ _STACKED = (
 
 
 def _check_servable(config) -> None:
+    # hf_overrides={"num_loops": 0} reaches the config after it was loaded: re-check every loop setting here
+    config.validate_loop_settings()
     if not config.is_causal:
         raise ValueError("vLLM serves causal implicit LMs; this checkpoint attends both ways (is_causal=False)")
     if config.solver != "picard":
