@@ -6,9 +6,9 @@ import json
 import sys
 
 import torch
+from transformers import AutoModelForCausalLM
 
 from implicit_hf.tasks.text import TextTask
-from transformers import AutoModelForCausalLM
 
 full = sys.argv[1]  # the conversion that drops nothing (outputs/smollm2_full)
 model = AutoModelForCausalLM.from_pretrained(full)
@@ -16,7 +16,10 @@ task = TextTask(tokenizer=full, seq_len=64)
 ids = torch.tensor(task.build_dataset("validation", 32, seed=0)["input_ids"])
 states = []
 layers = [*model.model.prelude, *model.model.core, *model.model.coda]
-hooks = [layer.register_forward_hook(lambda m, i, o: states.append((i[0], o[0] if isinstance(o, tuple) else o))) for layer in layers]
+hooks = [
+    layer.register_forward_hook(lambda m, i, o: states.append((i[0], o[0] if isinstance(o, tuple) else o)))
+    for layer in layers
+]
 with torch.no_grad():
     model(ids)
 rows = []

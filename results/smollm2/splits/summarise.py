@@ -16,7 +16,11 @@ def row(folder: Path) -> str:
     best_loops = min(ppl, key=ppl.get)
     best, last = ppl[best_loops], max(ppl)
     config = json.loads((folder / "train_config.json").read_text()) if (folder / "train_config.json").is_file() else {}
-    seconds = json.loads((folder / "metrics.json").read_text()).get("runtime_s") if (folder / "metrics.json").is_file() else None
+    seconds = (
+        json.loads((folder / "metrics.json").read_text()).get("runtime_s")
+        if (folder / "metrics.json").is_file()
+        else None
+    )
     cells = " | ".join(f"{ppl[k]:,.1f}" for k in sorted(ppl))
     minutes = f"{seconds / 60:.1f}" if seconds else ""
     return (
@@ -27,7 +31,9 @@ def row(folder: Path) -> str:
 
 folders = [Path(p) for p in sys.argv[1:]]
 loops = sorted(int(r["loops"]) for r in csv.DictReader((folders[0] / "results.csv").open()))
-print("| run | " + " | ".join(str(k) for k in loops) + " | best (x original) at loops | last / best | steps | train min |")
+print(
+    "| run | " + " | ".join(str(k) for k in loops) + " | best (x original) at loops | last / best | steps | train min |"
+)
 print("|---" * (len(loops) + 5) + "|")
 for folder in folders:
     print(row(folder))
