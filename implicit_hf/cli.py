@@ -1,13 +1,442 @@
 """``implicit-hf`` command line: ``train``, ``eval``, ``lm-eval``, ``lm-eval-data``, ``convert`` and the end-to-end
-``demo``."""
+``demo``.
+
+The command line is parsed before anything heavy is imported: ``implicit-hf --help`` and every
+``implicit-hf COMMAND --help`` import neither torch nor transformers. Options may be spelt with dashes or
+underscores (``--max-steps`` or ``--max_steps``), in every command.
+
+User errors (a model path that does not exist, a task that does not fit the model, an invalid recipe, ...)
+are reported on one line, ``implicit-hf COMMAND: error: MESSAGE``, with exit status 2 and no traceback
+(set ``IMPLICIT_HF_TRACEBACK=1`` to see one); anything else is a bug and shows its traceback.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import re
+import sys
+from collections.abc import Callable, Sequence
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 DEMO_LOOPS = "1,2,4,8,16,32"
+DEFAULT_LOOPS = "1,2,4,8,16,32,64"
+LM_EVAL_LOOPS = "1,2,4,8,16"
+TRACEBACK_ENV = "IMPLICIT_HF_TRACEBACK"
+
+_LOOP_FORMS = (
+    "allowed forms: a comma-separated list of integers >= 1 ('1,2,4,8'), a range 'A-B' ('1-8'), "
+    "a range with a step 'A-B:S' ('1-64:2'), or a mix of them ('1,2,4-8')"
+)
+_ITEM = re.compile(r"^(\d+)(?:-(\d+)(?::(\d+))?)?$")
+# The head of a task -> the class a checkpoint for it is saved as (config.json "architectures").
+_HEAD_CLASSES = {
+    "causal_lm": "ImplicitForCausalLM",
+    "token_classification": "ImplicitForTokenClassification",
+    "token_regression": "ImplicitForTokenRegression",
+}
+
+
+class UsageError(ValueError):
+    """A user error found at the edge of a command (a path, an option value, a task that does not fit the
+    model): `main` prints its message on one line and exits with status 2."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Values of options (pure Python: parsing imports nothing heavy)
+
+
+def parse_loops(spec: str) -> list[int]:
+    """Loop counts from ``"1,2,4,8"``, ``"1-8"``, ``"1-64:2"`` or ``"1,2,4-8"``: sorted, unique, all >= 1.
+
+    Ranges include both ends when the step reaches them (``"1-8:3"`` is ``[1, 4, 7]``).
+    Raises ``ValueError`` naming the offending item and the allowed forms.
+    """
+    if not isinstance(spec, str):
+        raise ValueError(f"loop specification must be a string; got {spec!r}; {_LOOP_FORMS}")
+    items = [item.strip() for item in spec.split(",")]
+    if not spec.strip() or any(not item for item in items):
+        raise ValueError(f"invalid loop specification {spec!r}: empty item; {_LOOP_FORMS}")
+    loops: set[int] = set()
+    for item in items:
+        match = _ITEM.match(item)
+        if match is None:
+            raise ValueError(f"invalid loop specification {spec!r}: cannot read {item!r}; {_LOOP_FORMS}")
+        start, end, step = match.groups()
+        start = int(start)
+        end = start if end is None else int(end)
+        step = 1 if step is None else int(step)
+        problem = None
+        if start < 1:
+            problem = f"loop counts must be >= 1 in {item!r}"
+        elif end < start:
+            problem = f"range {item!r} ends before it starts"
+        elif step < 1:
+            problem = f"step must be >= 1 in {item!r}"
+        if problem:
+            raise ValueError(f"invalid loop specification {spec!r}: {problem}; {_LOOP_FORMS}")
+        loops.update(range(start, end + 1, step))
+    return sorted(loops)
+
+
+def loops_argument(value: str) -> list[int]:
+    """argparse type of ``--loops``: `parse_loops`."""
+    try:
+        return parse_loops(value)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def json_object(value: str) -> dict[str, Any]:
+    """argparse type of a JSON-object option (``--task-kwargs '{"size": 8}'``)."""
+    try:
+        parsed = json.loads(value)
+    except json.JSONDecodeError as error:
+        raise argparse.ArgumentTypeError(f"must be a JSON object; {error}") from None
+    if not isinstance(parsed, dict):
+        raise argparse.ArgumentTypeError(f"must be a JSON object like '{{\"size\": 8}}'; got {value!r}")
+    return parsed
+
+
+def _integer_at_least(minimum: int) -> Callable[[str], int]:
+    def convert(value: str) -> int:
+        try:
+            number = int(value)
+        except ValueError:
+            number = None
+        if number is None or number < minimum:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {minimum}; got {value!r}")
+        return number
+
+    return convert
+
+
+def _number(minimum: float, inclusive: bool = True) -> Callable[[str], float]:
+    def convert(value: str) -> float:
+        try:
+            number = float(value)
+        except ValueError:
+            number = None
+        if number is None or not (number >= minimum if inclusive else number > minimum):
+            raise argparse.ArgumentTypeError(
+                f"must be a number {'>=' if inclusive else '>'} {minimum:g}; got {value!r}"
+            )
+        return number
+
+    return convert
+
+
+def _hops(value: str) -> list[int]:
+    try:
+        hops = [int(k) for k in value.split(",") if k.strip()]
+    except ValueError:
+        hops = []
+    if not hops or any(k < 1 for k in hops):
+        raise argparse.ArgumentTypeError(f"must be comma-separated integers >= 1 ('1,2,4'); got {value!r}")
+    return hops
+
+
+# --------------------------------------------------------------------------------------------------
+# The parser
+
+
+class _Parser(argparse.ArgumentParser):
+    """An `argparse.ArgumentParser` that takes every ``--dashed-option`` spelt with underscores too (and the
+    other way round): ``--max_steps 3`` is ``--max-steps 3``."""
+
+    def parse_known_args(self, args: Sequence[str] | None = None, namespace: Any = None):
+        if args is not None:
+            args = [self._canonical(arg) for arg in args]
+        return super().parse_known_args(args, namespace)
+
+    def _canonical(self, arg: str) -> str:
+        if not arg.startswith("--") or arg == "--":
+            return arg
+        name, equals, value = arg.partition("=")
+        if name in self._option_string_actions:
+            return arg
+        for spelling in ("--" + name[2:].replace("_", "-"), "--" + name[2:].replace("-", "_")):
+            if spelling in self._option_string_actions:
+                return spelling + equals + value
+        return arg
+
+
+def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The ``implicit-hf eval`` options (also `implicit_hf.eval.harness.add_arguments`)."""
+    from .tasks import BUILTIN_TASK_MODULES
+
+    tasks = ", ".join(sorted(BUILTIN_TASK_MODULES))
+    parser.add_argument("--model", required=True, help="checkpoint folder (save_pretrained)")
+    parser.add_argument(
+        "--task",
+        default=None,
+        help=f"task to score on: {tasks} (default: the task recorded with the model by implicit-hf train)",
+    )
+    parser.add_argument(
+        "--loops",
+        type=loops_argument,
+        default=parse_loops(DEFAULT_LOOPS),
+        help=f"loop counts: '1,2,4,8', '1-8', '1-64:2' or '1,2,4-8' (default {DEFAULT_LOOPS})",
+    )
+    parser.add_argument("--out", required=True, type=Path, help="output folder for results.json/csv and plots")
+    parser.add_argument("--n", type=_integer_at_least(1), default=200, help="test samples (default 200)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the test split and the perturbation (default 0)")
+    parser.add_argument(
+        "--batch-size", type=_integer_at_least(1), default=64, help="samples per forward pass (default 64)"
+    )
+    parser.add_argument(
+        "--perturb-eps", type=_number(0), default=1e-4, help="perturbation size of the Lipschitz probe; 0 skips it"
+    )
+    parser.add_argument(
+        "--baseline",
+        action="append",
+        default=[],
+        help="explicit baseline checkpoint, evaluated at its own num_loops (repeat for several)",
+    )
+    parser.add_argument(
+        "--task-kwargs",
+        type=json_object,
+        default=None,
+        help="JSON object of task constructor args (default: those the model was trained with, for its own task)",
+    )
+    parser.add_argument(
+        "--keep-tol", action="store_true", help="keep the model's halting tolerance (default: exactly K iterations)"
+    )
+    parser.add_argument(
+        "--tol",
+        type=_number(0, inclusive=False),
+        default=None,
+        help="halt each sample at this relative-residual tolerance (implies --keep-tol)",
+    )
+    parser.add_argument("--device", default="auto", help="cpu, cuda or auto (default: cuda when available)")
+    parser.add_argument("--no-plots", action="store_true", help="write results.json/csv only")
+    parser.add_argument(
+        "--model-card",
+        action="store_true",
+        help="also store the sweep in the model folder and add its table to the model card (README.md)",
+    )
+    return parser
+
+
+def add_lm_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The ``implicit-hf lm-eval`` options (also `implicit_hf.eval.lm_eval_bridge.add_arguments`)."""
+    parser.add_argument("--model", required=True, help="an implicit causal-LM checkpoint directory (with tokenizer)")
+    parser.add_argument("--tasks", required=True, help="comma-separated lm-evaluation-harness task names")
+    parser.add_argument(
+        "--loops",
+        type=loops_argument,
+        default=parse_loops(LM_EVAL_LOOPS),
+        help=f"loop counts, e.g. '1,2,4,8' or '1-8' (default {LM_EVAL_LOOPS})",
+    )
+    parser.add_argument("--include-path", default=None, help="folder of extra task YAML files (local tasks)")
+    parser.add_argument("--batch-size", type=_integer_at_least(1), default=8, help="lm-eval batch size (default 8)")
+    parser.add_argument(
+        "--limit", type=_number(0, inclusive=False), default=None, help="documents per task (lm_eval's --limit)"
+    )
+    parser.add_argument("--num-fewshot", type=_integer_at_least(0), default=None, help="few-shot examples per prompt")
+    parser.add_argument("--device", default="cpu", help="torch device to run on, e.g. cpu or cuda (default cpu)")
+    parser.add_argument("--metadata", type=json_object, default=None, help="lm-eval's --metadata (a JSON object)")
+    parser.add_argument(
+        "--per-count-passes",
+        action="store_true",
+        help="one full lm-eval pass per loop count instead of scoring every count from one trajectory",
+    )
+    parser.add_argument(
+        "--out", type=Path, default=Path("outputs/lm_eval"), help="output folder (default outputs/lm_eval)"
+    )
+    return parser
+
+
+def add_lm_eval_data_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument("task", choices=("multihop",), help="the task whose lm-eval data to write")
+    parser.add_argument(
+        "--hops", type=_hops, default=None, help="comma-separated hop counts (default: every shipped task)"
+    )
+    parser.add_argument("--n", type=_integer_at_least(1), default=500, help="documents per hop count")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the generated documents (default 0)")
+    parser.add_argument("--task-kwargs", type=json_object, default={}, help="other MultiHopTask arguments (JSON)")
+    parser.add_argument("--out", type=Path, default=None, help="folder (default: where the tasks look by default)")
+    return parser
+
+
+def add_convert_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument("source", help="a Llama / Qwen2 / Mistral checkpoint directory (or hub id, where reachable)")
+    parser.add_argument("output", type=Path, help="where the implicit checkpoint is written")
+    parser.add_argument("--prelude", default="", help="source layers run once before the loop, e.g. '0-3'")
+    parser.add_argument("--core", required=True, help="source layers of the weight-tied looped block, e.g. '4-25'")
+    parser.add_argument("--coda", default="", help="source layers run once after the loop, e.g. '26-29'")
+    parser.add_argument("--gguf-file", default=None, help="GGUF file inside SOURCE (loaded by transformers)")
+    parser.add_argument(
+        "--injection",
+        choices=("add", "linear"),
+        default="add",
+        help="how the prelude output enters every loop: add (z + e) or linear (a linear map of [z; e]; default add)",
+    )
+    parser.add_argument(
+        "--num-loops", type=_integer_at_least(1), default=1, help="default loop count stored in the config"
+    )
+    parser.add_argument("--core-norm", action="store_true", help="RMSNorm after each core pass (changes outputs)")
+    parser.add_argument(
+        "--state-weight",
+        type=float,
+        default=None,
+        help="inject A*z + (1-A)*e from the prelude state (linear injection): the first loop computes the source's "
+        "layers, later loops contract towards a fixed point (A in [0, 1), e.g. 0.5; needs --injection linear)",
+    )
+    return parser
+
+
+def add_demo_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument("--out", type=Path, default=Path("outputs/demo"), help="output folder (default outputs/demo)")
+    parser.add_argument(
+        "--max-steps", type=_integer_at_least(1), default=None, help="override the recipe's training steps"
+    )
+    return parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``implicit-hf`` parser with every subcommand (imports nothing heavy)."""
+    parser = _Parser(
+        prog="implicit-hf",
+        description="Train, evaluate and convert implicit (looped, weight-tied) transformers.",
+        epilog="Options may be spelt with dashes or underscores (--max-steps, --max_steps). "
+        "Run implicit-hf COMMAND --help for a command's options.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
+    commands.add_parser(
+        "train",
+        add_help=False,
+        help="train on a task: implicit-hf train RECIPE.yaml [--key value ...] [--resume] (--help: every recipe key)",
+    )
+    add_eval_arguments(
+        commands.add_parser(
+            "eval",
+            help="score a trained model at many loop counts; write results and plots",
+            description="Score an implicit model at many loop counts from one trajectory run.",
+        )
+    )
+    add_lm_eval_arguments(
+        commands.add_parser("lm-eval", help="run lm-evaluation-harness tasks at several loop counts; write plots")
+    )
+    add_lm_eval_data_arguments(
+        commands.add_parser("lm-eval-data", help="write the data files of the lm-eval tasks this package ships")
+    )
+    add_convert_arguments(
+        commands.add_parser("convert", help="turn a pretrained Llama-family checkpoint into an implicit one")
+    )
+    add_demo_arguments(commands.add_parser("demo", help="end to end: train a small LP model, sweep loops, write plots"))
+    return parser
+
+
+# --------------------------------------------------------------------------------------------------
+# Checks at the edge: paths, devices, tasks against models
+
+
+def _looks_local(spec: str) -> bool:
+    """Whether a model argument that is not an existing path still names a local one (never to be looked up
+    on the hub): it starts with '.', '~' or a separator, has a backslash, more than one '/', or its first
+    component is an existing folder (``outputs/run``). A hub id is ``name`` or ``owner/name``."""
+    if spec.startswith((".", "~", "/", os.sep)) or "\\" in spec or spec.count("/") > 1 or spec.endswith("/"):
+        return True
+    return "/" in spec and Path(spec.split("/")[0]).is_dir()
+
+
+def check_model_path(value: str | Path, option: str, needs_config: bool = True) -> str:
+    """``value`` as given if it is a checkpoint folder (with ``config.json`` when ``needs_config``) or could be a
+    hub id; else a `UsageError` naming ``option`` and the path."""
+    spec = str(value)
+    path = Path(spec).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise UsageError(f"{option} {spec!r} is a file; expected a checkpoint folder")
+        if needs_config and not (path / "config.json").is_file():
+            raise UsageError(f"{option} {spec!r} is not a checkpoint folder: it has no config.json")
+        return str(path)
+    if _looks_local(spec):
+        raise UsageError(f"{option} {spec!r} does not exist")
+    return spec  # a hub id: transformers looks it up (an OSError, reported on one line, if it cannot)
+
+
+def _saved_config(model: str) -> dict[str, Any]:
+    """The ``config.json`` of a checkpoint folder (or hub id) as a dict."""
+    path = Path(model) / "config.json"
+    if path.is_file():
+        try:
+            return json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise UsageError(f"{str(path)!r} is not valid JSON: {err}") from err
+    from transformers import PretrainedConfig
+
+    return PretrainedConfig.get_config_dict(model)[0]
+
+
+def check_task_fits(model: str, task: Any, option: str = "--model") -> None:
+    """The checkpoint ``model`` must be an implicit model with the head and input sizes ``task`` needs."""
+    saved = _saved_config(model)
+    model_type = saved.get("model_type")
+    if model_type != "implicit":
+        raise UsageError(
+            f"{option} {model!r} is not an implicit checkpoint (config.json model_type {model_type!r}); "
+            "turn a Llama-family model into one with implicit-hf convert"
+        )
+    expected = _HEAD_CLASSES.get(task.head)
+    architectures = saved.get("architectures") or []
+    if expected and architectures and expected not in architectures:
+        raise UsageError(
+            f"task {task.name!r} does not fit {option} {model!r}: the task needs a {task.head} model ({expected}), "
+            f"the checkpoint is {', '.join(architectures)}"
+        )
+    needs = task.model_config()
+    has = {
+        "input_features": saved.get("input_features", 0),
+        "edge_features": saved.get("edge_features", 0),
+        "feedback_features": saved.get("feedback_features", 0),
+        "is_causal": saved.get("is_causal", True),
+    }
+    if task.head != "causal_lm":
+        has["num_labels"] = len(saved["id2label"]) if saved.get("id2label") else saved.get("num_labels", 2)
+    problems = [
+        f"{key}: task needs {needs[key]!r}, checkpoint has {value!r}"
+        for key, value in has.items()
+        if key in needs and needs[key] != value
+    ]
+    if "vocab_size" in needs and saved.get("vocab_size", 0) < needs["vocab_size"]:
+        problems.append(f"vocab_size: task needs >= {needs['vocab_size']}, checkpoint has {saved.get('vocab_size')}")
+    if problems:
+        raise UsageError(f"task {task.name!r} does not fit {option} {model!r}: {'; '.join(problems)}")
+
+
+def check_device(device: str | None, option: str = "--device") -> None:
+    """``device`` must be ``auto`` or a torch device that this machine has."""
+    if device in (None, "auto"):
+        return
+    import torch
+
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, ValueError) as err:
+        raise UsageError(f"{option} {device!r} is not a torch device: {err}") from err
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"{option} {device!r}: torch.cuda.is_available() is False on this machine")
+
+
+def _task_of(model: str, task_name: str | None, task_kwargs: dict[str, Any] | None):
+    from .eval.harness import task_for_model
+
+    try:
+        return task_for_model(model, task_name, task_kwargs)
+    except UsageError:
+        raise
+    except (TypeError, ValueError, ImportError) as err:  # an unknown task, refused arguments, a missing module
+        where = f"--task {task_name!r}" if task_name else f"the task recorded with --model {model!r}"
+        raise UsageError(f"{where}: {err}") from err
+
+
+# --------------------------------------------------------------------------------------------------
+# The commands
 
 
 def demo_recipe() -> Path:
@@ -41,57 +470,54 @@ def demo(out: Path, max_steps: int | None = None) -> dict:
     return results
 
 
-def add_convert_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("source", help="a Llama / Qwen2 / Mistral checkpoint directory (or hub id, where reachable)")
-    parser.add_argument("output", type=Path, help="where the implicit checkpoint is written")
-    parser.add_argument("--prelude", default="", help="source layers run once before the loop, e.g. '0-3'")
-    parser.add_argument("--core", required=True, help="source layers of the weight-tied looped block, e.g. '4-25'")
-    parser.add_argument("--coda", default="", help="source layers run once after the loop, e.g. '26-29'")
-    parser.add_argument("--gguf-file", default=None, help="GGUF file inside SOURCE (loaded by transformers)")
-    parser.add_argument("--injection", choices=("add", "linear"), default="add")
-    parser.add_argument("--num-loops", type=int, default=1, help="default loop count stored in the config")
-    parser.add_argument("--core-norm", action="store_true", help="RMSNorm after each core pass (changes outputs)")
-    parser.add_argument(
-        "--state-weight",
-        type=float,
-        default=None,
-        help="inject A*z + (1-A)*e from the prelude state (linear injection): the first loop computes the source's "
-        "layers, later loops contract towards a fixed point (A in [0, 1), e.g. 0.5; needs --injection linear)",
-    )
+def train_command(rest: list[str]) -> Any:
+    """``implicit-hf train RECIPE.yaml [--key value ...] [--resume]`` (recipe errors: `RecipeError`)."""
+    from . import train as training
+
+    return training.train(training.parse_args(rest))
 
 
-def convert(args: argparse.Namespace) -> None:
-    from .modeling.convert import convert_checkpoint, parse_layers
+def eval_command(args: argparse.Namespace) -> dict[str, Any]:
+    """``implicit-hf eval``: the model, baselines, task and device are checked before anything runs."""
+    model = check_model_path(args.model, "--model")
+    baselines = [check_model_path(path, "--baseline") for path in args.baseline]
+    check_device(args.device)
+    if args.task is None and not Path(model).is_dir():
+        raise UsageError(f"--model {model!r} is not a local folder: pass --task to evaluate a model from the hub")
+    if args.task is None and not (Path(model) / "implicit_task.json").is_file():
+        raise UsageError(
+            f"--model {model!r} records no task (implicit_task.json, written by implicit-hf train): "
+            "pass the task name with --task"
+        )
+    task, task_kwargs = _task_of(model, args.task, args.task_kwargs)
+    check_task_fits(model, task, "--model")
+    for baseline in baselines:
+        check_task_fits(baseline, task, "--baseline")
+    from .eval.harness import run_from_args
 
-    model = convert_checkpoint(
-        args.source,
-        args.output,
-        parse_layers(args.prelude),
-        parse_layers(args.core),
-        parse_layers(args.coda),
-        gguf_file=args.gguf_file,
-        injection=args.injection,
-        num_loops=args.num_loops,
-        core_norm=args.core_norm,
-        state_weight=args.state_weight,
-    )
-    conversion = model.config.conversion
-    print(
-        f"[convert] {conversion['source']} ({conversion['source_model_type']}, {conversion['source_num_layers']} "
-        f"layers) -> {args.output}: prelude {conversion['prelude_layers']}, core {conversion['core_layers']}, "
-        f"coda {conversion['coda_layers']}, dropped {conversion['dropped_layers']}"
-    )
+    resolved = {"model": model, "baseline": baselines, "task": task, "task_kwargs": task_kwargs}
+    checked = argparse.Namespace(**{**vars(args), **resolved})
+    return run_from_args(checked)
 
 
-def add_lm_eval_data_arguments(parser: argparse.ArgumentParser) -> None:
-    from .eval.harness import _json_object
+def lm_eval_command(args: argparse.Namespace) -> dict[str, Any]:
+    import importlib.util
 
-    parser.add_argument("task", choices=("multihop",), help="the task whose lm-eval data to write")
-    parser.add_argument("--hops", default=None, help="comma-separated hop counts (default: every shipped task)")
-    parser.add_argument("--n", type=int, default=500, help="documents per hop count")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--task-kwargs", type=_json_object, default={}, help="other MultiHopTask arguments (JSON)")
-    parser.add_argument("--out", type=Path, default=None, help="folder (default: where the tasks look by default)")
+    model = check_model_path(args.model, "--model")
+    if args.include_path is not None and not Path(args.include_path).is_dir():
+        raise UsageError(f"--include-path {args.include_path!r} is not a folder")
+    check_device(args.device)
+    saved = _saved_config(model)
+    if saved.get("model_type") != "implicit" or "ImplicitForCausalLM" not in (saved.get("architectures") or []):
+        raise UsageError(
+            f"--model {model!r} is not an implicit causal LM (model_type {saved.get('model_type')!r}, "
+            f"architectures {saved.get('architectures')})"
+        )
+    if importlib.util.find_spec("lm_eval") is None:
+        raise UsageError("lm-eval needs lm-evaluation-harness: pip install 'implicit-hf[lm-eval]'")
+    from .eval import lm_eval_bridge
+
+    return lm_eval_bridge.run_from_args(argparse.Namespace(**{**vars(args), "model": model}))
 
 
 def lm_eval_data(args: argparse.Namespace) -> list[Path]:
@@ -99,12 +525,12 @@ def lm_eval_data(args: argparse.Namespace) -> list[Path]:
     from .tasks.reasoning.lm_eval_tasks.multihop_data import default_data_dir
     from .tasks.reasoning.multihop import LM_EVAL_DIR, lm_eval_hops, write_lm_eval_data
 
-    hops = lm_eval_hops() if args.hops is None else [int(k) for k in args.hops.split(",") if k.strip()]
+    hops = lm_eval_hops() if args.hops is None else args.hops
     out = args.out or default_data_dir()
     try:
         paths = write_lm_eval_data(out, hops, n=args.n, seed=args.seed, **args.task_kwargs)
     except (TypeError, ValueError) as err:
-        raise SystemExit(f"error: {err}") from None
+        raise UsageError(str(err)) from err
     print(f"[lm-eval-data] wrote {len(paths)} files to {out}")
     data = "" if args.out is None else f' --metadata \'{{"data_dir": "{out}"}}\''
     tasks = ",".join(f"multihop_hops{k}" for k in hops)
@@ -115,50 +541,90 @@ def lm_eval_data(args: argparse.Namespace) -> list[Path]:
     return paths
 
 
+def convert(args: argparse.Namespace) -> None:
+    """``implicit-hf convert``: the source path, its model type and the layer split are checked before any
+    weight is read."""
+    source = check_model_path(args.source, "source", needs_config=args.gguf_file is None)
+    if args.gguf_file is not None and Path(source).is_dir() and not (Path(source) / args.gguf_file).is_file():
+        raise UsageError(f"--gguf-file {args.gguf_file!r} is not a file in {source!r}")
+    if Path(args.output).is_file():
+        raise UsageError(f"output {str(args.output)!r} is a file; expected a folder to write the checkpoint to")
+    from .modeling.convert import SUPPORTED_MODEL_TYPES, convert_checkpoint, parse_layers
+
+    if args.gguf_file is None and (Path(source) / "config.json").is_file():
+        model_type = _saved_config(source).get("model_type")
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            raise UsageError(
+                f"source {source!r} is a {model_type!r} model (config.json model_type); convert takes "
+                f"{', '.join(SUPPORTED_MODEL_TYPES)}"
+            )
+    layers = {}
+    for part in ("prelude", "core", "coda"):
+        try:
+            layers[part] = parse_layers(getattr(args, part))
+        except ValueError as err:
+            raise UsageError(f"--{part}: {err}") from err
+    try:
+        model = convert_checkpoint(
+            source,
+            args.output,
+            layers["prelude"],
+            layers["core"],
+            layers["coda"],
+            gguf_file=args.gguf_file,
+            injection=args.injection,
+            num_loops=args.num_loops,
+            core_norm=args.core_norm,
+            state_weight=args.state_weight,
+        )
+    except ValueError as err:  # the layer split does not fit the source, conflicting loop settings, ...
+        raise UsageError(str(err)) from err
+    conversion = model.config.conversion
+    print(
+        f"[convert] {conversion['source']} ({conversion['source_model_type']}, {conversion['source_num_layers']} "
+        f"layers) -> {args.output}: prelude {conversion['prelude_layers']}, core {conversion['core_layers']}, "
+        f"coda {conversion['coda_layers']}, dropped {conversion['dropped_layers']}"
+    )
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(line.strip() for line in str(err).splitlines() if line.strip()) or type(err).__name__
+
+
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="implicit-hf", description=__doc__)
-    commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser(
-        "train",
-        add_help=False,
-        help="train on a task: implicit-hf train RECIPE.yaml [--key value ...] [--resume]",
-    )
-    from .eval.harness import add_arguments, run_from_args
-
-    eval_parser = commands.add_parser("eval", help="score a trained model at many loop counts; write results and plots")
-    add_arguments(eval_parser)
-    from .eval import lm_eval_bridge
-
-    lm_eval_bridge.add_arguments(
-        commands.add_parser("lm-eval", help="run lm-evaluation-harness tasks at several loop counts; write plots")
-    )
-    add_lm_eval_data_arguments(
-        commands.add_parser("lm-eval-data", help="write the data files of the lm-eval tasks this package ships")
-    )
-    add_convert_arguments(
-        commands.add_parser("convert", help="turn a pretrained Llama-family checkpoint into an implicit one")
-    )
-    demo_parser = commands.add_parser("demo", help="end to end: train a small LP model, sweep loops, write plots")
-    demo_parser.add_argument("--out", type=Path, default=Path("outputs/demo"), help="output folder")
-    demo_parser.add_argument("--max-steps", type=int, default=None, help="override the recipe's training steps")
+    """Parse ``argv``, then import and run the command; user errors exit with status 2 and a one-line message."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser()
     args, rest = parser.parse_known_args(argv)
-    if args.command == "train":
-        from .train import main as train_main
+    command = args.command
+    if rest and command != "train":
+        subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        subparsers.choices[command].error(f"unrecognized arguments: {' '.join(rest)}")
+    if command == "train" and (not rest or rest[0] in ("-h", "--help")):
+        from .train import usage
 
-        train_main(rest)
-        return
-    if rest:
-        parser.error(f"unrecognized arguments: {' '.join(rest)}")
-    if args.command == "eval":
-        run_from_args(args)
-    elif args.command == "lm-eval":
-        lm_eval_bridge.run_from_args(args)
-    elif args.command == "lm-eval-data":
-        lm_eval_data(args)
-    elif args.command == "convert":
-        convert(args)
-    elif args.command == "demo":
-        demo(args.out, args.max_steps)
+        print(usage("implicit-hf train"))
+        raise SystemExit(0 if rest else 2)
+    from .train import RecipeError
+
+    try:
+        if command == "train":
+            train_command(rest)
+        elif command == "eval":
+            eval_command(args)
+        elif command == "lm-eval":
+            lm_eval_command(args)
+        elif command == "lm-eval-data":
+            lm_eval_data(args)
+        elif command == "convert":
+            convert(args)
+        elif command == "demo":
+            demo(args.out, args.max_steps)
+    except (UsageError, RecipeError, OSError) as err:
+        if os.environ.get(TRACEBACK_ENV):
+            raise
+        print(f"implicit-hf {command}: error: {_one_line(err)}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

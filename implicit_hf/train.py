@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import gc
 import importlib
 import json
@@ -52,10 +53,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from .loop_schedule import LoopSchedule
-from .objective import DISTILL_FIELDS, Objective, check_teacher, load_teacher
+# torch, numpy, transformers and the objective are imported where they are used, so that reading a recipe's
+# keys (``implicit-hf train --help``) imports none of them.
+if typing.TYPE_CHECKING:
+    from .loop_schedule import LoopSchedule
+    from .objective import Objective
 
 MIXED_PRECISION = ("no", "fp16", "bf16")
 TRACKERS = ("tensorboard", "none")
@@ -209,6 +211,7 @@ def _parse_overrides(args: list[str]) -> list[tuple[str, Any]]:
         if not arg.startswith("--") or arg == "--":
             raise RecipeError(f"expected --key value after the recipe file; got {arg!r}")
         key, has_value, value = arg[2:].partition("=")
+        key = key.replace("-", "_")  # --max-steps is --max_steps (recipe keys are identifiers)
         i += 1
         if not has_value:
             is_flag = hints.get(key) in (bool, bool | None)
@@ -354,6 +357,8 @@ def _check_values(config: TrainConfig) -> None:
     for key in ("jacobian_penalty", "fixed_point_penalty"):
         if not getattr(config, key) >= 0:
             raise RecipeError(f"recipe key {key!r} must be a weight >= 0; got {getattr(config, key)!r}")
+    from .objective import DISTILL_FIELDS
+
     if any(count < 1 for count in config.deep_supervision) or len(set(config.deep_supervision)) != len(
         config.deep_supervision
     ):
@@ -374,6 +379,8 @@ def _check_values(config: TrainConfig) -> None:
 
 def loop_schedule_of(config: TrainConfig) -> LoopSchedule | None:
     """The recipe's per-step loop counts (``loop_schedule``, or ``random_loops`` as its uniform case), or None."""
+    from .loop_schedule import LoopSchedule
+
     if config.random_loops is not None:
         low, high = config.random_loops
         return LoopSchedule("uniform", min=low, max=high)
@@ -392,6 +399,7 @@ def check_teacher_fits(config: TrainConfig, task) -> None:
     if task.head != "causal_lm":
         raise RecipeError(f"recipe key 'teacher': distillation needs a causal-LM task; {task.name!r} is {task.head}")
     from .modeling import ImplicitConfig
+    from .objective import check_teacher
 
     if config.init_from is not None:
         vocab_size = ImplicitConfig.from_pretrained(config.init_from).vocab_size
@@ -410,6 +418,8 @@ def check_teacher_fits(config: TrainConfig, task) -> None:
 
 def objective_of(config: TrainConfig, device) -> Objective:
     """The training objective of the recipe (the teacher, if any, loaded frozen on ``device``)."""
+    from .objective import Objective, load_teacher
+
     weight, temperature = distill_settings(config)
     return Objective(
         deep_supervision=tuple(config.deep_supervision),
@@ -555,7 +565,7 @@ def check_modules_to_save(model, names: list[str]) -> None:
         from .lora import implicit_model_of
 
         implicit = implicit_model_of(model)
-        present = [name for name, child in implicit.named_children() if not isinstance(child, torch.nn.ModuleList)]
+        present = [name for name, child in implicit.named_children() if type(child).__name__ != "ModuleList"]
         raise RecipeError(
             f"recipe key 'lora': modules_to_save {unmatched} match no module of this model; "
             f"its small modules: {present}"
@@ -564,6 +574,7 @@ def check_modules_to_save(model, names: list[str]) -> None:
 
 def check_scheduler(config: TrainConfig) -> None:
     """Build the learning-rate schedule on a dummy optimizer so missing scheduler arguments fail early."""
+    import torch
     from transformers import get_scheduler
 
     dummy = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
@@ -616,13 +627,27 @@ def batch_stream(loader, accelerator, epoch: int, skip: int):
         epoch, skip = epoch + 1, 0
 
 
-@torch.no_grad()
+def _no_grad(function):
+    """``torch.no_grad()`` as a decorator, with torch imported at the call."""
+
+    @functools.wraps(function)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        import torch
+
+        with torch.no_grad():
+            return function(*args, **kwargs)
+
+    return wrapper
+
+
+@_no_grad
 def evaluate_loss(model, dataset, task, accelerator, batch_size: int) -> dict[str, float]:
     """Held-out loss at the model's inference loop count, plus its loop statistics.
 
     Every process scores its own contiguous shard of ``dataset`` (no padding rows); the sums are
     reduced across processes, so the result is the row-weighted mean over the whole set.
     """
+    import torch
     from accelerate.utils import send_to_device
     from torch.utils.data import DataLoader
 
@@ -685,6 +710,7 @@ def _flat_hparams(config: TrainConfig) -> dict[str, Any]:
 
 def train(config: TrainConfig) -> TrainResult:
     """Train as ``config`` says; the final metrics are also written to ``output_dir/metrics.json``."""
+    import torch
     from accelerate import Accelerator, DataLoaderConfiguration, DistributedDataParallelKwargs
     from accelerate.utils import GradientAccumulationPlugin, ProjectConfiguration, set_seed
     from torch.utils.data import DataLoader
@@ -737,8 +763,15 @@ def train(config: TrainConfig) -> TrainResult:
 
     # -- data: generated locally by the task, cached once (the main process writes the cache) ---------
     with accelerator.main_process_first():
-        train_set = task.build_dataset("train", config.train_size, config.seed)
-        eval_set = task.build_dataset("validation", config.eval_size, config.seed) if config.eval_size else None
+        # a task refuses a size it cannot provide (e.g. a corpus with fewer windows) with a ValueError
+        try:
+            train_set = task.build_dataset("train", config.train_size, config.seed)
+        except ValueError as err:
+            raise RecipeError(f"recipe key 'train_size' ({config.train_size}): {err}") from err
+        try:
+            eval_set = task.build_dataset("validation", config.eval_size, config.seed) if config.eval_size else None
+        except ValueError as err:
+            raise RecipeError(f"recipe key 'eval_size' ({config.eval_size}): {err}") from err
     eval_batch = config.eval_batch_size or config.per_device_batch_size
     train_loader = DataLoader(
         train_set,
@@ -794,6 +827,7 @@ def train(config: TrainConfig) -> TrainResult:
 
     # -- run files: the recipe, the log (cut back to the resumed step), trackers ----------------------
     log_path = output_dir / "train_log.jsonl"
+    logged: dict[str, Any] = {}  # the last training record of the log kept (metrics of a run resumed at its end)
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / "train_config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2))
@@ -801,6 +835,12 @@ def train(config: TrainConfig) -> TrainResult:
         if resumed_from is not None and log_path.is_file():
             kept = [line for line in log_path.read_text().splitlines() if json.loads(line)["step"] <= start_step]
         log_path.write_text("".join(line + "\n" for line in kept))
+        logged = next((record for record in map(json.loads, reversed(kept)) if "train/loss" in record), {})
+    if start_step >= config.max_steps:
+        accelerator.print(
+            f"{str(output_dir)!r} already completed {start_step} of max_steps {config.max_steps} steps: nothing to "
+            "train (the final evaluation, model and metrics are written again; raise max_steps to train on)"
+        )
     accelerator.init_trackers("train", config=_flat_hparams(config))
 
     def log(record: dict[str, Any], step: int) -> None:
@@ -816,7 +856,7 @@ def train(config: TrainConfig) -> TrainResult:
     objective = objective_of(config, accelerator.device)
     running: dict[str, torch.Tensor] = {}  # sums over the micro-batches since the last record
     loops_since_log: list[int] = []
-    last: dict[str, Any] = {}
+    last: dict[str, Any] = logged
     started = time.perf_counter()
     progress = tqdm(
         total=config.max_steps, initial=start_step, disable=not accelerator.is_local_main_process, desc="train"
@@ -923,12 +963,13 @@ def train(config: TrainConfig) -> TrainResult:
     return TrainResult(metrics=metrics, model=unwrapped)
 
 
-def _usage() -> str:
+def usage(prog: str = "python -m implicit_hf.train") -> str:
+    """The help text: how to call ``prog`` and every recipe key with its type and help."""
     lines = [
-        "usage: python -m implicit_hf.train RECIPE.yaml [--key value ...] [--key.subkey value ...] [--resume]",
+        f"usage: {prog} RECIPE.yaml [--key value ...] [--key.subkey value ...] [--resume]",
         "       accelerate launch [--config_file configs/accelerate/ddp.yaml] -m implicit_hf.train RECIPE.yaml ...",
         "",
-        "recipe keys (YAML mapping; --key value overrides, the value read as YAML):",
+        "recipe keys (YAML mapping; --key value overrides, the value read as YAML; --some-key is --some_key):",
     ]
     hints = typing.get_type_hints(TrainConfig)
     for f in dataclasses.fields(TrainConfig):
@@ -941,7 +982,7 @@ def main(argv: list[str] | None = None) -> TrainResult:
     """Command-line entry: ``RECIPE.yaml [--key value ...] [--resume]``; exits with status 2 on a bad recipe."""
     argv = sys.argv[1:] if argv is None else list(argv)
     if not argv or argv[0] in ("-h", "--help"):
-        print(_usage())
+        print(usage())
         raise SystemExit(0 if argv else 2)
     try:
         config = parse_args(argv)

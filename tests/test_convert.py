@@ -223,5 +223,7 @@ def test_convert_command_line(tmp_path, capsys):
     assert "dropped [3]" in capsys.readouterr().out
     saved = json.loads((tmp_path / "out" / "config.json").read_text())
     assert (saved["num_prelude_layers"], saved["num_core_layers"], saved["num_coda_layers"]) == (1, 2, 1)
-    with pytest.raises(ValueError, match="runs backwards"):
+    with pytest.raises(SystemExit) as exit_info:
         main(["convert", str(tmp_path / "source"), str(tmp_path / "bad"), "--core", "3-1"])
+    assert exit_info.value.code == 2
+    assert "implicit-hf convert: error: --core: layer range '3-1' runs backwards" in capsys.readouterr().err

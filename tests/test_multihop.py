@@ -255,10 +255,15 @@ def test_lm_eval_data_command(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("IMPLICIT_HF_LM_EVAL_DATA", str(tmp_path / "default"))
     cli.main(["lm-eval-data", "multihop", "--hops", "2", "--n", "3"])
     assert (tmp_path / "default" / "multihop_hops2.jsonl").is_file() and "--metadata" not in capsys.readouterr().out
-    with pytest.raises(SystemExit, match="no lm-eval task for hops"):
-        cli.main(["lm-eval-data", "multihop", "--hops", "5", "--out", str(tmp_path)])
-    with pytest.raises(SystemExit, match="unexpected keyword argument 'colour'"):
-        cli.main(["lm-eval-data", "multihop", "--task-kwargs", '{"colour": 1}', "--out", str(tmp_path)])
+    for argv, message in (
+        (["--hops", "5"], "no lm-eval task for hops"),
+        (["--task-kwargs", '{"colour": 1}'], "unexpected keyword argument 'colour'"),
+    ):
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main(["lm-eval-data", "multihop", *argv, "--out", str(tmp_path)])
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err
+        assert err.startswith("implicit-hf lm-eval-data: error: ") and message in err
 
 
 @pytest.fixture(scope="module")

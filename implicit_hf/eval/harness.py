@@ -37,7 +37,6 @@ import importlib
 import json
 import math
 import platform
-import re
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -45,48 +44,10 @@ from typing import Any
 
 import torch
 
+from ..cli import DEFAULT_LOOPS as DEFAULT_LOOPS  # the loop specification is parsed without torch by the cli
+from ..cli import UsageError
+from ..cli import parse_loops as parse_loops
 from ..tasks.base import TASKS, TaskAdapter, feedback_kwargs
-
-DEFAULT_LOOPS = "1,2,4,8,16,32,64"
-
-_LOOP_FORMS = (
-    "allowed forms: a comma-separated list of integers >= 1 ('1,2,4,8'), a range 'A-B' ('1-8'), "
-    "a range with a step 'A-B:S' ('1-64:2'), or a mix of them ('1,2,4-8')"
-)
-_ITEM = re.compile(r"^(\d+)(?:-(\d+)(?::(\d+))?)?$")
-
-
-def parse_loops(spec: str) -> list[int]:
-    """Loop counts from ``"1,2,4,8"``, ``"1-8"``, ``"1-64:2"`` or ``"1,2,4-8"``: sorted, unique, all >= 1.
-
-    Ranges include both ends when the step reaches them (``"1-8:3"`` is ``[1, 4, 7]``).
-    Raises ``ValueError`` naming the offending item and the allowed forms.
-    """
-    if not isinstance(spec, str):
-        raise ValueError(f"loop specification must be a string; got {spec!r}; {_LOOP_FORMS}")
-    items = [item.strip() for item in spec.split(",")]
-    if not spec.strip() or any(not item for item in items):
-        raise ValueError(f"invalid loop specification {spec!r}: empty item; {_LOOP_FORMS}")
-    loops: set[int] = set()
-    for item in items:
-        match = _ITEM.match(item)
-        if match is None:
-            raise ValueError(f"invalid loop specification {spec!r}: cannot read {item!r}; {_LOOP_FORMS}")
-        start, end, step = match.groups()
-        start = int(start)
-        end = start if end is None else int(end)
-        step = 1 if step is None else int(step)
-        problem = None
-        if start < 1:
-            problem = f"loop counts must be >= 1 in {item!r}"
-        elif end < start:
-            problem = f"range {item!r} ends before it starts"
-        elif step < 1:
-            problem = f"step must be >= 1 in {item!r}"
-        if problem:
-            raise ValueError(f"invalid loop specification {spec!r}: {problem}; {_LOOP_FORMS}")
-        loops.update(range(start, end + 1, step))
-    return sorted(loops)
 
 
 def _normalise_loops(loops: str | Sequence[int]) -> list[int]:
@@ -808,7 +769,10 @@ def run_eval(
     out_dir.mkdir(parents=True, exist_ok=True)
     torch_device = _resolve_device(device)
     task, task_kwargs = task_for_model(model_dir, task_name, task_kwargs)
-    rows = _as_rows(task.build_dataset("test", n, seed))
+    try:
+        rows = _as_rows(task.build_dataset("test", n, seed))
+    except ValueError as err:  # a task refuses a size it cannot provide (e.g. a corpus with fewer windows)
+        raise UsageError(f"n={n}: {err}") from err
     model = load_model(model_dir, task.head, torch_device)
     if tol is not None:
         model.config.tol, keep_tol = tol, True
@@ -874,70 +838,12 @@ def run_eval(
 # Command line
 
 
-def _loops_argument(value: str) -> list[int]:
-    try:
-        return parse_loops(value)
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
-
-
-def _json_object(value: str) -> dict[str, Any]:
-    try:
-        parsed = json.loads(value)
-    except json.JSONDecodeError as error:
-        raise argparse.ArgumentTypeError(f"must be a JSON object; {error}") from None
-    if not isinstance(parsed, dict):
-        raise argparse.ArgumentTypeError(f"must be a JSON object like '{{\"size\": 8}}'; got {value!r}")
-    return parsed
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Add the ``implicit-hf eval`` options to ``parser`` (for cli.py's subcommand)."""
-    parser.add_argument("--model", required=True, type=Path, help="checkpoint folder (save_pretrained)")
-    parser.add_argument("--task", default=None, help="task name, e.g. lp (default: the task the model was trained on)")
-    parser.add_argument(
-        "--loops",
-        type=_loops_argument,
-        default=parse_loops(DEFAULT_LOOPS),
-        help=f"loop counts: '1,2,4,8', '1-8', '1-64:2' or '1,2,4-8' (default {DEFAULT_LOOPS})",
-    )
-    parser.add_argument("--out", required=True, type=Path, help="output folder for results.json/csv and plots")
-    parser.add_argument("--n", type=int, default=200, help="test samples (default 200)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the test split and the perturbation (default 0)")
-    parser.add_argument("--batch-size", type=int, default=64, help="samples per forward pass (default 64)")
-    parser.add_argument(
-        "--perturb-eps", type=float, default=1e-4, help="perturbation size of the Lipschitz probe; 0 skips it"
-    )
-    parser.add_argument(
-        "--baseline",
-        type=Path,
-        action="append",
-        default=[],
-        help="explicit baseline checkpoint, evaluated at its own num_loops (repeat for several)",
-    )
-    parser.add_argument(
-        "--task-kwargs",
-        type=_json_object,
-        default=None,
-        help="JSON object of task constructor args (default: those the model was trained with, for its own task)",
-    )
-    parser.add_argument(
-        "--keep-tol", action="store_true", help="keep the model's halting tolerance (default: exactly K iterations)"
-    )
-    parser.add_argument(
-        "--tol",
-        type=float,
-        default=None,
-        help="halt each sample at this relative-residual tolerance (implies --keep-tol)",
-    )
-    parser.add_argument("--device", default="auto", help="cpu, cuda or auto (default: cuda when available)")
-    parser.add_argument("--no-plots", action="store_true", help="write results.json/csv only")
-    parser.add_argument(
-        "--model-card",
-        action="store_true",
-        help="also store the sweep in the model folder and add its table to the model card (README.md)",
-    )
-    return parser
+    """Add the ``implicit-hf eval`` options to ``parser`` (defined in `implicit_hf.cli`, which parses them
+    without importing torch)."""
+    from ..cli import add_eval_arguments
+
+    return add_eval_arguments(parser)
 
 
 def run_from_args(args: argparse.Namespace) -> dict[str, Any]:

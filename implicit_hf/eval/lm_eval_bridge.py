@@ -26,7 +26,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .harness import _json_object, _normalise_loops, environment, load_model, train_loops
+from .harness import _normalise_loops, environment, load_model, train_loops
 from .plots import plot_quality_vs_loops, plot_tasks_vs_loops
 
 # lm_eval metrics where lower is better (everything else it reports is higher-is-better)
@@ -263,22 +263,10 @@ def _file_safe(name: str) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    parser.add_argument("--model", required=True, help="an implicit causal-LM checkpoint directory (with tokenizer)")
-    parser.add_argument("--tasks", required=True, help="comma-separated lm-evaluation-harness task names")
-    parser.add_argument("--loops", default="1,2,4,8,16", help="loop counts, e.g. '1,2,4,8' or '1-8'")
-    parser.add_argument("--include-path", default=None, help="folder of extra task YAML files (local tasks)")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--limit", type=float, default=None, help="documents per task (lm_eval's --limit)")
-    parser.add_argument("--num-fewshot", type=int, default=None)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--metadata", type=_json_object, default=None, help="lm-eval's --metadata (a JSON object)")
-    parser.add_argument(
-        "--per-count-passes",
-        action="store_true",
-        help="one full lm-eval pass per loop count instead of scoring every count from one trajectory",
-    )
-    parser.add_argument("--out", type=Path, default=Path("outputs/lm_eval"))
-    return parser
+    """Add the ``implicit-hf lm-eval`` options to ``parser`` (defined in `implicit_hf.cli`)."""
+    from ..cli import add_lm_eval_arguments
+
+    return add_lm_eval_arguments(parser)
 
 
 def run_from_args(args: argparse.Namespace) -> dict[str, Any]:

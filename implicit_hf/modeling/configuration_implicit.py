@@ -296,8 +296,38 @@ def _boolean(name: str, value: Any) -> bool:
     return value
 
 
+def _fraction(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 <= value < 1:
+        raise ValueError(f"{name} must be a number in [0, 1); got {value!r}")
+    return value if isinstance(value, (int, float)) else float(value)
+
+
+def _non_negative(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not value >= 0:
+        raise ValueError(f"{name} must be a number >= 0; got {value!r}")
+    return value if isinstance(value, (int, float)) else float(value)
+
+
+def _string(name: str, value: Any) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"{name} must be a string; got {value!r}")
+    return value
+
+
 # The fields ImplicitConfig checks whenever they are set, and how.
 _FIELD_CHECKS = {
+    # architecture (checked so a recipe's "64" fails here, naming the field, not deep inside torch)
+    "vocab_size": _integer(1),
+    "intermediate_size": _integer(1),
+    "head_dim": _integer(1, allow_none=True),
+    "max_position_embeddings": _integer(1),
+    "initializer_range": _non_negative,
+    "rms_norm_eps": _positive(),
+    "attention_dropout": _fraction,
+    "attention_bias": _boolean,
+    "mlp_bias": _boolean,
+    "hidden_act": _string,
+    # loop and layout
     "injection": _choice(INJECTIONS),
     "state_init": _choice(STATE_INITS),
     "solver": _choice(SOLVER_NAMES),

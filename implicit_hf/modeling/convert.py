@@ -62,6 +62,11 @@ def parse_layers(spec: str) -> list[int]:
     return layers
 
 
+def _check_model_type(model_type: str) -> None:
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(f"cannot convert model_type {model_type!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
+
+
 def _check_plan(prelude: list[int], core: list[int], coda: list[int], num_layers: int) -> list[int]:
     """Validate the layer split; returns the dropped layers."""
     if not core:
@@ -93,8 +98,7 @@ def implicit_config_from(
     ``loop_settings`` are `ImplicitConfig` loop fields; unset ones take `PASS_THROUGH_SETTINGS`.
     """
     model_type = source_config.model_type
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise ValueError(f"cannot convert model_type {model_type!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
+    _check_model_type(model_type)
     prelude, core, coda = list(prelude_layers), list(core_layers), list(coda_layers)
     dropped = _check_plan(prelude, core, coda, source_config.num_hidden_layers)
     window = getattr(source_config, "sliding_window", None)
@@ -219,9 +223,17 @@ def convert_checkpoint(
 ):
     """Load ``source`` (a directory or hub id; ``gguf_file`` inside it for GGUF), convert it, and write the
     implicit checkpoint (safetensors, config recording the layer origins, tokenizer) to ``output_dir``."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     load_kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+    # the model type, the layer split and the state weight are checked on the config, before any weight is read
+    source_config = AutoConfig.from_pretrained(str(source), **load_kwargs)
+    _check_model_type(source_config.model_type)
+    _check_plan(list(prelude_layers), list(core_layers), list(coda_layers), source_config.num_hidden_layers)
+    if loop_settings.get("state_weight") is not None:
+        _contracting_settings(
+            loop_settings["state_weight"], {k: v for k, v in loop_settings.items() if k != "state_weight"}
+        )
     source_model = AutoModelForCausalLM.from_pretrained(str(source), **load_kwargs)
     name = f"{source}/{gguf_file}" if gguf_file else str(source)
     model = convert_model(source_model, prelude_layers, core_layers, coda_layers, source=name, **loop_settings)

@@ -45,6 +45,8 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
+from . import BUILTIN_TASK_MODULES  # built-in task -> its module (in the package __init__: listing needs no torch)
+
 Example = dict[str, Any]
 
 
@@ -116,20 +118,6 @@ TASK_FILE = "implicit_task.json"
 def default_cache_dir() -> Path:
     """Where generated data sets are cached: ``$IMPLICIT_HF_CACHE`` or ``~/.cache/implicit_hf``."""
     return Path(os.environ.get("IMPLICIT_HF_CACHE", Path.home() / ".cache" / "implicit_hf"))
-
-
-# Built-in tasks, imported on first use (importing a task module registers its class).
-BUILTIN_TASK_MODULES = {
-    "lp": "implicit_hf.tasks.lp",
-    "deblur": "implicit_hf.tasks.imaging",
-    "ns": "implicit_hf.tasks.pde",
-    "sudoku": "implicit_hf.tasks.reasoning.sudoku",
-    "maze": "implicit_hf.tasks.reasoning.maze",
-    "text": "implicit_hf.tasks.text",
-    "addition": "implicit_hf.tasks.reasoning.addition",
-    "arith_lm": "implicit_hf.tasks.reasoning.arith_lm",
-    "multihop": "implicit_hf.tasks.reasoning.multihop",
-}
 
 
 def get_task(name: str, **kwargs: Any) -> TaskAdapter:
