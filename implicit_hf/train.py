@@ -953,6 +953,9 @@ def train(config: TrainConfig) -> TrainResult:
         (output_dir / "model" / TASK_FILE).write_text(json.dumps(task_record, indent=2))
         task.save_artifacts(output_dir / "model")  # e.g. a causal-LM task's tokenizer
         (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        from .modeling.model_card import write_model_card
+
+        write_model_card(output_dir / "model", training=training_summary(config, metrics, global_batch))
     # Free the DDP wrapper while every process is still alive: its reducer holds the gloo process group,
     # and a gloo group destroyed after a peer has exited waits forever for its worker threads.
     accelerator.wait_for_everyone()
@@ -961,6 +964,29 @@ def train(config: TrainConfig) -> TrainResult:
     gc.collect()
     accelerator.end_training()
     return TrainResult(metrics=metrics, model=unwrapped)
+
+
+def training_summary(config: TrainConfig, metrics: dict[str, Any], global_batch: int) -> dict[str, Any]:
+    """What the model card says about the run: task, steps, loop schedule, objective, final metrics."""
+    schedule = loop_schedule_of(config)
+    summary = {
+        "task": config.task,
+        "task_kwargs": config.task_kwargs,
+        "init_from": None if config.init_from is None else Path(config.init_from).name,
+        "steps": config.max_steps,
+        "global_batch": global_batch,
+        "loop_schedule": None if schedule is None else dataclasses.asdict(schedule),
+        "lora": config.lora or None,
+        "teacher": None if config.teacher is None else Path(config.teacher).name,
+        "distill": config.distill or None,
+        "penalties": {k: getattr(config, k) for k in ("jacobian_penalty", "fixed_point_penalty") if getattr(config, k)}
+        or None,
+        "deep_supervision": config.deep_supervision or None,
+        "learning_rate": config.learning_rate,
+        "seed": config.seed,
+        **{key: value for key, value in metrics.items() if key in ("train_loss", "eval/loss", "runtime_s")},
+    }
+    return {key: value for key, value in summary.items() if value is not None}
 
 
 def usage(prog: str = "python -m implicit_hf.train") -> str:

@@ -428,25 +428,50 @@ def test_trajectory_of_selected_loop_counts_decodes_only_those():
         model(input_ids, num_loops=2, return_trajectory=[0])
 
 
-def test_save_pretrained_writes_a_model_card_and_keeps_a_hand_written_one(tmp_path):
-    from implicit_hf.modeling.model_card import update_model_card
+def test_model_cards_have_metadata_provenance_and_a_usage_block_that_runs(tmp_path, monkeypatch):
+    from test_convert import character_tokenizer
 
-    model = build(ImplicitForCausalLM, num_loops=5, solver="anderson")
+    from implicit_hf.modeling.model_card import write_model_card
+
+    model = build(ImplicitForCausalLM, num_loops=5, solver="anderson", vocab_size=len(character_tokenizer()))
     model.save_pretrained(tmp_path / "ckpt")
+    assert not (tmp_path / "ckpt" / "README.md").exists()  # cards come from convert / train / eval, as in Trainer
+    character_tokenizer().save_pretrained(tmp_path / "ckpt")
+    write_model_card(tmp_path / "ckpt", training={"task": "toy", "steps": 10, "train_loss": 1.25})
     card = (tmp_path / "ckpt" / "README.md").read_text()
+    metadata = card.split("---")[1]
     assert card.startswith("---\nlibrary_name: transformers")  # metadata block first, as the hub reads it
+    assert "pipeline_tag: text-generation" in metadata and "license: apache-2.0" in metadata
+    assert "base_model" not in metadata  # trained, not converted
     assert "| layers (prelude / core / coda) | 1 / 2 / 1 |" in card
     assert "| solver | anderson |" in card and "num_loops=5" in card
     assert f"| parameters | {model.num_parameters():,} |" in card
+    assert "| steps | 10 |" in card and "| train loss | 1.25 |" in card
+    assert str(tmp_path) not in card
+    usage = card.split("```python\n")[1].split("```")[0]
+    monkeypatch.chdir(tmp_path)
+    exec(compile(usage, "card", "exec"), {})  # the usage block runs from the folder's parent
     sweep = {"task": "toy", "quality_metric": "accuracy", "records": [{"loops": 4, "quality": 0.75}]}
-    update_model_card(tmp_path / "ckpt", sweep)
+    write_model_card(tmp_path / "ckpt", sweep=sweep)
     card = (tmp_path / "ckpt" / "README.md").read_text()
-    assert "## Loop sweep (toy)" in card and "| 4 | 0.75 |" in card
-    model.save_pretrained(tmp_path / "ckpt")  # a later save keeps the stored sweep
-    assert "## Loop sweep (toy)" in (tmp_path / "ckpt" / "README.md").read_text()
+    assert "## Loop sweep (toy)" in card and "| 4 | 0.75 |" in card and "| steps | 10 |" in card  # both kept
     (tmp_path / "ckpt" / "README.md").write_text("# my own card\n")
-    model.save_pretrained(tmp_path / "ckpt")
+    write_model_card(tmp_path / "ckpt")
     assert (tmp_path / "ckpt" / "README.md").read_text() == "# my own card\n"
+
+
+def test_a_converted_models_card_names_its_base_model_without_a_local_path(tmp_path):
+    from test_convert import character_tokenizer, tiny_source
+
+    from implicit_hf.modeling.convert import convert_checkpoint
+
+    source = tiny_source("llama", vocab_size=len(character_tokenizer()))
+    source.save_pretrained(tmp_path / "my-source")
+    character_tokenizer().save_pretrained(tmp_path / "my-source")
+    convert_checkpoint(tmp_path / "my-source", tmp_path / "converted", [0], [1, 2], [4])
+    card = (tmp_path / "converted" / "README.md").read_text()
+    assert "base_model: my-source" in card and "license: other" in card
+    assert "Converted from `my-source`" in card and str(tmp_path) not in card
 
 
 def test_hidden_states_attentions_and_tuples_as_in_transformers():

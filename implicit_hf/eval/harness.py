@@ -878,10 +878,10 @@ def run_from_args(args: argparse.Namespace) -> dict[str, Any]:
     for path in result["files"]:
         print(f"wrote {path}")
     if args.model_card:
-        from ..modeling.model_card import update_model_card
+        from ..modeling.model_card import write_model_card
 
         sweep = {"task": result["task"]["name"], "quality_metric": metric, "records": result["records"]}
-        update_model_card(args.model, sweep)
+        write_model_card(args.model, sweep=sweep)
         print(f"wrote {Path(args.model) / 'README.md'} (loop sweep added)")
     return result
 

@@ -34,6 +34,7 @@ from typing import Any
 import torch
 
 from .configuration_implicit import ImplicitConfig
+from .model_card import write_model_card
 
 logger = logging.getLogger(__name__)
 
@@ -244,4 +245,5 @@ def convert_checkpoint(
     generation_config = Path(source) / "generation_config.json"
     if generation_config.is_file() and not (output / "generation_config.json").exists():
         shutil.copy(generation_config, output / "generation_config.json")
+    write_model_card(output)
     return model

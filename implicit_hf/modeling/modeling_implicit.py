@@ -38,7 +38,6 @@ from transformers.utils.output_capturing import capture_outputs
 from .cache import LoopSlots
 from .configuration_implicit import SOLVER_NAMES, ImplicitConfig, check_integer, refuse_unknown_keywords
 from .gradients import fixed_point
-from .model_card import write_model_card
 from .penalties import check_penalties, fixed_point_penalties
 from .solvers import SolverStats
 
@@ -152,16 +151,12 @@ class ImplicitPreTrainedModel(PreTrainedModel):
             raise OSError(f"cannot read the weights in {where} (truncated or corrupted?): {err}") from err
 
     def save_pretrained(self, save_directory, *args, **kwargs) -> None:
-        """transformers' ``save_pretrained``, plus a model card (README.md: architecture, loop settings,
-        conversion provenance, and the loop sweep when one was stored), unless a hand-written card is there.
-        Loop settings set on ``generation_config`` are saved with it (transformers drops a custom entry of a
-        generation config derived from the model config when loading it)."""
+        """transformers' ``save_pretrained``; loop settings set on ``generation_config`` are saved with it
+        (transformers drops a custom entry of a generation config derived from the model config on load)."""
         generation_config = getattr(self, "generation_config", None)
         if generation_config is not None and any(hasattr(generation_config, n) for n in GENERATION_LOOP_FIELDS):
             generation_config._from_model_config = False
         super().save_pretrained(save_directory, *args, **kwargs)
-        if kwargs.get("is_main_process", True):
-            write_model_card(save_directory, self.config, type(self).__name__, self.num_parameters())
 
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
