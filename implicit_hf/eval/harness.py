@@ -526,8 +526,8 @@ def generative_sweep(
                 "quality": metrics[task.quality_metric],
                 "lipschitz": ratios["ratio_max"] if ratios else None,
                 "lipschitz_mean": ratios["ratio_mean"] if ratios else None,
-                "rel_residual_mean": math.nan,
-                "rel_residual_max": math.nan,
+                "rel_residual_mean": None,  # generation reports no residuals: not measured, not NaN
+                "rel_residual_max": None,
                 "steps_mean": float(torch.cat(steps).double().mean()) if steps else math.nan,
                 "seconds": seconds,
                 "flops": flops,
@@ -549,7 +549,7 @@ def generative_sweep(
         "seconds_total": sum(r["seconds"] for r in records),
         "seconds_perturbed_total": None,
         "seq_len_mean": None,
-        "diverged_fraction": math.nan,
+        "diverged_fraction": None,
         "generative": True,
         "use_cache": getattr(task, "use_cache", None),
         "num_pairs": len(pairs) if pairs else 0,
@@ -867,11 +867,12 @@ def run_from_args(args: argparse.Namespace) -> dict[str, Any]:
     metric = result["task"]["quality_metric"]
     print(f"{'loops':>5} {metric:>12} {'lipschitz':>11} {'rel.res.mean':>12} {'seconds':>9} {'GFLOPs/sample':>13}")
     for record in result["records"]:
-        lipschitz = record["lipschitz"]
+        lipschitz, residual = record["lipschitz"], record["rel_residual_mean"]
         print(
             f"{record['loops']:>5} {record['quality']:>12.5g} "
             f"{(f'{lipschitz:.4g}' if lipschitz is not None else '-'):>11} "
-            f"{record['rel_residual_mean']:>12.3e} {record['seconds']:>9.3f} {record['flops'] / 1e9:>13.4g}"
+            f"{(f'{residual:.3e}' if residual is not None else '-'):>12} {record['seconds']:>9.3f} "
+            f"{record['flops'] / 1e9:>13.4g}"
         )
     for base in result["baselines"]:
         print(f"explicit baseline {base['name']} ({base['loops']} loops): {metric} = {base['record']['quality']:.5g}")

@@ -231,12 +231,14 @@ def plot_quality_vs_compute(report: dict, path: str | Path) -> Path:
 
 
 def plot_all(report: dict[str, Any], out_dir: str | Path) -> list[Path]:
-    """Every plot into ``out_dir`` (the Lipschitz plot only when the probe ran); returns the paths."""
+    """Every plot into ``out_dir`` (the Lipschitz plot only when the probe ran, the residual plot only when
+    residuals were measured); returns the paths."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = [plot_quality_vs_loops(report, out_dir / FILES["quality"])]
     if any(r.get("lipschitz") is not None for r in report["records"]):
         paths.append(plot_lipschitz_vs_loops(report, out_dir / FILES["lipschitz"]))
-    paths.append(plot_residual_vs_loops(report, out_dir / FILES["residual"]))
+    if any(r.get("rel_residual_mean") is not None for r in report["records"]):  # generation measures none
+        paths.append(plot_residual_vs_loops(report, out_dir / FILES["residual"]))
     paths.append(plot_quality_vs_compute(report, out_dir / FILES["compute"]))
     return paths
