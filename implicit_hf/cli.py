@@ -245,6 +245,11 @@ def add_lm_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
         help="one full lm-eval pass per loop count instead of scoring every count from one trajectory",
     )
     parser.add_argument(
+        "--log-samples",
+        action="store_true",
+        help="also write lm-eval's per-document records, samples_loops{K}.json per loop count",
+    )
+    parser.add_argument(
         "--out", type=Path, default=Path("outputs/lm_eval"), help="output folder (default outputs/lm_eval)"
     )
     return parser

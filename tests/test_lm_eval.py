@@ -98,11 +98,18 @@ def test_model_args_set_the_loop_count(checkpoint_and_task):
 
 def test_sweep_writes_results_and_plots(checkpoint_and_task, tmp_path):
     model_dir, tasks = checkpoint_and_task
-    report = lm_eval_sweep(model_dir, ["toy_sums"], "1,2,4", tmp_path, include_path=tasks, batch_size=4)
+    report = lm_eval_sweep(
+        model_dir, ["toy_sums"], "1,2,4", tmp_path, include_path=tasks, batch_size=4, log_samples=True
+    )
     assert [run["loops"] for run in report["runs"]] == [1, 2, 4]
     assert all(set(run["tasks"]["toy_sums"]) == {"acc"} for run in report["runs"])
     assert all(0.0 <= run["tasks"]["toy_sums"]["acc"] <= 1.0 for run in report["runs"])
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["loops"] == [1, 2, 4] and "acc" in saved["runs"][0]["tasks"]["toy_sums"]
-    assert (tmp_path / "results.csv").read_text().splitlines()[0] == "loops,task,metric,value"
+    header, first, *_ = (tmp_path / "results.csv").read_text().splitlines()
+    assert header == "loops,task,metric,value,stderr"
+    acc, stderr = report["runs"][0]["tasks"]["toy_sums"]["acc"], report["runs"][0]["stderr"]["toy_sums"]["acc"]
+    n = len(json.loads((tmp_path / "samples_loops1.json").read_text())["toy_sums"])  # lm-eval's per-document records
+    assert stderr == pytest.approx((acc * (1 - acc) / (n - 1)) ** 0.5)  # the standard error of a mean of 0/1
+    assert first == f"1,toy_sums,acc,{acc},{stderr}"
     assert (tmp_path / "lm_eval_toy_sums_acc_vs_loops.png").stat().st_size > 1000

@@ -33,15 +33,19 @@ from .plots import plot_quality_vs_loops, plot_tasks_vs_loops
 LOWER_IS_BETTER = ("perplexity", "word_perplexity", "byte_perplexity", "bits_per_byte", "ter")
 
 
-def _metrics(task_results: dict[str, Any]) -> dict[str, float]:
-    """``{"acc,none": 0.5, "acc_stderr,none": ..., "alias": ..., "sample_len": 20}`` -> ``{"acc": 0.5}``."""
-    metrics = {}
+def _metrics(task_results: dict[str, Any]) -> tuple[dict[str, float], dict[str, float]]:
+    """``{"acc,none": 0.5, "acc_stderr,none": 0.1, "alias": ..., "sample_len": 20}`` -> ``({"acc": 0.5},
+    {"acc": 0.1})``: the metrics and their standard errors (where lm-eval gives a number)."""
+    metrics, stderr = {}, {}
     for key, value in task_results.items():
         name = key.split(",")[0]
-        if "_stderr" in name or name == "sample_len" or isinstance(value, bool) or not isinstance(value, int | float):
+        if name == "sample_len" or isinstance(value, bool) or not isinstance(value, int | float):
             continue
-        metrics[name] = float(value)
-    return metrics
+        if name.endswith("_stderr"):
+            stderr[name.removesuffix("_stderr")] = float(value)
+        else:
+            metrics[name] = float(value)
+    return metrics, stderr
 
 
 def _loop_sweep_lm_class():
@@ -189,10 +193,17 @@ def lm_eval_sweep(
             num_fewshot=num_fewshot,
             log_samples=log_samples,
         )
-        run = {"loops": count, "tasks": {task: _metrics(values) for task, values in output["results"].items()}}
+        scored = {task: _metrics(values) for task, values in output["results"].items()}
+        run = {
+            "loops": count,
+            "tasks": {task: metrics for task, (metrics, _) in scored.items()},
+            "stderr": {task: errors for task, (_, errors) in scored.items()},
+        }
         if log_samples:
             run["samples"] = output["samples"]
         runs.append(run)
+        if len(runs) == 1:  # lm-eval repeats its set-up warnings on every pass: show them once
+            _quiet_lm_eval_logs()
     report = {
         "model": {"model_dir": str(model_dir), "train_loops": train_loops(model.config), "solver": model.config.solver},
         "tasks": list(tasks),
@@ -212,18 +223,37 @@ def lm_eval_sweep(
     (out / "results.json").write_text(
         json.dumps(report | {"runs": [_without_samples(r) for r in runs]}, indent=2) + "\n"
     )
+    if log_samples:  # lm-eval's per-document records, one file per loop count
+        for run in runs:
+            path = out / f"samples_loops{run['loops']}.json"
+            path.write_text(json.dumps(run["samples"], indent=1, default=str) + "\n")
     rows = [
-        {"loops": run["loops"], "task": task, "metric": metric, "value": value}
+        {
+            "loops": run["loops"],
+            "task": task,
+            "metric": metric,
+            "value": value,
+            "stderr": run["stderr"].get(task, {}).get(metric),
+        }
         for run in runs
         for task, metrics in run["tasks"].items()
         for metric, value in metrics.items()
     ]
     with (out / "results.csv").open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=["loops", "task", "metric", "value"])
+        writer = csv.DictWriter(handle, fieldnames=["loops", "task", "metric", "value", "stderr"])
         writer.writeheader()
         writer.writerows(rows)
     report["plots"] = [str(path) for path in _plot(report, out)]
     return report
+
+
+def _quiet_lm_eval_logs() -> None:
+    """Show only errors from lm-eval's loggers (its per-pass set-up messages were shown by the first pass)."""
+    import logging
+
+    for name in list(logging.root.manager.loggerDict):
+        if name == "lm_eval" or name.startswith("lm_eval.") or name == "lm-eval":
+            logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def _without_samples(run: dict[str, Any]) -> dict[str, Any]:
@@ -234,13 +264,21 @@ def _plot(report: dict[str, Any], out: Path) -> list[Path]:
     """One quality-vs-loops plot per (task, metric), in the format of the sweep harness's plots."""
     paths = []
     pairs = sorted({(task, metric) for run in report["runs"] for task, ms in run["tasks"].items() for metric in ms})
+
+    def stderr_of(task: str, metric: str) -> list[float | None]:
+        return [run.get("stderr", {}).get(task, {}).get(metric) for run in report["runs"]]
+
     for task, metric in pairs:
         values = [run["tasks"].get(task, {}).get(metric, math.nan) for run in report["runs"]]
+        records = [
+            {"loops": t, "quality": v, "stderr": e}
+            for t, v, e in zip(report["loops"], values, stderr_of(task, metric), strict=True)
+        ]
         plot_report = {
             "task": {"name": task, "quality_metric": metric, "higher_is_better": metric not in LOWER_IS_BETTER},
             "model": report["model"],
             "run": {"n": report["run"]["limit"] or "all"},
-            "records": [{"loops": t, "quality": v} for t, v in zip(report["loops"], values, strict=True)],
+            "records": records,
         }
         paths.append(plot_quality_vs_loops(plot_report, out / f"lm_eval_{_file_safe(f'{task}_{metric}')}_vs_loops.png"))
     for metric in sorted({metric for _, metric in pairs}):
@@ -252,7 +290,13 @@ def _plot(report: dict[str, Any], out: Path) -> list[Path]:
             path = out / f"lm_eval_{_file_safe(metric)}_vs_loops.png"
             paths.append(
                 plot_tasks_vs_loops(
-                    report["loops"], series, metric, metric not in LOWER_IS_BETTER, report["model"], path
+                    report["loops"],
+                    series,
+                    metric,
+                    metric not in LOWER_IS_BETTER,
+                    report["model"],
+                    path,
+                    stderr={task: stderr_of(task, metric) for task in tasks},
                 )
             )
     return paths
@@ -285,6 +329,7 @@ def run_from_args(args: argparse.Namespace) -> dict[str, Any]:
         device=args.device,
         metadata=args.metadata,
         share_trajectory=not args.per_count_passes,
+        log_samples=args.log_samples,
     )
     for run in report["runs"]:
         summary = ", ".join(f"{task} {m}={v:.4g}" for task, ms in run["tasks"].items() for m, v in ms.items())

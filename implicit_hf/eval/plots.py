@@ -110,7 +110,8 @@ def plot_quality_vs_loops(report: dict, path: str | Path) -> Path:
     loops = [r["loops"] for r in records]
     quality = _column(records, "quality")
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    ax.plot(loops, quality, marker="o", markersize=4, label="implicit model")
+    stderr = _column(records, "stderr") if any(r.get("stderr") is not None for r in records) else None
+    ax.errorbar(loops, quality, yerr=stderr, marker="o", markersize=4, capsize=3, label="implicit model")
     _baseline_lines(ax, report)
     _train_line(ax, report)
     _loops_axis(ax, loops, [report["model"].get("train_loops") or loops[0]])
@@ -129,11 +130,23 @@ def plot_tasks_vs_loops(
     higher_is_better: bool,
     model: dict[str, Any],
     path: str | Path,
+    stderr: dict[str, list[float | None]] | None = None,
 ) -> Path:
-    """One metric of several tasks against the loop count, a line per task (e.g. accuracy at hops 4, 8, 16)."""
+    """One metric of several tasks against the loop count, a line per task (e.g. accuracy at hops 4, 8, 16);
+    ``stderr`` (per task, per count) draws error bars."""
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for name, values in series.items():
-        ax.plot(loops, [math.nan if v is None else float(v) for v in values], marker="o", markersize=4, label=name)
+        errors = (stderr or {}).get(name)
+        yerr = None if errors is None else [math.nan if e is None else float(e) for e in errors]
+        ax.errorbar(
+            loops,
+            [math.nan if v is None else float(v) for v in values],
+            yerr=yerr,
+            marker="o",
+            markersize=4,
+            capsize=3,
+            label=name,
+        )
     train = model.get("train_loops")
     if train:
         ax.axvline(train, color="0.35", linestyle=":", linewidth=1.5, label=f"training loops ({train})")
