@@ -7,6 +7,7 @@ import math
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import yaml
 
@@ -25,6 +26,13 @@ def test_demo_trains_sweeps_and_writes_plots(tmp_path, capsys):
     printed = capsys.readouterr().out
     results = json.loads((tmp_path / "demo" / "eval" / "results.json").read_text())
     assert [r["loops"] for r in results["records"]] == [1, 2, 4, 8, 16, 32]
+    assert "(lower is better)" in printed and "Lipschitz max" in printed
+    # the zero prediction's error, ||x*|| / (||x*|| + 1) on average, from the held-out solutions themselves
+    from implicit_hf.tasks.lp import LinearProgramTask
+
+    solutions = [np.asarray(row["solution"]) for row in LinearProgramTask().build_dataset("test", 200, 1).to_list()]
+    zero_error = np.mean([np.linalg.norm(x) / (np.linalg.norm(x) + 1) for x in solutions])
+    assert f"reference: predicting x = 0 has relative error {zero_error:.4f}" in printed
     plots = sorted(p.name for p in (tmp_path / "demo" / "eval").glob("*.png"))
     assert len(plots) == 4
     for name in plots:

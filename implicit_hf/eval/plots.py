@@ -79,7 +79,8 @@ def _quality_label(report: dict) -> str:
 
 def _title(report: dict, what: str) -> str:
     model = run_name(report["model"]["model_dir"])
-    return f"{report['task']['name']}: {what}\n{model} ({report['model'].get('solver', '?')}, n={report['run']['n']})"
+    solver, n = report["model"].get("solver", "?"), report["run"]["n"]
+    return f"{report['task']['name']}: {what}\n{model} ({solver}, {n} held-out samples)"
 
 
 def _train_line(ax, report: dict) -> None:
