@@ -199,3 +199,53 @@ def test_a_corrupted_weights_file_is_named(checkpoint, tmp_path):
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
     with pytest.raises(OSError, match=f"cannot read the weights in {weights}"):
         AutoModelForCausalLM.from_pretrained(broken)
+
+
+def cli_error(argv, capsys) -> str:
+    from implicit_hf.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return err
+
+
+def test_cli_user_errors_are_one_line_and_name_what_is_wrong(tmp_path, capsys, checkpoint):
+    missing = str(tmp_path / "no-such-model")
+    assert missing in cli_error(["eval", "--model", missing, "--out", str(tmp_path / "o")], capsys)
+    assert missing in cli_error(["lm-eval", "--model", missing, "--tasks", "x", "--out", str(tmp_path / "o")], capsys)
+    assert "--loops" in cli_error(
+        ["eval", "--model", str(checkpoint), "--loops", "0,2", "--out", str(tmp_path)], capsys
+    )
+    assert "--max-steps: must be an integer >= 1" in cli_error(["demo", "--max-steps", "0"], capsys)
+    not_llama = tmp_path / "gpt2"
+    not_llama.mkdir()
+    (not_llama / "config.json").write_text('{"model_type": "gpt2"}')
+    err = cli_error(["convert", str(not_llama), str(tmp_path / "out"), "--core", "0"], capsys)
+    assert "gpt2" in err and "llama" in err
+    tiny_llama().save_pretrained(tmp_path / "llama")
+    llama = ["convert", str(tmp_path / "llama"), str(tmp_path / "out"), "--core", "1"]
+    assert "state_weight must be a number in [0, 1)" in cli_error([*llama, "--state-weight", "2"], capsys)
+    assert "state_weight needs injection='linear'" in cli_error([*llama, "--state-weight", "0.5"], capsys)
+
+
+@pytest.mark.parametrize(
+    ("recipe", "named"),
+    [
+        ({"task": "lp", "learning_rat": 1e-3}, "learning_rat"),
+        ({"task": "lp", "model": {"intermediate_size": "64"}}, "intermediate_size"),
+        ({"task": "lp", "model": {"num_loops": 0}}, "num_loops"),
+        ({"task": "lp", "lora": {"rank": 4}}, "unknown entries"),
+        ({"task": "lp", "loop_schedule": {"distribution": "zipf", "min": 1, "max": 4}}, "loop_schedule.distribution"),
+        ({"task": "nosuchtask"}, "nosuchtask"),
+    ],
+)
+def test_bad_recipes_are_refused_by_the_train_command(tmp_path, capsys, recipe, named):
+    import yaml
+
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump({**recipe, "output_dir": str(tmp_path / "out")}))
+    assert named in cli_error(["train", str(path)], capsys)
+    assert not (tmp_path / "out" / "checkpoints").exists()
