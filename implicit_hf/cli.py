@@ -23,6 +23,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from .local_paths import looks_local
+
 DEMO_LOOPS = "1,2,4,8,16,32"
 DEFAULT_LOOPS = "1,2,4,8,16,32,64"
 LM_EVAL_LOOPS = "1,2,4,8,16"
@@ -341,15 +343,6 @@ def build_parser() -> argparse.ArgumentParser:
 # Checks at the edge: paths, devices, tasks against models
 
 
-def _looks_local(spec: str) -> bool:
-    """Whether a model argument that is not an existing path still names a local one (never to be looked up
-    on the hub): it starts with '.', '~' or a separator, has a backslash, more than one '/', or its first
-    component is an existing folder (``outputs/run``). A hub id is ``name`` or ``owner/name``."""
-    if spec.startswith((".", "~", "/", os.sep)) or "\\" in spec or spec.count("/") > 1 or spec.endswith("/"):
-        return True
-    return "/" in spec and Path(spec.split("/")[0]).is_dir()
-
-
 def check_model_path(value: str | Path, option: str, needs_config: bool = True) -> str:
     """``value`` as given if it is a checkpoint folder (with ``config.json`` when ``needs_config``) or could be a
     hub id; else a `UsageError` naming ``option`` and the path."""
@@ -361,7 +354,7 @@ def check_model_path(value: str | Path, option: str, needs_config: bool = True) 
         if needs_config and not (path / "config.json").is_file():
             raise UsageError(f"{option} {spec!r} is not a checkpoint folder: it has no config.json")
         return str(path)
-    if _looks_local(spec):
+    if looks_local(spec):
         raise UsageError(f"{option} {spec!r} does not exist")
     return spec  # a hub id: transformers looks it up (an OSError, reported on one line, if it cannot)
 

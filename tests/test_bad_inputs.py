@@ -4,6 +4,7 @@ offending field or argument (and, where there is one, what to use instead)."""
 
 import pytest
 import torch
+from test_convert import tiny_source
 from transformers import AutoModelForCausalLM, GenerationConfig
 
 from implicit_hf import ImplicitConfig, ImplicitForCausalLM
@@ -119,21 +120,6 @@ def test_bad_generate_arguments(model, kwargs, error, message):
         model.generate(ids(1, 3), max_new_tokens=2, do_sample=False, pad_token_id=0, **kwargs)
 
 
-def tiny_llama():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    )
-    return LlamaForCausalLM(config).eval()
-
-
 @pytest.mark.parametrize(
     ("plan", "settings", "error", "message"),
     [
@@ -146,7 +132,7 @@ def tiny_llama():
 )
 def test_bad_conversions(plan, settings, error, message):
     with pytest.raises(error, match=message):
-        convert_model(tiny_llama(), *plan, **settings)
+        convert_model(tiny_source("llama", num_hidden_layers=4), *plan, **settings)
 
 
 SHAPE_CASES = [
@@ -225,7 +211,7 @@ def test_cli_user_errors_are_one_line_and_name_what_is_wrong(tmp_path, capsys, c
     (not_llama / "config.json").write_text('{"model_type": "gpt2"}')
     err = cli_error(["convert", str(not_llama), str(tmp_path / "out"), "--core", "0"], capsys)
     assert "gpt2" in err and "llama" in err
-    tiny_llama().save_pretrained(tmp_path / "llama")
+    tiny_source("llama", num_hidden_layers=4).save_pretrained(tmp_path / "llama")
     llama = ["convert", str(tmp_path / "llama"), str(tmp_path / "out"), "--core", "1"]
     assert "state_weight must be a number in [0, 1)" in cli_error([*llama, "--state-weight", "2"], capsys)
     assert "state_weight needs injection='linear'" in cli_error([*llama, "--state-weight", "0.5"], capsys)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import difflib
 import math
 import numbers
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from transformers import PretrainedConfig
@@ -272,40 +272,28 @@ def _integer(minimum: int, allow_none: bool = False):
     return check
 
 
-def _positive(allow_none: bool = False):
+def real_number(bounds: str, within: Callable[[float], bool], allow_none: bool = False):
+    """A check for a real number with ``within(value)`` true (NaN never is); ``bounds`` says it in words."""
+
     def check(name: str, value: Any) -> float | None:
         if value is None and allow_none:
             return None
-        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not value > 0:
-            allowed = "None or a number > 0" if allow_none else "a number > 0"
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not within(value):
+            allowed = f"None or a number {bounds}" if allow_none else f"a number {bounds}"
             raise ValueError(f"{name} must be {allowed}; got {value!r}")
         return value if isinstance(value, (int, float)) else float(value)
 
     return check
 
 
-def _unit_interval(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 < value <= 1:
-        raise ValueError(f"{name} must be a number in (0, 1]; got {value!r}")
-    return value if isinstance(value, (int, float)) else float(value)
+def _positive(allow_none: bool = False):
+    return real_number("> 0", lambda value: value > 0, allow_none)
 
 
 def _boolean(name: str, value: Any) -> bool:
     if not isinstance(value, bool):
         raise ValueError(f"{name} must be True or False, got {value!r}")
     return value
-
-
-def _fraction(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 <= value < 1:
-        raise ValueError(f"{name} must be a number in [0, 1); got {value!r}")
-    return value if isinstance(value, (int, float)) else float(value)
-
-
-def _non_negative(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not value >= 0:
-        raise ValueError(f"{name} must be a number >= 0; got {value!r}")
-    return value if isinstance(value, (int, float)) else float(value)
 
 
 def _string(name: str, value: Any) -> str:
@@ -321,9 +309,9 @@ _FIELD_CHECKS = {
     "intermediate_size": _integer(1),
     "head_dim": _integer(1, allow_none=True),
     "max_position_embeddings": _integer(1),
-    "initializer_range": _non_negative,
+    "initializer_range": real_number(">= 0", lambda value: value >= 0),
     "rms_norm_eps": _positive(),
-    "attention_dropout": _fraction,
+    "attention_dropout": real_number("in [0, 1)", lambda value: 0 <= value < 1),
     "attention_bias": _boolean,
     "mlp_bias": _boolean,
     "hidden_act": _string,
@@ -349,8 +337,8 @@ _FIELD_CHECKS = {
     "tol": _positive(allow_none=True),
     "ift_tol": _positive(),
     "state_init_std": _positive(),
-    "damping": _unit_interval,
-    "phantom_tau": _unit_interval,
+    "damping": real_number("in (0, 1]", lambda value: 0 < value <= 1),
+    "phantom_tau": real_number("in (0, 1]", lambda value: 0 < value <= 1),
     "core_norm": _boolean,
     "injection_norm": _boolean,
     "is_causal": _boolean,

@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-from .configuration_implicit import ImplicitConfig
+from .configuration_implicit import ImplicitConfig, real_number
 from .model_card import write_model_card
 
 logger = logging.getLogger(__name__)
@@ -148,8 +148,7 @@ def implicit_config_from(
 
 def _contracting_settings(state_weight: float, loop_settings: dict[str, Any]) -> dict[str, Any]:
     """The loop settings ``state_weight`` implies (linear injection, prelude state), refusing conflicting ones."""
-    if isinstance(state_weight, bool) or not isinstance(state_weight, (int, float)) or not 0 <= state_weight < 1:
-        raise ValueError(f"state_weight must be a number in [0, 1); got {state_weight!r}")
+    real_number("in [0, 1)", lambda value: 0 <= value < 1)("state_weight", state_weight)
     implied = {"injection": "linear", "state_init": "prelude"}
     for key, value in implied.items():
         if loop_settings.get(key, value) != value:

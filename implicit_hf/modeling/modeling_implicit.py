@@ -202,9 +202,11 @@ def check_input_shapes(
             raise ValueError(
                 f"input_ids must be integer token ids of shape (batch, length); got {_describe(input_ids)}"
             )
-        if input_ids.numel() and not 0 <= int(input_ids.min()) <= int(input_ids.max()) < config.vocab_size:
-            bad = int(input_ids.max()) if int(input_ids.max()) >= config.vocab_size else int(input_ids.min())
-            raise ValueError(f"input_ids holds token id {bad}, outside the vocabulary [0, {config.vocab_size})")
+        if input_ids.numel():
+            low, high = (int(x) for x in torch.aminmax(input_ids))  # one reduction, one sync per forward
+            if low < 0 or high >= config.vocab_size:
+                bad = high if high >= config.vocab_size else low
+                raise ValueError(f"input_ids holds token id {bad}, outside the vocabulary [0, {config.vocab_size})")
     else:
         name, given = (
             ("inputs_embeds", inputs_embeds) if inputs_embeds is not None else ("input_features", input_features)
