@@ -319,3 +319,56 @@ def test_lm_eval_model_args_path_on_a_shipped_task(lm_eval_setup):
         limit=4,
     )
     assert 0.0 <= output["results"]["multihop_hops2"]["acc,none"] <= 1.0
+
+
+def save_tokenizer(backend, path) -> str:
+    from transformers import PreTrainedTokenizerFast
+
+    PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<eos>", unk_token="<unk>").save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def bpe_tokenizer(tmp_path_factory, rows):
+    """A byte-level BPE tokenizer (digits split, like Llama-family tokenizers) trained on multihop text."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    backend = Tokenizer(models.BPE(unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+    )
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<eos>", "<unk>"], show_progress=False)
+    backend.train_from_iterator([row["prompt"] + row["completion"] for row in rows], trainer)
+    return save_tokenizer(backend, tmp_path_factory.mktemp("bpe_tokenizer"))
+
+
+def test_a_pretrained_tokenizer_gets_the_same_questions_and_labels(cache, rows, bpe_tokenizer):
+    task = get_task("multihop", cache_dir=cache, hops=[1, 5], distractors=2, tokenizer=bpe_tokenizer)
+    assert task.model_config() == {"vocab_size": len(task.tokenizer), "is_causal": True}
+    assert task.tokenizer.padding_side == "left" and task.tokenizer.pad_token == "<eos>"
+    batch = task.encode(rows[:4])
+    for k, row in enumerate(rows[:4]):
+        labelled = (batch["labels"][k] != -100).nonzero().flatten()
+        assert [task.tokenizer.decode(int(batch["labels"][k, i])) for i in labelled] == [str(a) for a in row["answers"]]
+        # every question sees the assignments and itself: its tokens are those of the prompt it is asked as
+        prompt = task.tokenizer(f"{row['statements']}; ?{row['questions'][0]}")["input_ids"]
+        first = int(labelled[0])
+        visible = batch["attention_mask"][k, 0, first - 1].nonzero().flatten()
+        assert batch["input_ids"][k, visible].tolist() == prompt
+        assert batch["position_ids"][k, visible].tolist() == list(range(len(prompt)))
+    one_hot = torch.nn.functional.one_hot(batch["labels"].clamp(min=0), len(task.tokenizer)).float()
+    shifted = torch.cat([one_hot[:, 1:], one_hot[:, :1]], dim=1)  # the logits at t predict token t + 1
+    assert task.decode(shifted, batch) == [row["completion"] for row in rows[:4]]
+
+
+def test_a_tokenizer_that_merges_the_answer_with_the_name_is_refused(cache, rows, tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    words = sorted({word for row in rows for word in (row["prompt"] + row["completion"]).split()} | set("0123456789"))
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(["<eos>", "<unk>", *words])}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()  # "?xb4" is one word: the answer is not its own token
+    tokenizer = save_tokenizer(backend, tmp_path)
+    task = get_task("multihop", cache_dir=cache, hops=[1, 5], distractors=2, tokenizer=tokenizer)
+    with pytest.raises(ValueError, match="one answer-digit token"):
+        task.encode(rows[:1])

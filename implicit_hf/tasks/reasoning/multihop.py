@@ -39,8 +39,13 @@ deterministic in ``(split, n, seed)`` (`split_rng`; a smaller ``n`` is a prefix)
 
 Tokenizer, scoring, lm-eval
 ---------------------------
-A word-level tokenizer (`multihop_tokenizer`: names, digits, ``> ; ? +`` each one token, spaces
-dropped; `PreTrainedTokenizerFast`, LEFT padding) saved next to a trained model. The task is
+By default a word-level tokenizer (`multihop_tokenizer`: names, digits, ``> ; ? +`` each one token,
+spaces dropped; `PreTrainedTokenizerFast`, LEFT padding) for models trained from scratch; with
+``tokenizer=DIR`` a pretrained model's own (e.g. a converted SmolLM2's), used with left padding, which
+must write every answer digit as one token that does not merge with the name before it (checked).
+Either is saved next to a trained model. Every question of a training row is the tokens the
+tokenizer gives ``prompt + answer`` after the assignments' tokens, so training sees exactly the
+tokens a model is asked at evaluation. The task is
 generative: `complete` generates the answer token with ``model.generate(..., num_loops=K)``
 (halting with ``tol``), and the local metric (``metrics/multihop_metrics.py``) scores
 ``exact_match``. `lipschitz_pairs` gives prompt pairs that differ by one token (a chain's first
@@ -96,6 +101,28 @@ def multihop_tokenizer():
     )
 
 
+def pretrained_tokenizer(path: str):
+    """A pretrained model's tokenizer for the task: left padding (generation), the EOS token as padding if it
+    has none."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path, padding_side="left")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def digit_token_ids(tokenizer) -> list[int]:
+    """The token id of every answer digit ``0``-``9``; a tokenizer that writes a digit as several tokens is refused."""
+    ids = []
+    for digit in DIGITS:
+        tokens = tokenizer(digit, add_special_tokens=False)["input_ids"]
+        if len(tokens) != 1:
+            raise ValueError(f"the tokenizer writes the digit {digit!r} as {len(tokens)} tokens; multihop needs one")
+        ids.append(tokens[0])
+    return ids
+
+
 def _hop_range(hops: Any) -> tuple[int, int]:
     low, high = hops if isinstance(hops, (list, tuple)) and len(hops) == 2 else (hops, hops)
     for value in (low, high):
@@ -131,6 +158,7 @@ class MultiHopTask(TaskAdapter):
         num_variables: int = len(NAMES),
         use_cache: bool = True,
         pairs: int = 150,
+        tokenizer: str | None = None,
     ):
         super().__init__(cache_dir)
         self.min_hops, self.max_hops = _hop_range(hops)
@@ -152,9 +180,13 @@ class MultiHopTask(TaskAdapter):
             raise ValueError(f"use_cache must be true or false; got {use_cache!r}")
         self.distractors, self.update, self.order, self.questions = distractors, update, order, questions
         self.num_variables, self.use_cache, self.num_pairs = num_variables, use_cache, pairs
-        self.tokenizer = multihop_tokenizer()
+        self.tokenizer_path = None if tokenizer is None else str(tokenizer)
+        self.tokenizer = multihop_tokenizer() if tokenizer is None else pretrained_tokenizer(self.tokenizer_path)
+        self.digit_ids = digit_token_ids(self.tokenizer)
 
     def model_config(self) -> dict[str, Any]:
+        if self.tokenizer_path is not None:  # a pretrained model's tokenizer: its checkpoint keeps its own ids
+            return {"vocab_size": len(self.tokenizer), "is_causal": True}
         return {
             "vocab_size": len(self.tokenizer),
             "is_causal": True,
@@ -174,7 +206,7 @@ class MultiHopTask(TaskAdapter):
         return self.cache_dir / (
             f"{split}-hops{self.min_hops}to{self.max_hops}-d{self.distractors}-{self.update}-{self.order}"
             f"-{self.questions}-v{self.num_variables}-{n}-seed{seed}"
-        )
+        )  # text only: the rows do not depend on the tokenizer
 
     def build_dataset(self, split: str, n: int, seed: int):
         """``n`` problems, deterministic in ``(split, n, seed)`` (a smaller ``n`` is a prefix), cached on disk."""
@@ -231,16 +263,11 @@ class MultiHopTask(TaskAdapter):
         if not all(example.get("answers") for example in examples):
             prompts = self.tokenizer([example["prompt"] for example in examples], padding=True, return_tensors="pt")
             return {"input_ids": prompts["input_ids"], "attention_mask": prompts["attention_mask"]}
-        question_mark = self.tokenizer.convert_tokens_to_ids("?")
-        rows = []
-        for example in examples:
-            prefix = self.tokenizer(example["statements"] + ";")["input_ids"]
-            names = self.tokenizer.convert_tokens_to_ids(example["questions"])
-            digits = self.tokenizer.convert_tokens_to_ids([str(a) for a in example["answers"]])
-            rows.append((prefix, [(question_mark, name, digit) for name, digit in zip(names, digits, strict=True)]))
-        length = max(len(prefix) + 3 * len(questions) for prefix, questions in rows)
+        rows = [self.question_tokens(example) for example in examples]
+        length = max(len(prefix) + sum(len(q) for q in questions) for prefix, questions in rows)
         batch = len(rows)
-        input_ids = torch.full((batch, length), PAD_ID, dtype=torch.long)
+        pad = self.tokenizer.pad_token_id
+        input_ids = torch.full((batch, length), pad, dtype=torch.long)
         position_ids = torch.zeros((batch, length), dtype=torch.long)
         labels = torch.full((batch, length), -100, dtype=torch.long)
         mask = torch.eye(length, dtype=torch.bool).repeat(batch, 1, 1, 1)  # padding attends to itself only
@@ -250,27 +277,52 @@ class MultiHopTask(TaskAdapter):
             input_ids[k, :start] = torch.tensor(prefix)
             position_ids[k, :start] = torch.arange(start)
             mask[k, 0, :start, :start] = causal[:start, :start]
-            for q, tokens in enumerate(questions):
-                at = start + 3 * q
-                input_ids[k, at : at + 3] = torch.tensor(tokens)
-                position_ids[k, at : at + 3] = torch.arange(start, start + 3)
-                mask[k, 0, at : at + 3, :start] = True
-                mask[k, 0, at : at + 3, at : at + 3] = causal[:3, :3]
-                labels[k, at + 2] = tokens[2]
+            at = start
+            for tokens in questions:
+                end = at + len(tokens)
+                input_ids[k, at:end] = torch.tensor(tokens)
+                position_ids[k, at:end] = torch.arange(start, start + len(tokens))
+                mask[k, 0, at:end, :start] = True
+                mask[k, 0, at:end, at:end] = causal[: len(tokens), : len(tokens)]
+                labels[k, end - 1] = tokens[-1]
+                at = end
         return {"input_ids": input_ids, "attention_mask": mask, "position_ids": position_ids, "labels": labels}
 
+    def question_tokens(self, example: Example) -> tuple[list[int], list[list[int]]]:
+        """The assignments' tokens and, for every question, the tokens that follow them in ``prompt + answer``
+        (the question, then the answer digit last)."""
+        prefix = self.tokenizer(example["statements"] + ";")["input_ids"]
+        prompts = [f"{example['statements']}; ?{q}" for q in example["questions"]]
+        texts = [p + str(a) for p, a in zip(prompts, example["answers"], strict=True)]
+        encoded = self.tokenizer(prompts + texts)["input_ids"]
+        questions = []
+        for prompt, full, answer in zip(
+            encoded[: len(prompts)], encoded[len(prompts) :], example["answers"], strict=True
+        ):
+            consistent = full[: len(prefix)] == prefix and full[: len(prompt)] == prompt
+            if not consistent or full[len(prompt) :] != [self.digit_ids[answer]]:
+                raise ValueError(
+                    f"the tokenizer {self.tokenizer_path or 'multihop'!r} does not write {prompt!r} + {answer!r} as "
+                    "the assignments' tokens, then the question's, then one answer-digit token: multihop cannot use it"
+                )
+            questions.append(full[len(prefix) :])
+        return prefix, questions
+
     def decode(self, logits: torch.Tensor, inputs: dict[str, torch.Tensor]) -> list[str]:
-        """The answer digit predicted after the first question of every row (teacher-forced logits)."""
+        """The answer digit predicted for the first question of every row (teacher-forced logits): read where the
+        first label is predicted, or, for prompt-only inputs, at the last position."""
         if logits.ndim != 3:
             raise ValueError(f"logits must have shape (B, T, vocab); got {tuple(logits.shape)}")
-        question = self.tokenizer.convert_tokens_to_ids("?")
-        digit_ids = self.tokenizer.convert_tokens_to_ids(list(DIGITS))
         texts = []
         for k in range(logits.shape[0]):
-            positions = (inputs["input_ids"][k] == question).nonzero()
-            if positions.numel() == 0:
-                raise ValueError(f"row {k}: no '?' in the input")
-            scores = logits[k, int(positions[0]) + 1, digit_ids]  # read at the asked name, after the '?'
+            if "labels" in inputs:
+                labelled = (inputs["labels"][k] != -100).nonzero()
+                if labelled.numel() == 0:
+                    raise ValueError(f"row {k}: no labelled answer in the input")
+                position = int(labelled[0]) - 1
+            else:  # left-padded prompts end at the last position
+                position = logits.shape[1] - 1
+            scores = logits[k, position, self.digit_ids]
             texts.append(DIGITS[int(scores.argmax())])
         return texts
 
@@ -297,8 +349,8 @@ class MultiHopTask(TaskAdapter):
                 do_sample=False,
                 max_new_tokens=1,
                 use_cache=self.use_cache,
-                pad_token_id=PAD_ID,
-                eos_token_id=EOS_ID,
+                pad_token_id=self.tokenizer.pad_token_id,
+                eos_token_id=self.tokenizer.eos_token_id,
                 **extra,
             )
             new = output[:, batch["input_ids"].shape[1] :].cpu()
