@@ -49,9 +49,23 @@ import sys
 import time
 import types
 import typing
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from .distributed import (
+    SHARDED_DIR,
+    LaunchError,
+    LaunchPlan,
+    check_fixed_iterations,
+    full_state_dict,
+    gathered,
+    load_sharded,
+    plan_launch,
+    save_sharded,
+    shard_model,
+)
 
 # torch, numpy, transformers and the objective are imported where they are used, so that reading a recipe's
 # keys (``implicit-hf train --help``) imports none of them.
@@ -163,7 +177,8 @@ class TrainConfig:
 
 @dataclass
 class TrainResult:
-    """What `train` returns: the final metrics (as in ``metrics.json``) and the trained model (unwrapped)."""
+    """What `train` returns: the final metrics (as in ``metrics.json``) and the trained model (unwrapped; under
+    FSDP on CPU processes, the gathered model on the main process and None on the others)."""
 
     metrics: dict[str, Any]
     model: Any
@@ -604,10 +619,15 @@ def find_checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def save_checkpoint(accelerator, output_dir: Path, step: int, state: dict[str, Any], keep: int) -> Path:
-    """``accelerator.save_state`` into ``checkpoints/step_N``, then the marker, then drop old checkpoints."""
+def save_checkpoint(
+    accelerator, output_dir: Path, step: int, state: dict[str, Any], keep: int, sharded: tuple | None = None
+) -> Path:
+    """``accelerator.save_state`` into ``checkpoints/step_N`` (plus, for FSDP on CPU processes, the
+    ``sharded=(model, optimizer)`` shards), then the marker, then drop old checkpoints."""
     path = output_dir / "checkpoints" / f"step_{step}"
     accelerator.save_state(str(path))
+    if sharded is not None:
+        save_sharded(*sharded, path / SHARDED_DIR)
     accelerator.wait_for_everyone()  # every process has written its part (RNG states are per process)
     if accelerator.is_main_process:
         (path / CHECKPOINT_MARKER).write_text(json.dumps(state, indent=2))
@@ -751,6 +771,11 @@ def train(config: TrainConfig) -> TrainResult:
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=config.find_unused_parameters)],
     )
+    try:  # what the launcher asked for against what accelerate runs: refused on a mismatch, before any step
+        plan = plan_launch(accelerator, config.mixed_precision)
+    except LaunchError:
+        accelerator.end_training()
+        raise
     global_batch = config.per_device_batch_size * config.gradient_accumulation_steps * accelerator.num_processes
     if config.train_size < config.per_device_batch_size * accelerator.num_processes:
         raise RecipeError(
@@ -784,6 +809,9 @@ def train(config: TrainConfig) -> TrainResult:
 
     # -- model, optimizer (no weight decay on biases and norm weights), schedule ----------------------
     model = initial_model(config, task)
+    if plan.shard_on_cpu:  # FSDP2 on CPU processes: sharded here, not by accelerator.prepare (which gives DDP)
+        check_fixed_iterations(model.config)
+        model = shard_model(model, plan)
     decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
     optimizer = torch.optim.AdamW(
@@ -798,7 +826,11 @@ def train(config: TrainConfig) -> TrainResult:
         num_training_steps=config.max_steps,
         scheduler_specific_kwargs=config.lr_scheduler_kwargs,
     )
-    model, optimizer, train_loader, lr_scheduler = accelerator.prepare(model, optimizer, train_loader, lr_scheduler)
+    if plan.shard_on_cpu:  # the model and optimizer states are sharded: checkpointed by save_sharded, not accelerate
+        train_loader, lr_scheduler = accelerator.prepare(train_loader, lr_scheduler)
+    else:
+        model, optimizer, train_loader, lr_scheduler = accelerator.prepare(model, optimizer, train_loader, lr_scheduler)
+    sharded = (model, optimizer) if plan.shard_on_cpu else None
     batches_per_epoch = len(train_loader)  # per process
 
     # -- resume: weights, optimizer, schedule, scaler and RNG states; the data position follows --------
@@ -813,7 +845,16 @@ def train(config: TrainConfig) -> TrainResult:
                     f"cannot resume {str(path)!r}: it was trained with a global batch of {saved.get('global_batch')}, "
                     f"this run has {global_batch} (per_device_batch_size x gradient_accumulation_steps x processes)"
                 )
+            if (path / SHARDED_DIR).is_dir() != plan.shard_on_cpu:
+                fsdp, other = "with FSDP on CPU processes (sharded)", "without it"
+                written, now = (other, fsdp) if plan.shard_on_cpu else (fsdp, other)
+                raise RecipeError(
+                    f"cannot resume {str(path)!r}: it was written {written}, this run is {now}: resume with the "
+                    "accelerate config and processes that wrote it"
+                )
             accelerator.load_state(str(path))
+            if sharded is not None:
+                load_sharded(*sharded, path / SHARDED_DIR)
             resumed_from = start_step
             if accelerator.is_main_process:  # a checkpoint the killed run was still writing is not resumable
                 for stale in (output_dir / "checkpoints").glob("step_*"):
@@ -913,34 +954,37 @@ def train(config: TrainConfig) -> TrainResult:
             running = {}
             loops_since_log = []
         if eval_set is not None and config.eval_every and done % config.eval_every == 0 and done < config.max_steps:
-            log(evaluate_loss(model, eval_set, task, accelerator, eval_batch), done)
+            with gathered(model, plan) if plan.shard_on_cpu else nullcontext():
+                log(evaluate_loss(model, eval_set, task, accelerator, eval_batch), done)
         if checkpoint_now:
             state = {"step": done, "global_batch": global_batch, "num_processes": accelerator.num_processes}
-            save_checkpoint(accelerator, output_dir, done, state, config.keep_checkpoints)
+            save_checkpoint(accelerator, output_dir, done, state, config.keep_checkpoints, sharded)
     progress.close()
 
     # -- the end: held-out loss, the model in Hugging Face format, metrics ------------------------------
     final_eval = {}
     if eval_set is not None:
-        final_eval = evaluate_loss(model, eval_set, task, accelerator, eval_batch)
+        with gathered(model, plan) if plan.shard_on_cpu else nullcontext():
+            final_eval = evaluate_loss(model, eval_set, task, accelerator, eval_batch)
         log(final_eval, config.max_steps)
     accelerator.wait_for_everyone()
-    unwrapped = accelerator.unwrap_model(model)
-    if config.lora:  # the adapters alone, then the model with them merged (loads with the Auto classes)
+    unwrapped, state_dict = final_model(model, accelerator, plan, config, task)
+    if unwrapped is not None and config.lora:  # the adapters alone, then the model with them merged
         unwrapped.save_pretrained(output_dir / "adapter", is_main_process=accelerator.is_main_process)
         unwrapped = unwrapped.merge_and_unload()
         unwrapped.save_pretrained(output_dir / "model", is_main_process=accelerator.is_main_process)
-    else:
+    elif unwrapped is not None:
         unwrapped.save_pretrained(
             output_dir / "model",
             is_main_process=accelerator.is_main_process,
             save_function=accelerator.save,
-            state_dict=accelerator.get_state_dict(model),
+            state_dict=state_dict,
         )
     metrics = {
         "step": config.max_steps,
         "num_processes": accelerator.num_processes,
         "distributed_type": str(accelerator.distributed_type),
+        "sharding": sharding_of(accelerator, plan),
         "mixed_precision": accelerator.mixed_precision,
         "global_batch": global_batch,
         "resumed_from": resumed_from,
@@ -964,6 +1008,30 @@ def train(config: TrainConfig) -> TrainResult:
     gc.collect()
     accelerator.end_training()
     return TrainResult(metrics=metrics, model=unwrapped)
+
+
+def final_model(model, accelerator, plan: LaunchPlan, config: TrainConfig, task) -> tuple[Any, dict | None]:
+    """The trained model to save, unwrapped, and its state dict (None: the model's own); collective. Under FSDP
+    on CPU processes the shards are gathered into an unsharded copy on the main process (None elsewhere)."""
+    if plan.shard_on_cpu:
+        state = full_state_dict(model)
+        if not accelerator.is_main_process:
+            return None, None
+        unsharded = initial_model(config, task)
+        unsharded.load_state_dict(state)
+        return unsharded, None
+    state_dict = None if config.lora else accelerator.get_state_dict(model)  # gathered by accelerate's FSDP
+    return accelerator.unwrap_model(model), state_dict
+
+
+def sharding_of(accelerator, plan: LaunchPlan) -> str | None:
+    """How the run sharded the model: "fsdp2" (accelerate's, or torch's fully_shard on CPU processes),
+    "deepspeed", or None (replicated)."""
+    from accelerate.utils import DistributedType
+
+    if plan.shard_on_cpu or accelerator.distributed_type == DistributedType.FSDP:
+        return "fsdp2"
+    return "deepspeed" if accelerator.distributed_type == DistributedType.DEEPSPEED else None
 
 
 def training_summary(config: TrainConfig, metrics: dict[str, Any], global_batch: int) -> dict[str, Any]:
@@ -1013,7 +1081,7 @@ def main(argv: list[str] | None = None) -> TrainResult:
     try:
         config = parse_args(argv)
         return train(config)
-    except RecipeError as err:
+    except (RecipeError, LaunchError) as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
 
