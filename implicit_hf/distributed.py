@@ -55,10 +55,12 @@ def requested_plugin(environ: Mapping[str, str] = os.environ) -> str | None:
     return None
 
 
-def plan_launch(accelerator, mixed_precision: str, environ: Mapping[str, str] = os.environ) -> LaunchPlan:
-    """Compare the launcher's request with ``accelerator``'s state; raise `LaunchError` on a mismatch."""
+def plan_launch(accelerator, mixed_precision: str) -> LaunchPlan:
+    """Compare the launcher's request (the environment) with ``accelerator``'s state; raise `LaunchError` on a
+    mismatch."""
     from accelerate.utils import DistributedType
 
+    environ = os.environ
     launched = int(environ.get("WORLD_SIZE", "1"))
     got = accelerator.distributed_type
     if launched != accelerator.num_processes:
