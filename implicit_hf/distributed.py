@@ -187,3 +187,14 @@ def full_state_dict(model) -> dict[str, Any]:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def local_state_bytes(model, optimizer) -> int:
+    """Bytes of this process's parameters and optimizer states: its shards under FSDP, everything under DDP."""
+    import torch
+
+    def local(tensor):
+        return tensor.to_local() if hasattr(tensor, "to_local") else tensor  # a DTensor's own shard
+
+    states = [value for state in optimizer.state.values() for value in state.values() if torch.is_tensor(value)]
+    return sum(local(t).numel() * local(t).element_size() for t in [*model.parameters(), *states])

@@ -62,6 +62,7 @@ from .distributed import (
     full_state_dict,
     gathered,
     load_sharded,
+    local_state_bytes,
     plan_launch,
     save_sharded,
     shard_model,
@@ -968,6 +969,8 @@ def train(config: TrainConfig) -> TrainResult:
             final_eval = evaluate_loss(model, eval_set, task, accelerator, eval_batch)
         log(final_eval, config.max_steps)
     accelerator.wait_for_everyone()
+    state_bytes = torch.tensor([local_state_bytes(model, optimizer)], device=accelerator.device)
+    state_bytes = int(accelerator.gather(state_bytes).max())  # the largest process's parameters + optimizer
     unwrapped, state_dict = final_model(model, accelerator, plan, config, task)
     if unwrapped is not None and config.lora:  # the adapters alone, then the model with them merged
         unwrapped.save_pretrained(output_dir / "adapter", is_main_process=accelerator.is_main_process)
@@ -985,6 +988,7 @@ def train(config: TrainConfig) -> TrainResult:
         "num_processes": accelerator.num_processes,
         "distributed_type": str(accelerator.distributed_type),
         "sharding": sharding_of(accelerator, plan),
+        "state_bytes_per_process": state_bytes,
         "mixed_precision": accelerator.mixed_precision,
         "global_batch": global_batch,
         "resumed_from": resumed_from,
