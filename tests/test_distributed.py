@@ -14,10 +14,14 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+import yaml
 
 from implicit_hf import distributed
 from implicit_hf import train as train_mod
+from implicit_hf.modeling.convert import convert_checkpoint
 from tests.test_train import ROOT, free_port, log_records, run_in_process, subprocess_env, weights, write_recipe
+from tests.test_train_lora import RECIPE as LORA_RECIPE
+from tests.test_train_lora import converted  # noqa: F401 (a fixture: a converted tiny Llama)
 
 FSDP = {
     "per_device_batch_size": 4,
@@ -141,6 +145,35 @@ def test_fsdp_killed_run_resumes_bit_identical(fsdp_run, tmp_path):
     for name, tensor in reference.items():
         assert torch.equal(resumed[name], tensor), name
     assert log_records(out) == log_records(reference_out)
+
+
+def test_fsdp_lora_fine_tune_equals_one_process(converted, tmp_path):  # noqa: F811
+    """LoRA on the core plus the injection trained in full (modules_to_save), sharded: the merged model
+    equals the one-process run's."""
+    convert_checkpoint(converted / "source", tmp_path / "contracting", [0], [1, 2], [4], state_weight=0.5)
+    recipe = {
+        **LORA_RECIPE,
+        "init_from": str(tmp_path / "contracting"),
+        "task_kwargs": {"tokenizer": str(converted / "implicit"), "seq_len": 32},
+        "lora": {"r": 4, "parts": ["core"], "modules_to_save": ["injection"]},
+        "max_steps": 6,
+        "eval_size": 8,
+        "train_size": 48,
+    }
+    paths = {}
+    for name, batch in (("fsdp", 4), ("single", 8)):
+        paths[name] = tmp_path / f"{name}.yaml"
+        overrides = {"per_device_batch_size": batch, "output_dir": str(tmp_path / name)}
+        paths[name].write_text(yaml.safe_dump({**recipe, **overrides}))
+    done = launch(tmp_path, "fsdp", paths["fsdp"])
+    assert done.returncode == 0, done.stderr[-4000:]
+    run_in_process(tmp_path, paths["single"])
+    reference, trained = weights(tmp_path / "single"), weights(tmp_path / "fsdp")
+    assert reference.keys() == trained.keys()
+    for name, tensor in reference.items():
+        torch.testing.assert_close(trained[name], tensor, rtol=0, atol=1e-5, msg=name)
+    assert (tmp_path / "fsdp" / "adapter" / "adapter_config.json").is_file()
+    assert json.loads((tmp_path / "fsdp" / "metrics.json").read_text())["sharding"] == "fsdp2"
 
 
 def test_resuming_a_sharded_checkpoint_without_fsdp_is_refused(fsdp_run, tmp_path, capsys):
