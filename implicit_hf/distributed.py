@@ -41,7 +41,6 @@ class LaunchError(ValueError):
 class LaunchPlan:
     """What the training loop does with the model: ``shard_on_cpu`` (FSDP2 here) or accelerate's ``prepare``."""
 
-    requested: str | None  # "fsdp", "deepspeed" or None (the launcher's plugin request)
     shard_on_cpu: bool = False
     reshard_after_forward: bool = True
     wrap_classes: tuple[str, ...] = ()
@@ -76,7 +75,7 @@ def plan_launch(accelerator, mixed_precision: str) -> LaunchPlan:
             "train on CPU processes); on CPU use configs/accelerate/fsdp.yaml or ddp.yaml with ACCELERATE_USE_CPU=true"
         )
     if requested != "fsdp" or got == DistributedType.FSDP:
-        return LaunchPlan(requested)
+        return LaunchPlan()
     if got != DistributedType.MULTI_CPU:
         raise LaunchError(
             f"an FSDP config was launched but accelerate runs {got} with {accelerator.num_processes} process(es): "
@@ -84,8 +83,8 @@ def plan_launch(accelerator, mixed_precision: str) -> LaunchPlan:
         )
     from accelerate.utils import FullyShardedDataParallelPlugin
 
-    plugin = FullyShardedDataParallelPlugin()  # the FSDP_* settings accelerate launch wrote
-    flag = environ.get  # the config's FSDP_* settings as accelerate launch wrote them
+    plugin = FullyShardedDataParallelPlugin()  # parses the FSDP_* settings accelerate launch wrote
+    flag = environ.get
     unsupported = {
         "fsdp_version": (plugin.fsdp_version, 2, "set fsdp_version: 2"),
         "fsdp_offload_params": (flag("FSDP_OFFLOAD_PARAMS", "false"), "false", "the parameters are on the CPU already"),
@@ -105,7 +104,6 @@ def plan_launch(accelerator, mixed_precision: str) -> LaunchPlan:
             "use mixed_precision bf16 or no"
         )
     return LaunchPlan(
-        requested,
         shard_on_cpu=True,
         reshard_after_forward=bool(plugin.reshard_after_forward),
         wrap_classes=tuple(plugin.transformer_cls_names_to_wrap or ("LlamaDecoderLayer",)),
