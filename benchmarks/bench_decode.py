@@ -62,7 +62,8 @@ def build_llama(args, loops: int, device: torch.device) -> LlamaForCausalLM:
     return LlamaForCausalLM(config).to(device).eval()
 
 
-def decode(model, prompt: torch.Tensor, new_tokens: int):
+def decode(model, prompt: torch.Tensor, new_tokens: int, use_cache: bool = True):
+    """Exactly ``new_tokens`` greedy tokens after ``prompt`` (no EOS stop)."""
     with torch.no_grad():
         return model.generate(
             prompt,
@@ -70,7 +71,7 @@ def decode(model, prompt: torch.Tensor, new_tokens: int):
             max_new_tokens=new_tokens,
             min_new_tokens=new_tokens,
             do_sample=False,
-            use_cache=True,
+            use_cache=use_cache,
             pad_token_id=0,
         )
 

@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 import yaml
 from _common import ROOT, SavedTensorMeter, environment, median, parameter_storages, timed, write_report
+from bench_decode import decode
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from implicit_hf import ImplicitConfig, ImplicitForCausalLM
@@ -155,23 +156,10 @@ def memory(size: dict, device, mode_name: str) -> dict:
             "passed": all(r["passed"] for r in results.values())}  # fmt: skip
 
 
-def greedy(model, prompt: torch.Tensor, new_tokens: int, use_cache: bool) -> torch.Tensor:
-    with torch.no_grad():
-        return model.generate(
-            prompt,
-            attention_mask=torch.ones_like(prompt),
-            max_new_tokens=new_tokens,
-            min_new_tokens=new_tokens,
-            do_sample=False,
-            use_cache=use_cache,
-            pad_token_id=0,
-        )
-
-
 def cache(size: dict, device) -> dict:
     model = implicit_model(size, device).eval()
     prompt = tokens(size, device, 8)
-    cached, uncached = (greedy(model, prompt, 16, use) for use in (True, False))
+    cached, uncached = (decode(model, prompt, 16, use) for use in (True, False))
     return {"new_tokens": 16, "passed": bool(torch.equal(cached, uncached))}
 
 
@@ -185,11 +173,11 @@ def decode_speed(size: dict, device, repeats: int) -> dict:
     prompt, new = tokens(size, device, 32), 64
     seconds = {"implicit": [], "llama": []}
     for model in (implicit, llama):
-        greedy(model, prompt, 4, True)  # warm-up
+        decode(model, prompt, 4)  # warm-up
     for repeat in range(repeats):
         for name in ("implicit", "llama") if repeat % 2 == 0 else ("llama", "implicit"):
             model = implicit if name == "implicit" else llama
-            elapsed, _ = timed(lambda m=model: greedy(m, prompt, new, True), device)
+            elapsed, _ = timed(lambda m=model: decode(m, prompt, new), device)
             seconds[name].append(elapsed)
     rate = {name: size["batch"] * new / median(values) for name, values in seconds.items()}
     return {"loops": loops, "effective_depth": depth, "tokens_per_s": rate, "ratio": rate["implicit"] / rate["llama"]}

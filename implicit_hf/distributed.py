@@ -140,8 +140,12 @@ def shard_model(model, plan: LaunchPlan):
 
 @contextlib.contextmanager
 def gathered(model, plan: LaunchPlan) -> Iterator[None]:
-    """Every FSDP unit of ``model`` all-gathered for the block, so that inference (whose halting may stop
-    processes at different iteration counts) runs without collectives; sharded again after."""
+    """Under FSDP on CPU processes, every FSDP unit of ``model`` all-gathered for the block, so that inference
+    (whose halting may stop processes at different iteration counts) runs without collectives; sharded again
+    after. Otherwise nothing."""
+    if not plan.shard_on_cpu:
+        yield
+        return
     from torch.distributed.fsdp import FSDPModule
 
     units = [module for module in model.modules() if isinstance(module, FSDPModule)]

@@ -49,7 +49,6 @@ import sys
 import time
 import types
 import typing
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -955,7 +954,7 @@ def train(config: TrainConfig) -> TrainResult:
             running = {}
             loops_since_log = []
         if eval_set is not None and config.eval_every and done % config.eval_every == 0 and done < config.max_steps:
-            with gathered(model, plan) if plan.shard_on_cpu else nullcontext():
+            with gathered(model, plan):
                 log(evaluate_loss(model, eval_set, task, accelerator, eval_batch), done)
         if checkpoint_now:
             state = {"step": done, "global_batch": global_batch, "num_processes": accelerator.num_processes}
@@ -965,7 +964,7 @@ def train(config: TrainConfig) -> TrainResult:
     # -- the end: held-out loss, the model in Hugging Face format, metrics ------------------------------
     final_eval = {}
     if eval_set is not None:
-        with gathered(model, plan) if plan.shard_on_cpu else nullcontext():
+        with gathered(model, plan):
             final_eval = evaluate_loss(model, eval_set, task, accelerator, eval_batch)
         log(final_eval, config.max_steps)
     accelerator.wait_for_everyone()

@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -19,7 +17,16 @@ import yaml
 from implicit_hf import distributed
 from implicit_hf import train as train_mod
 from implicit_hf.modeling.convert import convert_checkpoint
-from tests.test_train import ROOT, free_port, log_records, run_in_process, subprocess_env, weights, write_recipe
+from tests.test_train import (
+    ROOT,
+    free_port,
+    kill_after,
+    log_records,
+    run_in_process,
+    subprocess_env,
+    weights,
+    write_recipe,
+)
 from tests.test_train_lora import RECIPE as LORA_RECIPE
 from tests.test_train_lora import converted  # noqa: F401 (a fixture: a converted tiny Llama)
 
@@ -126,15 +133,7 @@ def test_fsdp_killed_run_resumes_bit_identical(fsdp_run, tmp_path):
         stderr=subprocess.PIPE,
         start_new_session=True,  # the launcher and its two workers: killed together
     )
-    marker = out / "checkpoints" / "step_3" / train_mod.CHECKPOINT_MARKER
-    deadline = time.monotonic() + 300
-    while not marker.exists():
-        assert process.poll() is None, process.stderr.read().decode()[-4000:]
-        assert time.monotonic() < deadline, "no checkpoint after 300 s"
-        time.sleep(0.02)
-    os.killpg(process.pid, signal.SIGKILL)
-    process.wait()
-    process.stderr.close()
+    kill_after(process, out / "checkpoints" / "step_3" / train_mod.CHECKPOINT_MARKER, timeout_s=300, group=True)
     assert not (out / "model").exists()
 
     done = launch(tmp_path, "fsdp", recipe, "--resume")

@@ -102,6 +102,22 @@ def log_records(output_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (output_dir / "train_log.jsonl").read_text().splitlines()]
 
 
+def kill_after(process: subprocess.Popen, marker: Path, timeout_s: float, group: bool = False) -> None:
+    """SIGKILL ``process`` (its whole process group with ``group``) as soon as ``marker`` exists; fails if the
+    process ends first or no marker appears within ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while not marker.exists():
+        assert process.poll() is None, process.stderr.read().decode()[-4000:]
+        assert time.monotonic() < deadline, f"no checkpoint after {timeout_s} s"
+        time.sleep(0.02)
+    if group:
+        os.killpg(process.pid, signal.SIGKILL)
+    else:
+        os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    process.stderr.close()
+
+
 @pytest.fixture(scope="module")
 def single_run(tmp_path_factory):
     """One process, batch 8: the reference of the DDP test and the run whose model the Auto classes load."""
@@ -208,15 +224,7 @@ def test_killed_run_resumes_bit_identical(uninterrupted, tmp_path):
     # a slow collate_fn (0.1 s per micro-batch) keeps the run busy long after the step-3 checkpoint
     command = [sys.executable, "-m", "implicit_hf.train", str(recipe), "--task_kwargs.delay", "0.1"]
     process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    marker = out / "checkpoints" / "step_3" / train_mod.CHECKPOINT_MARKER
-    deadline = time.monotonic() + 120
-    while not marker.exists():
-        assert process.poll() is None, process.stderr.read().decode()[-4000:]
-        assert time.monotonic() < deadline, "no checkpoint after 120 s"
-        time.sleep(0.02)
-    os.kill(process.pid, signal.SIGKILL)
-    process.wait()
-    process.stderr.close()
+    kill_after(process, out / "checkpoints" / "step_3" / train_mod.CHECKPOINT_MARKER, timeout_s=120)
     assert process.returncode == -signal.SIGKILL
     assert not (out / "model").exists() and not (out / "metrics.json").exists()  # killed mid-run
 
