@@ -319,9 +319,12 @@ def test_tolerance_halts_in_every_mode(mode):
 @pytest.mark.parametrize("mode", MODES)
 def test_trajectory_under_autograd_has_one_state_per_iteration(mode):
     block = Block(seed=0)
-    z, stats = block.solve(mode, 6, steps=2, return_trajectory=True)
-    assert stats.trajectory is not None and len(stats.trajectory) == 6
-    assert torch.equal(stats.trajectory[-1], z)
+    z, stats = block.solve(mode, 6, steps=2, keep=range(1, 7))
+    assert stats.states is not None and sorted(stats.states) == [1, 2, 3, 4, 5, 6]
+    assert torch.equal(stats.states[6], z)
+    _, only = block.solve(mode, 6, steps=2, keep=[2, 6])  # only the counts asked for are kept
+    assert sorted(only.states) == [2, 6]
+    torch.testing.assert_close(only.states[2], stats.states[2])
 
 
 def test_unknown_gradient_mode_is_refused():

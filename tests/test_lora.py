@@ -7,7 +7,7 @@ from peft.tuners.lora import LoraLayer
 from test_convert import tiny_source, tokens
 
 from implicit_hf import ImplicitConfig, ImplicitForCausalLM
-from implicit_hf.lora import (
+from implicit_hf.integrations.peft import (
     add_loop_adapters,
     implicit_model_of,
     load_loop_adapters,
@@ -149,3 +149,16 @@ def test_relaxed_recursion_svd_error_falls_with_rank():
     assert all(errors[r]["loop_0"] < 1e-6 for r in errors)  # loop 0 is the tied block itself
     assert 1.0 > errors[4]["loop_1"] > errors[16]["loop_1"] > errors[64]["loop_1"]
     assert errors[64]["loop_1"] < 1e-5
+
+
+def test_the_old_module_path_still_imports_with_a_deprecation_warning():
+    import importlib
+    import sys
+
+    import implicit_hf.integrations.peft as peft_integration
+
+    sys.modules.pop("implicit_hf.lora", None)
+    with pytest.warns(DeprecationWarning, match="implicit_hf.integrations.peft"):
+        old = importlib.import_module("implicit_hf.lora")
+    assert old.lora_config is peft_integration.lora_config
+    assert sorted(old.__all__) == sorted(peft_integration.__all__)

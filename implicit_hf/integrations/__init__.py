@@ -1,1 +1,1 @@
-"""Integrations with serving and evaluation systems (optional extras)."""
+"""Integrations with the field's other libraries: vLLM (serving) and PEFT (LoRA adapters)."""

@@ -18,6 +18,7 @@ evaluation (``steps >= max_iter``), gradients also reach ``z0`` (e.g. ``state_in
 from __future__ import annotations
 
 import logging
+from collections.abc import Collection
 
 import torch
 
@@ -38,15 +39,14 @@ def fixed_point(
     tau: float = 0.5,
     backward_max_iter: int | None = None,
     backward_tol: float = 1e-5,
-    return_trajectory: bool = False,
+    keep: Collection[int] = (),
     **solver_options,
 ) -> tuple[torch.Tensor, SolverStats]:
-    """Solve ``z = f(z)`` from ``z0`` with ``solver`` and attach gradients according to ``gradient``."""
+    """Solve ``z = f(z)`` from ``z0`` with ``solver`` and attach gradients according to ``gradient``;
+    ``keep``: evaluation counts (over the whole solve) whose states ``stats.states`` holds."""
     solve = get_solver(solver)
-    if not torch.is_grad_enabled():
-        return solve(f, z0, max_iter, tol, return_trajectory=return_trajectory, **solver_options)
-    if gradient == "unroll":
-        return solve(f, z0, max_iter, tol, return_trajectory=return_trajectory, **solver_options)
+    if not torch.is_grad_enabled() or gradient == "unroll":
+        return solve(f, z0, max_iter, tol, keep=keep, **solver_options)
     if gradient in ("truncated", "phantom"):
         differentiable_steps = min(steps, max_iter)
     elif gradient in ("jfb", "ift"):
@@ -57,16 +57,16 @@ def fixed_point(
     z, stats = z0, None  # a solve without autograd below detaches; otherwise z0 stays in the graph
     if max_iter > differentiable_steps:
         with torch.no_grad():
-            z, stats = solve(
-                f, z, max_iter - differentiable_steps, tol, return_trajectory=return_trajectory, **solver_options
-            )
+            z, stats = solve(f, z, max_iter - differentiable_steps, tol, keep=keep, **solver_options)
+    ran = 0 if stats is None else len(stats.rel_residual)  # evaluations before the differentiable tail
+    tail_keep = [count - ran for count in keep if count > ran]
     if gradient == "ift":
         z, tail = _implicit_step(f, z, solve, backward_max_iter or max_iter, backward_tol, solver_options)
-        if return_trajectory:
-            tail.trajectory = [z]
+        if keep:
+            tail.states = {1: z} if 1 in tail_keep else {}
     else:
         damping = tau if gradient == "phantom" else 1.0
-        z, tail = picard(f, z, differentiable_steps, None, damping=damping, return_trajectory=return_trajectory)
+        z, tail = picard(f, z, differentiable_steps, None, damping=damping, keep=tail_keep)
     return z, tail if stats is None else merge_stats(stats, tail, tol)
 
 
@@ -123,9 +123,11 @@ def merge_stats(first: SolverStats, second: SolverStats, tol: float | None) -> S
     converged = first.converged | second.converged
     if tol is not None and second.rel_residual.numel():
         converged = converged | (second.rel_residual[-1] < tol)
-    trajectory = None
-    if first.trajectory is not None and second.trajectory is not None:
-        trajectory = first.trajectory + second.trajectory
+    states = None
+    if first.states is not None or second.states is not None:  # counts of ``second`` continue those of ``first``
+        ran = len(first.rel_residual)
+        later = {ran + count: state for count, state in (second.states or {}).items()}
+        states = {**(first.states or {}), **later}
     return SolverStats(
         solver=first.solver,
         steps=first.steps + second.steps,
@@ -134,5 +136,5 @@ def merge_stats(first: SolverStats, second: SolverStats, tol: float | None) -> S
         converged=converged,
         diverged=first.diverged | second.diverged,
         fallbacks=first.fallbacks + second.fallbacks,
-        trajectory=trajectory,
+        states=states,
     )

@@ -248,16 +248,105 @@ def _describe(x: torch.Tensor) -> str:
     return f"shape {tuple(x.shape)}, dtype {x.dtype}"
 
 
-def _loop_counts(requested: Sequence[int]) -> list[int]:
+def _loop_counts(requested: Sequence[int]) -> tuple[int, ...]:
     counts = list(requested)
     try:
         if counts:
-            return [check_integer("return_trajectory", count) for count in counts]
+            return tuple(check_integer("return_trajectory", count) for count in counts)
     except ValueError:
         pass
     raise ValueError(
         f"return_trajectory must be True, False or a non-empty list of loop counts >= 1; got {requested!r}"
     )
+
+
+@dataclass
+class LayerInputs:
+    """What every decoder layer of one forward pass takes besides the hidden states.
+
+    ``is_token`` is ``(B, T, 1)``, False at the padding of a 2-D attention mask, or ``None`` when this
+    call has no padding. `rows` gives the view for the batch rows a solver still runs.
+    """
+
+    mask: torch.Tensor | None
+    position_ids: torch.Tensor
+    cos: torch.Tensor
+    sin: torch.Tensor
+    is_token: torch.Tensor | None
+    layer_kwargs: dict
+    batch: int
+
+    def rows(self, index: torch.Tensor) -> LayerInputs:
+        """These inputs for the batch rows ``index`` (tensors broadcast over the batch stay as they are)."""
+        if index.shape[0] == self.batch:
+            return self
+        pick = [_rows(x, index, self.batch) for x in (self.mask, self.position_ids, self.cos, self.sin, self.is_token)]
+        return LayerInputs(*pick, self.layer_kwargs, index.shape[0])
+
+    def run(self, layers: nn.ModuleList, hidden: torch.Tensor, cache: Cache | None = None) -> torch.Tensor:
+        for layer in layers:
+            hidden = layer(
+                hidden,
+                attention_mask=self.mask,
+                position_ids=self.position_ids,
+                position_embeddings=(self.cos, self.sin),
+                cache=cache,
+                **self.layer_kwargs,
+            )
+        return hidden
+
+    def zero_padding(self, state: torch.Tensor) -> torch.Tensor:
+        """``state`` with zeros at padding positions: they are masked out of attention anyway, and this
+        keeps them out of the residual norms that decide halting."""
+        return state if self.is_token is None else state.masked_fill(~self.is_token, 0.0)
+
+
+class CoreMap:
+    """The map the solvers iterate, ``z -> core(inject(z, e [+ W fb(out(z))]))``, called as ``f(z, index)``
+    on the batch rows ``index``. It counts its evaluations: the loop index of the next one picks that loop's
+    cache slots and is passed to the model's ``loop_hook``."""
+
+    def __init__(
+        self,
+        model: ImplicitModel,
+        inputs: LayerInputs,
+        injected: torch.Tensor,
+        loop_feedback: Callable[[torch.Tensor], torch.Tensor] | None,
+        slots: LoopSlots | None,
+    ):
+        self.model, self.inputs, self.injected = model, inputs, injected
+        self.loop_feedback, self.slots = loop_feedback, slots
+        self.evaluations = 0
+
+    def __call__(self, state: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        model, rows, batch = self.model, self.inputs.rows(index), self.inputs.batch
+        cache = None
+        if self.slots is not None:
+            cache = self.slots.core(self.evaluations, None if index.shape[0] == batch else index)
+        if model.loop_hook is not None:
+            model.loop_hook(self.evaluations)
+        self.evaluations += 1
+        injection = _rows(self.injected, index, batch)
+        if self.loop_feedback is not None:
+            injection = injection + self.feedback(state, index, rows)
+        hidden = rows.run(model.core, model.injection(state, injection), cache)
+        if model.core_norm is not None:
+            hidden = model.core_norm(hidden)
+        return rows.zero_padding(hidden)
+
+    def feedback(self, state: torch.Tensor, index: torch.Tensor, rows: LayerInputs) -> torch.Tensor:
+        """The embedded ``loop_feedback`` features of the model's output at ``state``."""
+        model, batch = self.model, self.inputs.batch
+        output = model.norm(rows.run(model.coda, state))
+        if index.shape[0] != batch:  # the callable sees the whole batch; rows not running are zeros
+            output = output.new_zeros(batch, *output.shape[1:]).index_copy(0, index, output)
+        features = self.loop_feedback(output)
+        width = model.config.feedback_features
+        if features.shape != (*output.shape[:2], width):
+            raise ValueError(
+                f"loop_feedback must return shape {(*output.shape[:2], width)}; got {tuple(features.shape)}"
+            )
+        return model.feedback_embed(_rows(features, index, batch))
 
 
 class ImplicitModel(ImplicitPreTrainedModel):
@@ -296,7 +385,7 @@ class ImplicitModel(ImplicitPreTrainedModel):
         self.rotary_emb = LlamaRotaryEmbedding(config=config)
         self.gradient_checkpointing = False
         # Called with the 0-based loop index before every core evaluation, e.g. to switch to that loop's
-        # LoRA adapter (`implicit_hf.lora.add_loop_adapters`); not saved with the model.
+        # LoRA adapter (`implicit_hf.integrations.peft.add_loop_adapters`); not saved with the model.
         self.loop_hook: Callable[[int], None] | None = None
         self.post_init()
 
@@ -341,9 +430,10 @@ class ImplicitModel(ImplicitPreTrainedModel):
             disables halting for this call).
         solver: ``"picard"``, ``"anderson"`` or ``"broyden"`` (default ``config.solver``).
         return_trajectory: ``True`` also returns the hidden states after every iteration run; a list
-            of loop counts returns them after exactly those iterations, in that order (only those are
-            decoded through the coda: a sweep over 1, 2, 4, ..., 64 decodes 7 states, not 64). Counts
-            past the last iteration run (every sample halted) repeat the final state.
+            of loop counts returns them after exactly those iterations, in that order (the solver keeps
+            only those states and only they are decoded through the coda: a sweep over 1, 2, 4, ..., 64
+            keeps and decodes 7 states, not 64). Counts past the last iteration run (every sample
+            halted) repeat the final state.
         penalties: stabilising penalties to return at the last iterate, a subset of ``("jacobian",
             "fixed_point")`` (``modeling/penalties.py``): each costs one more evaluation of the core.
         use_cache: keep keys and values in ``cache`` (one slot per (loop, core layer), see
@@ -362,23 +452,68 @@ class ImplicitModel(ImplicitPreTrainedModel):
         output_hidden_states = kwargs.pop("output_hidden_states", None)
         if output_hidden_states is None:
             output_hidden_states = self.config.output_hidden_states
-        if use_cache is None:  # a cache by default where it serves: causal inference without trajectories
-            use_cache = (
-                cache is not None
-                or self.config.use_cache
-                and self.config.is_causal
-                and not self.training
-                and not return_trajectory
+        cache = self._cache_for(use_cache, cache, return_trajectory)
+        penalties = check_penalties(penalties)
+        self._check_inputs(input_ids, inputs_embeds, input_features, edge_features, loop_feedback, penalties, cache)
+        past = cache.get_seq_length() if cache is not None else 0
+        check_input_shapes(
+            self.config, input_ids, inputs_embeds, input_features, attention_mask, position_ids, edge_features, past
+        )
+        num_loops, tol, solver = self._loop_settings(num_loops, tol, solver)
+        wanted = () if isinstance(return_trajectory, bool) else _loop_counts(return_trajectory)
+        every_loop = return_trajectory is True or output_hidden_states
+
+        hidden = self._embed(input_ids, inputs_embeds, input_features)
+        inputs = self._layer_inputs(hidden, attention_mask, position_ids, edge_features, past, cache, kwargs)
+        slots = None if cache is None else LoopSlots(cache, *map(len, (self.prelude, self.core, self.coda)), num_loops)
+        prelude_output = inputs.run(self.prelude, hidden, slots and slots.prelude())
+        injected = prelude_output if self.injection_norm is None else self.injection_norm(prelude_output)
+        core_map = CoreMap(self, inputs, injected, loop_feedback, slots)
+        state, stats = fixed_point(
+            core_map,
+            inputs.zero_padding(self._initial_state(injected)),
+            solver=solver,
+            max_iter=num_loops,
+            tol=tol,
+            keep=range(1, num_loops + 1) if every_loop else wanted,
+            **self._fixed_point_options(solver),
+        )
+        if slots is not None:
+            slots.fill_remaining_loops(core_map.evaluations, hidden.shape[1])
+        measured = fixed_point_penalties(core_map, state, penalties) if penalties else None
+
+        kept, stats.states = stats.states or {}, None  # callers get decoded states, not the raw ones
+        states_run = [kept[t] for t in sorted(kept)]
+        trajectory = None
+        if return_trajectory is not False:
+            to_decode = states_run if return_trajectory is True else [kept.get(t, state) for t in wanted]
+            trajectory = tuple(self._decode(inputs, z) for z in to_decode)
+        last_hidden_state = self._decode(inputs, state, slots and slots.coda())
+        return ImplicitModelOutput(
+            last_hidden_state=last_hidden_state,
+            loop_stats=stats,
+            trajectory=trajectory,
+            penalties=measured,
+            cache=cache,
+            hidden_states=(hidden, prelude_output, *states_run, last_hidden_state) if output_hidden_states else None,
+        )
+
+    def _cache_for(self, use_cache: bool | None, cache: Cache | None, return_trajectory) -> Cache | None:
+        """The KV cache of this call: by default one where it serves (causal inference without trajectories)."""
+        if use_cache is None:
+            use_cache = cache is not None or (
+                self.config.use_cache and self.config.is_causal and not self.training and not return_trajectory
             )
         if not use_cache:
-            cache = None
-        elif not self.config.is_causal:
+            return None
+        if not self.config.is_causal:
             raise ValueError("use_cache needs a causal model (config.is_causal=True); this one attends both ways")
-        elif cache is None:
-            cache = DynamicCache()  # its slots are created on first use
-        if cache is not None and return_trajectory is not False:
+        if return_trajectory is not False:
             raise ValueError("return_trajectory cannot be combined with a KV cache: call with use_cache=False")
-        penalties = check_penalties(penalties)
+        return DynamicCache() if cache is None else cache  # its slots are created on first use
+
+    def _check_inputs(self, input_ids, inputs_embeds, input_features, edge_features, loop_feedback, penalties, cache):
+        """Refuse inputs this model was not built for, or that cannot go together."""
         if cache is not None and penalties:
             raise ValueError("penalties are a training objective and cannot use a KV cache: call with use_cache=False")
         given = [
@@ -407,19 +542,25 @@ class ImplicitModel(ImplicitPreTrainedModel):
             raise ValueError("loop_feedback needs a model built with config.feedback_features > 0")
         if loop_feedback is not None and cache is not None:
             raise ValueError("loop_feedback runs the coda inside the loop and cannot use a KV cache: use_cache=False")
-        past = cache.get_seq_length() if cache is not None else 0
-        check_input_shapes(
-            self.config, input_ids, inputs_embeds, input_features, attention_mask, position_ids, edge_features, past
-        )
-        loops = self._resolve_loops(num_loops)
+
+    def _loop_settings(self, num_loops: int | None, tol: float | None, solver: str | None) -> tuple:
+        """This call's ``(num_loops, tol, solver)``: the arguments, validated, or the config's defaults."""
+        if num_loops is None:
+            num_loops = self.config.train_loops if self.training else self.config.num_loops
+        else:
+            num_loops = check_integer("num_loops", num_loops)
         solver = self.config.solver if solver is None else solver
         if solver not in SOLVER_NAMES:
             raise ValueError(f"solver must be one of {', '.join(map(repr, SOLVER_NAMES))}; got {solver!r}")
-        tol = self.config.tol if tol is None else (tol or None)
+        return num_loops, self.config.tol if tol is None else (tol or None), solver
 
+    def _embed(self, input_ids, inputs_embeds, input_features) -> torch.Tensor:
         if input_features is not None:
-            inputs_embeds = self.feature_embed(input_features)
-        hidden = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+            return self.feature_embed(input_features)
+        return self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+
+    def _layer_inputs(self, hidden, attention_mask, position_ids, edge_features, past, cache, kwargs) -> LayerInputs:
+        """Mask, positions and RoPE of this call, shared by every layer and loop."""
         batch, length = hidden.shape[:2]
         if position_ids is None:
             position_ids = torch.arange(past, past + length, device=hidden.device).unsqueeze(0)
@@ -445,106 +586,16 @@ class ImplicitModel(ImplicitPreTrainedModel):
         elif attention_mask is not None and attention_mask.ndim == 4 and self.config._attn_implementation == "eager":
             mask = _additive(mask, hidden.dtype)  # a custom 4-D mask passes through as given; eager adds it
         cos, sin = self.rotary_emb(hidden, position_ids)
-        # Padding positions (a 2-D attention mask's zeros) hold zeros in the state: they are masked out of
-        # attention anyway, and this keeps them out of the residual norms that decide halting. Without
-        # padding among this call's tokens (e.g. every cached decoding step) there is nothing to mask.
+        # Without padding among this call's tokens (e.g. every cached decoding step) there is nothing to mask.
         is_token = None
         if attention_mask is not None and attention_mask.ndim == 2:
             is_token = attention_mask[:, -length:, None].bool()
             if bool(is_token.all()):
                 is_token = None
-        slots = (
-            LoopSlots(cache, len(self.prelude), len(self.core), len(self.coda), loops) if cache is not None else None
-        )
+        return LayerInputs(mask, position_ids, cos, sin, is_token, kwargs, batch)
 
-        def run(layers: nn.ModuleList, h: torch.Tensor, index: torch.Tensor, layer_cache=None) -> torch.Tensor:
-            for layer in layers:
-                h = layer(
-                    h,
-                    attention_mask=_rows(mask, index, batch),
-                    position_ids=_rows(position_ids, index, batch),
-                    position_embeddings=(_rows(cos, index, batch), _rows(sin, index, batch)),
-                    cache=layer_cache,
-                    **kwargs,
-                )
-            return h
-
-        all_rows = torch.arange(batch, device=hidden.device)
-        prelude_output = injected = run(self.prelude, hidden, all_rows, slots and slots.prelude())
-        if self.injection_norm is not None:
-            injected = self.injection_norm(injected)
-
-        def feedback(state: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-            output = self.norm(run(self.coda, state, index))
-            if index.shape[0] != batch:  # the callable sees the whole batch; rows not running are zeros
-                output = output.new_zeros(batch, *output.shape[1:]).index_copy(0, index, output)
-            features = loop_feedback(output)
-            if features.shape != (*output.shape[:2], self.config.feedback_features):
-                raise ValueError(
-                    f"loop_feedback must return shape {(*output.shape[:2], self.config.feedback_features)}; "
-                    f"got {tuple(features.shape)}"
-                )
-            return self.feedback_embed(_rows(features, index, batch))
-
-        evaluations = 0  # core evaluations so far: the loop index of the next one (its cache slots)
-
-        def core_step(state: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-            nonlocal evaluations
-            layer_cache = None
-            if slots is not None:
-                layer_cache = slots.core(evaluations, None if index.shape[0] == batch else index)
-            if self.loop_hook is not None:
-                self.loop_hook(evaluations)
-            evaluations += 1
-            injection = _rows(injected, index, batch)
-            if loop_feedback is not None:
-                injection = injection + feedback(state, index)
-            h = run(self.core, self.injection(state, injection), index, layer_cache)
-            if self.core_norm is not None:
-                h = self.core_norm(h)
-            return h if is_token is None else h.masked_fill(~_rows(is_token, index, batch), 0.0)
-
-        initial = self._initial_state(injected)
-        state, stats = fixed_point(
-            core_step,
-            initial if is_token is None else initial.masked_fill(~is_token, 0.0),
-            solver=solver,
-            max_iter=loops,
-            tol=tol,
-            gradient=self.config.gradient,
-            steps=self.config.gradient_steps,
-            tau=self.config.phantom_tau,
-            backward_max_iter=self.config.ift_max_iter,
-            backward_tol=self.config.ift_tol,
-            return_trajectory=return_trajectory is not False or output_hidden_states,
-            **self._solver_options(solver),
-        )
-        if slots is not None:
-            slots.fill_remaining_loops(evaluations, length)
-        measured = fixed_point_penalties(core_step, state, penalties) if penalties else None
-
-        def decode(z: torch.Tensor, layer_cache=None) -> torch.Tensor:
-            return self.norm(run(self.coda, z, all_rows, layer_cache))
-
-        states, stats.trajectory = stats.trajectory, None  # callers get decoded states, not the raw list
-        trajectory = None
-        if return_trajectory is not False:
-            wanted = range(1, len(states) + 1) if return_trajectory is True else _loop_counts(return_trajectory)
-            trajectory = tuple(decode(states[min(t, len(states)) - 1]) for t in wanted)
-        last_hidden_state = decode(state, slots and slots.coda())
-        return ImplicitModelOutput(
-            last_hidden_state=last_hidden_state,
-            loop_stats=stats,
-            trajectory=trajectory,
-            penalties=measured,
-            cache=cache,
-            hidden_states=(hidden, prelude_output, *states, last_hidden_state) if output_hidden_states else None,
-        )
-
-    def _resolve_loops(self, num_loops: int | None) -> int:
-        if num_loops is None:
-            return self.config.train_loops if self.training else self.config.num_loops
-        return check_integer("num_loops", num_loops)
+    def _decode(self, inputs: LayerInputs, state: torch.Tensor, cache: Cache | None = None) -> torch.Tensor:
+        return self.norm(inputs.run(self.coda, state, cache))
 
     def _initial_state(self, injected: torch.Tensor) -> torch.Tensor:
         if self.config.state_init == "prelude":
@@ -553,12 +604,20 @@ class ImplicitModel(ImplicitPreTrainedModel):
             return torch.randn_like(injected) * self.config.state_init_std
         return torch.zeros_like(injected)
 
-    def _solver_options(self, solver: str) -> dict:
-        if solver == "picard":
-            return {"damping": self.config.damping}
+    def _fixed_point_options(self, solver: str) -> dict:
+        """The config's gradient-mode and ``solver`` settings, as `fixed_point` keywords."""
+        options = {
+            "gradient": self.config.gradient,
+            "steps": self.config.gradient_steps,
+            "tau": self.config.phantom_tau,
+            "backward_max_iter": self.config.ift_max_iter,
+            "backward_tol": self.config.ift_tol,
+        }
+        if solver in ("picard", "anderson"):
+            options["damping"] = self.config.damping
         if solver == "anderson":
-            return {"damping": self.config.damping, "memory": self.config.anderson_memory}
-        return {}
+            options["memory"] = self.config.anderson_memory
+        return options
 
 
 # What a misspelt forward keyword is compared with: the model's own arguments, the heads' and the passed-through ones.

@@ -13,6 +13,8 @@ Every solver has the signature ``solve(f, z0, max_iter, tol=None, **opts) -> (z,
 * Picard returns its last iterate: with ``damping=1``, ``max_iter=K`` and no ``tol`` that is
   exactly ``K`` applications of the block. Anderson and Broyden return, per sample, the image
   ``f(x)`` of their lowest-residual iterate.
+* ``keep`` (keyword) names evaluation counts whose state to keep in ``SolverStats.states`` (the
+  state each solver would return had it stopped there); only those are held in memory.
 
 The state keeps its dtype (the iterates handed to ``f`` are in ``z0``'s dtype), but the solvers' own
 arithmetic (residual norms, Anderson's least-squares weights, Broyden's low-rank inverse) runs in at
@@ -31,10 +33,12 @@ affected samples take a damped Picard step instead, counted in ``SolverStats.fal
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
 import torch
+
+from .configuration_implicit import check_integer
 
 FixedPointMap = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -57,7 +61,7 @@ class SolverStats:
     converged: torch.Tensor  # (B,) bool: relative residual reached tol
     diverged: torch.Tensor  # (B,) bool: non-finite or blown-up residual
     fallbacks: torch.Tensor  # (B,) damped-Picard steps taken instead of an Anderson/Broyden step
-    trajectory: list[torch.Tensor] | None = None  # state after each evaluation, when asked
+    states: dict[int, torch.Tensor] | None = None  # the state after the evaluation counts asked for (``keep``)
 
     @property
     def num_evaluations(self) -> int:
@@ -97,7 +101,7 @@ def _residual_norms(fz: torch.Tensor, z: torch.Tensor) -> tuple[torch.Tensor, to
 class _Progress:
     """Book-keeping shared by the solvers: which samples still run, residual traces, flags."""
 
-    def __init__(self, z0: torch.Tensor, name: str, tol: float | None, divergence_factor: float, keep_trajectory: bool):
+    def __init__(self, z0: torch.Tensor, name: str, tol: float | None, divergence_factor: float, keep: Collection[int]):
         if not divergence_factor > 1:
             raise ValueError(f"{name}: divergence_factor must be > 1, got {divergence_factor!r}")
         batch = z0.shape[0]
@@ -115,7 +119,8 @@ class _Progress:
         self.last_rel = torch.full((batch,), float("nan"), device=device)
         self.abs_trace: list[torch.Tensor] = []
         self.rel_trace: list[torch.Tensor] = []
-        self.trajectory: list[torch.Tensor] | None = [] if keep_trajectory else None
+        self.keep = frozenset(keep)
+        self.states: dict[int, torch.Tensor] = {}
         self.all_index = torch.arange(batch, device=device)
 
     def running(self) -> torch.Tensor:
@@ -154,6 +159,11 @@ class _Progress:
         self.rel_trace.append(self.last_rel.clone())
         return healthy, improved, growth
 
+    def kept(self, state: torch.Tensor) -> None:
+        """Keep ``state``, the iterate after the evaluation just recorded, if its count is asked for."""
+        if len(self.abs_trace) in self.keep:
+            self.states[len(self.abs_trace)] = state
+
     def stats(self) -> SolverStats:
         batch = self.steps.shape[0]
         empty = torch.empty(0, batch, device=self.steps.device)
@@ -165,7 +175,7 @@ class _Progress:
             converged=self.converged,
             diverged=self.diverged,
             fallbacks=self.fallbacks,
-            trajectory=self.trajectory,
+            states=self.states if self.keep else None,
         )
 
 
@@ -184,8 +194,7 @@ def _scatter_rows(full: torch.Tensor, index: torch.Tensor, rows: torch.Tensor, k
 def _check_common(name: str, z0: torch.Tensor, max_iter: int, tol: float | None) -> None:
     if z0.dim() < 1 or z0.shape[0] == 0:
         raise ValueError(f"{name}: z0 must be a batched tensor (B, ...) with B >= 1, got shape {tuple(z0.shape)}")
-    if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
-        raise ValueError(f"{name}: max_iter must be an int >= 1, got {max_iter!r}")
+    check_integer(f"{name}: max_iter", max_iter)
     if tol is not None and not tol > 0:
         raise ValueError(f"{name}: tol must be None (fixed iteration count) or > 0, got {tol!r}")
 
@@ -198,13 +207,13 @@ def picard(
     *,
     damping: float = 1.0,
     divergence_factor: float = 1e3,
-    return_trajectory: bool = False,
+    keep: Collection[int] = (),
 ) -> tuple[torch.Tensor, SolverStats]:
     """Fixed-point iteration ``z <- z + damping * (f(z) - z)`` (plain looping when ``damping=1``)."""
     _check_common("picard", z0, max_iter, tol)
     if not 0 < damping <= 1:
         raise ValueError(f"picard: damping must be in (0, 1], got {damping!r}")
-    progress = _Progress(z0, "picard", tol, divergence_factor, return_trajectory)
+    progress = _Progress(z0, "picard", tol, divergence_factor, keep)
     z = z0
     for _ in range(max_iter):
         index = progress.running()
@@ -215,8 +224,7 @@ def picard(
         new_z = fz if damping == 1.0 else z_run + damping * (fz - z_run)
         healthy, _, _ = progress.record(index, fz, z_run)
         z = _scatter_rows(z, index, new_z, healthy)
-        if progress.trajectory is not None:
-            progress.trajectory.append(z)
+        progress.kept(z)
     return z, progress.stats()
 
 
@@ -231,7 +239,7 @@ def anderson(
     regularization: float = 1e-4,
     restart_factor: float = 10.0,
     divergence_factor: float = 1e3,
-    return_trajectory: bool = False,
+    keep: Collection[int] = (),
 ) -> tuple[torch.Tensor, SolverStats]:
     """Anderson acceleration (type II) with a bounded history of ``memory`` iterates per sample.
 
@@ -242,15 +250,14 @@ def anderson(
     image ``f(x)`` of its lowest-residual iterate.
     """
     _check_common("anderson", z0, max_iter, tol)
-    if not isinstance(memory, int) or memory < 1:
-        raise ValueError(f"anderson: memory must be an int >= 1, got {memory!r}")
+    memory = check_integer("anderson: memory", memory)
     if not 0 < damping <= 1:
         raise ValueError(f"anderson: damping must be in (0, 1], got {damping!r}")
     if not restart_factor > 1:
         raise ValueError(f"anderson: restart_factor must be > 1, got {restart_factor!r}")
     if not regularization >= 0:
         raise ValueError(f"anderson: regularization must be >= 0, got {regularization!r}")
-    progress = _Progress(z0, "anderson", tol, divergence_factor, return_trajectory)
+    progress = _Progress(z0, "anderson", tol, divergence_factor, keep)
     batch, shape = z0.shape[0], z0.shape
     x_next = z0.reshape(batch, -1)  # next point to evaluate, per sample
     dim = x_next.shape[1]
@@ -268,8 +275,7 @@ def anderson(
         healthy, improved, growth = progress.record(index, fx_run, x_run)
         best_x = _scatter_rows(best_x, index, x_run, improved)
         best_fx = _scatter_rows(best_fx, index, fx_run, improved)
-        if progress.trajectory is not None:
-            progress.trajectory.append(best_fx.view(shape))
+        progress.kept(best_fx.view(shape))
         slot = step % memory
         xs = _write_slot(xs, rows, slot, x_run)
         fs = _write_slot(fs, rows, slot, fx_run)
@@ -354,7 +360,7 @@ def broyden(
     memory: int = 16,
     restart_factor: float = 10.0,
     divergence_factor: float = 1e3,
-    return_trajectory: bool = False,
+    keep: Collection[int] = (),
 ) -> tuple[torch.Tensor, SolverStats]:
     """Limited-memory (good) Broyden's method on ``g(z) = f(z) - z``, one low-rank inverse per sample.
 
@@ -368,11 +374,10 @@ def broyden(
     half-precision state); the iterates handed to ``f`` are cast back to the state's dtype.
     """
     _check_common("broyden", z0, max_iter, tol)
-    if not isinstance(memory, int) or memory < 1:
-        raise ValueError(f"broyden: memory must be an int >= 1, got {memory!r}")
+    memory = check_integer("broyden: memory", memory)
     if not restart_factor > 1:
         raise ValueError(f"broyden: restart_factor must be > 1, got {restart_factor!r}")
-    progress = _Progress(z0, "broyden", tol, divergence_factor, return_trajectory)
+    progress = _Progress(z0, "broyden", tol, divergence_factor, keep)
     batch, shape = z0.shape[0], z0.shape
     x = z0.reshape(batch, -1)
     dim, work = x.shape[1], _work_dtype(x.dtype)
@@ -392,8 +397,7 @@ def broyden(
         healthy, improved, growth = progress.record(index, fx_run, x_run)
         best_x = _scatter_rows(best_x, index, x_run, improved)
         best_fx = _scatter_rows(best_fx, index, fx_run, improved)
-        if progress.trajectory is not None:
-            progress.trajectory.append(best_fx.view(shape))
+        progress.kept(best_fx.view(shape))
         u_run, v_run, count = us[rows], vs[rows], updates[rows]
         has_prev = progress.steps[rows] > 1
         dx = x_run.to(work) - x_prev[rows]

@@ -1,0 +1,218 @@
+"""PEFT LoRA for implicit models: adapters on the core block (and the prelude / coda), and one adapter
+per loop index ("relaxed recursion": weight-tied base, loop-specific low-rank deltas).
+
+Everything is a `peft` LoRA: `lora_config` only picks the target modules by layer group, so
+``get_peft_model``, ``save_pretrained``, ``PeftModel.from_pretrained`` and ``merge_and_unload`` work as
+for any transformers model. `add_loop_adapters` adds adapters ``loop_0 .. loop_{K-1}`` to the core;
+the model's ``loop_hook`` activates adapter ``k`` on the core's LoRA layers before its ``k``-th
+iteration (iterations past ``K`` reuse the last one). Per-loop adapters cannot be merged into the
+tied weights (each loop would need its own copy); `merge_and_unload` works for a single adapter.
+
+Relaxed recursion from a pretrained model (Bae et al. 2024): `relaxed_recursion` ties the source's
+core layers to its first block and initialises adapter ``k`` by a truncated SVD of ``W_k - W_tied``
+(the weights loop ``k`` replaces); at full rank the looped model equals the source stack exactly.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from peft.tuners.lora import LoraLayer
+
+from ..modeling import ImplicitModel
+from ..modeling.configuration_implicit import check_integer
+
+LINEAR_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+LAYER_GROUPS = ("prelude", "core", "coda")
+
+__all__ = [
+    "LAYER_GROUPS",
+    "LINEAR_MODULES",
+    "LoopAdapterSwitch",
+    "add_loop_adapters",
+    "attach_loop_adapters",
+    "implicit_model_of",
+    "init_loop_adapters_by_svd",
+    "load_loop_adapters",
+    "lora_config",
+    "loop_adapter_names",
+    "relaxed_recursion",
+    "target_modules",
+]
+
+
+def target_modules(parts: Sequence[str] = ("core",), modules: Sequence[str] = LINEAR_MODULES) -> str:
+    """A peft ``target_modules`` regex selecting ``modules`` in the layer groups ``parts``."""
+    for name, given, allowed in (("parts", parts, LAYER_GROUPS), ("modules", modules, LINEAR_MODULES)):
+        unknown = [item for item in given if item not in allowed]
+        if not given or unknown:
+            raise ValueError(f"lora {name} must be a non-empty subset of {list(allowed)}; got {list(given)}")
+    return rf"(.*\.)?({'|'.join(parts)})\.\d+\.(self_attn|mlp)\.({'|'.join(modules)})"
+
+
+def lora_config(
+    parts: Sequence[str] = ("core",),
+    r: int = 8,
+    alpha: float | None = None,
+    dropout: float = 0.0,
+    modules: Sequence[str] = LINEAR_MODULES,
+    **kwargs: Any,
+) -> LoraConfig:
+    """A `LoraConfig` on the linear layers of the given layer groups (``alpha`` defaults to ``2 r``)."""
+    r = check_integer("lora r", r)
+    return LoraConfig(
+        r=r,
+        lora_alpha=alpha if alpha is not None else 2 * r,
+        lora_dropout=dropout,
+        target_modules=target_modules(parts, modules),
+        **kwargs,
+    )
+
+
+def loop_adapter_names(num_loops: int) -> list[str]:
+    return [f"loop_{k}" for k in range(num_loops)]
+
+
+def implicit_model_of(model: torch.nn.Module) -> ImplicitModel:
+    """The `ImplicitModel` inside a head model, possibly wrapped by peft."""
+    found = [module for module in model.modules() if isinstance(module, ImplicitModel)]
+    if len(found) != 1:
+        raise ValueError(f"expected exactly one ImplicitModel inside {type(model).__name__}; found {len(found)}")
+    return found[0]
+
+
+class LoopAdapterSwitch:
+    """The ``loop_hook`` that makes adapter ``names[k]`` the only active one on the core's LoRA layers at loop k."""
+
+    def __init__(self, implicit: ImplicitModel, names: Sequence[str]):
+        self.names = list(names)
+        self.layers = [m for m in implicit.core.modules() if isinstance(m, LoraLayer)]
+        missing = [name for name in self.names if any(name not in layer.lora_A for layer in self.layers)]
+        if not self.layers or missing:
+            raise ValueError(f"the core's LoRA layers lack the loop adapters {missing or self.names}")
+
+    def __call__(self, loop: int) -> None:
+        active = [self.names[min(loop, len(self.names) - 1)]]
+        for layer in self.layers:
+            # BaseTunerLayer.set_adapter would also switch requires_grad off for the other loops'
+            # adapters, which all train together; only the active set changes here.
+            layer._active_adapter = active
+
+
+def attach_loop_adapters(peft_model: PeftModel, names: Sequence[str]) -> PeftModel:
+    """Make every adapter in ``names`` trainable and switch between them by loop index."""
+    peft_model.base_model.set_adapter(list(names))
+    implicit = implicit_model_of(peft_model)
+    implicit.loop_hook = LoopAdapterSwitch(implicit, names)
+    return peft_model
+
+
+def add_loop_adapters(
+    model: torch.nn.Module, num_loops: int, r: int = 8, alpha: float | None = None, **kwargs: Any
+) -> PeftModel:
+    """``model`` with LoRA adapters ``loop_0 .. loop_{num_loops-1}`` on its core, loop ``k`` using adapter ``k``."""
+    num_loops = check_integer("num_loops", num_loops)
+    config = lora_config(("core",), r=r, alpha=alpha, **kwargs)
+    names = loop_adapter_names(num_loops)
+    peft_model = get_peft_model(model, config, adapter_name=names[0])
+    for name in names[1:]:
+        peft_model.add_adapter(name, config)
+    return attach_loop_adapters(peft_model, names)
+
+
+def load_loop_adapters(model: torch.nn.Module, path: str | Path, num_loops: int) -> PeftModel:
+    """Load adapters saved by ``PeftModel.save_pretrained`` of a model built by `add_loop_adapters`."""
+    path = Path(path)
+    names = loop_adapter_names(num_loops)
+    # peft saves the first adapter at the top level only when it is called "default": the others live in subfolders
+    folders = [path / name for name in names]
+    absent = [str(folder) for folder in folders if not (folder / "adapter_config.json").is_file()]
+    if absent:
+        raise FileNotFoundError(f"no saved loop adapters at {absent}")
+    peft_model = PeftModel.from_pretrained(model, folders[0], adapter_name=names[0], is_trainable=True)
+    for name, folder in zip(names[1:], folders[1:], strict=True):
+        peft_model.load_adapter(folder, adapter_name=name, is_trainable=True)
+    return attach_loop_adapters(peft_model, names)
+
+
+@torch.no_grad()
+def init_loop_adapters_by_svd(
+    peft_model: PeftModel, source_model: torch.nn.Module, source_layers: Sequence[Sequence[int]]
+) -> dict[str, float]:
+    """Set adapter ``loop_k`` of every core LoRA layer to the rank-``r`` truncated SVD of ``W_k - W_tied``.
+
+    ``source_layers[k][i]`` is the source layer that core layer ``i`` stands for at loop ``k``.
+    Returns, per loop, the mean over modules of ``||D - s B A|| / ||D||`` with ``D = W_k - W_tied``: the
+    fraction of the difference the adapter misses (1 at rank 0; 0 for loop 0, where ``D = 0``).
+    """
+    implicit = implicit_model_of(peft_model)
+    names = implicit.loop_hook.names if isinstance(implicit.loop_hook, LoopAdapterSwitch) else None
+    if names is None or len(names) != len(source_layers):
+        raise ValueError("init_loop_adapters_by_svd needs a model from add_loop_adapters with one adapter per loop")
+    source_state = source_model.state_dict()
+    errors = {name: [] for name in names}
+    pattern = re.compile(r"(\d+)\.(self_attn|mlp)\.(\w+)$")
+    for module_name, module in implicit.core.named_modules():
+        if not isinstance(module, LoraLayer):
+            continue
+        position, block, linear = pattern.search(module_name).groups()
+        tied = module.get_base_layer().weight.float()
+        for name, layers in zip(names, source_layers, strict=True):
+            original = source_state[f"model.layers.{layers[int(position)]}.{block}.{linear}.weight"].float()
+            delta = original - tied
+            u, s, vh = torch.linalg.svd(delta, full_matrices=False)
+            rank = min(module.r[name], s.numel())  # an adapter wider than the matrix keeps zeros in the rest
+            root = (s[:rank] / module.scaling[name]).sqrt()
+            module.lora_B[name].weight.zero_()[:, :rank] = u[:, :rank] * root
+            module.lora_A[name].weight.zero_()[:rank] = root[:, None] * vh[:rank]
+            approx = module.scaling[name] * module.lora_B[name].weight @ module.lora_A[name].weight
+            errors[name].append(float((delta - approx).norm() / delta.norm().clamp_min(1e-12)))
+    # loop 0 is the tied block itself: its delta is zero and its adapter starts at zero
+    return {name: sum(values) / len(values) for name, values in errors.items()}
+
+
+def relaxed_recursion(
+    source_model: torch.nn.Module,
+    prelude_layers: Sequence[int],
+    core_blocks: Sequence[Sequence[int]],
+    coda_layers: Sequence[int],
+    r: int = 8,
+    alpha: float | None = None,
+    **kwargs: Any,
+) -> PeftModel:
+    """A relaxed recursive model of ``source_model``: its first core block tied and looped
+    ``len(core_blocks)`` times, loop ``k`` corrected by a LoRA adapter initialised from block ``k``.
+
+    The loop carries the state alone (``state_init="prelude"``, linear injection ``[I | 0]``), so loop
+    ``k`` stands exactly where block ``k`` stood in the source stack.
+    """
+    from ..modeling.convert import convert_model
+
+    blocks = [list(block) for block in core_blocks]
+    if not blocks or any(len(block) != len(blocks[0]) for block in blocks):
+        raise ValueError(f"core_blocks must be one or more blocks of equal length; got {blocks}")
+    model = convert_model(
+        source_model,
+        prelude_layers,
+        blocks[0],
+        coda_layers,
+        injection="linear",
+        state_init="prelude",
+        num_loops=len(blocks),
+    )
+    hidden = model.config.hidden_size
+    with torch.no_grad():
+        model.model.injection.weight.copy_(torch.cat([torch.eye(hidden), torch.zeros(hidden, hidden)], dim=1))
+    model.config.conversion["core_blocks"] = blocks
+    model.config.conversion["dropped_layers"] = [
+        i for i in model.config.conversion["dropped_layers"] if not any(i in block for block in blocks)
+    ]
+    peft_model = add_loop_adapters(model, len(blocks), r=r, alpha=alpha, **kwargs)
+    errors = init_loop_adapters_by_svd(peft_model, source_model, blocks)
+    model.config.conversion["svd_relative_error"] = errors  # ||D - BA|| / ||D||, D = W_k - W_tied
+    return peft_model
