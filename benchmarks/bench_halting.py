@@ -28,8 +28,8 @@ import time
 import torch
 from _common import environment, median, resolve_device, write_report
 
-from implicit_hf.eval.harness import load_model, task_for_model, train_loops
 from implicit_hf.tasks.base import feedback_kwargs
+from implicit_hf.tasks.models import load_model, task_for_model, train_loops
 
 LOOP_TARGET = 1.5
 

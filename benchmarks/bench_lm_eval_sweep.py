@@ -29,7 +29,7 @@ import torch
 from _common import environment, median, seed_everything, write_report
 
 from implicit_hf import ImplicitConfig, ImplicitForCausalLM
-from implicit_hf.eval.harness import parse_loops
+from implicit_hf.eval import parse_loops
 from implicit_hf.eval.lm_eval_bridge import lm_eval_sweep
 from implicit_hf.tasks.reasoning.multihop import LM_EVAL_DIR, MultiHopTask, write_lm_eval_data
 

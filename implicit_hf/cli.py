@@ -35,12 +35,6 @@ _LOOP_FORMS = (
     "a range with a step 'A-B:S' ('1-64:2'), or a mix of them ('1,2,4-8')"
 )
 _ITEM = re.compile(r"^(\d+)(?:-(\d+)(?::(\d+))?)?$")
-# The head of a task -> the class a checkpoint for it is saved as (config.json "architectures").
-_HEAD_CLASSES = {
-    "causal_lm": "ImplicitForCausalLM",
-    "token_classification": "ImplicitForTokenClassification",
-    "token_regression": "ImplicitForTokenRegression",
-}
 
 
 class UsageError(ValueError):
@@ -374,6 +368,8 @@ def _saved_config(model: str) -> dict[str, Any]:
 
 def check_task_fits(model: str, task: Any, option: str = "--model") -> None:
     """The checkpoint ``model`` must be an implicit model with the head and input sizes ``task`` needs."""
+    from .tasks.models import HEADS
+
     saved = _saved_config(model)
     model_type = saved.get("model_type")
     if model_type != "implicit":
@@ -381,7 +377,7 @@ def check_task_fits(model: str, task: Any, option: str = "--model") -> None:
             f"{option} {model!r} is not an implicit checkpoint (config.json model_type {model_type!r}); "
             "turn a Llama-family model into one with implicit-hf convert"
         )
-    expected = _HEAD_CLASSES.get(task.head)
+    expected = HEADS[task.head].model_class if task.head in HEADS else None
     architectures = saved.get("architectures") or []
     if expected and architectures and expected not in architectures:
         raise UsageError(
@@ -423,7 +419,7 @@ def check_device(device: str | None, option: str = "--device") -> None:
 
 
 def _task_of(model: str, task_name: str | None, task_kwargs: dict[str, Any] | None):
-    from .eval.harness import task_for_model
+    from .tasks.models import task_for_model
 
     try:
         return task_for_model(model, task_name, task_kwargs)

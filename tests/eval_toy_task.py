@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from implicit_hf.tasks.base import Example, TaskAdapter
+from implicit_hf.tasks.base import Example, TaskAdapter, list_feature
 
 
 class EvalToyTask(TaskAdapter):
@@ -36,24 +36,28 @@ class EvalToyTask(TaskAdapter):
         mean_b = sum(b for _, b in x) / len(x)
         return [a + 0.5 * mean_b for a, _ in x]
 
-    def build_dataset(self, split: str, n: int, seed: int):
+    def dataset_path(self, split: str, n: int, seed: int) -> Path:
+        return self.cache_dir / f"{split}-n{n}-seed{seed}-len{self.seq_len}-var{int(self.variable_length)}"
+
+    def features(self):
         import datasets
 
-        path = self.cache_dir / f"{split}-n{n}-seed{seed}-len{self.seq_len}-var{int(self.variable_length)}"
-        if path.exists():
-            return datasets.load_from_disk(str(path))
+        return datasets.Features(
+            {"x": list_feature(list_feature(datasets.Value("float64"))), "y": list_feature(datasets.Value("float64"))}
+        )
+
+    def random_stream(self, split: str, seed: int) -> torch.Generator:
         offset = {"train": 0, "validation": 1, "test": 2}.get(split, 3)
-        generator = torch.Generator().manual_seed(1000 * seed + offset)
+        return torch.Generator().manual_seed(1000 * seed + offset)
+
+    def generate(self, rng: torch.Generator, n: int, split: str) -> list[Example]:
         rows = []
         for _ in range(n):
             low = max(1, self.seq_len // 2) if self.variable_length else self.seq_len
-            length = int(torch.randint(low, self.seq_len + 1, (1,), generator=generator))
-            x = torch.randn(length, 2, generator=generator).tolist()
+            length = int(torch.randint(low, self.seq_len + 1, (1,), generator=rng))
+            x = torch.randn(length, 2, generator=rng).tolist()
             rows.append({"x": x, "y": self.target(x)})
-        dataset = datasets.Dataset.from_list(rows)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        dataset.save_to_disk(str(path))
-        return dataset
+        return rows
 
     def encode(self, examples: list[Example]) -> dict[str, torch.Tensor]:
         length = max(len(row["x"]) for row in examples)

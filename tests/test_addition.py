@@ -127,7 +127,7 @@ def test_metrics_hand_computed(task):
     scores = task.compute_metrics([right, one_wrong, two_wrong], [row, row, row])
     assert scores["exact_match"] == pytest.approx(1 / 3)
     assert scores["digit_accuracy"] == pytest.approx((1 + 3 / 4 + 2 / 4) / 3)
-    metric = addition_module.load_metric()
+    metric = addition_module.AdditionTask.load_metric()
     assert metric.compute(predictions=[[1, 2, 0], [5, 1]], references=[[1, 2, 0], [5, 0]]) == {
         "exact_match": 0.5,
         "digit_accuracy": 0.75,

@@ -196,7 +196,7 @@ def test_metrics_exact_and_hand_computed(task, rows):
 def test_metric_module_loads_by_path_offline(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    metric = lp_module.load_metric()
+    metric = lp_module.LinearProgramTask.load_metric()
     assert metric.compute(predictions=[[1.0, 2.0]], references=[[1.0, 1.0]]) == {
         "relative_error": pytest.approx(1 / (math.sqrt(2) + 1)),
         "relative_error_max": pytest.approx(1 / (math.sqrt(2) + 1)),

@@ -233,7 +233,7 @@ def test_metrics_hand_computed(task):
 def test_metric_module_loads_by_path_offline(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    metric = maze_module.load_metric()
+    metric = maze_module.MazeTask.load_metric()
     assert metric.compute(predictions=[[0, 1, 1], [1, 0, 0, 0]], references=[[-1, 1, 1], [1, 1, 0, -1]]) == {
         "exact_match": 0.5,
         "cell_accuracy": pytest.approx((1 + 2 / 3) / 2),
@@ -286,7 +286,7 @@ def test_training_run_lowers_the_loss(tmp_path, monkeypatch):
     assert result.metrics["eval/loss"] < 0.6 * losses[0]
     assert (tmp_path / "cache" / "maze" / "train-size7-64-seed0").is_dir()  # generated into IMPLICIT_HF_CACHE
     # the model trained on 7 x 7 mazes is scored on 11 x 11 ones through the eval harness (--task-kwargs)
-    from implicit_hf.eval.harness import run_eval
+    from implicit_hf.eval import run_eval
 
     report = run_eval(
         tmp_path / "out" / "model", None, [1, 4], tmp_path / "eval11", n=6, task_kwargs={"size": 11}, plots=False

@@ -178,7 +178,7 @@ def test_metrics_hand_computed(task, rows):
     blanks = 81 - a["givens"] + 81 - b["givens"]
     assert scores["exact_match"] == pytest.approx(0.5)
     assert scores["cell_accuracy"] == pytest.approx((blanks - 3) / blanks)
-    metric = sudoku_module.load_metric()
+    metric = sudoku_module.SudokuTask.load_metric()
     assert metric.compute(predictions=[[1, 2, 3], [4, 5, 6]], references=[[1, 2, 3], [4, 0, 6]]) == {
         "exact_match": 0.5,
         "cell_accuracy": pytest.approx(5 / 6),  # no puzzles: every cell counts

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from implicit_hf.tasks.base import Example, TaskAdapter
+from implicit_hf.tasks.base import Example, TaskAdapter, list_feature
 
 
 class TrainToyTask(TaskAdapter):
@@ -45,18 +45,22 @@ class TrainToyTask(TaskAdapter):
             out.append(total / math.sqrt(t) + 0.5 * b)
         return out
 
-    def build_dataset(self, split: str, n: int, seed: int):
+    def dataset_path(self, split: str, n: int, seed: int) -> Path:
+        return self.cache_dir / f"{split}-n{n}-seed{seed}-len{self.seq_len}"
+
+    def features(self):
         import datasets
 
-        path = self.cache_dir / f"{split}-n{n}-seed{seed}-len{self.seq_len}"
-        if (path / "dataset_info.json").exists():
-            return datasets.load_from_disk(str(path))
-        generator = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(split.encode()))
-        x = torch.randn(n, self.seq_len, 2, generator=generator).tolist()
-        dataset = datasets.Dataset.from_dict({"x": x, "y": [self.target(row) for row in x]})
-        path.parent.mkdir(parents=True, exist_ok=True)
-        dataset.save_to_disk(str(path))
-        return dataset
+        return datasets.Features(
+            {"x": list_feature(list_feature(datasets.Value("float64"))), "y": list_feature(datasets.Value("float64"))}
+        )
+
+    def random_stream(self, split: str, seed: int) -> torch.Generator:
+        return torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(split.encode()))
+
+    def generate(self, rng: torch.Generator, n: int, split: str) -> list[Example]:
+        x = torch.randn(n, self.seq_len, 2, generator=rng).tolist()
+        return [{"x": row, "y": self.target(row)} for row in x]
 
     def encode(self, examples: list[Example]) -> dict[str, torch.Tensor]:
         if self.delay:

@@ -26,8 +26,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .harness import _normalise_loops, environment, load_model, train_loops
+from ..tasks.models import load_model, train_loops
+from .harness import environment
 from .plots import plot_quality_vs_loops, plot_tasks_vs_loops
+from .sweep import normalise_loops
 
 # lm_eval metrics where lower is better (everything else it reports is higher-is-better)
 LOWER_IS_BETTER = ("perplexity", "word_perplexity", "byte_perplexity", "bits_per_byte", "ter")
@@ -171,7 +173,7 @@ def lm_eval_sweep(
     from lm_eval.tasks import TaskManager
     from transformers import AutoTokenizer
 
-    loop_counts = _normalise_loops(loops)
+    loop_counts = normalise_loops(loops)
     model = load_model(model_dir, "causal_lm", device)
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     if task_manager is None:

@@ -4,14 +4,17 @@ A task adapter owns everything domain-specific, so the training loop and the eva
 stay generic:
 
 * ``build_dataset(split, n, seed)`` generates the data locally (deterministic by seed) and caches it
-  with ``datasets`` (``save_to_disk``) under ``cache_dir``; nothing is downloaded.
+  with ``datasets`` (``save_to_disk``) under ``cache_dir``; nothing is downloaded. It is written once,
+  here: a task gives ``dataset_path(split, n, seed)`` (where the set is cached), ``features()`` (its
+  ``datasets.Features``) and ``generate(rng, n, split)`` (its ``n`` rows, drawn from ``rng``).
 * ``encode(examples)`` turns a list of dataset rows into model inputs (``input_ids`` or
   ``input_features``, ``attention_mask``, optional ``edge_features`` / ``position_ids``) plus
   ``labels``; it is the ``collate_fn`` of the training data loader.
 * ``decode(logits, inputs)`` turns head outputs back into one prediction per sample in the
   domain's own form (an LP solution vector, an image, a field, a grid).
 * ``compute_metrics(predictions, examples)`` scores predictions with the task's local ``evaluate``
-  module (offline, loaded by path); ``quality_metric`` names the headline number.
+  module (``metric_name``, offline, loaded by path with `load_metric`); ``quality_metric`` names the
+  headline number.
 * ``perturb(examples, eps, seed)`` returns perturbed rows and the size of each perturbation
   ``||δ||`` for the empirical Lipschitz probe ``||y_t(x+δ) - y_t(x)|| / ||δ||``.
 * ``model_config()`` gives the `ImplicitConfig` fields the task needs (head type, input sizes,
@@ -40,12 +43,16 @@ import zlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import torch
 
+from ..modeling.configuration_implicit import check_integer
 from . import BUILTIN_TASK_MODULES  # built-in task -> its module (in the package __init__: listing needs no torch)
+
+if TYPE_CHECKING:
+    import datasets
 
 Example = dict[str, Any]
 
@@ -58,6 +65,7 @@ class TaskAdapter(ABC):
     quality_metric: ClassVar[str]  # key of compute_metrics() plotted as quality
     higher_is_better: ClassVar[bool]
     generative: ClassVar[bool] = False  # scored by generating text at each loop count (see the module docstring)
+    metric_name: ClassVar[str]  # the local `evaluate` module ``metrics/{metric_name}.py`` (see `load_metric`)
 
     def __init__(self, cache_dir: str | Path | None = None):
         self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir() / self.name
@@ -71,9 +79,48 @@ class TaskAdapter(ABC):
     def model_config(self) -> dict[str, Any]:
         """`ImplicitConfig` fields this task fixes (e.g. ``num_labels``, ``input_features``, ``is_causal``)."""
 
+    def build_dataset(self, split: str, n: int, seed: int) -> datasets.Dataset:
+        """A ``datasets.Dataset`` of ``n`` generated rows, deterministic in ``(split, n, seed)``, cached on disk.
+
+        The rows are ``generate(random_stream(split, seed), n, split)`` with the task's `features`, cached at
+        `dataset_path` (`cached_dataset`). The stream depends on ``(split, seed)`` only, so a smaller ``n``
+        gives a prefix of a larger one (when `generate` draws row after row) and different splits never share
+        draws. ``n = 0`` gives an empty set, neither generated nor cached.
+        """
+        import datasets
+
+        check_size_and_seed(n, seed)
+        features = self.features()
+        if n == 0:  # nothing to generate or cache (datasets cannot load an empty saved set back)
+            return datasets.Dataset.from_dict({name: [] for name in features}, features=features)
+
+        def build():
+            rows = self.generate(self.random_stream(split, seed), n, split)
+            return datasets.Dataset.from_list(rows, features=features)
+
+        return cached_dataset(self.dataset_path(split, n, seed), build)
+
     @abstractmethod
-    def build_dataset(self, split: str, n: int, seed: int):
-        """A ``datasets.Dataset`` of ``n`` generated rows, deterministic in ``(split, n, seed)``, cached on disk."""
+    def dataset_path(self, split: str, n: int, seed: int) -> Path:
+        """Where `build_dataset` caches ``(split, n, seed)``: a directory under ``cache_dir`` whose name holds
+        every setting the rows depend on."""
+
+    @abstractmethod
+    def features(self) -> datasets.Features:
+        """The ``datasets.Features`` of a row (`list_feature` gives a list column)."""
+
+    @abstractmethod
+    def generate(self, rng: Any, n: int, split: str) -> list[Example]:
+        """``n`` fresh rows drawn from ``rng`` (the `random_stream` of the split and seed)."""
+
+    def random_stream(self, split: str, seed: int) -> Any:
+        """The random stream `generate` draws ``(split, seed)``'s rows from: `split_rng` by default."""
+        return split_rng(split, seed)
+
+    @classmethod
+    def load_metric(cls):
+        """The task's local `evaluate` module ``metrics/{metric_name}.py``, loaded once per process."""
+        return load_local_metric(cls.metric_name)
 
     @abstractmethod
     def encode(self, examples: list[Example]) -> dict[str, torch.Tensor]:
@@ -139,10 +186,8 @@ def load_local_metric(name: str):
 
 def check_size_and_seed(n: int, seed: int) -> None:
     """Refuse a data-set size or seed that is not an integer >= 0 (`TaskAdapter.build_dataset`'s arguments)."""
-    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
-        raise ValueError(f"n must be an integer >= 0; got {n!r}")
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise ValueError(f"seed must be an integer >= 0; got {seed!r}")
+    check_integer("n", n, minimum=0)
+    check_integer("seed", seed, minimum=0)
 
 
 def split_rng(split: str, seed: int) -> np.random.Generator:
@@ -150,8 +195,15 @@ def split_rng(split: str, seed: int) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence([seed, zlib.crc32(split.encode("utf-8"))]))
 
 
+def list_feature(feature: Any) -> Any:
+    """The ``datasets`` feature of a list of ``feature``: ``datasets.List`` from datasets 4 on, ``Sequence`` before."""
+    import datasets
+
+    return (getattr(datasets, "List", None) or datasets.Sequence)(feature)
+
+
 def cached_dataset(path: Path, build: Callable[[], Any]):
-    """The data set cached at ``path``, or ``build()`` saved there (``save_to_disk``) and loaded back.
+    """The data set cached at ``path``, or ``build()`` (not empty) saved there (``save_to_disk``) and loaded back.
 
     The new data set is written next to ``path`` and renamed into place, so a concurrent reader never
     sees half of it; when another process finishes the same data set first, its copy is kept.
@@ -161,8 +213,6 @@ def cached_dataset(path: Path, build: Callable[[], Any]):
     if path.exists():
         return datasets.load_from_disk(str(path))
     data = build()
-    if len(data) == 0:  # nothing to cache (and datasets cannot load an empty saved set back)
-        return data
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f".{path.name}.{uuid.uuid4().hex}.partial")
     data.save_to_disk(str(partial))

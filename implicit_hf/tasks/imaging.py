@@ -37,15 +37,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from .base import (
-    Example,
-    TaskAdapter,
-    cached_dataset,
-    check_size_and_seed,
-    load_local_metric,
-    single_threaded,
-    split_rng,
-)
+from ..modeling.configuration_implicit import check_integer
+from .base import Example, TaskAdapter, single_threaded
 
 PIXEL_MEAN = 0.5  # model inputs and targets are (pixel - PIXEL_MEAN) / PIXEL_SCALE, O(1) on natural images
 PIXEL_SCALE = 0.25
@@ -160,6 +153,7 @@ class DeblurTask(TaskAdapter):
     head = "token_regression"
     quality_metric = "psnr"
     higher_is_better = True
+    metric_name = "imaging_metrics"
 
     def __init__(
         self,
@@ -174,9 +168,9 @@ class DeblurTask(TaskAdapter):
         prior: str = "gradient",
     ):
         super().__init__(cache_dir)
-        for field, value in (("image_size", image_size), ("patch_size", patch_size), ("motion_length", motion_length)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{field} must be an integer >= 1; got {value!r}")
+        image_size = check_integer("image_size", image_size)
+        patch_size = check_integer("patch_size", patch_size)
+        motion_length = check_integer("motion_length", motion_length)
         if image_size % patch_size:
             raise ValueError(f"image_size ({image_size}) must be a multiple of patch_size ({patch_size})")
         if blur not in BLURS:
@@ -221,27 +215,16 @@ class DeblurTask(TaskAdapter):
         )
         return self.cache_dir / f"{split}-{self.image_size}px-{blur}-noise{self.noise_std:g}-{n}-seed{seed}"
 
-    def build_dataset(self, split: str, n: int, seed: int):
-        """``n`` (clean crop, observation) rows, deterministic in ``(split, n, seed)``, cached with ``save_to_disk``.
-
-        Rows: ``image`` and ``observation`` (``S x S`` float32) and ``source`` (the skimage image).
-        The stream depends on ``(split, seed)`` only, so a smaller ``n`` gives a prefix of a larger one.
-        """
+    def features(self):
+        """``image`` and ``observation`` (``S x S`` float32) and ``source`` (the skimage image)."""
         import datasets
 
-        check_size_and_seed(n, seed)
-        if n == 0:  # nothing to generate or cache (datasets cannot load an empty saved set back)
-            return datasets.Dataset.from_dict(
-                {name: [] for name in _features(self.image_size)}, _features(self.image_size)
-            )
-        return cached_dataset(
-            self.dataset_path(split, n, seed), lambda: self._generate(split, split_rng(split, seed), n)
-        )
+        image = datasets.Array2D(shape=(self.image_size, self.image_size), dtype="float32")
+        return datasets.Features({"image": image, "observation": image, "source": datasets.Value("string")})
 
-    def _generate(self, split: str, rng: np.random.Generator, n: int):
-        """``n`` fresh rows from ``rng`` as a ``datasets.Dataset`` (`build_dataset` caches them)."""
-        import datasets
-
+    def generate(self, rng: np.random.Generator, n: int, split: str) -> list[Example]:
+        """``n`` (clean crop, observation) rows; training crops from `TRAIN_IMAGES`, other splits' from
+        `HELD_OUT_IMAGES`."""
         names = TRAIN_IMAGES if split == "train" else HELD_OUT_IMAGES
         size = self.image_size
         sources, crops, noise = [], np.zeros((n, size, size)), np.zeros((n, size, size))
@@ -256,8 +239,8 @@ class DeblurTask(TaskAdapter):
             sources.append(name)
         with single_threaded():
             observations = self.operator.apply(torch.from_numpy(crops)).numpy() + noise
-        columns = {"image": crops.astype(np.float32), "observation": observations.astype(np.float32), "source": sources}
-        return datasets.Dataset.from_dict(columns, features=_features(size))
+        rows = zip(crops.astype(np.float32), observations.astype(np.float32), sources, strict=True)
+        return [{"image": image, "observation": observation, "source": source} for image, observation, source in rows]
 
     # ------------------------------------------------------------------ encode / decode
 
@@ -316,7 +299,7 @@ class DeblurTask(TaskAdapter):
         """``psnr`` (headline, dB), ``ssim`` and ``mse`` against the clean images, averaged over samples."""
         if len(predictions) != len(examples):
             raise ValueError(f"{len(predictions)} predictions for {len(examples)} examples")
-        return load_metric().compute(
+        return self.load_metric().compute(
             predictions=[torch.as_tensor(p).double().cpu().numpy().tolist() for p in predictions],
             references=[self._pixels(e, "image", k).tolist() for k, e in enumerate(examples)],
         )
@@ -352,17 +335,5 @@ class DeblurTask(TaskAdapter):
         return perturbed, torch.full((len(examples),), float(eps), dtype=torch.float64)
 
 
-def load_metric():
-    """The task's local `evaluate` module (``metrics/imaging_metrics.py``), loaded once per process."""
-    return load_local_metric("imaging_metrics")
-
-
 def _normalise(pixels: torch.Tensor) -> torch.Tensor:
     return (pixels - PIXEL_MEAN) / PIXEL_SCALE
-
-
-def _features(size: int):
-    import datasets
-
-    image = datasets.Array2D(shape=(size, size), dtype="float32")
-    return datasets.Features({"image": image, "observation": image, "source": datasets.Value("string")})

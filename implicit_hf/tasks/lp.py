@@ -46,13 +46,14 @@ padding (ignored by the regression loss); `decode` multiplies by ``Y_SCALE`` aga
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import numpy as np
 import torch
 from scipy.optimize import linprog
 
-from .base import Example, TaskAdapter, cached_dataset, check_size_and_seed, load_local_metric, split_rng
+from ..modeling.configuration_implicit import check_integer
+from .base import Example, TaskAdapter, list_feature
 
 B_SCALE = 1.0  # b ~ U(-1, 1) already
 C_SCALE = 0.01  # c ~ 0.01 U(-1, 1): c / C_SCALE ~ U(-1, 1)
@@ -76,14 +77,7 @@ class LinearProgramTask(TaskAdapter):
     head = "token_regression"
     quality_metric = "relative_error"
     higher_is_better = False
-
-    FEATURE_SCALES: ClassVar[dict[str, float]] = {
-        "b": B_SCALE,
-        "c": C_SCALE,
-        "y": Y_SCALE,
-        "residual": R_SCALE,
-        "A": A_SCALE,
-    }
+    metric_name = "lp_metrics"
 
     def __init__(
         self,
@@ -95,14 +89,9 @@ class LinearProgramTask(TaskAdapter):
         derived_features: bool = True,
     ):
         super().__init__(cache_dir)
-        nonzeros = 2 * num_variables if nonzeros is None else nonzeros
-        for field, value, minimum in (
-            ("num_constraints", num_constraints, 1),
-            ("num_variables", num_variables, 1),
-            ("nonzeros", nonzeros, 0),
-        ):
-            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-                raise ValueError(f"{field} must be an integer >= {minimum}; got {value!r}")
+        num_constraints = check_integer("num_constraints", num_constraints)
+        num_variables = check_integer("num_variables", num_variables)
+        nonzeros = check_integer("nonzeros", 2 * num_variables if nonzeros is None else nonzeros, minimum=0)
         if nonzeros > num_constraints * num_variables:
             raise ValueError(
                 f"nonzeros ({nonzeros}) cannot exceed num_constraints * num_variables "
@@ -141,23 +130,28 @@ class LinearProgramTask(TaskAdapter):
             name += f"-eq{self.equality_prob:g}"
         return self.cache_dir / name
 
-    def build_dataset(self, split: str, n: int, seed: int):
-        """``n`` solved instances, deterministic in ``(split, n, seed)``, cached with ``save_to_disk``.
-
-        The stream of instances depends on ``(split, seed)`` only, so a smaller ``n`` gives a prefix
-        of a larger one, and different splits never share instances by construction.
-        """
-        check_size_and_seed(n, seed)
-        return cached_dataset(
-            self.dataset_path(split, n, seed), lambda: self._generate(split, split_rng(split, seed), n)
-        )
-
-    def _generate(self, split: str, rng: np.random.Generator, n: int):
-        """``n`` fresh rows from ``rng`` as a ``datasets.Dataset`` (`build_dataset` caches them)."""
+    def features(self):
+        """The rows of `_row`: the LP (``A``, ``b``, ``c``, ``lower``, ``upper``, ``is_equality``), its ``solution``
+        and ``objective``."""
         import datasets
 
-        rows = [self._draw_solved(rng) for _ in range(n)]
-        return datasets.Dataset.from_list(rows, features=_features()) if rows else _empty_dataset()
+        vector = list_feature(datasets.Value("float64"))
+        return datasets.Features(
+            {
+                "A": list_feature(vector),
+                "b": vector,
+                "c": vector,
+                "lower": vector,
+                "upper": vector,
+                "is_equality": list_feature(datasets.Value("bool")),
+                "solution": vector,
+                "objective": datasets.Value("float64"),
+            }
+        )
+
+    def generate(self, rng: np.random.Generator, n: int, split: str) -> list[Example]:
+        """``n`` solved instances (an infeasible draw is dropped and redrawn)."""
+        return [self._draw_solved(rng) for _ in range(n)]
 
     def _draw_solved(self, rng: np.random.Generator) -> Example:
         m, n = self.num_constraints, self.num_variables
@@ -248,7 +242,7 @@ class LinearProgramTask(TaskAdapter):
         if len(predictions) != len(examples):
             raise ValueError(f"{len(predictions)} predictions for {len(examples)} examples")
         fields = {name: [example[name] for example in examples] for name in ("c", "A", "b", "lower", "upper")}
-        return load_metric().compute(
+        return self.load_metric().compute(
             predictions=[np.asarray(_numpy(p), dtype=np.float64) for p in predictions],
             references=[np.asarray(example["solution"], dtype=np.float64) for example in examples],
             is_equality=[example["is_equality"] for example in examples],
@@ -322,11 +316,6 @@ def solve_lp(
     return np.asarray(result.x, dtype=np.float64), float(result.fun)
 
 
-def load_metric():
-    """The task's local `evaluate` module (``metrics/lp_metrics.py``), loaded once per process."""
-    return load_local_metric("lp_metrics")
-
-
 def _row(A, b, c, lower, upper, is_equality, solution, objective) -> Example:
     return {
         "A": A.tolist(),
@@ -363,29 +352,3 @@ def _numpy(x: Any) -> np.ndarray:
     if isinstance(x, torch.Tensor):
         return x.detach().double().cpu().numpy()
     return np.asarray(x)
-
-
-def _features():
-    import datasets
-
-    sequence = getattr(datasets, "List", None) or datasets.Sequence  # `List` from datasets 4 on
-    vector = sequence(datasets.Value("float64"))
-    return datasets.Features(
-        {
-            "A": sequence(vector),
-            "b": vector,
-            "c": vector,
-            "lower": vector,
-            "upper": vector,
-            "is_equality": sequence(datasets.Value("bool")),
-            "solution": vector,
-            "objective": datasets.Value("float64"),
-        }
-    )
-
-
-def _empty_dataset():
-    import datasets
-
-    features = _features()
-    return datasets.Dataset.from_dict({name: [] for name in features}, features=features)

@@ -84,15 +84,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from .base import (
-    Example,
-    TaskAdapter,
-    cached_dataset,
-    check_size_and_seed,
-    load_local_metric,
-    single_threaded,
-    split_rng,
-)
+from ..modeling.configuration_implicit import check_integer
+from .base import Example, TaskAdapter, list_feature, single_threaded
 
 NU = 0.02  # viscosity ν
 DRAG = 0.1  # linear drag α
@@ -119,12 +112,12 @@ class NavierStokesTask(TaskAdapter):
     head = "token_regression"
     quality_metric = "relative_l2"
     higher_is_better = False
+    metric_name = "pde_metrics"
 
     def __init__(self, cache_dir: str | Path | None = None, grid_size: int = 32, patch_size: int = 4):
         super().__init__(cache_dir)
-        for field, value in (("grid_size", grid_size), ("patch_size", patch_size)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{field} must be an integer >= 1; got {value!r}")
+        grid_size = check_integer("grid_size", grid_size)
+        patch_size = check_integer("patch_size", patch_size)
         if grid_size <= 3 * FORCING_MAX_WAVENUMBER:
             raise ValueError(
                 f"grid_size must be > {3 * FORCING_MAX_WAVENUMBER} so the forcing modes (|k| <= "
@@ -160,22 +153,25 @@ class NavierStokesTask(TaskAdapter):
         """Where `build_dataset` caches ``(split, n, seed)``."""
         return self.cache_dir / f"{split}-grid{self.grid_size}-{n}-seed{seed}"
 
-    def build_dataset(self, split: str, n: int, seed: int):
-        """``n`` solved forcings, deterministic in ``(split, n, seed)``, cached with ``save_to_disk``.
-
-        Forcings are drawn and solved in fixed chunks of 64 from a stream that depends on ``(split,
-        seed)`` only, so a smaller ``n`` gives a prefix of a larger one and different splits never
-        share forcings. Raises `RuntimeError` if a whole chunk fails to converge (broken settings).
-        """
-        check_size_and_seed(n, seed)
-        return cached_dataset(
-            self.dataset_path(split, n, seed), lambda: self._generate(split, split_rng(split, seed), n)
-        )
-
-    def _generate(self, split: str, rng: np.random.Generator, n: int):
-        """``n`` fresh rows from ``rng`` as a ``datasets.Dataset`` (`build_dataset` caches them)."""
+    def features(self):
+        """The ``forcing`` and steady ``vorticity`` fields, the final ``residual``, the ``steps`` taken and the
+        ``nonlinearity`` (see the module docstring)."""
         import datasets
 
+        field = list_feature(list_feature(datasets.Value("float64")))
+        return datasets.Features(
+            {
+                "forcing": field,
+                "vorticity": field,
+                "residual": datasets.Value("float64"),
+                "steps": datasets.Value("int32"),
+                "nonlinearity": datasets.Value("float64"),
+            }
+        )
+
+    def generate(self, rng: np.random.Generator, n: int, split: str) -> list[Example]:
+        """``n`` solved forcings, drawn and solved in fixed chunks of 64 (so a smaller ``n`` gives a prefix of a
+        larger one); `RuntimeError` if a whole chunk fails to converge (broken settings)."""
         rows: list[Example] = []
         while len(rows) < n:
             forcing = random_forcing(rng, _CHUNK, self.grid_size, rms=FORCING_RMS)
@@ -188,7 +184,7 @@ class NavierStokesTask(TaskAdapter):
                 )
             for k in torch.nonzero(state.converged).flatten().tolist():
                 rows.append(_row(forcing[k], state.vorticity[k], int(state.steps[k])))
-        return datasets.Dataset.from_list(rows[:n], features=_features()) if n else _empty_dataset()
+        return rows[:n]
 
     # ------------------------------------------------------------------ encode / decode
 
@@ -248,7 +244,7 @@ class NavierStokesTask(TaskAdapter):
         """``relative_l2`` (headline, mean over samples) and ``relative_l2_max``."""
         if len(predictions) != len(examples):
             raise ValueError(f"{len(predictions)} predictions for {len(examples)} examples")
-        return load_metric().compute(
+        return self.load_metric().compute(
             predictions=[_numpy(p).reshape(-1) for p in predictions],
             references=[np.asarray(example["vorticity"], dtype=np.float64).reshape(-1) for example in examples],
         )
@@ -452,11 +448,6 @@ def _unpatchify(tokens: torch.Tensor, n: int, patch: int) -> torch.Tensor:
     return tokens.reshape(batch, side, side, patch, patch).permute(0, 1, 3, 2, 4).reshape(batch, n, n)
 
 
-def load_metric():
-    """The task's local `evaluate` module (``metrics/pde_metrics.py``), loaded once per process."""
-    return load_local_metric("pde_metrics")
-
-
 def _row(forcing: torch.Tensor, vorticity: torch.Tensor, steps: int) -> Example:
     f, w = forcing.unsqueeze(0), vorticity.unsqueeze(0)
     w_lin = linear_solution(f)
@@ -473,26 +464,3 @@ def _numpy(x: Any) -> np.ndarray:
     if isinstance(x, torch.Tensor):
         return x.detach().double().cpu().numpy()
     return np.asarray(x, dtype=np.float64)
-
-
-def _features():
-    import datasets
-
-    sequence = getattr(datasets, "List", None) or datasets.Sequence  # `List` from datasets 4 on
-    field = sequence(sequence(datasets.Value("float64")))
-    return datasets.Features(
-        {
-            "forcing": field,
-            "vorticity": field,
-            "residual": datasets.Value("float64"),
-            "steps": datasets.Value("int32"),
-            "nonlinearity": datasets.Value("float64"),
-        }
-    )
-
-
-def _empty_dataset():
-    import datasets
-
-    features = _features()
-    return datasets.Dataset.from_dict({name: [] for name in features}, features=features)

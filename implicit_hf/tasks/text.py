@@ -26,7 +26,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from .base import Example, TaskAdapter, cached_dataset, check_size_and_seed, load_local_metric, split_rng
+from ..modeling.configuration_implicit import check_integer
+from .base import Example, TaskAdapter, list_feature
 
 SPLITS = ("train", "validation", "test")
 
@@ -62,6 +63,7 @@ class TextTask(TaskAdapter):
     head = "causal_lm"
     quality_metric = "perplexity"
     higher_is_better = False
+    metric_name = "text_metrics"
 
     def __init__(
         self,
@@ -71,10 +73,8 @@ class TextTask(TaskAdapter):
         seq_len: int = 64,
     ):
         super().__init__(cache_dir)
-        if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 2:
-            raise ValueError(f"seq_len must be an integer >= 2; got {seq_len!r}")
         self.tokenizer_path = None if tokenizer is None else str(tokenizer)
-        self.corpus, self.seq_len = corpus, seq_len
+        self.corpus, self.seq_len = corpus, check_integer("seq_len", seq_len, minimum=2)
 
     @cached_property
     def tokenizer(self):
@@ -102,25 +102,25 @@ class TextTask(TaskAdapter):
         return [window for i, window in enumerate(windows) if keep(i)]
 
     def dataset_path(self, split: str, n: int, seed: int) -> Path:
+        """Where `build_dataset` caches ``(split, n, seed)``; the name holds a fingerprint of tokenizer and corpus."""
         fingerprint = zlib.crc32(f"{self.tokenizer.backend_tokenizer.to_str()}|{self.corpus}".encode())
         return self.cache_dir / f"{split}-{fingerprint:08x}-len{self.seq_len}-{n}-seed{seed}"
 
-    def build_dataset(self, split: str, n: int, seed: int):
-        check_size_and_seed(n, seed)
+    def features(self):
+        """``input_ids``: one window of ``seq_len`` token ids."""
+        import datasets
 
-        def build():
-            import datasets
+        return datasets.Features({"input_ids": list_feature(datasets.Value("int32"))})
 
-            windows = self._windows(split)
-            if n > len(windows):
-                raise ValueError(
-                    f"the {split} split of {self.corpus!r} has {len(windows)} windows of "
-                    f"{self.seq_len} tokens; asked for {n}"
-                )
-            order = split_rng(split, seed).permutation(len(windows))[:n]
-            return datasets.Dataset.from_dict({"input_ids": [windows[i] for i in order]})
-
-        return cached_dataset(self.dataset_path(split, n, seed), build)
+    def generate(self, rng: np.random.Generator, n: int, split: str) -> list[Example]:
+        """``n`` windows of the split, in an order drawn from ``rng``."""
+        windows = self._windows(split)
+        if n > len(windows):
+            raise ValueError(
+                f"the {split} split of {self.corpus!r} has {len(windows)} windows of "
+                f"{self.seq_len} tokens; asked for {n}"
+            )
+        return [{"input_ids": windows[i]} for i in rng.permutation(len(windows))[:n]]
 
     # ------------------------------------------------------------------ encode / decode
 
@@ -139,7 +139,7 @@ class TextTask(TaskAdapter):
     def compute_metrics(self, predictions: list[torch.Tensor], examples: list[Example]) -> dict[str, float]:
         if len(predictions) != len(examples):
             raise ValueError(f"{len(predictions)} predictions for {len(examples)} examples")
-        return load_local_metric("text_metrics").compute(predictions=[p.tolist() for p in predictions])
+        return self.load_metric().compute(predictions=[p.tolist() for p in predictions])
 
     def perturb(self, examples: list[Example], eps: float, seed: int) -> tuple[list[Example], torch.Tensor]:
         """One token of each row's first half replaced by another token id; ``||δ|| = 1`` (0 when ``eps == 0``)."""

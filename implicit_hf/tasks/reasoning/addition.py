@@ -60,7 +60,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..base import Example, TaskAdapter, cached_dataset, check_size_and_seed, load_local_metric, split_rng
+from ...modeling.configuration_implicit import check_integer
+from ..base import Example, TaskAdapter, list_feature
 
 PAD = 0
 END = 101
@@ -78,6 +79,7 @@ class AdditionTask(TaskAdapter):
     head = "token_classification"
     quality_metric = "exact_match"
     higher_is_better = True
+    metric_name = "addition_metrics"
 
     def __init__(
         self,
@@ -87,9 +89,7 @@ class AdditionTask(TaskAdapter):
         chain_fraction: float = 0.5,
     ):
         super().__init__(cache_dir)
-        for name, value in (("digits", digits), ("min_digits", min_digits)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1; got {value!r}")
+        digits, min_digits = check_integer("digits", digits), check_integer("min_digits", min_digits)
         if min_digits > digits:
             raise ValueError(f"min_digits ({min_digits}) must be <= digits ({digits})")
         if isinstance(chain_fraction, bool) or not isinstance(chain_fraction, (int, float)):
@@ -117,18 +117,25 @@ class AdditionTask(TaskAdapter):
             f"{split}-digits{self.min_digits}to{self.digits}-chain{self.chain_fraction:g}-{n}-seed{seed}"
         )
 
-    def build_dataset(self, split: str, n: int, seed: int):
-        """``n`` problems, deterministic in ``(split, n, seed)`` (a smaller ``n`` is a prefix), cached on disk."""
-        check_size_and_seed(n, seed)
-        return cached_dataset(self.dataset_path(split, n, seed), lambda: self._generate(split_rng(split, seed), n))
-
-    def _generate(self, rng: np.random.Generator, n: int):
+    def features(self):
+        """The rows of `make_row`: ``digits``, ``a``, ``b``, ``sum``, ``carry_chain``, ``propagate_run``."""
         import datasets
 
-        rows = [make_row(*random_problem(rng, self.min_digits, self.digits, self.chain_fraction)) for _ in range(n)]
-        if not rows:
-            return datasets.Dataset.from_dict({name: [] for name in _features()}, features=_features())
-        return datasets.Dataset.from_list(rows, features=_features())
+        digits = list_feature(datasets.Value("int8"))
+        return datasets.Features(
+            {
+                "digits": datasets.Value("int32"),
+                "a": digits,
+                "b": digits,
+                "sum": digits,
+                "carry_chain": datasets.Value("int32"),
+                "propagate_run": datasets.Value("int32"),
+            }
+        )
+
+    def generate(self, rng: np.random.Generator, n: int, split: str) -> list[Example]:
+        """``n`` random problems (`random_problem`)."""
+        return [make_row(*random_problem(rng, self.min_digits, self.digits, self.chain_fraction)) for _ in range(n)]
 
     # ------------------------------------------------------------------ encode / decode
 
@@ -184,7 +191,7 @@ class AdditionTask(TaskAdapter):
         """``exact_match`` (headline) and ``digit_accuracy``, means over problems."""
         if len(predictions) != len(examples):
             raise ValueError(f"{len(predictions)} predictions for {len(examples)} examples")
-        return load_metric().compute(
+        return self.load_metric().compute(
             predictions=[np.asarray(torch.as_tensor(p).cpu(), dtype=np.int64).reshape(-1) for p in predictions],
             references=[np.asarray(example["sum"], dtype=np.int64) for example in examples],
         )
@@ -282,25 +289,3 @@ def relation_features(length: int) -> torch.Tensor:
     relation[offset == -1] = LEFT
     relation[offset == 1] = RIGHT
     return torch.nn.functional.one_hot(relation, EDGE_FEATURES).float() * EDGE_SCALE
-
-
-def load_metric():
-    """The task's local `evaluate` module (``metrics/addition_metrics.py``), loaded once per process."""
-    return load_local_metric("addition_metrics")
-
-
-def _features():
-    import datasets
-
-    sequence = getattr(datasets, "List", None) or datasets.Sequence  # `List` from datasets 4 on
-    digits = sequence(datasets.Value("int8"))
-    return datasets.Features(
-        {
-            "digits": datasets.Value("int32"),
-            "a": digits,
-            "b": digits,
-            "sum": digits,
-            "carry_chain": datasets.Value("int32"),
-            "propagate_run": datasets.Value("int32"),
-        }
-    )

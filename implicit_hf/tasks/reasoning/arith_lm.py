@@ -49,8 +49,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from ...eval.harness import word_edit_distance
-from ..base import Example, TaskAdapter, cached_dataset, check_size_and_seed, load_local_metric, split_rng
+from ...modeling.configuration_implicit import check_integer
+from ..base import Example, TaskAdapter, list_feature, split_rng
+from ..edit_distance import word_edit_distance
 
 SPECIAL_TOKENS = ("[PAD]", "[BOS]", "[EOS]", "[UNK]")
 PAD_ID, BOS_ID, EOS_ID, UNK_ID = range(4)
@@ -87,6 +88,7 @@ class ArithLMTask(TaskAdapter):
     quality_metric = "answer_accuracy"
     higher_is_better = True
     generative = True
+    metric_name = "arith_lm_metrics"
 
     def __init__(
         self,
@@ -98,13 +100,9 @@ class ArithLMTask(TaskAdapter):
         pairs_file: str | None = None,
     ):
         super().__init__(cache_dir)
-        for name, value, low in (
-            ("min_terms", min_terms, 2),
-            ("max_terms", max_terms, 2),
-            ("max_operand", max_operand, 1),
-        ):
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"{name} must be an integer >= {low}; got {value!r}")
+        min_terms = check_integer("min_terms", min_terms, minimum=2)
+        max_terms = check_integer("max_terms", max_terms, minimum=2)
+        max_operand = check_integer("max_operand", max_operand)
         if min_terms > max_terms:
             raise ValueError(f"min_terms ({min_terms}) must be <= max_terms ({max_terms})")
         if not isinstance(use_cache, bool):
@@ -139,18 +137,24 @@ class ArithLMTask(TaskAdapter):
         """Where `build_dataset` caches ``(split, n, seed)``."""
         return self.cache_dir / f"{split}-terms{self.min_terms}to{self.max_terms}-max{self.max_operand}-{n}-seed{seed}"
 
-    def build_dataset(self, split: str, n: int, seed: int):
-        """``n`` problems, deterministic in ``(split, n, seed)`` (a smaller ``n`` is a prefix), cached on disk."""
-        check_size_and_seed(n, seed)
-        return cached_dataset(self.dataset_path(split, n, seed), lambda: self._generate(split_rng(split, seed), n))
-
-    def _generate(self, rng: np.random.Generator, n: int):
+    def features(self):
+        """The rows of `make_row`: ``prompt``, ``completion``, ``answer``, ``operands``, ``ops``, ``terms``."""
         import datasets
 
-        rows = [make_row(*random_problem(rng, self.min_terms, self.max_terms, self.max_operand)) for _ in range(n)]
-        if not rows:
-            return datasets.Dataset.from_dict({name: [] for name in _features()}, features=_features())
-        return datasets.Dataset.from_list(rows, features=_features())
+        return datasets.Features(
+            {
+                "prompt": datasets.Value("string"),
+                "completion": datasets.Value("string"),
+                "answer": datasets.Value("int32"),
+                "operands": list_feature(datasets.Value("int32")),
+                "ops": list_feature(datasets.Value("string")),
+                "terms": datasets.Value("int32"),
+            }
+        )
+
+    def generate(self, rng: np.random.Generator, n: int, split: str) -> list[Example]:
+        """``n`` random chains (`random_problem`)."""
+        return [make_row(*random_problem(rng, self.min_terms, self.max_terms, self.max_operand)) for _ in range(n)]
 
     # ------------------------------------------------------------------ encode / decode
 
@@ -244,7 +248,7 @@ class ArithLMTask(TaskAdapter):
         whole completion), means over problems."""
         if len(predictions) != len(examples):
             raise ValueError(f"{len(predictions)} predictions for {len(examples)} examples")
-        return load_metric().compute(
+        return self.load_metric().compute(
             predictions=[str(p) for p in predictions], references=[example["completion"] for example in examples]
         )
 
@@ -363,24 +367,3 @@ def write_pairs(path: str | Path, n: int = 150, seed: int = 0, two_word_fraction
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines) + "\n")
     return path
-
-
-def load_metric():
-    """The task's local `evaluate` module (``metrics/arith_lm_metrics.py``), loaded once per process."""
-    return load_local_metric("arith_lm_metrics")
-
-
-def _features():
-    import datasets
-
-    sequence = getattr(datasets, "List", None) or datasets.Sequence  # `List` from datasets 4 on
-    return datasets.Features(
-        {
-            "prompt": datasets.Value("string"),
-            "completion": datasets.Value("string"),
-            "answer": datasets.Value("int32"),
-            "operands": sequence(datasets.Value("int32")),
-            "ops": sequence(datasets.Value("string")),
-            "terms": datasets.Value("int32"),
-        }
-    )

@@ -58,7 +58,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..base import Example, TaskAdapter, cached_dataset, check_size_and_seed, load_local_metric, split_rng
+from ..base import Example, TaskAdapter, list_feature
 
 PAD, WALL, OPEN, START, GOAL = 0, 1, 2, 3, 4
 VOCAB_SIZE = 5
@@ -73,6 +73,7 @@ class MazeTask(TaskAdapter):
     head = "token_classification"
     quality_metric = "exact_match"
     higher_is_better = True
+    metric_name = "maze_metrics"
 
     def __init__(
         self,
@@ -109,18 +110,23 @@ class MazeTask(TaskAdapter):
         """Where `build_dataset` caches ``(split, n, seed)``."""
         return self.cache_dir / f"{split}-size{self.size}-{n}-seed{seed}"
 
-    def build_dataset(self, split: str, n: int, seed: int):
-        """``n`` mazes, deterministic in ``(split, n, seed)`` (a smaller ``n`` is a prefix), cached on disk."""
-        check_size_and_seed(n, seed)
-        return cached_dataset(self.dataset_path(split, n, seed), lambda: self._generate(split_rng(split, seed), n))
-
-    def _generate(self, rng: np.random.Generator, n: int):
+    def features(self):
+        """The rows of `make_row`: ``size``, ``grid``, ``path``, ``path_length``."""
         import datasets
 
-        rows = [make_row(random_maze(rng, self.size)) for _ in range(n)]
-        if not rows:
-            return datasets.Dataset.from_dict({name: [] for name in _features()}, features=_features())
-        return datasets.Dataset.from_list(rows, features=_features())
+        square = list_feature(list_feature(datasets.Value("int8")))
+        return datasets.Features(
+            {
+                "size": datasets.Value("int32"),
+                "grid": square,
+                "path": square,
+                "path_length": datasets.Value("int32"),
+            }
+        )
+
+    def generate(self, rng: np.random.Generator, n: int, split: str) -> list[Example]:
+        """``n`` random mazes (`random_maze`) with their shortest paths."""
+        return [make_row(random_maze(rng, self.size)) for _ in range(n)]
 
     # ------------------------------------------------------------------ encode / decode
 
@@ -184,7 +190,7 @@ class MazeTask(TaskAdapter):
         """``exact_match`` (headline) and ``cell_accuracy`` over the open squares, means over samples."""
         if len(predictions) != len(examples):
             raise ValueError(f"{len(predictions)} predictions for {len(examples)} examples")
-        return load_metric().compute(
+        return self.load_metric().compute(
             predictions=[np.asarray(torch.as_tensor(p).cpu(), dtype=np.int64).reshape(-1) for p in predictions],
             references=[_reference(example) for example in examples],
         )
@@ -318,23 +324,3 @@ def _reference(example: Example) -> np.ndarray:
     grid = np.asarray(example["grid"], dtype=np.int64).reshape(-1)
     path = np.asarray(example["path"], dtype=np.int64).reshape(-1)
     return np.where(grid == WALL, -1, path)
-
-
-def load_metric():
-    """The task's local `evaluate` module (``metrics/maze_metrics.py``), loaded once per process."""
-    return load_local_metric("maze_metrics")
-
-
-def _features():
-    import datasets
-
-    sequence = getattr(datasets, "List", None) or datasets.Sequence  # `List` from datasets 4 on
-    square = sequence(sequence(datasets.Value("int8")))
-    return datasets.Features(
-        {
-            "size": datasets.Value("int32"),
-            "grid": square,
-            "path": square,
-            "path_length": datasets.Value("int32"),
-        }
-    )

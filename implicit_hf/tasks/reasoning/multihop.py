@@ -65,7 +65,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..base import Example, TaskAdapter, cached_dataset, check_size_and_seed, load_local_metric, split_rng
+from ...modeling.configuration_implicit import check_integer
+from ..base import Example, TaskAdapter, check_size_and_seed, list_feature, split_rng
 
 SPECIAL_TOKENS = ("[PAD]", "[BOS]", "[EOS]", "[UNK]")
 PAD_ID, BOS_ID, EOS_ID, UNK_ID = range(4)
@@ -146,6 +147,7 @@ class MultiHopTask(TaskAdapter):
     quality_metric = "exact_match"
     higher_is_better = True
     generative = True
+    metric_name = "multihop_metrics"
 
     def __init__(
         self,
@@ -162,9 +164,7 @@ class MultiHopTask(TaskAdapter):
     ):
         super().__init__(cache_dir)
         self.min_hops, self.max_hops = _hop_range(hops)
-        for name, value, low in (("distractors", distractors, 0), ("pairs", pairs, 1)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"{name} must be an integer >= {low}; got {value!r}")
+        distractors, pairs = check_integer("distractors", distractors, minimum=0), check_integer("pairs", pairs)
         _choice("update", update, UPDATES)
         _choice("order", order, ORDERS)
         _choice("questions", questions, QUESTIONS)
@@ -208,20 +208,26 @@ class MultiHopTask(TaskAdapter):
             f"-{self.questions}-v{self.num_variables}-{n}-seed{seed}"
         )  # text only: the rows do not depend on the tokenizer
 
-    def build_dataset(self, split: str, n: int, seed: int):
-        """``n`` problems, deterministic in ``(split, n, seed)`` (a smaller ``n`` is a prefix), cached on disk."""
+    def features(self):
+        """The rows of `make_row`: ``prompt``, ``completion``, ``answer``, ``hops``, ``statements``, ``questions``,
+        ``answers``."""
         import datasets
 
-        check_size_and_seed(n, seed)
+        return datasets.Features(
+            {
+                "prompt": datasets.Value("string"),
+                "completion": datasets.Value("string"),
+                "answer": datasets.Value("int32"),
+                "hops": datasets.Value("int32"),
+                "statements": datasets.Value("string"),
+                "questions": list_feature(datasets.Value("string")),
+                "answers": list_feature(datasets.Value("int32")),
+            }
+        )
 
-        def generate():
-            rng = split_rng(split, seed)
-            rows = [self.random_row(rng) for _ in range(n)]
-            if not rows:
-                return datasets.Dataset.from_dict({name: [] for name in _features()}, features=_features())
-            return datasets.Dataset.from_list(rows, features=_features())
-
-        return cached_dataset(self.dataset_path(split, n, seed), generate)
+    def generate(self, rng: np.random.Generator, n: int, split: str) -> list[Example]:
+        """``n`` random problems (`random_row`)."""
+        return [self.random_row(rng) for _ in range(n)]
 
     def random_row(self, rng: np.random.Generator) -> Example:
         """One problem: the chains, their assignments in the task's order, and the questions."""
@@ -367,7 +373,7 @@ class MultiHopTask(TaskAdapter):
         """``exact_match`` of the answer (the generated text, stripped, equals the answer digit)."""
         if len(predictions) != len(examples):
             raise ValueError(f"{len(predictions)} predictions for {len(examples)} examples")
-        return load_local_metric("multihop_metrics").compute(
+        return self.load_metric().compute(
             predictions=[str(p) for p in predictions], references=[example["completion"] for example in examples]
         )
 
@@ -510,8 +516,7 @@ def write_lm_eval_data(
     paths = []
     for k in hops:
         task = MultiHopTask(hops=k, **task_kwargs)
-        rng = split_rng("test", seed)
-        rows = [task.random_row(rng) for _ in range(n)]
+        rows = task.generate(task.random_stream("test", seed), n, "test")
         path = out / f"multihop_hops{k}.jsonl"
         path.write_text(
             "".join(json.dumps({key: row[key] for key in ("prompt", "answer", "hops")}) + "\n" for row in rows)
@@ -520,20 +525,3 @@ def write_lm_eval_data(
     settings = {"hops": list(hops), "n": n, "seed": seed, "task_kwargs": task_kwargs}
     (out / "multihop_settings.json").write_text(json.dumps(settings, indent=2) + "\n")
     return paths
-
-
-def _features():
-    import datasets
-
-    sequence = getattr(datasets, "List", None) or datasets.Sequence  # `List` from datasets 4 on
-    return datasets.Features(
-        {
-            "prompt": datasets.Value("string"),
-            "completion": datasets.Value("string"),
-            "answer": datasets.Value("int32"),
-            "hops": datasets.Value("int32"),
-            "statements": datasets.Value("string"),
-            "questions": sequence(datasets.Value("string")),
-            "answers": sequence(datasets.Value("int32")),
-        }
-    )

@@ -58,9 +58,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..base import Example, TaskAdapter, cached_dataset, check_size_and_seed, load_local_metric, split_rng
+from ..base import Example, TaskAdapter, list_feature
 
-SIZE = 9
 CELLS = 81
 ALL = (1 << 9) - 1  # candidate bitmask: bit d-1 <-> digit d
 
@@ -266,6 +265,7 @@ class SudokuTask(TaskAdapter):
     head = "token_classification"
     quality_metric = "exact_match"
     higher_is_better = True
+    metric_name = "sudoku_metrics"
 
     def __init__(
         self,
@@ -298,24 +298,26 @@ class SudokuTask(TaskAdapter):
     # ------------------------------------------------------------------ data
 
     def dataset_path(self, split: str, n: int, seed: int) -> Path:
+        """Where `build_dataset` caches ``(split, n, seed)``."""
         search = "-search" if self.require_search else ""
         return self.cache_dir / f"{split}-givens{self.min_givens}{search}-{n}-seed{seed}"
 
-    def build_dataset(self, split: str, n: int, seed: int):
-        """``n`` puzzles, deterministic in ``(split, n, seed)`` (a smaller ``n`` is a prefix), cached on disk."""
+    def features(self):
+        """The rows of `make_puzzle`: ``puzzle``, ``solution``, ``givens``, ``needs_search``."""
         import datasets
 
-        check_size_and_seed(n, seed)
-        if n == 0:  # nothing to generate or cache (datasets cannot load an empty saved set back)
-            return datasets.Dataset.from_dict({name: [] for name in _features()}, features=_features())
-        return cached_dataset(self.dataset_path(split, n, seed), lambda: self._generate(split_rng(split, seed), n))
+        return datasets.Features(
+            {
+                "puzzle": list_feature(datasets.Value("int8")),
+                "solution": list_feature(datasets.Value("int8")),
+                "givens": datasets.Value("int32"),
+                "needs_search": datasets.Value("bool"),
+            }
+        )
 
-    def _generate(self, rng: np.random.Generator, n: int):
-        """``n`` fresh rows from ``rng`` as a ``datasets.Dataset`` (`build_dataset` caches them)."""
-        import datasets
-
-        rows = [make_puzzle(rng, self.min_givens, self.require_search) for _ in range(n)]
-        return datasets.Dataset.from_list(rows, features=_features())
+    def generate(self, rng: np.random.Generator, n: int, split: str) -> list[Example]:
+        """``n`` random puzzles (`make_puzzle`)."""
+        return [make_puzzle(rng, self.min_givens, self.require_search) for _ in range(n)]
 
     # ------------------------------------------------------------------ encode / decode
 
@@ -356,7 +358,7 @@ class SudokuTask(TaskAdapter):
         """``exact_match`` (headline: the share of grids entirely right) and ``cell_accuracy`` over blank cells."""
         if len(predictions) != len(examples):
             raise ValueError(f"{len(predictions)} predictions for {len(examples)} examples")
-        return load_metric().compute(
+        return self.load_metric().compute(
             predictions=[torch.as_tensor(p).reshape(-1).tolist() for p in predictions],
             references=[list(example["solution"]) for example in examples],
             puzzles=[list(example["puzzle"]) for example in examples],
@@ -410,22 +412,3 @@ def _cells(example: Example, key: str, index: int, low: int) -> torch.Tensor:
     if cells.numel() != CELLS or cells.min() < low or cells.max() > 9:
         raise ValueError(f"example {index}: {key} must hold 81 digits in [{low}, 9]")
     return cells
-
-
-def load_metric():
-    """The task's local `evaluate` module (``metrics/sudoku_metrics.py``), loaded once per process."""
-    return load_local_metric("sudoku_metrics")
-
-
-def _features():
-    import datasets
-
-    sequence = getattr(datasets, "List", None) or datasets.Sequence  # `List` from datasets 4 on
-    return datasets.Features(
-        {
-            "puzzle": sequence(datasets.Value("int8")),
-            "solution": sequence(datasets.Value("int8")),
-            "givens": datasets.Value("int32"),
-            "needs_search": datasets.Value("bool"),
-        }
-    )

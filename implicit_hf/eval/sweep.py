@@ -1,0 +1,376 @@
+"""Loop-count sweep: score an implicit model at many loop counts from one trajectory run.
+
+For each batch the model runs once with ``num_loops=max(loops)`` and ``return_trajectory=loops``;
+the head output after iteration ``t`` is exactly what a separate run with ``num_loops=t`` returns
+(the solvers are deterministic and the trajectory holds the state each of them would return), so
+one run scores every requested loop count ``t``:
+
+* quality: ``task.compute_metrics(task.decode(trajectory[t-1], inputs), rows)``;
+* convergence: the solver's relative residual ``||f(z) - z|| / ||f(z)||`` at iteration ``t``
+  (mean and max over samples);
+* robustness: an empirical Lipschitz constant ``max_i ||y_t(x_i + δ_i) - y_t(x_i)|| / ||δ_i||`` from
+  a second trajectory run on inputs perturbed by ``task.perturb`` (``y_t`` the decoded prediction);
+* cost: wall-clock seconds and estimated FLOPs per sample (`estimate_flops`).
+
+By default halting is disabled (``tol=0``): every sample runs exactly ``max(loops)`` iterations and
+row ``t`` of the trajectory is the model at ``num_loops=t``. With ``keep_tol`` the model's own
+tolerance applies; a sample that stopped early then repeats its final state in later rows, which
+is again what a separate run with that budget returns.
+
+A generative task (``task.generative``) cannot be scored from one trajectory: `sweep` hands it to
+`implicit_hf.eval.generative.generative_sweep`.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from ..cli import parse_loops  # the loop specification is parsed without torch by the cli
+from ..tasks.base import TaskAdapter, feedback_kwargs
+
+
+def normalise_loops(loops: str | Sequence[int]) -> list[int]:
+    """The loop counts of a `parse_loops` string or a list of integers >= 1: sorted and unique."""
+    if isinstance(loops, str):
+        return parse_loops(loops)
+    values = list(loops)
+    if not values or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in values):
+        raise ValueError(f"loops must be a non-empty list of integers >= 1; got {loops!r}")
+    return sorted(set(values))
+
+
+# --------------------------------------------------------------------------------------------------
+# Cost model
+
+
+def estimate_flops(config, seq_len: int, loops: int, head_outputs: int | None = None) -> float:
+    """Estimated forward FLOPs for one sample of ``seq_len`` tokens at ``loops`` core iterations.
+
+    Counts the matrix multiplications only (a multiply-add is 2 FLOPs), per token:
+
+    * decoder layer: ``2 * P_layer + 4 * T * d_attn`` with ``P_layer = d*(H*hd) + 2*d*(KV*hd) +
+      (H*hd)*d + 3*d*I`` (q, k, v, o projections and the SwiGLU gate/up/down) and the attention
+      scores ``QK^T`` plus the weighted sum ``AV`` (``2*T*d_attn`` each, ``d_attn = H*hd``; the full
+      ``T x T`` square is counted, causal masking is not discounted);
+    * input: ``2 * input_features * d`` for the feature embedding (token lookup is free), plus
+      ``2 * T * edge_features * H`` for the edge bias when the model has one;
+    * injection: ``2 * 2d * d`` per iteration for ``injection="linear"`` (``"add"`` is free);
+    * in-loop feedback (``feedback_features > 0``): per iteration, the coda and the head on the
+      current state plus ``2 * feedback_features * d`` for its embedding (the task's own feedback
+      function, e.g. an FFT, is not counted);
+    * head: ``2 * d * head_outputs`` (``num_labels`` by default; the vocabulary for a causal LM).
+
+    Total: ``T * (input + (prelude + coda) * layer + loops * (core * layer + injection) + head)``.
+    Norms, RoPE, softmax and other elementwise work are left out.
+    """
+    d = config.hidden_size
+    heads = config.num_attention_heads
+    kv_heads = config.num_key_value_heads or heads
+    head_dim = config.head_dim or d // heads
+    d_attn = heads * head_dim
+    layer_params = d * d_attn + 2 * d * kv_heads * head_dim + d_attn * d + 3 * d * config.intermediate_size
+    layer = 2 * layer_params + 4 * seq_len * d_attn
+    inputs = 2 * config.input_features * d + 2 * seq_len * config.edge_features * heads
+    injection = 4 * d * d if config.injection == "linear" else 0
+    outputs = config.num_labels if head_outputs is None else head_outputs
+    head = 2 * d * outputs
+    feedback = (
+        config.num_coda_layers * layer + head + 2 * config.feedback_features * d if config.feedback_features else 0
+    )
+    per_token = (
+        inputs
+        + (config.num_prelude_layers + config.num_coda_layers) * layer
+        + loops * (config.num_core_layers * layer + injection + feedback)
+        + head
+    )
+    return float(seq_len * per_token)
+
+
+def head_outputs(model: torch.nn.Module) -> int:
+    """The width of the model's head (``lm_head`` or ``score``), the ``head_outputs`` of `estimate_flops`."""
+    for name in ("lm_head", "score"):
+        layer = getattr(model, name, None)
+        if isinstance(layer, torch.nn.Linear):
+            return layer.out_features
+    return int(getattr(model.config, "num_labels", 1))
+
+
+# --------------------------------------------------------------------------------------------------
+# Helpers shared with the generative sweep and the run
+
+
+def device_of(model: torch.nn.Module) -> torch.device:
+    """The device of the model's parameters (CPU for a model without any)."""
+    try:
+        return next(model.parameters()).device
+    except StopIteration:
+        return torch.device("cpu")
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work, so that a wall-clock timing covers it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _to_device(inputs: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+
+
+def as_rows(rows) -> list[dict]:
+    """Dataset rows as a list of dicts (from a list, a ``datasets.Dataset`` or any iterable)."""
+    if isinstance(rows, list):
+        return rows
+    if hasattr(rows, "to_list"):  # datasets.Dataset
+        return rows.to_list()
+    return list(rows)
+
+
+def to_builtin(value: Any) -> Any:
+    """Numbers as plain floats/ints (numpy and torch scalars included) so results serialise to JSON."""
+    if isinstance(value, dict):
+        return {str(k): to_builtin(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [to_builtin(v) for v in value]
+    if value is None or isinstance(value, (int, str)):  # bool is an int
+        return value
+    if hasattr(value, "item"):  # numpy and torch scalars
+        try:
+            return value.item()
+        except (ValueError, TypeError):
+            pass
+    try:  # a float stays itself
+        return float(value)
+    except (TypeError, ValueError):
+        return str(value)
+
+
+def scored_metrics(task: TaskAdapter, predictions: list, rows: list[dict]) -> dict[str, Any]:
+    """``task.compute_metrics(predictions, rows)`` as plain numbers; it must include the task's quality metric."""
+    metrics = to_builtin(task.compute_metrics(predictions, rows))
+    if task.quality_metric not in metrics:
+        raise KeyError(
+            f"task {task.name!r}: compute_metrics returned {sorted(metrics)}, "
+            f"without its quality_metric {task.quality_metric!r}"
+        )
+    return metrics
+
+
+# --------------------------------------------------------------------------------------------------
+# The sweep
+
+
+def _trajectory_pass(
+    model: torch.nn.Module,
+    task: TaskAdapter,
+    rows: list[dict],
+    loops: list[int],
+    batch_size: int,
+    tol: float | None,
+) -> dict[str, Any]:
+    """One trajectory run per batch; per requested ``t``: predictions, residuals, steps."""
+    device = device_of(model)
+    max_loops = loops[-1]
+    predictions: dict[int, list] = {t: [] for t in loops}
+    rel_residual: dict[int, list[torch.Tensor]] = {t: [] for t in loops}
+    steps: dict[int, list[torch.Tensor]] = {t: [] for t in loops}
+    seconds = 0.0
+    batch_lengths: list[tuple[int, int]] = []  # (batch size, padded length) for the FLOPs estimate
+    diverged = 0
+    for start in range(0, len(rows), batch_size):
+        batch_rows = rows[start : start + batch_size]
+        inputs = _to_device(task.encode(batch_rows), device)
+        model_inputs = {k: v for k, v in inputs.items() if k != "labels"}
+        synchronize(device)
+        began = time.perf_counter()
+        out = model(
+            **model_inputs, num_loops=max_loops, tol=tol, return_trajectory=loops, **feedback_kwargs(task, inputs)
+        )
+        synchronize(device)
+        seconds += time.perf_counter() - began
+        trajectory, stats = out.trajectory, out.loop_stats
+        if not trajectory:
+            raise RuntimeError("the model returned no trajectory; it must support return_trajectory=True")
+        batch_lengths.append((len(batch_rows), int(trajectory[0].shape[1])))
+        diverged += int(stats.diverged.sum())
+        iterations = stats.rel_residual.shape[0]
+        for position, t in enumerate(loops):
+            # the model decoded exactly the requested counts (past the last iteration run: the final state)
+            batch_predictions = task.decode(trajectory[position], inputs)
+            if len(batch_predictions) != len(batch_rows):
+                raise ValueError(
+                    f"task {task.name!r}: decode returned {len(batch_predictions)} predictions "
+                    f"for a batch of {len(batch_rows)} rows"
+                )
+            predictions[t].extend(batch_predictions)
+            if iterations:
+                rel_residual[t].append(stats.rel_residual[min(t, iterations) - 1].detach().float().cpu())
+            steps[t].append(stats.steps.clamp(max=t).detach().cpu())
+        del out, trajectory
+    return {
+        "predictions": predictions,
+        "rel_residual": {t: torch.cat(v) if v else torch.full((len(rows),), math.nan) for t, v in rel_residual.items()},
+        "steps": {t: torch.cat(v) for t, v in steps.items()},
+        "seconds": seconds,
+        "batch_lengths": batch_lengths,
+        "diverged": diverged,
+    }
+
+
+def _flat(x) -> torch.Tensor:
+    return torch.as_tensor(x).detach().double().cpu().flatten()
+
+
+def lipschitz_ratios(clean: list, perturbed: list, delta_norms: torch.Tensor) -> torch.Tensor:
+    """Per sample ``||pred(x + δ) - pred(x)|| / ||δ||`` (predictions flattened, Euclidean norms)."""
+    norms = torch.as_tensor(delta_norms, dtype=torch.float64).flatten().cpu()
+    if not (len(clean) == len(perturbed) == len(norms)):
+        raise ValueError(
+            f"Lipschitz probe: {len(clean)} clean predictions, {len(perturbed)} perturbed, {len(norms)} norms"
+        )
+    ratios = []
+    for i, (a, b) in enumerate(zip(clean, perturbed, strict=True)):
+        a, b = _flat(a), _flat(b)
+        if a.shape != b.shape:
+            raise ValueError(
+                f"Lipschitz probe: sample {i} has a prediction of {a.numel()} values for x and {b.numel()} "
+                "for x + δ; task.perturb must keep the problem's shape"
+            )
+        ratios.append(float((b - a).norm()) / float(norms[i]) if float(norms[i]) > 0 else math.nan)
+    return torch.tensor(ratios, dtype=torch.float64)
+
+
+def _finite_stat(values: torch.Tensor, how: str) -> float:
+    finite = values[torch.isfinite(values)]
+    if finite.numel() == 0:
+        return math.nan
+    return float(finite.max() if how == "max" else finite.mean())
+
+
+@torch.no_grad()
+def sweep(
+    model: torch.nn.Module,
+    task: TaskAdapter,
+    rows,
+    loops: Sequence[int] | str,
+    batch_size: int = 64,
+    perturb_eps: float | None = 1e-4,
+    seed: int = 0,
+    keep_tol: bool = False,
+    return_predictions: bool = False,
+    warmup: bool = True,
+) -> dict[str, Any]:
+    """Score ``model`` on ``rows`` at every loop count in ``loops`` from one trajectory run per batch.
+
+    Args:
+        model: an implicit model with a head (`ImplicitForTokenClassification`, `...ForCausalLM`).
+        task: the task adapter that encodes ``rows``, decodes head outputs and scores predictions.
+        rows: dataset rows (a list of dicts or a ``datasets.Dataset``).
+        loops: loop counts to score (a list or a `parse_loops` string); one run with ``max(loops)``.
+        batch_size: rows per forward pass.
+        perturb_eps: size of the perturbation for the Lipschitz probe (``task.perturb(rows,
+            perturb_eps, seed)``); ``None`` or ``0`` skips the probe (and its second run).
+        seed: seed passed to ``task.perturb``.
+        keep_tol: keep the model's own halting tolerance (``config.tol``) instead of forcing exactly
+            ``max(loops)`` iterations (``tol=0``).
+        return_predictions: also return the decoded predictions per loop count (``"predictions"``,
+            and ``"perturbed_predictions"`` with the probe) for inspection; not JSON-serialisable.
+        warmup: run the first batch once at one loop, untimed, before the timed runs.
+
+    Returns a dict with ``records`` (one per loop count, ascending): ``loops``, ``metrics`` (all of
+    ``compute_metrics``), ``quality`` (``metrics[task.quality_metric]``), ``lipschitz`` (max over
+    samples; ``lipschitz_mean`` the mean), ``rel_residual_mean`` / ``rel_residual_max`` (relative
+    residual at iteration ``t``), ``steps_mean`` (iterations actually run within a budget of ``t``),
+    ``seconds`` (trajectory-run seconds for all rows scaled linearly to ``t``: ``total * t / K``)
+    and ``flops`` (`estimate_flops` per sample, averaged over the padded batch lengths); plus the
+    run's summary: ``seconds_total`` (the clean trajectory run), ``max_loops``, ``num_samples``, ...
+    """
+    loops = normalise_loops(loops)
+    rows = as_rows(rows)
+    if not rows:
+        raise ValueError("sweep needs at least one row")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an integer >= 1; got {batch_size!r}")
+    if perturb_eps is not None and perturb_eps < 0:
+        raise ValueError(f"perturb_eps must be >= 0 (0 or None skips the Lipschitz probe); got {perturb_eps!r}")
+    model.eval()
+    if task.generative:
+        from .generative import generative_sweep  # imported here: generative.py builds on this module
+
+        return generative_sweep(
+            model,
+            task,
+            rows,
+            loops,
+            batch_size=batch_size,
+            probe=bool(perturb_eps),
+            seed=seed,
+            keep_tol=keep_tol,
+            return_predictions=return_predictions,
+            warmup=warmup,
+        )
+    tol = None if keep_tol else 0
+    max_loops = loops[-1]
+    if warmup:  # one untimed call first: lazy initialisation would otherwise land in the timings
+        inputs = _to_device(task.encode(rows[:batch_size]), device_of(model))
+        model_inputs = {k: v for k, v in inputs.items() if k != "labels"}
+        model(**model_inputs, num_loops=1, tol=tol, return_trajectory=True, **feedback_kwargs(task, inputs))
+    clean = _trajectory_pass(model, task, rows, loops, batch_size, tol)
+
+    probe = bool(perturb_eps)
+    lipschitz: dict[int, torch.Tensor] = {}
+    perturbed = None
+    if probe:
+        perturbed_rows, delta_norms = task.perturb(rows, perturb_eps, seed)
+        perturbed = _trajectory_pass(model, task, as_rows(perturbed_rows), loops, batch_size, tol)
+        for t in loops:
+            lipschitz[t] = lipschitz_ratios(clean["predictions"][t], perturbed["predictions"][t], delta_norms)
+
+    outputs = head_outputs(model)
+    lengths = clean["batch_lengths"]
+    records = []
+    for t in loops:
+        metrics = scored_metrics(task, clean["predictions"][t], rows)
+        flops = sum(size * estimate_flops(model.config, length, t, outputs) for size, length in lengths)
+        residual = clean["rel_residual"][t]
+        records.append(
+            {
+                "loops": t,
+                "metrics": metrics,
+                "quality": metrics[task.quality_metric],
+                "lipschitz": _finite_stat(lipschitz[t], "max") if probe else None,
+                "lipschitz_mean": _finite_stat(lipschitz[t], "mean") if probe else None,
+                "rel_residual_mean": _finite_stat(residual, "mean"),
+                "rel_residual_max": _finite_stat(residual, "max"),
+                "steps_mean": float(clean["steps"][t].double().mean()),
+                "seconds": clean["seconds"] * t / max_loops,
+                "flops": flops / len(rows),
+            }
+        )
+    result = {
+        "loops": loops,
+        "max_loops": max_loops,
+        "num_samples": len(rows),
+        "quality_metric": task.quality_metric,
+        "higher_is_better": bool(task.higher_is_better),
+        "tol": model.config.tol if keep_tol else None,
+        "solver": model.config.solver,
+        "perturb_eps": perturb_eps if probe else None,
+        "seed": seed,
+        "batch_size": batch_size,
+        "seconds_total": clean["seconds"],
+        "seconds_perturbed_total": perturbed["seconds"] if probe else None,
+        "seq_len_mean": sum(s * n for s, n in clean["batch_lengths"]) / len(rows),
+        "diverged_fraction": clean["diverged"] / len(rows),
+        "records": records,
+    }
+    if return_predictions:
+        result["predictions"] = clean["predictions"]
+        if probe:
+            result["perturbed_predictions"] = perturbed["predictions"]
+    return result

@@ -1,0 +1,86 @@
+"""Models for tasks: the model classes of each task head, loading a trained checkpoint, and finding the task
+it was trained on again. Used by training (``init_from``), evaluation and the command line.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+
+from .base import TASK_FILE, TaskAdapter, get_task
+
+
+class Head(NamedTuple):
+    """The model classes of a task head."""
+
+    model_class: str  # the class a checkpoint for the head is saved as (config.json "architectures")
+    auto_class: str  # the transformers Auto class that loads such a checkpoint
+
+
+# A task's ``head`` -> its model classes.
+HEADS: dict[str, Head] = {
+    "causal_lm": Head("ImplicitForCausalLM", "AutoModelForCausalLM"),
+    "token_classification": Head("ImplicitForTokenClassification", "AutoModelForTokenClassification"),
+    "token_regression": Head("ImplicitForTokenRegression", "AutoModelForTokenClassification"),
+}
+
+
+def load_model(model_dir: str | Path, head: str, device: str | torch.device = "cpu") -> torch.nn.Module:
+    """The checkpoint in ``model_dir`` through the Auto class of ``head`` (the task's head type), in eval mode."""
+    import transformers
+
+    from .. import modeling  # noqa: F401  (importing it registers the implicit model type with the Auto classes)
+
+    if head not in HEADS:
+        raise ValueError(f"unknown task head {head!r}; expected one of {sorted(HEADS)}")
+    model = getattr(transformers, HEADS[head].auto_class).from_pretrained(str(model_dir))
+    return model.to(device).eval()
+
+
+def train_loops(config) -> int:
+    """The loop count the model was trained with: ``num_loops_train``, else ``num_loops``."""
+    value = getattr(config, "num_loops_train", None)
+    return int(value if value is not None else config.num_loops)
+
+
+def recorded_task(model_dir: str | Path) -> dict[str, Any] | None:
+    """The task a model was trained on (``implicit_task.json`` written by the training loop), or ``None``."""
+    path = Path(model_dir) / TASK_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def resolve_task(name: str | TaskAdapter, task_kwargs: dict[str, Any] | None = None) -> TaskAdapter:
+    """A task adapter instance: ``name`` itself, or the task registered (or built in) as ``name`` (`get_task`)."""
+    if isinstance(name, TaskAdapter):
+        return name
+    return get_task(name, **dict(task_kwargs or {}))
+
+
+def task_for_model(
+    model_dir: str | Path, task_name: str | TaskAdapter | None, task_kwargs: dict[str, Any] | None
+) -> tuple[TaskAdapter, dict[str, Any]]:
+    """The task to score ``model_dir`` on, and its constructor arguments: ``task_name`` / ``task_kwargs``
+    when given, else what the model was trained on.
+
+    Recorded constructor arguments fill in only for the recorded task, and only when ``task_kwargs`` is
+    not given, so a model trained on ``deblur`` with ``blur_sigma: 2.5`` is scored on that blur by default.
+    """
+    record = recorded_task(model_dir)
+    if task_name is None:
+        if record is None:
+            raise ValueError(
+                f"no task given and {str(Path(model_dir) / TASK_FILE)!r} does not exist "
+                "(it is written by implicit-hf train): pass the task name (--task)"
+            )
+        task_name = record["task"]
+    if record is not None and task_name == record["task"]:
+        if record.get("task_module"):
+            importlib.import_module(record["task_module"])
+        if task_kwargs is None:
+            task_kwargs = record.get("task_kwargs") or {}
+    task_kwargs = dict(task_kwargs or {})
+    return resolve_task(task_name, task_kwargs), task_kwargs
