@@ -5,7 +5,7 @@
 ``results.csv`` and plots; `main` is ``implicit-hf eval`` (`harness.py`).
 """
 
-from ..cli import parse_loops
+from ..loop_counts import parse_loops
 from ..tasks.models import load_model, resolve_task
 from .harness import add_arguments, main, run_eval, run_from_args
 from .sweep import estimate_flops, lipschitz_ratios, sweep

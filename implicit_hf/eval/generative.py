@@ -17,9 +17,10 @@ from typing import Any
 
 import torch
 
+from ..loop_counts import normalise_loops
 from ..tasks.base import TaskAdapter
 from ..tasks.edit_distance import word_edit_distance
-from .sweep import device_of, estimate_flops, head_outputs, normalise_loops, scored_metrics, synchronize
+from .sweep import device_of, estimate_flops, head_outputs, scored_metrics, synchronize
 
 
 @torch.no_grad()

@@ -16,9 +16,10 @@ from typing import Any
 import torch
 
 from ..cli import UsageError, add_eval_arguments
+from ..loop_counts import normalise_loops
 from ..tasks.base import TaskAdapter
 from ..tasks.models import load_model, task_for_model, train_loops
-from .sweep import as_rows, normalise_loops, sweep, to_builtin
+from .sweep import as_rows, sweep, to_builtin
 
 # --------------------------------------------------------------------------------------------------
 # Files: results.csv and the summaries of the model and the environment in results.json

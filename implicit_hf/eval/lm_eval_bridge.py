@@ -26,10 +26,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from ..loop_counts import normalise_loops
 from ..tasks.models import load_model, train_loops
 from .harness import environment
 from .plots import plot_quality_vs_loops, plot_tasks_vs_loops
-from .sweep import normalise_loops
 
 # lm_eval metrics where lower is better (everything else it reports is higher-is-better)
 LOWER_IS_BETTER = ("perplexity", "word_perplexity", "byte_perplexity", "bits_per_byte", "ter")

@@ -30,19 +30,9 @@ from typing import Any
 
 import torch
 
-from ..cli import parse_loops  # the loop specification is parsed without torch by the cli
+from ..loop_counts import normalise_loops
+from ..modeling.configuration_implicit import check_integer
 from ..tasks.base import TaskAdapter, feedback_kwargs
-
-
-def normalise_loops(loops: str | Sequence[int]) -> list[int]:
-    """The loop counts of a `parse_loops` string or a list of integers >= 1: sorted and unique."""
-    if isinstance(loops, str):
-        return parse_loops(loops)
-    values = list(loops)
-    if not values or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in values):
-        raise ValueError(f"loops must be a non-empty list of integers >= 1; got {loops!r}")
-    return sorted(set(values))
-
 
 # --------------------------------------------------------------------------------------------------
 # Cost model
@@ -294,8 +284,7 @@ def sweep(
     rows = as_rows(rows)
     if not rows:
         raise ValueError("sweep needs at least one row")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be an integer >= 1; got {batch_size!r}")
+    batch_size = check_integer("batch_size", batch_size)
     if perturb_eps is not None and perturb_eps < 0:
         raise ValueError(f"perturb_eps must be >= 0 (0 or None skips the Lipschitz probe); got {perturb_eps!r}")
     model.eval()
