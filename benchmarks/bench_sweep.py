@@ -38,7 +38,7 @@ sys.path.insert(0, str(ROOT / "tests"))  # the synthetic task lives with the tes
 from eval_toy_task import EvalToyTask  # noqa: E402
 
 from implicit_hf.eval import estimate_flops, sweep  # noqa: E402
-from implicit_hf.tasks.base import build_model  # noqa: E402
+from implicit_hf.tasks.models import build_model  # noqa: E402
 
 TARGET = 1.2
 

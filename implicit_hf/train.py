@@ -346,7 +346,7 @@ def build_datasets(config: TrainConfig, task: TaskAdapter, accelerator: Accelera
 def initial_model(config: TrainConfig, task: TaskAdapter) -> Any:
     """The model training starts from: ``init_from`` with the recipe's loop settings, or a fresh one; with
     ``lora``, wrapped by peft so that only the adapters train. (`check_recipe` has checked the settings.)"""
-    from .tasks.base import build_model
+    from .tasks.models import build_model
 
     if config.init_from is None:
         model = build_model(task, **config.model)

@@ -100,7 +100,7 @@ class EvalToyTask(TaskAdapter):
 
 def toy_model(task: EvalToyTask | None = None, seed: int = 0, **overrides):
     """The tiny implicit model the tests use (untrained, deterministic in ``seed``)."""
-    from implicit_hf.tasks.base import build_model
+    from implicit_hf.tasks.models import build_model
 
     torch.manual_seed(seed)
     settings = dict(hidden_size=32, num_attention_heads=4, num_prelude_layers=1, num_core_layers=1, num_coda_layers=1)

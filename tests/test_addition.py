@@ -157,7 +157,7 @@ def test_perturb(task, rows):
 
 
 def test_model_is_length_independent_and_padding_free(task):
-    from implicit_hf.tasks.base import build_model
+    from implicit_hf.tasks.models import build_model
 
     torch.manual_seed(0)
     model = build_model(

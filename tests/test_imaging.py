@@ -14,7 +14,6 @@ from implicit_hf.eval import sweep
 from implicit_hf.modeling.configuration_implicit import GRADIENTS
 from implicit_hf.tasks import get_task
 from implicit_hf.tasks import imaging as imaging_module
-from implicit_hf.tasks.base import build_model
 from implicit_hf.tasks.imaging import (
     HELD_OUT_IMAGES,
     TRAIN_IMAGES,
@@ -25,6 +24,7 @@ from implicit_hf.tasks.imaging import (
     patchify,
     unpatchify,
 )
+from implicit_hf.tasks.models import build_model
 
 SIZE = 16  # 16 x 16 crops: 16 tokens of 4 x 4 pixels
 TINY_MODEL = dict(hidden_size=32, num_attention_heads=4, num_prelude_layers=0, num_core_layers=1, num_coda_layers=0)

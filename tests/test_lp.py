@@ -9,8 +9,8 @@ from scipy.optimize import linprog
 
 from implicit_hf.tasks import get_task
 from implicit_hf.tasks import lp as lp_module
-from implicit_hf.tasks.base import build_model
 from implicit_hf.tasks.lp import Y_SCALE, LinearProgramTask, solve_lp
+from implicit_hf.tasks.models import build_model
 
 
 @pytest.fixture(scope="module")

@@ -298,7 +298,7 @@ def test_training_run_lowers_the_loss(tmp_path, monkeypatch):
 
 
 def test_model_forward_on_a_mixed_size_batch(task, rows):
-    from implicit_hf.tasks.base import build_model
+    from implicit_hf.tasks.models import build_model
 
     torch.manual_seed(0)
     model = build_model(

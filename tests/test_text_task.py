@@ -8,7 +8,7 @@ from test_convert import character_tokenizer
 
 import implicit_hf.tasks.text  # noqa: F401  (registers the task)
 from implicit_hf.eval import sweep
-from implicit_hf.tasks.base import build_model
+from implicit_hf.tasks.models import build_model
 from implicit_hf.tasks.text import TextTask, corpus_text
 
 

@@ -22,14 +22,14 @@ BUILTIN_TASK_MODULES = {
     "multihop": "implicit_hf.tasks.reasoning.multihop",
 }
 
-_BASE_EXPORTS = ("TASKS", "Example", "TaskAdapter", "build_model", "get_task")
+_EXPORTS = {"TASKS": ".base", "Example": ".base", "TaskAdapter": ".base", "get_task": ".base", "build_model": ".models"}
 
-__all__ = ["BUILTIN_TASK_MODULES", *_BASE_EXPORTS]
+__all__ = ["BUILTIN_TASK_MODULES", *_EXPORTS]
 
 
 def __getattr__(name: str) -> Any:
-    if name in _BASE_EXPORTS:
-        value = getattr(importlib.import_module(".base", __name__), name)
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name], __name__), name)
         globals()[name] = value
         return value
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

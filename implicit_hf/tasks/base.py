@@ -244,27 +244,3 @@ def feedback_kwargs(task: TaskAdapter, inputs: dict[str, torch.Tensor]) -> dict[
     model arguments of a forward pass on ``inputs``."""
     feedback = task.loop_feedback(inputs)
     return {} if feedback is None else {"loop_feedback": feedback}
-
-
-def build_model(task: TaskAdapter, **config_overrides: Any):
-    """A fresh implicit model with the head and input sizes ``task`` needs, plus ``config_overrides``."""
-    from ..modeling import (
-        ImplicitConfig,
-        ImplicitForCausalLM,
-        ImplicitForTokenClassification,
-        ImplicitForTokenRegression,
-    )
-
-    heads = {
-        "causal_lm": ImplicitForCausalLM,
-        "token_classification": ImplicitForTokenClassification,
-        "token_regression": ImplicitForTokenRegression,
-    }
-    fixed = task.model_config()
-    clashes = {k: (v, fixed[k]) for k, v in config_overrides.items() if k in fixed and fixed[k] != v}
-    if clashes:
-        details = ", ".join(
-            f"{k}={mine!r} (task {task.name!r} needs {theirs!r})" for k, (mine, theirs) in clashes.items()
-        )
-        raise ValueError(f"model settings conflict with the task: {details}")
-    return heads[task.head](ImplicitConfig(**{**config_overrides, **fixed}))

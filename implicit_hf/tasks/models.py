@@ -29,6 +29,21 @@ HEADS: dict[str, Head] = {
 }
 
 
+def build_model(task: TaskAdapter, **config_overrides: Any):
+    """A fresh implicit model with the head and input sizes ``task`` needs, plus ``config_overrides``."""
+    from .. import modeling
+
+    fixed = task.model_config()
+    clashes = {k: (v, fixed[k]) for k, v in config_overrides.items() if k in fixed and fixed[k] != v}
+    if clashes:
+        details = ", ".join(
+            f"{k}={mine!r} (task {task.name!r} needs {theirs!r})" for k, (mine, theirs) in clashes.items()
+        )
+        raise ValueError(f"model settings conflict with the task: {details}")
+    model_class = getattr(modeling, HEADS[task.head].model_class)
+    return model_class(modeling.ImplicitConfig(**{**config_overrides, **fixed}))
+
+
 def load_model(model_dir: str | Path, head: str, device: str | torch.device = "cpu") -> torch.nn.Module:
     """The checkpoint in ``model_dir`` through the Auto class of ``head`` (the task's head type), in eval mode."""
     import transformers
