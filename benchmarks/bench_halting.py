@@ -29,7 +29,7 @@ import torch
 from _common import environment, median, resolve_device, write_report
 
 from implicit_hf.tasks.base import feedback_kwargs
-from implicit_hf.tasks.models import load_model, task_for_model, train_loops
+from implicit_hf.tasks.models import load_model, task_for_model
 
 LOOP_TARGET = 1.5
 
@@ -83,9 +83,9 @@ def main() -> None:
     task_kwargs = json.loads(args.task_kwargs) if args.task_kwargs else None
     task, task_kwargs = task_for_model(args.model, args.task, task_kwargs)
     model = load_model(args.model, task.head, device)
-    loops = args.max_loops or 4 * train_loops(model.config)
+    loops = args.max_loops or 4 * model.config.train_loops
     rows = task.build_dataset("test", args.n, args.seed).to_list()
-    trained = train_loops(model.config)
+    trained = model.config.train_loops
     smaller = [int(k) for k in args.fixed_loops.split(",")] if args.fixed_loops else [trained, 2 * trained]
     # setting name -> (loop count, tolerance)
     settings = {"fixed": (loops, 0.0)} | {f"fixed={k}": (k, 0.0) for k in sorted(set(smaller)) if k < loops}

@@ -18,7 +18,7 @@ import torch
 from ..cli import UsageError, add_eval_arguments
 from ..loop_counts import normalise_loops
 from ..tasks.base import TaskAdapter
-from ..tasks.models import load_model, task_for_model, train_loops
+from ..tasks.models import load_model, task_for_model
 from .sweep import as_rows, sweep, to_builtin
 
 # --------------------------------------------------------------------------------------------------
@@ -62,7 +62,7 @@ def _model_summary(model: torch.nn.Module, model_dir: str | Path) -> dict[str, A
         model_dir=str(model_dir),
         architecture=type(model).__name__,
         problem_type=getattr(config, "problem_type", None),
-        train_loops=train_loops(config),
+        train_loops=config.train_loops,
         num_parameters=sum(p.numel() for p in model.parameters()),
     )
     return to_builtin(summary)

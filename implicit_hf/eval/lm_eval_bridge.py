@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from ..loop_counts import normalise_loops
-from ..tasks.models import load_model, train_loops
+from ..tasks.models import load_model
 from .harness import environment
 from .plots import plot_quality_vs_loops, plot_tasks_vs_loops
 
@@ -207,7 +207,7 @@ def lm_eval_sweep(
         if len(runs) == 1:  # lm-eval repeats its set-up warnings on every pass: show them once
             _quiet_lm_eval_logs()
     report = {
-        "model": {"model_dir": str(model_dir), "train_loops": train_loops(model.config), "solver": model.config.solver},
+        "model": {"model_dir": str(model_dir), "train_loops": model.config.train_loops, "solver": model.config.solver},
         "tasks": list(tasks),
         "loops": loop_counts,
         "run": {

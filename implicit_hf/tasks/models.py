@@ -56,12 +56,6 @@ def load_model(model_dir: str | Path, head: str, device: str | torch.device = "c
     return model.to(device).eval()
 
 
-def train_loops(config) -> int:
-    """The loop count the model was trained with: ``num_loops_train``, else ``num_loops``."""
-    value = getattr(config, "num_loops_train", None)
-    return int(value if value is not None else config.num_loops)
-
-
 def recorded_task(model_dir: str | Path) -> dict[str, Any] | None:
     """The task a model was trained on (``implicit_task.json`` written by the training loop), or ``None``."""
     path = Path(model_dir) / TASK_FILE
