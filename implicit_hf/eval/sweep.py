@@ -30,8 +30,8 @@ from typing import Any
 
 import torch
 
+from ..checks import check_integer
 from ..loop_counts import normalise_loops
-from ..modeling.configuration_implicit import check_integer
 from ..tasks.base import TaskAdapter, feedback_kwargs
 
 # --------------------------------------------------------------------------------------------------

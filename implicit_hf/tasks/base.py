@@ -48,7 +48,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import numpy as np
 import torch
 
-from ..modeling.configuration_implicit import check_integer
+from ..checks import check_integer
 from . import BUILTIN_TASK_MODULES  # built-in task -> its module (in the package __init__: listing needs no torch)
 
 if TYPE_CHECKING:

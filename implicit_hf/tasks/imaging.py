@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..modeling.configuration_implicit import check_integer
+from ..checks import check_integer
 from .base import Example, TaskAdapter, single_threaded
 
 PIXEL_MEAN = 0.5  # model inputs and targets are (pixel - PIXEL_MEAN) / PIXEL_SCALE, O(1) on natural images

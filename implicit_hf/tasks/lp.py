@@ -52,7 +52,7 @@ import numpy as np
 import torch
 from scipy.optimize import linprog
 
-from ..modeling.configuration_implicit import check_integer
+from ..checks import check_integer
 from .base import Example, TaskAdapter, list_feature
 
 B_SCALE = 1.0  # b ~ U(-1, 1) already

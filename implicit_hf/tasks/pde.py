@@ -84,7 +84,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..modeling.configuration_implicit import check_integer
+from ..checks import check_integer
 from .base import Example, TaskAdapter, list_feature, single_threaded
 
 NU = 0.02  # viscosity ν

@@ -49,7 +49,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ...modeling.configuration_implicit import check_integer
+from ...checks import check_integer
 from ..base import Example, TaskAdapter, list_feature, split_rng
 from ..edit_distance import word_edit_distance
 

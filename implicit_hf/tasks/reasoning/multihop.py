@@ -65,7 +65,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ...modeling.configuration_implicit import check_integer
+from ...checks import check_integer
 from ..base import Example, TaskAdapter, check_size_and_seed, list_feature, split_rng
 
 SPECIAL_TOKENS = ("[PAD]", "[BOS]", "[EOS]", "[UNK]")

@@ -1,0 +1,17 @@
+"""Checks of user-given values for the task and recipe modules, in pure Python: importing a task imports
+neither transformers nor the model package for them. The model files keep the same check in
+`implicit_hf.modeling.configuration_implicit` (they are copied beside checkpoints and may import nothing
+from ``implicit_hf``)."""
+
+from __future__ import annotations
+
+import numbers
+from typing import Any
+
+
+def check_integer(name: str, value: Any, minimum: int = 1) -> int:
+    """``value`` as an ``int`` if it is an integral number (Python or numpy, not a bool) ``>= minimum``;
+    otherwise a ``ValueError`` naming ``name`` and what it allows."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}; got {value!r}")
+    return int(value)
