@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from ..cli import UsageError, add_eval_arguments
+from ..arguments import UsageError, add_eval_arguments
 from ..loop_counts import normalise_loops
 from ..tasks.base import TaskAdapter
 from ..tasks.models import load_model, task_for_model

@@ -309,8 +309,8 @@ def _file_safe(name: str) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Add the ``implicit-hf lm-eval`` options to ``parser`` (defined in `implicit_hf.cli`)."""
-    from ..cli import add_lm_eval_arguments
+    """Add the ``implicit-hf lm-eval`` options to ``parser`` (defined in `implicit_hf.arguments`)."""
+    from ..arguments import add_lm_eval_arguments
 
     return add_lm_eval_arguments(parser)
 
