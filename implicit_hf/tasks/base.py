@@ -41,7 +41,7 @@ import shutil
 import uuid
 import zlib
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -152,6 +152,13 @@ class TaskAdapter(ABC):
         """Write what a trained model needs besides its weights into ``model_dir`` (e.g. a tokenizer);
         nothing by default. The training loop calls it after saving the final model."""
         return None
+
+
+def check_one_per_row(predictions: Sequence[Any], examples: Sequence[Example]) -> None:
+    """Raise a ValueError unless there is one prediction per row: ``compute_metrics`` would otherwise
+    score a truncated pairing."""
+    if len(predictions) != len(examples):
+        raise ValueError(f"{len(predictions)} predictions for {len(examples)} examples")
 
 
 TASKS: dict[str, type[TaskAdapter]] = {}

@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 from ..checks import check_integer
-from .base import Example, TaskAdapter, single_threaded
+from .base import Example, TaskAdapter, check_one_per_row, single_threaded
 
 PIXEL_MEAN = 0.5  # model inputs and targets are (pixel - PIXEL_MEAN) / PIXEL_SCALE, O(1) on natural images
 PIXEL_SCALE = 0.25
@@ -297,8 +297,7 @@ class DeblurTask(TaskAdapter):
 
     def compute_metrics(self, predictions: list[torch.Tensor], examples: list[Example]) -> dict[str, float]:
         """``psnr`` (headline, dB), ``ssim`` and ``mse`` against the clean images, averaged over samples."""
-        if len(predictions) != len(examples):
-            raise ValueError(f"{len(predictions)} predictions for {len(examples)} examples")
+        check_one_per_row(predictions, examples)
         return self.load_metric().compute(
             predictions=[torch.as_tensor(p).double().cpu().numpy().tolist() for p in predictions],
             references=[self._pixels(e, "image", k).tolist() for k, e in enumerate(examples)],

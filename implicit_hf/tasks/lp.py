@@ -53,7 +53,7 @@ import torch
 from scipy.optimize import linprog
 
 from ..checks import check_integer
-from .base import Example, TaskAdapter, list_feature
+from .base import Example, TaskAdapter, check_one_per_row, list_feature
 
 B_SCALE = 1.0  # b ~ U(-1, 1) already
 C_SCALE = 0.01  # c ~ 0.01 U(-1, 1): c / C_SCALE ~ U(-1, 1)
@@ -239,8 +239,7 @@ class LinearProgramTask(TaskAdapter):
 
     def compute_metrics(self, predictions: list[torch.Tensor], examples: list[Example]) -> dict[str, float]:
         """``relative_error`` (headline), ``relative_error_max``, ``objective_gap``, ``constraint_violation``."""
-        if len(predictions) != len(examples):
-            raise ValueError(f"{len(predictions)} predictions for {len(examples)} examples")
+        check_one_per_row(predictions, examples)
         fields = {name: [example[name] for example in examples] for name in ("c", "A", "b", "lower", "upper")}
         return self.load_metric().compute(
             predictions=[np.asarray(_numpy(p), dtype=np.float64) for p in predictions],

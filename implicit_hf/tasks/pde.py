@@ -85,7 +85,7 @@ import numpy as np
 import torch
 
 from ..checks import check_integer
-from .base import Example, TaskAdapter, list_feature, single_threaded
+from .base import Example, TaskAdapter, check_one_per_row, list_feature, single_threaded
 
 NU = 0.02  # viscosity ν
 DRAG = 0.1  # linear drag α
@@ -242,8 +242,7 @@ class NavierStokesTask(TaskAdapter):
 
     def compute_metrics(self, predictions: list[torch.Tensor], examples: list[Example]) -> dict[str, float]:
         """``relative_l2`` (headline, mean over samples) and ``relative_l2_max``."""
-        if len(predictions) != len(examples):
-            raise ValueError(f"{len(predictions)} predictions for {len(examples)} examples")
+        check_one_per_row(predictions, examples)
         return self.load_metric().compute(
             predictions=[_numpy(p).reshape(-1) for p in predictions],
             references=[np.asarray(example["vorticity"], dtype=np.float64).reshape(-1) for example in examples],

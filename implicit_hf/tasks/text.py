@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from ..checks import check_integer
-from .base import Example, TaskAdapter, list_feature
+from .base import Example, TaskAdapter, check_one_per_row, list_feature
 
 SPLITS = ("train", "validation", "test")
 
@@ -137,8 +137,7 @@ class TextTask(TaskAdapter):
         return list(logprobs.detach().double().cpu())
 
     def compute_metrics(self, predictions: list[torch.Tensor], examples: list[Example]) -> dict[str, float]:
-        if len(predictions) != len(examples):
-            raise ValueError(f"{len(predictions)} predictions for {len(examples)} examples")
+        check_one_per_row(predictions, examples)
         return self.load_metric().compute(predictions=[p.tolist() for p in predictions])
 
     def perturb(self, examples: list[Example], eps: float, seed: int) -> tuple[list[Example], torch.Tensor]:

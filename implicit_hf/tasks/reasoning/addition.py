@@ -61,7 +61,7 @@ import numpy as np
 import torch
 
 from ...checks import check_integer
-from ..base import Example, TaskAdapter, list_feature
+from ..base import Example, TaskAdapter, check_one_per_row, list_feature
 
 PAD = 0
 END = 101
@@ -189,8 +189,7 @@ class AdditionTask(TaskAdapter):
 
     def compute_metrics(self, predictions: list[torch.Tensor], examples: list[Example]) -> dict[str, float]:
         """``exact_match`` (headline) and ``digit_accuracy``, means over problems."""
-        if len(predictions) != len(examples):
-            raise ValueError(f"{len(predictions)} predictions for {len(examples)} examples")
+        check_one_per_row(predictions, examples)
         return self.load_metric().compute(
             predictions=[np.asarray(torch.as_tensor(p).cpu(), dtype=np.int64).reshape(-1) for p in predictions],
             references=[np.asarray(example["sum"], dtype=np.int64) for example in examples],

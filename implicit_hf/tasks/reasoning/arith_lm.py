@@ -50,7 +50,7 @@ import numpy as np
 import torch
 
 from ...checks import check_integer
-from ..base import Example, TaskAdapter, list_feature, split_rng
+from ..base import Example, TaskAdapter, check_one_per_row, list_feature, split_rng
 from ..edit_distance import word_edit_distance
 
 SPECIAL_TOKENS = ("[PAD]", "[BOS]", "[EOS]", "[UNK]")
@@ -246,8 +246,7 @@ class ArithLMTask(TaskAdapter):
     def compute_metrics(self, predictions: list[str], examples: list[Example]) -> dict[str, float]:
         """``answer_accuracy`` (headline: the last number written is the answer) and ``exact_match`` (the
         whole completion), means over problems."""
-        if len(predictions) != len(examples):
-            raise ValueError(f"{len(predictions)} predictions for {len(examples)} examples")
+        check_one_per_row(predictions, examples)
         return self.load_metric().compute(
             predictions=[str(p) for p in predictions], references=[example["completion"] for example in examples]
         )

@@ -58,7 +58,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..base import Example, TaskAdapter, list_feature
+from ..base import Example, TaskAdapter, check_one_per_row, list_feature
 
 PAD, WALL, OPEN, START, GOAL = 0, 1, 2, 3, 4
 VOCAB_SIZE = 5
@@ -188,8 +188,7 @@ class MazeTask(TaskAdapter):
 
     def compute_metrics(self, predictions: list[torch.Tensor], examples: list[Example]) -> dict[str, float]:
         """``exact_match`` (headline) and ``cell_accuracy`` over the open squares, means over samples."""
-        if len(predictions) != len(examples):
-            raise ValueError(f"{len(predictions)} predictions for {len(examples)} examples")
+        check_one_per_row(predictions, examples)
         return self.load_metric().compute(
             predictions=[np.asarray(torch.as_tensor(p).cpu(), dtype=np.int64).reshape(-1) for p in predictions],
             references=[_reference(example) for example in examples],

@@ -66,7 +66,7 @@ import numpy as np
 import torch
 
 from ...checks import check_integer
-from ..base import Example, TaskAdapter, check_size_and_seed, list_feature, split_rng
+from ..base import Example, TaskAdapter, check_one_per_row, check_size_and_seed, list_feature, split_rng
 
 SPECIAL_TOKENS = ("[PAD]", "[BOS]", "[EOS]", "[UNK]")
 PAD_ID, BOS_ID, EOS_ID, UNK_ID = range(4)
@@ -371,8 +371,7 @@ class MultiHopTask(TaskAdapter):
 
     def compute_metrics(self, predictions: list[str], examples: list[Example]) -> dict[str, float]:
         """``exact_match`` of the answer (the generated text, stripped, equals the answer digit)."""
-        if len(predictions) != len(examples):
-            raise ValueError(f"{len(predictions)} predictions for {len(examples)} examples")
+        check_one_per_row(predictions, examples)
         return self.load_metric().compute(
             predictions=[str(p) for p in predictions], references=[example["completion"] for example in examples]
         )

@@ -58,7 +58,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..base import Example, TaskAdapter, list_feature
+from ..base import Example, TaskAdapter, check_one_per_row, list_feature
 
 CELLS = 81
 ALL = (1 << 9) - 1  # candidate bitmask: bit d-1 <-> digit d
@@ -356,8 +356,7 @@ class SudokuTask(TaskAdapter):
 
     def compute_metrics(self, predictions: list[torch.Tensor], examples: list[Example]) -> dict[str, float]:
         """``exact_match`` (headline: the share of grids entirely right) and ``cell_accuracy`` over blank cells."""
-        if len(predictions) != len(examples):
-            raise ValueError(f"{len(predictions)} predictions for {len(examples)} examples")
+        check_one_per_row(predictions, examples)
         return self.load_metric().compute(
             predictions=[torch.as_tensor(p).reshape(-1).tolist() for p in predictions],
             references=[list(example["solution"]) for example in examples],
