@@ -31,7 +31,8 @@ def main() -> None:
         for path in halting:
             report = load(path)
             record = report["records"][-1]
-            print(f"| {path.parent.name[4:]} | {report['run']['tol']} | {record['steps_mean']:.2f} | {record['quality']:.3f} |")
+            tol, steps, quality = report["run"]["tol"], record["steps_mean"], record["quality"]
+            print(f"| {path.parent.name[4:]} | {tol} | {steps:.2f} | {quality:.3f} |")
 
 
 if __name__ == "__main__":

@@ -4,9 +4,18 @@ A stand-alone loop used to choose the multihop task format and model settings (r
 run from the repository root with implicit-hf installed, e.g.
   OMP_NUM_THREADS=2 python results/multihop/probes/probe.py --names pairs --fmt rhs --hops 1 3 --implicit ...
 """
-import argparse, math, random, time, string, itertools, json
+
+import argparse
+import itertools
+import math
+import random
+import string
+import time
+
 import numpy as np
 import torch
+
+from implicit_hf.modeling import ImplicitConfig, ImplicitForCausalLM
 
 p = argparse.ArgumentParser()
 p.add_argument("--names", default="letters")  # letters | pairs
@@ -43,8 +52,12 @@ p.add_argument("--state_init", default="zeros")
 p.add_argument("--nvars", type=int, default=0)
 args = p.parse_args()
 torch.manual_seed(args.seed)
-names = list(string.ascii_letters) if args.names == "letters" else ["".join(x) for x in itertools.product(string.ascii_lowercase, repeat=2)]
-names = names[:args.nvars] if args.nvars else names
+names = (
+    list(string.ascii_letters)
+    if args.names == "letters"
+    else ["".join(x) for x in itertools.product(string.ascii_lowercase, repeat=2)]
+)
+names = names[: args.nvars] if args.nvars else names
 vocab = ["<pad>", "<bos>"] + list(string.digits) + ["=", ";", "?", ">"] + names
 tid = {t: i for i, t in enumerate(vocab)}
 
@@ -54,19 +67,26 @@ def problem(rng, hops):
     vs = rng.choice(len(names), size=sum(lens), replace=False)
     chains, i = [], 0
     for L in lens:
-        chains.append([names[j] for j in vs[i:i + L]]); i += L
+        chains.append([names[j] for j in vs[i : i + L]])
+        i += L
     roots = rng.integers(0, 10, size=args.chains)
-    stmts = [[(c[0], str(r))] + [(c[k], c[k - 1]) for k in range(1, len(c))] for c, r in zip(chains, roots)]
+    stmts = [
+        [(c[0], str(r))] + [(c[k], c[k - 1]) for k in range(1, len(c))] for c, r in zip(chains, roots, strict=True)
+    ]
     if args.order == "interleaved":
         owners = rng.permutation(np.repeat(np.arange(args.chains), lens))
-        cur = [0] * args.chains; ordered = []
+        cur = [0] * args.chains
+        ordered = []
         for o in owners:
-            ordered.append(stmts[o][cur[o]]); cur[o] += 1
+            ordered.append(stmts[o][cur[o]])
+            cur[o] += 1
     else:
-        flat = [s for c in stmts for s in c]; ordered = [flat[i] for i in rng.permutation(len(flat))]
+        flat = [s for c in stmts for s in c]
+        ordered = [flat[i] for i in rng.permutation(len(flat))]
     values = {}
-    for c, r in zip(chains, roots):
-        for v in c: values[v] = int(r)
+    for c, r in zip(chains, roots, strict=True):
+        for v in c:
+            values[v] = int(r)
     depth = {v: k + 1 for c in chains for k, v in enumerate(c)}
     return ordered, values, depth, chains
 
@@ -84,9 +104,15 @@ def q_tokens(q):
 
 
 STEP = [0]
+
+
 def encode_train(rng, n):
     seqs = []
-    hi = args.hops[1] if not args.ramp else min(args.hops[1], args.hops[0] + int((args.hops[1] - args.hops[0] + 1) * STEP[0] / args.ramp))
+    hi = (
+        args.hops[1]
+        if not args.ramp
+        else min(args.hops[1], args.hops[0] + int((args.hops[1] - args.hops[0] + 1) * STEP[0] / args.ramp))
+    )
     for _ in range(n):
         ordered, values, depth, chains = problem(rng, [args.hops[0], hi])
         st = ["<bos>"] + [t for s in ordered for t in stmt_tokens(*s)]
@@ -101,18 +127,21 @@ def encode_train(rng, n):
     labels = torch.full((B, T), -100)
     for b, (st, qs) in enumerate(seqs):
         S = len(st)
-        ids[b, :S] = torch.tensor([tid[t] for t in st]); pos[b, :S] = torch.arange(S)
+        ids[b, :S] = torch.tensor([tid[t] for t in st])
+        pos[b, :S] = torch.arange(S)
         mask[b, 0, :S, :S] = torch.tril(torch.ones(S, S, dtype=torch.bool))
         cur = S
         for q, a in qs:
             seg = ([tid["?"], tid[q]] if args.qstyle == "pre" else [tid[q], tid[">"], tid["?"]]) + [tid[str(a)]]
             L = len(seg)
-            ids[b, cur:cur + L] = torch.tensor(seg); pos[b, cur:cur + L] = torch.arange(S, S + L)
-            mask[b, 0, cur:cur + L, :S] = True
-            mask[b, 0, cur:cur + L, cur:cur + L] = torch.tril(torch.ones(L, L, dtype=torch.bool))
+            ids[b, cur : cur + L] = torch.tensor(seg)
+            pos[b, cur : cur + L] = torch.arange(S, S + L)
+            mask[b, 0, cur : cur + L, :S] = True
+            mask[b, 0, cur : cur + L, cur : cur + L] = torch.tril(torch.ones(L, L, dtype=torch.bool))
             labels[b, cur + L - 1] = seg[-1]
             cur += L
-        for t in range(cur, T): mask[b, 0, t, t] = True
+        for t in range(cur, T):
+            mask[b, 0, t, t] = True
     return dict(input_ids=ids, attention_mask=mask, position_ids=pos, labels=labels)
 
 
@@ -122,46 +151,84 @@ def eval_set(hops, n=100):
     for _ in range(n):
         ordered, values, depth, chains = problem(rng, [hops, hops])
         q = chains[0][-1]
-        toks = ["<bos>"] + [t for s in ordered for t in stmt_tokens(*s)] + (["?", q] if args.qstyle == "pre" else [q, ">", "?"])
+        toks = (
+            ["<bos>"]
+            + [t for s in ordered for t in stmt_tokens(*s)]
+            + (["?", q] if args.qstyle == "pre" else [q, ">", "?"])
+        )
         rows.append(([tid[t] for t in toks], values[q]))
     T = max(len(r[0]) for r in rows)
-    ids = torch.zeros((n, T), dtype=torch.long); am = torch.zeros((n, T), dtype=torch.long)
+    ids = torch.zeros((n, T), dtype=torch.long)
+    am = torch.zeros((n, T), dtype=torch.long)
     for i, (t, _) in enumerate(rows):
-        ids[i, T - len(t):] = torch.tensor(t); am[i, T - len(t):] = 1
+        ids[i, T - len(t) :] = torch.tensor(t)
+        am[i, T - len(t) :] = 1
     return ids, am, torch.tensor([r[1] for r in rows])
 
 
-from implicit_hf.modeling import ImplicitConfig, ImplicitForCausalLM
 if args.implicit:
-    cfg = ImplicitConfig(vocab_size=len(vocab), hidden_size=args.hidden, num_attention_heads=args.heads, num_prelude_layers=args.prelude,
-                         num_core_layers=args.core, num_coda_layers=args.coda, num_loops=args.loops[1], gradient=args.grad, gradient_steps=args.gsteps, pad_token_id=0,
-                         core_norm=bool(args.core_norm), injection_norm=bool(args.injection_norm), injection=args.injection, state_init=args.state_init)
+    cfg = ImplicitConfig(
+        vocab_size=len(vocab),
+        hidden_size=args.hidden,
+        num_attention_heads=args.heads,
+        num_prelude_layers=args.prelude,
+        num_core_layers=args.core,
+        num_coda_layers=args.coda,
+        num_loops=args.loops[1],
+        gradient=args.grad,
+        gradient_steps=args.gsteps,
+        pad_token_id=0,
+        core_norm=bool(args.core_norm),
+        injection_norm=bool(args.injection_norm),
+        injection=args.injection,
+        state_init=args.state_init,
+    )
     model = ImplicitForCausalLM(cfg)
 else:
     from transformers import LlamaConfig, LlamaForCausalLM
-    lc = LlamaConfig(vocab_size=len(vocab), hidden_size=args.hidden, num_attention_heads=args.heads, num_hidden_layers=args.layers,
-                     intermediate_size=ImplicitConfig(hidden_size=args.hidden).intermediate_size, pad_token_id=0)
+
+    lc = LlamaConfig(
+        vocab_size=len(vocab),
+        hidden_size=args.hidden,
+        num_attention_heads=args.heads,
+        num_hidden_layers=args.layers,
+        intermediate_size=ImplicitConfig(hidden_size=args.hidden).intermediate_size,
+        pad_token_id=0,
+    )
     model = LlamaForCausalLM(lc)
 print("params", sum(p.numel() for p in model.parameters()), flush=True)
 opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.wd)
-sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1, (s + 1) / args.warmup) * 0.5 * (1 + math.cos(math.pi * min(s, args.steps) / args.steps)))
+sched = torch.optim.lr_scheduler.LambdaLR(
+    opt, lambda s: min(1, (s + 1) / args.warmup) * 0.5 * (1 + math.cos(math.pi * min(s, args.steps) / args.steps))
+)
 digits = torch.tensor([tid[str(d)] for d in range(10)])
 evals = {h: eval_set(h) for h in map(int, args.eval_hops.split(","))}
 eval_loops = list(map(int, args.eval_loops.split(",")))
 
 
 def evaluate():
-    model.eval(); res = {}
+    model.eval()
+    res = {}
     with torch.no_grad():
         for h, (ids, am, ans) in evals.items():
             pos = (am.cumsum(-1) - 1).clamp_min(0)
             if args.implicit:
-                out = model(input_ids=ids, attention_mask=am, position_ids=pos, num_loops=max(eval_loops), return_trajectory=eval_loops, use_cache=False)
-                res[h] = [round(float((lg[:, -1, digits].argmax(-1) == ans).float().mean()), 2) for lg in out.trajectory]
+                out = model(
+                    input_ids=ids,
+                    attention_mask=am,
+                    position_ids=pos,
+                    num_loops=max(eval_loops),
+                    return_trajectory=eval_loops,
+                    use_cache=False,
+                )
+                res[h] = [
+                    round(float((lg[:, -1, digits].argmax(-1) == ans).float().mean()), 2) for lg in out.trajectory
+                ]
             else:
                 lg = model(input_ids=ids, attention_mask=am, position_ids=pos, use_cache=False).logits
                 res[h] = [round(float((lg[:, -1, digits].argmax(-1) == ans).float().mean()), 2)]
-    model.train(); return res
+    model.train()
+    return res
 
 
 rng = np.random.default_rng(args.seed)
@@ -175,9 +242,20 @@ for step in range(args.steps):
     else:
         kw["use_cache"] = False
     out = model(**batch, **kw)
-    out.loss.backward(); torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-    opt.step(); sched.step(); opt.zero_grad()
+    out.loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    sched.step()
+    opt.zero_grad()
     if (step + 1) % args.eval_every == 0 or step == args.steps - 1 or time.time() - start > args.minutes * 60:
-        print(step + 1, round(time.time() - start), "loss", round(float(out.loss.detach()), 3), "eval", evaluate(), flush=True)
+        print(
+            step + 1,
+            round(time.time() - start),
+            "loss",
+            round(float(out.loss.detach()), 3),
+            "eval",
+            evaluate(),
+            flush=True,
+        )
     if time.time() - start > args.minutes * 60:
         break
