@@ -82,3 +82,21 @@ def test_sweep_scores_perplexity_at_every_loop_count(task):
             direct = model(**{k: v for k, v in task.encode(rows).items() if k != "labels"}, num_loops=record["loops"])
         expected = task.compute_metrics(task.decode(direct.logits, task.encode(rows)), rows)["perplexity"]
         assert record["quality"] == pytest.approx(expected, rel=1e-5)
+
+
+def test_copy_fraction_writes_half_windows_twice(task, tmp_path):
+    kwargs = {"cache_dir": tmp_path / "cache", "tokenizer": task.tokenizer_path, "seq_len": 31}
+    copying, plain = TextTask(**kwargs, copy_fraction=0.5), TextTask(**kwargs)
+    rows = copying.build_dataset("train", 200, seed=0)["input_ids"]
+    originals = plain.build_dataset("train", 200, seed=0)["input_ids"]
+    copied = [row[:16] == old[:16] and row[16:] == row[:15] for row, old in zip(rows, originals, strict=True)]
+    untouched = [row == old for row, old in zip(rows, originals, strict=True)]
+    assert all(c or u for c, u in zip(copied, untouched, strict=True)) and all(len(row) == 31 for row in rows)
+    assert 70 <= sum(copied) <= 130  # about half, drawn from the seed
+    assert copying.build_dataset("train", 200, seed=0)["input_ids"] == rows
+    assert copying.dataset_path("train", 200, 0) != plain.dataset_path("train", 200, 0)
+    every_row = TextTask(cache_dir=tmp_path, seq_len=64, copy_fraction=1).build_dataset("test", 4, 0)["input_ids"]
+    assert all(row[:32] == row[32:] for row in every_row)
+    for bad in (-0.1, 1.5, True, "half"):
+        with pytest.raises(ValueError, match="copy_fraction must be a number in \\[0, 1\\]"):
+            TextTask(cache_dir=tmp_path, copy_fraction=bad)

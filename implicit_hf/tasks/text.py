@@ -7,6 +7,10 @@ converted checkpoint's; by default a character-level tokenizer of the corpus's o
 here with ``tokenizers`` and saved with a trained model), cut into windows of ``seq_len`` tokens,
 and every tenth window goes to the test split, the next one to validation, the rest to training (so
 the splits never share text).
+``copy_fraction`` (default 0): that fraction of the rows is the first half of a window written twice,
+so that a model trained on them has to copy from its context (induction). 64-token windows of prose
+rarely need that, and a retrofit that dropped layers loses it without such rows
+(``results/smollm2/multihop/induction.json``).
 Rows: ``input_ids`` (``seq_len`` ids). Deterministic in ``(split, n, seed)``; cached with
 `cached_dataset` under a name that includes a fingerprint of the tokenizer and corpus.
 
@@ -18,6 +22,7 @@ change of that log-probability vector.
 
 from __future__ import annotations
 
+import numbers
 import zlib
 from functools import cached_property
 from pathlib import Path
@@ -71,10 +76,15 @@ class TextTask(TaskAdapter):
         tokenizer: str | None = None,
         corpus: str = "pydoc",
         seq_len: int = 64,
+        copy_fraction: float = 0.0,
     ):
         super().__init__(cache_dir)
         self.tokenizer_path = None if tokenizer is None else str(tokenizer)
         self.corpus, self.seq_len = corpus, check_integer("seq_len", seq_len, minimum=2)
+        is_number = isinstance(copy_fraction, numbers.Real) and not isinstance(copy_fraction, bool)
+        if not is_number or not 0 <= copy_fraction <= 1:
+            raise ValueError(f"copy_fraction must be a number in [0, 1]; got {copy_fraction!r}")
+        self.copy_fraction = float(copy_fraction)
 
     @cached_property
     def tokenizer(self):
@@ -104,7 +114,8 @@ class TextTask(TaskAdapter):
     def dataset_path(self, split: str, n: int, seed: int) -> Path:
         """Where `build_dataset` caches ``(split, n, seed)``; the name holds a fingerprint of tokenizer and corpus."""
         fingerprint = zlib.crc32(f"{self.tokenizer.backend_tokenizer.to_str()}|{self.corpus}".encode())
-        return self.cache_dir / f"{split}-{fingerprint:08x}-len{self.seq_len}-{n}-seed{seed}"
+        copies = f"-copy{self.copy_fraction:g}" if self.copy_fraction else ""
+        return self.cache_dir / f"{split}-{fingerprint:08x}-len{self.seq_len}{copies}-{n}-seed{seed}"
 
     def features(self):
         """``input_ids``: one window of ``seq_len`` token ids."""
@@ -113,14 +124,20 @@ class TextTask(TaskAdapter):
         return datasets.Features({"input_ids": list_feature(datasets.Value("int32"))})
 
     def generate(self, rng: np.random.Generator, n: int, split: str) -> list[Example]:
-        """``n`` windows of the split, in an order drawn from ``rng``."""
+        """``n`` windows of the split, in an order drawn from ``rng``; a ``copy_fraction`` of them (drawn from
+        ``rng`` too) replaced by their first half written twice."""
         windows = self._windows(split)
         if n > len(windows):
             raise ValueError(
                 f"the {split} split of {self.corpus!r} has {len(windows)} windows of "
                 f"{self.seq_len} tokens; asked for {n}"
             )
-        return [{"input_ids": windows[i]} for i in rng.permutation(len(windows))[:n]]
+        rows = [windows[i] for i in rng.permutation(len(windows))[:n]]
+        if self.copy_fraction:
+            half = (self.seq_len + 1) // 2
+            copied = rng.random(n) < self.copy_fraction
+            rows = [(row[:half] * 2)[: self.seq_len] if copy else row for row, copy in zip(rows, copied, strict=True)]
+        return [{"input_ids": row} for row in rows]
 
     # ------------------------------------------------------------------ encode / decode
 
