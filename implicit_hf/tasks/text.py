@@ -22,7 +22,6 @@ change of that log-probability vector.
 
 from __future__ import annotations
 
-import numbers
 import zlib
 from functools import cached_property
 from pathlib import Path
@@ -31,7 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..checks import check_integer
+from ..checks import check_integer, check_number
 from .base import Example, TaskAdapter, check_one_per_row, list_feature
 
 SPLITS = ("train", "validation", "test")
@@ -81,10 +80,7 @@ class TextTask(TaskAdapter):
         super().__init__(cache_dir)
         self.tokenizer_path = None if tokenizer is None else str(tokenizer)
         self.corpus, self.seq_len = corpus, check_integer("seq_len", seq_len, minimum=2)
-        is_number = isinstance(copy_fraction, numbers.Real) and not isinstance(copy_fraction, bool)
-        if not is_number or not 0 <= copy_fraction <= 1:
-            raise ValueError(f"copy_fraction must be a number in [0, 1]; got {copy_fraction!r}")
-        self.copy_fraction = float(copy_fraction)
+        self.copy_fraction = check_number("copy_fraction", copy_fraction, "in [0, 1]", lambda v: 0 <= v <= 1)
 
     @cached_property
     def tokenizer(self):

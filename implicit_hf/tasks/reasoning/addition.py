@@ -60,7 +60,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ...checks import check_integer
+from ...checks import check_integer, check_number
 from ..base import Example, TaskAdapter, check_one_per_row, list_feature
 
 PAD = 0
@@ -92,13 +92,9 @@ class AdditionTask(TaskAdapter):
         digits, min_digits = check_integer("digits", digits), check_integer("min_digits", min_digits)
         if min_digits > digits:
             raise ValueError(f"min_digits ({min_digits}) must be <= digits ({digits})")
-        if isinstance(chain_fraction, bool) or not isinstance(chain_fraction, (int, float)):
-            raise ValueError(f"chain_fraction must be a number in [0, 1]; got {chain_fraction!r}")
-        if not 0 <= chain_fraction <= 1:
-            raise ValueError(f"chain_fraction must be a number in [0, 1]; got {chain_fraction!r}")
         self.digits = digits
         self.min_digits = min_digits
-        self.chain_fraction = float(chain_fraction)
+        self.chain_fraction = check_number("chain_fraction", chain_fraction, "in [0, 1]", lambda v: 0 <= v <= 1)
 
     def model_config(self) -> dict[str, Any]:
         return {

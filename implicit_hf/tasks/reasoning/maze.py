@@ -58,6 +58,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ...checks import check_number
 from ..base import Example, TaskAdapter, check_one_per_row, list_feature
 
 PAD, WALL, OPEN, START, GOAL = 0, 1, 2, 3, 4
@@ -87,11 +88,9 @@ class MazeTask(TaskAdapter):
             raise ValueError(f"size must be an odd integer >= 5; got {size!r}")
         if not isinstance(relations, bool):
             raise ValueError(f"relations must be true or false; got {relations!r}")
-        if isinstance(relation_scale, bool) or not isinstance(relation_scale, (int, float)) or not relation_scale > 0:
-            raise ValueError(f"relation_scale must be a number > 0; got {relation_scale!r}")
         self.size = size
         self.relations = relations
-        self.relation_scale = float(relation_scale)
+        self.relation_scale = check_number("relation_scale", relation_scale, "> 0", lambda v: v > 0)
 
     def model_config(self) -> dict[str, Any]:
         config = {

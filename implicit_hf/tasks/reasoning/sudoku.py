@@ -58,6 +58,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ...checks import check_number
 from ..base import Example, TaskAdapter, check_one_per_row, list_feature
 
 CELLS = 81
@@ -282,10 +283,8 @@ class SudokuTask(TaskAdapter):
             raise ValueError(f"relations must be true or false; got {relations!r}")
         self.min_givens = min_givens
         self.require_search = bool(require_search)
-        if isinstance(relation_scale, bool) or not isinstance(relation_scale, (int, float)) or not relation_scale > 0:
-            raise ValueError(f"relation_scale must be a number > 0; got {relation_scale!r}")
         self.relations = relations
-        self.relation_scale = float(relation_scale)
+        self.relation_scale = check_number("relation_scale", relation_scale, "> 0", lambda v: v > 0)
 
     num_tokens = CELLS
 
