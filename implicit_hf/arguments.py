@@ -75,14 +75,14 @@ def _number(minimum: float, inclusive: bool = True) -> Callable[[str], float]:
     return convert
 
 
-def _hops(value: str) -> list[int]:
+def _counts(value: str) -> list[int]:
     try:
-        hops = [int(k) for k in value.split(",") if k.strip()]
+        counts = [int(k) for k in value.split(",") if k.strip()]
     except ValueError:
-        hops = []
-    if not hops or any(k < 1 for k in hops):
+        counts = []
+    if not counts or any(k < 1 for k in counts):
         raise argparse.ArgumentTypeError(f"must be comma-separated integers >= 1 ('1,2,4'); got {value!r}")
-    return hops
+    return counts
 
 
 # --------------------------------------------------------------------------------------------------
@@ -201,14 +201,29 @@ def add_lm_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
     return parser
 
 
+# the tasks whose lm-eval data `implicit-hf lm-eval-data` writes, and the option that lists their counts
+LM_EVAL_DATA_TASKS = {"multihop": "hops", "state_tracking": "steps"}
+
+
 def add_lm_eval_data_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    parser.add_argument("task", choices=("multihop",), help="the task whose lm-eval data to write")
+    parser.add_argument("task", choices=LM_EVAL_DATA_TASKS, help="the task whose lm-eval data to write")
     parser.add_argument(
-        "--hops", type=_hops, default=None, help="comma-separated hop counts (default: every shipped task)"
+        "--hops", type=_counts, default=None, help="multihop: comma-separated hop counts (default: every shipped task)"
     )
-    parser.add_argument("--n", type=_integer_at_least(1), default=500, help="documents per hop count")
+    parser.add_argument(
+        "--steps",
+        type=_counts,
+        default=None,
+        help="state_tracking: comma-separated step counts (default: every shipped task)",
+    )
+    parser.add_argument("--n", type=_integer_at_least(1), default=500, help="documents per task")
     parser.add_argument("--seed", type=int, default=0, help="seed of the generated documents (default 0)")
-    parser.add_argument("--task-kwargs", type=json_object, default={}, help="other MultiHopTask arguments (JSON)")
+    parser.add_argument(
+        "--task-kwargs",
+        type=json_object,
+        default={},
+        help="other arguments of the task's constructor (JSON), e.g. '{\"objects\": 5}' for state_tracking",
+    )
     parser.add_argument("--out", type=Path, default=None, help="folder (default: where the tasks look by default)")
     return parser
 

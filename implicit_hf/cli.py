@@ -273,22 +273,31 @@ def lm_eval_command(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def lm_eval_data(args: argparse.Namespace) -> list[Path]:
-    """Write the data files of the package's lm-eval tasks ``multihop_hops{k}`` and print how to run them."""
-    from .tasks.reasoning.lm_eval_tasks.multihop_data import default_data_dir
-    from .tasks.reasoning.multihop import LM_EVAL_DIR, lm_eval_hops, write_lm_eval_data
+    """Write the data files of the package's lm-eval tasks (``multihop_hops{k}``, ``state_tracking_steps{k}``) and
+    print how to run them."""
+    import importlib
 
-    hops = lm_eval_hops() if args.hops is None else args.hops
-    out = args.out or default_data_dir()
+    from .arguments import LM_EVAL_DATA_TASKS
+    from .tasks.reasoning.lm_eval_tasks.documents import default_data_dir
+
+    option = LM_EVAL_DATA_TASKS[args.task]
+    other = [name for name in LM_EVAL_DATA_TASKS.values() if name != option and getattr(args, name) is not None]
+    if other:
+        raise UsageError(f"--{other[0]} does not apply to {args.task} (its counts are --{option})")
+    module = importlib.import_module(f".tasks.reasoning.{args.task}", __package__)
+    shipped = getattr(module, f"lm_eval_{option}")()
+    counts = shipped if getattr(args, option) is None else getattr(args, option)
+    out = args.out or default_data_dir(args.task)
     try:
-        paths = write_lm_eval_data(out, hops, n=args.n, seed=args.seed, **args.task_kwargs)
+        paths = module.write_lm_eval_data(out, counts, n=args.n, seed=args.seed, **args.task_kwargs)
     except (TypeError, ValueError) as err:
         raise UsageError(str(err)) from err
     print(f"[lm-eval-data] wrote {len(paths)} files to {out}")
     data = "" if args.out is None else f' --metadata \'{{"data_dir": "{out}"}}\''
-    tasks = ",".join(f"multihop_hops{k}" for k in hops)
+    tasks = ",".join(path.stem for path in paths)
     print(
         "run them with: lm_eval --model hf --model_args pretrained=DIR,num_loops=K,trust_remote_code=True "
-        f"--include_path {LM_EVAL_DIR} --tasks {tasks}{data}"
+        f"--include_path {module.LM_EVAL_DIR} --tasks {tasks}{data}"
     )
     return paths
 

@@ -50,6 +50,8 @@ def estimate_flops(config, seq_len: int, loops: int, head_outputs: int | None = 
     * input: ``2 * input_features * d`` for the feature embedding (token lookup is free), plus
       ``2 * T * edge_features * H`` for the edge bias when the model has one;
     * injection: ``2 * 2d * d`` per iteration for ``injection="linear"`` (``"add"`` is free);
+    * loop shift (``loop_shift > 0``): ``2 * d * d`` per iteration for its projection (the taps are
+      elementwise);
     * in-loop feedback (``feedback_features > 0``): per iteration, the coda and the head on the
       current state plus ``2 * feedback_features * d`` for its embedding (the task's own feedback
       function, e.g. an FFT, is not counted);
@@ -67,6 +69,7 @@ def estimate_flops(config, seq_len: int, loops: int, head_outputs: int | None = 
     layer = 2 * layer_params + 4 * seq_len * d_attn
     inputs = 2 * config.input_features * d + 2 * seq_len * config.edge_features * heads
     injection = 4 * d * d if config.injection == "linear" else 0
+    injection += 2 * d * d if getattr(config, "loop_shift", 0) else 0
     outputs = config.num_labels if head_outputs is None else head_outputs
     head = 2 * d * outputs
     feedback = (

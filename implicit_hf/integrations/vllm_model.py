@@ -55,6 +55,11 @@ def _check_servable(config) -> None:
         )
     if config.state_init not in ("zeros", "prelude"):
         raise ValueError(f"state_init={config.state_init!r} is random per call; vLLM serves 'zeros' or 'prelude'")
+    if config.loop_shift:
+        raise ValueError(
+            f"vLLM does not serve the loop's token shift yet (loop_shift={config.loop_shift}: its per-loop state "
+            "is not kept in vLLM's paged cache); generate with transformers (model.generate) instead"
+        )
     if config.input_features or config.edge_features or config.feedback_features:
         raise ValueError("vLLM serves token-input LMs: input_features, edge_features and feedback_features must be 0")
     if config.tol is not None:

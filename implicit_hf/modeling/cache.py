@@ -8,9 +8,15 @@ it adds an offset to the layer index, so one `DynamicCache` holds
 
     prelude layer i            -> slot i
     coda layer j               -> slot P + j
-    core layer i at loop l     -> slot P + D + l * C + i
+    core layer i at loop l     -> slot P + D + l * S + i
+    loop shift at loop l       -> slot P + D + l * S + C      (with ``config.loop_shift``)
 
-(``P``, ``C``, ``D``: prelude, core and coda layer counts), ``P + D + K * C`` slots for ``K`` loops.
+(``P``, ``C``, ``D``: prelude, core and coda layer counts; ``S = C``, or ``C + 1`` with the loop's
+token shift), ``P + D + K * S`` slots for ``K`` loops. The token shift's slot holds, as its "keys"
+``(B, 1, T, hidden)``, the normalised state every token had when it entered loop ``l`` (its values are
+empty): what the causal convolution of a later token reads at that loop, as Mamba keeps its
+convolution state beside the attention cache. Being a cache layer like the others, it is reordered
+by beam search, cropped and batch-selected with them.
 Slots that the cache does not have yet are added as plain `DynamicLayer`s, so the cache that
 ``generate`` creates for the model's ``num_hidden_layers`` serves any loop count.
 
@@ -43,9 +49,13 @@ def _ensure_slots(cache: Cache, count: int) -> None:
 
 
 class LoopSlots:
-    """The slot layout of one model over one cache, for a forward pass with ``num_loops`` loops."""
+    """The slot layout of one model over one cache, for a forward pass with ``num_loops`` loops; ``shift``: the
+    loop has a token shift, whose state takes one more slot per loop (read through the view's ``layer_idx``
+    ``P + C``, after the core's layers)."""
 
-    def __init__(self, cache: Cache, num_prelude: int, num_core: int, num_coda: int, num_loops: int):
+    def __init__(
+        self, cache: Cache, num_prelude: int, num_core: int, num_coda: int, num_loops: int, shift: bool = False
+    ):
         recorded = getattr(cache, "implicit_num_loops", None)
         if recorded is not None and recorded != num_loops and cache.get_seq_length() > 0:
             raise ValueError(
@@ -56,7 +66,8 @@ class LoopSlots:
         self.cache = cache
         self.num_prelude, self.num_core, self.num_coda = num_prelude, num_core, num_coda
         self.num_loops = num_loops
-        _ensure_slots(cache, num_prelude + num_coda + num_loops * num_core)
+        self.per_loop = num_core + int(shift)  # slots of one loop: its core layers (and the shift state)
+        _ensure_slots(cache, num_prelude + num_coda + num_loops * self.per_loop)
 
     def prelude(self) -> LoopCacheView:
         return LoopCacheView(self.cache, offset=0)
@@ -68,19 +79,20 @@ class LoopSlots:
         """The view for iteration ``loop`` (0-based); ``rows``: the batch rows running it (``None``: all)."""
         if not 0 <= loop < self.num_loops:
             raise RuntimeError(f"core evaluation {loop + 1} exceeds the {self.num_loops} loops laid out in the cache")
-        offset = self.num_coda + loop * self.num_core
-        return LoopCacheView(self.cache, offset, rows=rows, previous=offset - self.num_core if loop > 0 else None)
+        offset = self.num_coda + loop * self.per_loop
+        return LoopCacheView(self.cache, offset, rows=rows, previous=offset - self.per_loop if loop > 0 else None)
 
     def fill_remaining_loops(self, loops_run: int, new_tokens: int) -> None:
-        """Copy the last loop's new keys/values into the slots of loops ``loops_run .. num_loops-1``."""
+        """Copy the last loop's new keys/values (and shift states) into the slots of loops ``loops_run ..
+        num_loops-1``."""
         first_core_slot = self.num_prelude + self.num_coda
         for loop in range(max(loops_run, 1), self.num_loops):
-            for layer in range(self.num_core):
-                source = self.cache.layers[first_core_slot + (loop - 1) * self.num_core + layer]
+            for layer in range(self.per_loop):
+                source = self.cache.layers[first_core_slot + (loop - 1) * self.per_loop + layer]
                 self.cache.update(
                     source.keys[:, :, -new_tokens:],
                     source.values[:, :, -new_tokens:],
-                    first_core_slot + loop * self.num_core + layer,
+                    first_core_slot + loop * self.per_loop + layer,
                 )
 
 

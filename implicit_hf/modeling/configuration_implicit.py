@@ -14,6 +14,7 @@ INJECTIONS = ("add", "linear")
 STATE_INITS = ("zeros", "prelude", "normal")
 SOLVER_NAMES = ("picard", "anderson", "broyden")
 GRADIENTS = ("unroll", "truncated", "jfb", "phantom", "ift")
+MAX_LOOP_SHIFT = 4  # the widest causal convolution of the loop's token shift (config.loop_shift)
 
 # What `save_pretrained` writes into config.json so `trust_remote_code=True` can load every head
 # in a process that cannot import implicit_hf (the code files are copied next to the weights).
@@ -48,6 +49,7 @@ _LOOP_FIELDS = (
     "state_init_std",
     "core_norm",
     "injection_norm",
+    "loop_shift",
     *RUNTIME_LOOP_FIELDS,
     "is_causal",
     "feedback_features",
@@ -87,6 +89,11 @@ class ImplicitConfig(PretrainedConfig):
         injection_norm: apply an RMSNorm to the prelude output before it is injected, so input and
             state have the same scale; a tiny injection (fresh embeddings) makes the map nearly the
             identity on the state and the loop converges slowly.
+        loop_shift: kernel of a causal depthwise convolution over the normalised state of the previous
+            ``loop_shift`` positions (``t-1 .. t-loop_shift``), projected and added to the core's input
+            at every iteration (``0``: off; ``1``: a one-step token shift; at most 4). It gives the
+            loop a position-free path that moves the state one token on per iteration, so that a
+            loop can run as a recurrence along the sequence (state tracking).
         num_loops / num_loops_train: default iteration counts at inference and in training mode
             (``num_loops_train=None`` uses ``num_loops``); ``forward(num_loops=K)`` overrides both.
         solver: ``"picard"`` (plain looping, optional ``damping``), ``"anderson"`` (history of
@@ -140,6 +147,7 @@ class ImplicitConfig(PretrainedConfig):
         state_init_std: float = 1.0,
         core_norm: bool = True,
         injection_norm: bool = True,
+        loop_shift: int = 0,
         num_loops: int = 8,
         num_loops_train: int | None = None,
         solver: str = "picard",
@@ -187,6 +195,7 @@ class ImplicitConfig(PretrainedConfig):
         self.state_init_std = state_init_std
         self.core_norm = core_norm
         self.injection_norm = injection_norm
+        self.loop_shift = loop_shift
         self.num_loops = num_loops
         self.num_loops_train = num_loops_train
         self.solver = solver
@@ -286,6 +295,15 @@ def real_number(bounds: str, within: Callable[[float], bool], allow_none: bool =
     return check
 
 
+def _integer_in(low: int, high: int):
+    def check(name: str, value: Any) -> int:
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not low <= value <= high:
+            raise ValueError(f"{name} must be an integer in [{low}, {high}]; got {value!r}")
+        return int(value)
+
+    return check
+
+
 def _positive(allow_none: bool = False):
     return real_number("> 0", lambda value: value > 0, allow_none)
 
@@ -329,6 +347,7 @@ _FIELD_CHECKS = {
     "num_prelude_layers": _integer(0),
     "num_core_layers": _integer(1),
     "num_coda_layers": _integer(0),
+    "loop_shift": _integer_in(0, MAX_LOOP_SHIFT),
     "num_loops": _integer(1),
     "num_loops_train": _integer(1, allow_none=True),
     "anderson_memory": _integer(1),

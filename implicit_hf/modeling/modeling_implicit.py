@@ -112,6 +112,39 @@ class ImplicitInjection(nn.Module):
         return nn.functional.linear(torch.cat([state, injected], dim=-1), self.weight)
 
 
+class LoopShift(nn.Module):
+    """The loop's token shift (``config.loop_shift = k``): a causal depthwise convolution over the normalised
+    state of the ``k`` previous positions, projected, added to the core's input at every iteration:
+
+        shift(z)[t] = W · sum_{j=1..k} w_j ⊙ norm(z)[t - j]            (zeros before the first position)
+
+    Attention can move information between positions too, but only by content or position; this path
+    moves every token's state one position on per iteration whatever the positions are, so a loop of
+    ``K`` iterations can run a recurrence over ``K`` tokens. The taps start as a pure one-step shift
+    (``w_1 = 1``, the others 0). Padding holds a zero state, so it shifts zeros into the first real token.
+    With a KV cache the normalised states of earlier tokens come from the loop's shift slot
+    (``cache.py``); ``layer_idx`` addresses it through the loop's cache view, after the core's layers.
+    """
+
+    def __init__(self, config: ImplicitConfig):
+        super().__init__()
+        self.kernel = config.loop_shift
+        self.layer_idx = config.num_prelude_layers + config.num_core_layers
+        self.norm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.taps = nn.Parameter(torch.empty(self.kernel, config.hidden_size))  # taps[j]: offset j + 1
+        self.proj = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
+
+    def forward(self, state: torch.Tensor, cache: Cache | None = None) -> torch.Tensor:
+        normed = self.norm(state)
+        length, kernel = normed.shape[1], self.kernel
+        if cache is not None:  # this loop's states of every token so far, this call's appended
+            keys, _ = cache.update(normed[:, None], normed.new_zeros(*normed.shape[:2], 0)[:, None], self.layer_idx)
+            normed = keys[:, 0, -(length + kernel) :]
+        history = nn.functional.pad(normed, (0, 0, length + kernel - normed.shape[1], 0))  # (b, k + T, d)
+        shifted = sum(self.taps[j] * history[:, kernel - 1 - j : kernel - 1 - j + length] for j in range(kernel))
+        return self.proj(shifted)
+
+
 # Keywords a forward pass takes beyond its own arguments: what transformers' generate, Trainer and attention
 # back-ends pass (TransformersKwargs); anything else is refused with a did-you-mean, not ignored.
 PASSED_THROUGH = frozenset(TransformersKwargs.__annotations__) | {"cache_position", "return_dict"}
@@ -163,6 +196,10 @@ class ImplicitPreTrainedModel(PreTrainedModel):
         if isinstance(module, ImplicitInjection) and module.weight is not None:
             eye = torch.eye(self.config.hidden_size, dtype=module.weight.dtype)
             init.copy_(module.weight, torch.cat([eye, eye], dim=1))
+        if isinstance(module, LoopShift):
+            taps = torch.zeros_like(module.taps)
+            taps[0] = 1.0
+            init.copy_(module.taps, taps)
 
 
 def _rows(x: torch.Tensor | None, index: torch.Tensor, batch: int) -> torch.Tensor | None:
@@ -329,7 +366,10 @@ class CoreMap:
         injection = _rows(self.injected, index, batch)
         if self.loop_feedback is not None:
             injection = injection + self.feedback(state, index, rows)
-        hidden = rows.run(model.core, model.injection(state, injection), cache)
+        hidden = model.injection(state, injection)
+        if model.loop_shift is not None:
+            hidden = hidden + model.loop_shift(state, cache)
+        hidden = rows.run(model.core, hidden, cache)
         if model.core_norm is not None:
             hidden = model.core_norm(hidden)
         return rows.zero_padding(hidden)
@@ -377,6 +417,7 @@ class ImplicitModel(ImplicitPreTrainedModel):
         for layer in (*self.prelude, *self.core, *self.coda):
             layer.self_attn.is_causal = config.is_causal
         self.injection = ImplicitInjection(config)
+        self.loop_shift = LoopShift(config) if config.loop_shift else None
         self.core_norm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps) if config.core_norm else None
         self.injection_norm = (
             LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps) if config.injection_norm else None
@@ -465,7 +506,10 @@ class ImplicitModel(ImplicitPreTrainedModel):
 
         hidden = self._embed(input_ids, inputs_embeds, input_features)
         inputs = self._layer_inputs(hidden, attention_mask, position_ids, edge_features, past, cache, kwargs)
-        slots = None if cache is None else LoopSlots(cache, *map(len, (self.prelude, self.core, self.coda)), num_loops)
+        slots = None
+        if cache is not None:
+            layers = map(len, (self.prelude, self.core, self.coda))
+            slots = LoopSlots(cache, *layers, num_loops, shift=self.loop_shift is not None)
         prelude_output = inputs.run(self.prelude, hidden, slots and slots.prelude())
         injected = prelude_output if self.injection_norm is None else self.injection_norm(prelude_output)
         core_map = CoreMap(self, inputs, injected, loop_feedback, slots)

@@ -20,6 +20,7 @@ BUILTIN_TASK_MODULES = {
     "addition": "implicit_hf.tasks.reasoning.addition",
     "arith_lm": "implicit_hf.tasks.reasoning.arith_lm",
     "multihop": "implicit_hf.tasks.reasoning.multihop",
+    "state_tracking": "implicit_hf.tasks.reasoning.state_tracking",
 }
 
 _EXPORTS = {"TASKS": ".base", "Example": ".base", "TaskAdapter": ".base", "get_task": ".base", "build_model": ".models"}

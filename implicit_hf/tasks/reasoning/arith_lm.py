@@ -52,6 +52,7 @@ import torch
 from ...checks import check_integer
 from ..base import Example, TaskAdapter, check_one_per_row, list_feature, split_rng
 from ..edit_distance import word_edit_distance
+from ..generation import greedy_completions
 
 SPECIAL_TOKENS = ("[PAD]", "[BOS]", "[EOS]", "[UNK]")
 PAD_ID, BOS_ID, EOS_ID, UNK_ID = range(4)
@@ -206,7 +207,6 @@ class ArithLMTask(TaskAdapter):
             texts.append(self.tokenizer.decode(tokens, skip_special_tokens=True))
         return texts
 
-    @torch.no_grad()
     def complete(
         self,
         model: torch.nn.Module,
@@ -217,25 +217,9 @@ class ArithLMTask(TaskAdapter):
     ) -> list[str]:
         """Greedy completions of ``prompts`` by ``model.generate(..., num_loops=num_loops, do_sample=False)``,
         left-padded batches of ``batch_size``, the KV cache as ``use_cache`` says; the new text only."""
-        device = next(model.parameters()).device
-        texts = []
-        for start in range(0, len(prompts), batch_size):
-            batch = self.tokenizer(prompts[start : start + batch_size], padding=True, return_tensors="pt")
-            batch = {k: v.to(device) for k, v in batch.items() if k in ("input_ids", "attention_mask")}
-            extra = {} if tol is None else {"tol": tol}
-            output = model.generate(
-                **batch,
-                num_loops=num_loops,
-                do_sample=False,
-                max_new_tokens=self.max_new_tokens,
-                use_cache=self.use_cache,
-                pad_token_id=PAD_ID,
-                eos_token_id=EOS_ID,
-                **extra,
-            )
-            new = output[:, batch["input_ids"].shape[1] :].cpu()
-            texts.extend(self.tokenizer.batch_decode(new, skip_special_tokens=True))
-        return texts
+        return greedy_completions(
+            model, self.tokenizer, prompts, num_loops, batch_size, tol, self.max_new_tokens, self.use_cache
+        )
 
     def prompt(self, example: Example) -> str:
         """The text the model is asked to continue."""

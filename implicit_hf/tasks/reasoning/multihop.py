@@ -67,6 +67,7 @@ import torch
 
 from ...checks import check_integer
 from ..base import Example, TaskAdapter, check_one_per_row, check_size_and_seed, list_feature, split_rng
+from ..generation import greedy_completions, pretrained_tokenizer
 
 SPECIAL_TOKENS = ("[PAD]", "[BOS]", "[EOS]", "[UNK]")
 PAD_ID, BOS_ID, EOS_ID, UNK_ID = range(4)
@@ -100,17 +101,6 @@ def multihop_tokenizer():
         padding_side="left",
         model_max_length=4096,
     )
-
-
-def pretrained_tokenizer(path: str):
-    """A pretrained model's tokenizer for the task: left padding (generation), the EOS token as padding if it
-    has none."""
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(path, padding_side="left")
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
 
 
 def digit_token_ids(tokenizer) -> list[int]:
@@ -332,7 +322,6 @@ class MultiHopTask(TaskAdapter):
             texts.append(DIGITS[int(scores.argmax())])
         return texts
 
-    @torch.no_grad()
     def complete(
         self,
         model: torch.nn.Module,
@@ -343,25 +332,7 @@ class MultiHopTask(TaskAdapter):
     ) -> list[str]:
         """The answer token ``model.generate(..., num_loops=num_loops, do_sample=False)`` writes after each
         prompt (left-padded batches of ``batch_size``; halting with ``tol``)."""
-        device = next(model.parameters()).device
-        texts = []
-        for start in range(0, len(prompts), batch_size):
-            batch = self.tokenizer(prompts[start : start + batch_size], padding=True, return_tensors="pt")
-            batch = {k: v.to(device) for k, v in batch.items() if k in ("input_ids", "attention_mask")}
-            extra = {} if tol is None else {"tol": tol}
-            output = model.generate(
-                **batch,
-                num_loops=num_loops,
-                do_sample=False,
-                max_new_tokens=1,
-                use_cache=self.use_cache,
-                pad_token_id=self.tokenizer.pad_token_id,
-                eos_token_id=self.tokenizer.eos_token_id,
-                **extra,
-            )
-            new = output[:, batch["input_ids"].shape[1] :].cpu()
-            texts.extend(self.tokenizer.batch_decode(new, skip_special_tokens=True))
-        return texts
+        return greedy_completions(model, self.tokenizer, prompts, num_loops, batch_size, tol, 1, self.use_cache)
 
     def prompt(self, example: Example) -> str:
         """The text the model is asked to continue: the assignments and the first question."""

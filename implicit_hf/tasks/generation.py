@@ -1,0 +1,52 @@
+"""What the causal-LM tasks share: a pretrained model's tokenizer for a task, and greedy completion of prompts by
+``model.generate`` at a loop count (the ``complete`` of a task; halting with ``tol``)."""
+
+from __future__ import annotations
+
+import torch
+
+
+def pretrained_tokenizer(path: str):
+    """A pretrained model's tokenizer for a task: left padding (generation), the EOS token as padding if it has
+    none."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path, padding_side="left")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+@torch.no_grad()
+def greedy_completions(
+    model: torch.nn.Module,
+    tokenizer,
+    prompts: list[str],
+    num_loops: int,
+    batch_size: int = 64,
+    tol: float | None = None,
+    max_new_tokens: int = 1,
+    use_cache: bool = True,
+) -> list[str]:
+    """The text ``model.generate(..., num_loops=num_loops, do_sample=False)`` writes after each prompt: left-padded
+    batches of ``batch_size`` (``tokenizer`` pads on the left), at most ``max_new_tokens`` new tokens, halting
+    at ``tol`` when given (``None``: the model's own setting), the KV cache as ``use_cache`` says."""
+    device = next(model.parameters()).device
+    texts = []
+    for start in range(0, len(prompts), batch_size):
+        batch = tokenizer(prompts[start : start + batch_size], padding=True, return_tensors="pt")
+        batch = {k: v.to(device) for k, v in batch.items() if k in ("input_ids", "attention_mask")}
+        extra = {} if tol is None else {"tol": tol}
+        output = model.generate(
+            **batch,
+            num_loops=num_loops,
+            do_sample=False,
+            max_new_tokens=max_new_tokens,
+            use_cache=use_cache,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            **extra,
+        )
+        new = output[:, batch["input_ids"].shape[1] :].cpu()
+        texts.extend(tokenizer.batch_decode(new, skip_special_tokens=True))
+    return texts
