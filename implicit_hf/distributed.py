@@ -110,9 +110,15 @@ def plan_launch(accelerator, mixed_precision: str) -> LaunchPlan:
     )
 
 
-def check_fixed_iterations(config) -> None:
+def check_fixed_iterations(config, schedule=None) -> None:
     """FSDP all-gathers a layer's shards on every call, so every process must call the core equally often:
-    refuse the settings that let the number of iterations differ between processes."""
+    refuse the settings (of the model ``config`` and the training loop ``schedule``) that let the number of
+    iterations differ between processes."""
+    if schedule is not None and schedule.needs_difficulty:
+        raise LaunchError(
+            "FSDP on CPU processes needs the same number of loop iterations on every process: the above_difficulty "
+            "loop schedule draws each process's count above its own batch; use another schedule, or DDP"
+        )
     if config.tol is not None:
         raise LaunchError(
             f"FSDP on CPU processes needs the same number of loop iterations on every process: model.tol "

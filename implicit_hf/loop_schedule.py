@@ -9,10 +9,17 @@ stays bounded) is what lets it keep improving, then stay stable, past its traini
   ``τ ~ LogNormal(log(mean) - sigma²/2, sigma)`` (so ``E[τ] = mean``), then ``Poisson(τ)``, clipped to
   ``[min, max]``: most steps near the mean, a heavy tail of deep ones.
 
+* ``above_difficulty``: tied to the batch: ``d + U[1, 1 + round(extra * d)]`` for a batch whose hardest row
+  has difficulty ``d`` (the task's `difficulty`, e.g. the number of state-tracking steps), clipped to
+  ``[min, max]``: always a few loops more than the row needs, never a fixed depth per length.
+  ``extra = 1`` draws ``d + U[1, d + 1]``; ``extra = 0`` ties the count to the difficulty (``d + 1``).
+  With `group_by_difficulty` batches (the recipe key), every batch is one difficulty.
+
 ``ramp_steps`` raises the mean linearly from ``min`` to ``mean`` over the first ``ramp_steps`` steps
 (for ``uniform``, the upper end rises from ``min`` to ``max``), so early training is shallow and cheap.
-Every draw depends on ``(seed, step)`` only: the same on every process, and a resumed run draws what
-the uninterrupted one drew.
+Every draw depends on ``(seed, step)`` only (and, above the difficulty, on the batch's difficulty and
+its place among the step's micro-batches): the same on every process for the same batch, and a
+resumed run draws what the uninterrupted one drew.
 """
 
 from __future__ import annotations
@@ -24,8 +31,8 @@ from typing import Any
 
 import numpy as np
 
-DISTRIBUTIONS = ("uniform", "poisson_lognormal")
-FIELDS = ("distribution", "mean", "sigma", "min", "max", "ramp_steps")
+DISTRIBUTIONS = ("uniform", "poisson_lognormal", "above_difficulty")
+FIELDS = ("distribution", "mean", "sigma", "min", "max", "ramp_steps", "extra")
 
 
 @dataclass(frozen=True)
@@ -38,6 +45,7 @@ class LoopSchedule:
     mean: float | None = None
     sigma: float = 0.5
     ramp_steps: int = 0
+    extra: float | None = None
 
     def __post_init__(self) -> None:
         if self.distribution not in DISTRIBUTIONS:
@@ -60,6 +68,18 @@ class LoopSchedule:
                 raise ValueError(f"loop_schedule.sigma must be a number > 0; got {self.sigma!r}")
         elif self.mean is not None:
             raise ValueError("loop_schedule.mean applies to poisson_lognormal only (uniform's mean is (min + max) / 2)")
+        if self.distribution == "above_difficulty":
+            if self.extra is not None and (not _number(self.extra) or self.extra < 0):
+                raise ValueError(f"loop_schedule.extra must be a number >= 0; got {self.extra!r}")
+            if self.ramp_steps:
+                raise ValueError("loop_schedule.ramp_steps does not apply to above_difficulty (it follows the batch)")
+        elif self.extra is not None:
+            raise ValueError("loop_schedule.extra applies to above_difficulty only")
+
+    @property
+    def needs_difficulty(self) -> bool:
+        """Whether a draw needs the batch's difficulty (`sample`'s ``difficulty``)."""
+        return self.distribution == "above_difficulty"
 
     @classmethod
     def from_dict(cls, fields: dict[str, Any]) -> LoopSchedule:
@@ -77,8 +97,17 @@ class LoopSchedule:
     def _ramp(self, step: int) -> float:
         return 1.0 if self.ramp_steps == 0 else min(1.0, step / self.ramp_steps)
 
-    def sample(self, seed: int, step: int) -> int:
-        """The loop count of optimizer step ``step`` (0-based) of a run seeded ``seed``."""
+    def sample(self, seed: int, step: int, difficulty: int | None = None, micro_batch: int = 0) -> int:
+        """The loop count of optimizer step ``step`` (0-based) of a run seeded ``seed``; ``above_difficulty`` also
+        takes the batch's ``difficulty`` and the micro-batch's index within the step (each draws its own)."""
+        if self.needs_difficulty:
+            if difficulty is None:
+                raise ValueError("an above_difficulty loop schedule needs the batch's difficulty")
+            extra = 1.0 if self.extra is None else self.extra
+            draw = random.Random(f"above_difficulty/{seed}/{step}/{micro_batch}").randint(
+                1, 1 + round(extra * difficulty)
+            )
+            return min(max(difficulty + draw, self.min), self.max)
         if self.distribution == "uniform":
             high = self.min + round((self.max - self.min) * self._ramp(step))
             return random.Random(f"random_loops/{seed}/{step}").randint(self.min, high)

@@ -95,10 +95,16 @@ class TrainConfig:
         default=None,
     )
     loop_schedule: dict[str, Any] = _help(
-        "each step's loop count, a function of seed and step: {distribution: uniform | poisson_lognormal, "
-        "min, max, mean (poisson_lognormal: a log-normal rate of this mean, then a Poisson draw, clipped to "
-        "[min, max]), sigma (default 0.5), ramp_steps (the mean rises from min over these steps)} (empty: none)",
+        "each step's loop count, a function of seed and step: {distribution: uniform | poisson_lognormal | "
+        "above_difficulty, min, max, mean (poisson_lognormal: a log-normal rate of this mean, then a Poisson draw, "
+        "clipped to [min, max]), sigma (default 0.5), ramp_steps (the mean rises from min over these steps), extra "
+        "(above_difficulty: d + U[1, 1 + round(extra d)] for a batch of difficulty d, default 1)} (empty: none)",
         default_factory=dict,
+    )
+    group_by_difficulty: bool = _help(
+        "batches of rows of one difficulty (the task's difficulty(), e.g. state-tracking steps), in a shuffled "
+        "order seeded by seed + epoch; rows left over from a difficulty's last full batch are skipped that epoch",
+        default=False,
     )
     jacobian_penalty: float = _help(
         "weight of the Hutchinson estimate of ||df/dz||_F^2 / dim at the last iterate (0: off)", default=0.0
@@ -384,10 +390,31 @@ def check_recipe(config: TrainConfig, task: TaskAdapter) -> None:
     The model config training starts from is built once (a fresh one, or ``init_from``'s with the recipe's
     loop settings) and the teacher is checked against its vocabulary; then ``lora`` and the schedule.
     """
+    _check_difficulty(config, task)
     model_config = _initial_model_config(config, task)
     _check_teacher_fits(config, task, model_config.vocab_size)
     _check_lora(config)
     _check_scheduler(config)
+
+
+def _check_difficulty(config: TrainConfig, task: TaskAdapter) -> None:
+    """A loop schedule tied to difficulty, or batches grouped by it, need a task that rates its rows."""
+    from .tasks.base import TaskAdapter
+
+    schedule = loop_schedule_of(config)
+    wanted = [
+        key
+        for key, needed in (
+            ("loop_schedule", schedule is not None and schedule.needs_difficulty),
+            ("group_by_difficulty", config.group_by_difficulty),
+        )
+        if needed
+    ]
+    if wanted and type(task).difficulty is TaskAdapter.difficulty:
+        raise RecipeError(
+            f"recipe key {wanted[0]!r} needs the difficulty of a row, and task {task.name!r} has none "
+            "(TaskAdapter.difficulty)"
+        )
 
 
 def _initial_model_config(config: TrainConfig, task: TaskAdapter) -> ImplicitConfig:

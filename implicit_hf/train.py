@@ -122,6 +122,7 @@ def train(config: TrainConfig) -> TrainResult:
     from tqdm.auto import tqdm
     from transformers import get_scheduler
 
+    from .difficulty import GroupedByDifficulty, WithDifficulty, difficulties
     from .tasks.base import feedback_kwargs
 
     # -- everything that can be wrong with the recipe fails here, before any process trains -----------
@@ -154,21 +155,32 @@ def train(config: TrainConfig) -> TrainResult:
     # -- data: generated locally by the task, cached once (the main process writes the cache) ---------
     train_set, eval_set = build_datasets(config, task, accelerator)
     eval_batch = config.eval_batch_size or config.per_device_batch_size
+    schedule = loop_schedule_of(config)
+    per_batch_loops = schedule is not None and schedule.needs_difficulty  # batches come with their difficulty
+    grouped = None
+    if config.group_by_difficulty:
+        grouped = GroupedByDifficulty(difficulties(task, train_set), config.per_device_batch_size, config.seed)
     train_loader = DataLoader(
         train_set,
         batch_size=config.per_device_batch_size,
-        shuffle=True,  # accelerate's seedable sampler: epoch e is shuffled by data_seed + e on every process
+        shuffle=grouped is None,  # accelerate's seedable sampler: epoch e is shuffled by data_seed + e on every process
+        sampler=grouped,  # or batches of one difficulty, ordered by (seed, epoch)
         drop_last=True,  # every step sees a full global batch
-        collate_fn=task.encode,
+        collate_fn=WithDifficulty(task) if per_batch_loops else task.encode,
         generator=torch.Generator().manual_seed(config.seed),
     )
+    if len(train_loader) == 0:
+        raise RecipeError(
+            f"recipe key 'group_by_difficulty': no difficulty has {config.per_device_batch_size} rows "
+            "(per_device_batch_size) in the training set; raise train_size or lower the batch size"
+        )
 
     # -- model, optimizer, schedule --------------------------------------------------------------------
     model = initial_model(config, task)
     if config.lora:
         check_modules_to_save(model, config.lora.get("modules_to_save") or [])
     if plan.shard_on_cpu:  # FSDP2 on CPU processes: sharded here, not by accelerator.prepare (which gives DDP)
-        check_fixed_iterations(model.config)
+        check_fixed_iterations(model.config, schedule)
         model = shard_model(model, plan)
     optimizer = make_optimizer(model, config)
     lr_scheduler = get_scheduler(
@@ -206,7 +218,6 @@ def train(config: TrainConfig) -> TrainResult:
 
     # -- the loop --------------------------------------------------------------------------------------
     model.train()
-    schedule = loop_schedule_of(config)
     default_loops = accelerator.unwrap_model(model).config.train_loops
     objective = objective_of(config, accelerator.device)
     stats = TrainingStats()
@@ -215,16 +226,19 @@ def train(config: TrainConfig) -> TrainResult:
         total=config.max_steps, initial=start_step, disable=not accelerator.is_local_main_process, desc="train"
     )
     for step in range(start_step, config.max_steps):
-        num_loops = default_loops if schedule is None else schedule.sample(config.seed, step)
-        for _ in range(config.gradient_accumulation_steps):
+        num_loops = default_loops if schedule is None or per_batch_loops else schedule.sample(config.seed, step)
+        for micro_batch in range(config.gradient_accumulation_steps):
             batch = next(batches)
+            if per_batch_loops:  # drawn above this batch's difficulty
+                batch, difficulty = batch
+                num_loops = schedule.sample(config.seed, step, difficulty, micro_batch)
             with accelerator.accumulate(model):  # gradients are synchronised on the last micro-batch only
                 outputs = model(
                     **batch, num_loops=num_loops, **feedback_kwargs(task, batch), **objective.forward_kwargs(num_loops)
                 )
                 loss, parts = objective(outputs, batch)
                 accelerator.backward(loss)
-            stats.add_micro_batch(loss, parts, outputs.loop_stats)
+            stats.add_micro_batch(loss, parts, outputs.loop_stats, num_loops)
         grad_norm = None
         if config.max_grad_norm > 0:
             grad_norm = accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
@@ -232,19 +246,18 @@ def train(config: TrainConfig) -> TrainResult:
         if not accelerator.optimizer_step_was_skipped:  # fp16: a step with inf gradients changes nothing
             lr_scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        stats.loops.append(num_loops)
         done = step + 1
         progress.update(1)
 
         checkpoint_now = config.checkpoint_every and done % config.checkpoint_every == 0
         # log at checkpoints too, so a resumed run's log is the uninterrupted run's log
         if done % config.log_every == 0 or done == config.max_steps or checkpoint_now:
-            last = stats.means(accelerator, config.gradient_accumulation_steps) | {
+            last = stats.means(accelerator) | {
                 "train/lr": lr_scheduler.get_last_lr()[0],
                 "train/num_loops": sum(stats.loops) / len(stats.loops),
                 "epoch": (done * config.gradient_accumulation_steps) / batches_per_epoch,
             }
-            if schedule is not None:  # the sampled count of every step since the last record
+            if schedule is not None:  # the sampled count of every micro-batch since the last record
                 last["loops"] = stats.loops
             if grad_norm is not None:  # a tensor (a DTensor under FSDP2), a float or None (DeepSpeed)
                 last["train/grad_norm"] = _as_float(grad_norm)
@@ -523,13 +536,14 @@ class RunLog:
 @dataclass
 class TrainingStats:
     """What the next training record averages: per-name sums over the micro-batches since the last record
-    (float64 tensors, left on the device) and the loop count of each optimizer step."""
+    (float64 tensors, left on the device) and the loop count of each micro-batch."""
 
     sums: dict[str, Any] = field(default_factory=dict)
     loops: list[int] = field(default_factory=list)
 
-    def add_micro_batch(self, loss: Any, parts: dict[str, Any], loop_stats: Any) -> None:
-        """Add one micro-batch's loss, its parts (when there are several) and loop statistics."""
+    def add_micro_batch(self, loss: Any, parts: dict[str, Any], loop_stats: Any, num_loops: int) -> None:
+        """Add one micro-batch's loss, its parts (when there are several), loop count and loop statistics."""
+        self.loops.append(num_loops)
         measured = {
             "train/loss": loss.detach(),
             **({f"train/{name}": value for name, value in parts.items()} if len(parts) > 1 else {}),
@@ -540,13 +554,12 @@ class TrainingStats:
         for name, value in measured.items():
             self.sums[name] = self.sums.get(name, 0) + value.double()
 
-    def means(self, accelerator: Accelerator, accumulation_steps: int) -> dict[str, float]:
+    def means(self, accelerator: Accelerator) -> dict[str, float]:
         """Each name's mean over the micro-batches of every process (all processes ran the same number)."""
         import torch
 
         totals = accelerator.reduce(torch.stack(list(self.sums.values())), "mean")
-        micro_batches = len(self.loops) * accumulation_steps
-        return dict(zip(self.sums, (totals / micro_batches).tolist(), strict=True))
+        return dict(zip(self.sums, (totals / len(self.loops)).tolist(), strict=True))
 
 
 @dataclass

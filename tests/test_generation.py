@@ -60,8 +60,9 @@ def greedy(model, input_ids, attention_mask=None, **kwargs):
 # random map amplifies it over 16 loops (logits ~3 differ by ~2e-5); in float64 they agree to 1e-10.
 @pytest.mark.parametrize("dtype, atol", [(torch.float32, 1e-4), (torch.float64, 1e-10)])
 @pytest.mark.parametrize("num_loops", [1, 4, 16])
-def test_cached_greedy_decoding_equals_uncached(num_loops, dtype, atol):
-    model = causal_lm().to(dtype)
+@pytest.mark.parametrize("loop_shift", [0, 1, 4])
+def test_cached_greedy_decoding_equals_uncached(num_loops, dtype, atol, loop_shift):
+    model = causal_lm(loop_shift=loop_shift).to(dtype)
     (prompt,) = prompts([7])
     with torch.no_grad():
         cached = greedy(model, prompt[None], num_loops=num_loops, use_cache=True)
@@ -92,8 +93,9 @@ def test_cache_holds_one_slot_per_loop_and_core_layer():
         model(torch.tensor([[3]]), cache=cache, num_loops=4)
 
 
-def test_incremental_forward_with_cache_equals_full_forward():
-    model = causal_lm().double()
+@pytest.mark.parametrize("loop_shift", [0, 1, 3])
+def test_incremental_forward_with_cache_equals_full_forward(loop_shift):
+    model = causal_lm(loop_shift=loop_shift).double()
     (sequence,) = prompts([9])
     with torch.no_grad():
         full = model(sequence[None], num_loops=5, use_cache=False).logits
@@ -115,8 +117,9 @@ class RowCounter:
 
 @pytest.mark.parametrize("use_cache", [True, False])
 @pytest.mark.parametrize("init, tol", [(0.2, None), (0.02, 1e-3)])  # fixed 12 loops; halting rows (contracting map)
-def test_left_padded_batch_generates_what_each_prompt_generates_alone(use_cache, init, tol):
-    model = causal_lm(num_loops=12, initializer_range=init).double()
+@pytest.mark.parametrize("loop_shift", [0, 2])
+def test_left_padded_batch_generates_what_each_prompt_generates_alone(use_cache, init, tol, loop_shift):
+    model = causal_lm(num_loops=12, initializer_range=init, loop_shift=loop_shift).double()
     rows = prompts([3, 8, 5, 1])
     input_ids, attention_mask = left_pad(rows)
     counter = RowCounter(model.model.core[0])
@@ -181,6 +184,27 @@ def test_halted_rows_leave_their_last_keys_in_later_loop_slots():
             assert torch.equal(cache.layers[first_core + loop * core].keys[row], last)
 
 
+def test_halted_rows_leave_their_last_shift_states_in_later_loop_slots():
+    """With the token shift, every loop has one more slot (after its core layers): the normalised state each
+    token entered that loop with; a halted row's later loops hold the one of its last loop, like its keys."""
+    model = causal_lm(initializer_range=0.02, loop_shift=2)
+    input_ids, attention_mask = left_pad(prompts([2, 9]))
+    with torch.no_grad():
+        out = model(input_ids, attention_mask=attention_mask, num_loops=30, tol=1e-4, use_cache=True)
+    steps = out.loop_stats.steps
+    assert bool((steps < 30).all()) and len(set(steps.tolist())) > 1  # rows halted, at different loops
+    cache, first_core, per_loop = out.cache, 2, 3  # prelude + coda slots; two core layers and the shift per loop
+    assert len(cache.layers) == first_core + 30 * per_loop
+    shift_slot = [first_core + loop * per_loop + 2 for loop in range(30)]
+    assert cache.layers[shift_slot[0]].keys.shape == (2, 1, 9, 32) and cache.layers[shift_slot[0]].values.numel() == 0
+    assert torch.equal(cache.layers[shift_slot[0]].keys[0, 0, :7], torch.zeros(7, 32))  # padding: a zero state
+    for row, halted_after in enumerate(steps.tolist()):
+        last = cache.layers[shift_slot[halted_after - 1]].keys[row]
+        assert not torch.equal(cache.layers[shift_slot[halted_after - 2]].keys[row], last)
+        for loop in range(halted_after, 30):
+            assert torch.equal(cache.layers[shift_slot[loop]].keys[row], last)
+
+
 def test_cache_misuse_is_refused_with_a_clear_error():
     model = causal_lm()
     (prompt,) = prompts([4])
@@ -205,8 +229,9 @@ def test_training_mode_keeps_no_cache():
     assert out.cache is None
 
 
-def test_beam_search_reorders_every_loop_slot():
-    model = causal_lm().double()
+@pytest.mark.parametrize("loop_shift", [0, 1])
+def test_beam_search_reorders_every_loop_slot(loop_shift):
+    model = causal_lm(loop_shift=loop_shift).double()
     input_ids, attention_mask = left_pad(prompts([3, 6]))
     settings = dict(attention_mask=attention_mask, max_new_tokens=6, num_beams=3, do_sample=False, pad_token_id=PAD)
     with torch.no_grad():

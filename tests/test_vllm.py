@@ -99,10 +99,17 @@ def test_vllm_greedy_outputs_equal_hf_generate(tmp_path):
     assert served["2"]["tokens"] != served["5"]["tokens"]  # the loop-count override took effect
 
 
-def test_vllm_refuses_a_bad_loop_count_override(tmp_path):
-    tiny_checkpoint(tmp_path / "ckpt")
+@pytest.mark.parametrize(
+    "overrides, loops, message",
+    [
+        ({}, [0], "num_loops must be an integer >= 1"),
+        ({"loop_shift": 1}, [2], "vLLM does not serve the loop's token shift yet"),
+    ],
+)
+def test_vllm_refuses_what_it_cannot_serve(tmp_path, overrides, loops, message):
+    tiny_checkpoint(tmp_path / "ckpt", **overrides)
     request, result = tmp_path / "request.json", tmp_path / "result.json"
-    request.write_text(json.dumps({"prompts": [[1, 2]], "max_new_tokens": 2, "loops": [0]}))
+    request.write_text(json.dumps({"prompts": [[1, 2]], "max_new_tokens": 2, "loops": loops}))
     run = subprocess.run(
         [
             str(VLLM_PYTHON),
@@ -117,4 +124,4 @@ def test_vllm_refuses_a_bad_loop_count_override(tmp_path):
         text=True,
         timeout=900,
     )
-    assert run.returncode != 0 and "num_loops must be an integer >= 1" in run.stdout + run.stderr
+    assert run.returncode != 0 and message in run.stdout + run.stderr

@@ -22,6 +22,8 @@ stay generic:
 * ``loop_feedback(inputs)`` (optional) gives a domain prior applied inside the loop, e.g. the
   data-consistency gradient ``Aᵀ(Ax̂ - y)`` of the current estimate for deblurring; the training
   loop and the evaluation harness pass it to the model (``feedback_kwargs``).
+* ``difficulty(example)`` (optional) rates a row by an integer (e.g. its number of steps), for loop
+  schedules tied to the batch's difficulty and batches grouped by it.
 * ``save_artifacts(model_dir)`` (optional) writes what a trained model needs besides its weights,
   e.g. a tokenizer; the training loop calls it after saving the final model.
 * A *generative* task (``generative = True``, a causal LM answering in text) is scored by
@@ -137,6 +139,12 @@ class TaskAdapter(ABC):
     @abstractmethod
     def perturb(self, examples: list[Example], eps: float, seed: int) -> tuple[list[Example], torch.Tensor]:
         """Rows perturbed by ``δ`` of norm about ``eps`` (targets recomputed), and ``||δ||`` per row."""
+
+    def difficulty(self, example: Example) -> int | None:
+        """How hard a row is, as an integer (e.g. its number of serial steps), or ``None`` (the default) when
+        the task has no such measure. Training uses it for loop schedules tied to the batch
+        (``above_difficulty``) and for batches of one difficulty (``group_by_difficulty``)."""
+        return None
 
     def loop_feedback(self, inputs: dict[str, torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor] | None:
         """The in-loop feedback for the encoded batch ``inputs``, or ``None`` (the default) for none.
