@@ -257,8 +257,8 @@ def train(config: TrainConfig) -> TrainResult:
                 "train/num_loops": sum(stats.loops) / len(stats.loops),
                 "epoch": (done * config.gradient_accumulation_steps) / batches_per_epoch,
             }
-            if schedule is not None:  # the sampled count of every micro-batch since the last record
-                last["loops"] = stats.loops
+            if schedule is not None:  # the sampled count of every step (or micro-batch, when drawn per batch)
+                last["loops"] = stats.loops[:: 1 if per_batch_loops else config.gradient_accumulation_steps]
             if grad_norm is not None:  # a tensor (a DTensor under FSDP2), a float or None (DeepSpeed)
                 last["train/grad_norm"] = _as_float(grad_norm)
             run_log.write(last, done)

@@ -227,3 +227,29 @@ def test_convert_command_line(tmp_path, capsys):
         main(["convert", str(tmp_path / "source"), str(tmp_path / "bad"), "--core", "3-1"])
     assert exit_info.value.code == 2
     assert "implicit-hf convert: error: --core: layer range '3-1' runs backwards" in capsys.readouterr().err
+
+
+def test_an_implicit_model_that_runs_its_layers_once_is_a_llama(tmp_path):
+    from implicit_hf import ImplicitConfig, ImplicitForCausalLM
+    from implicit_hf.modeling.convert import to_llama
+
+    settings = dict(
+        vocab_size=101, hidden_size=32, num_attention_heads=4, num_key_value_heads=2, num_prelude_layers=1,
+        num_core_layers=2, num_coda_layers=1, num_loops=1, injection="add", state_init="zeros", core_norm=False,
+        injection_norm=False,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = ImplicitForCausalLM(ImplicitConfig(**settings)).eval()
+    llama = to_llama(model)
+    assert type(llama) is LlamaForCausalLM and llama.config.num_hidden_layers == 4
+    llama.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert type(loaded) is LlamaForCausalLM
+    with torch.no_grad():
+        expected = model(tokens()).logits
+        torch.testing.assert_close(llama(tokens()).logits, expected, rtol=0, atol=1e-6)
+        torch.testing.assert_close(loaded(tokens()).logits, expected, rtol=0, atol=1e-6)
+    for field, value in (("num_loops", 2), ("core_norm", True), ("loop_shift", 1), ("state_init", "prelude")):
+        other = ImplicitForCausalLM(ImplicitConfig(**{**settings, field: value}))
+        with pytest.raises(ValueError, match=f"runs its layers once as a plain stack .*'{field}'"):
+            to_llama(other)

@@ -250,6 +250,68 @@ def test_killed_run_resumes_bit_identical(uninterrupted, tmp_path):
     assert [step for step, _ in train_mod.find_checkpoints(out)] == [12, 15]
 
 
+GROUPED = {
+    **RESUME,
+    "random_loops": None,
+    "loop_schedule": {"distribution": "above_difficulty", "min": 1, "max": 64},
+    "group_by_difficulty": True,
+}
+
+
+def test_killed_run_grouped_by_difficulty_resumes_bit_identical(tmp_path):
+    """Batches of one difficulty, each drawn its own loop count above it: a killed run resumes the same batches
+    and the same counts."""
+    reference = tmp_path / "reference"
+    run_in_process(tmp_path, write_recipe(tmp_path, "reference", output_dir=str(reference), **GROUPED))
+    loops = [count for r in log_records(reference) if "loops" in r for count in r["loops"]]
+    assert len(loops) == GROUPED["max_steps"] * GROUPED["gradient_accumulation_steps"]  # one per micro-batch
+    assert set(loops) <= set(range(2, 8)) and len(set(loops)) > 3  # d + U[1, d + 1] for d in 1..3
+    out = tmp_path / "out"
+    recipe = write_recipe(tmp_path, "resume", output_dir=str(out), **GROUPED)
+    env = subprocess_env(tmp_path)
+    command = [sys.executable, "-m", "implicit_hf.train", str(recipe), "--task_kwargs.delay", "0.1"]
+    process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    kill_after(process, out / "checkpoints" / "step_3" / train_mod.CHECKPOINT_MARKER, timeout_s=120)
+    done = subprocess.run(
+        [sys.executable, "-m", "implicit_hf.train", str(recipe), "--resume"], cwd=ROOT, env=env,
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert json.loads((out / "metrics.json").read_text())["resumed_from"] >= 3
+    expected, resumed = weights(reference), weights(out)
+    for name, tensor in expected.items():
+        assert torch.equal(resumed[name], tensor), name
+    assert log_records(out) == log_records(reference)
+
+
+def test_batches_grouped_by_difficulty():
+    from implicit_hf.difficulty import GroupedByDifficulty
+
+    levels = [1, 2, 3, 1, 2, 3, 1, 2, 1, 1, 3]  # 5 rows of level 1, 3 of level 2, 3 of level 3
+    sampler = GroupedByDifficulty(levels, batch_size=2, seed=0)
+    assert len(sampler) == 2 * (2 + 1 + 1)  # full batches only
+    epochs = []
+    for epoch in range(4):
+        sampler.set_epoch(epoch)
+        order = list(sampler)
+        batches = [order[i : i + 2] for i in range(0, len(order), 2)]
+        assert all(levels[a] == levels[b] for a, b in batches) and len(set(order)) == len(order) == len(sampler)
+        epochs.append(order)
+        sampler.set_epoch(epoch)
+        assert list(sampler) == order  # seeded by (seed, epoch)
+    assert len({tuple(order) for order in epochs}) > 1
+
+
+def test_difficulty_settings_need_a_task_that_rates_its_rows(tmp_path):
+    for key, value in (
+        ("loop_schedule", {"distribution": "above_difficulty", "min": 1, "max": 8}),
+        ("group_by_difficulty", True),
+    ):
+        recipe = write_recipe(tmp_path, key, task="lp", task_module=None, **{key: value})
+        with pytest.raises(train_mod.RecipeError, match=f"recipe key '{key}' needs the difficulty of a row"):
+            train_mod.train(train_mod.parse_args([str(recipe)]))
+
+
 def test_random_loops_are_logged_and_reproducible(uninterrupted):
     out, result = uninterrupted
     config = train_mod.TrainConfig(**json.loads((out / "train_config.json").read_text()))

@@ -7,7 +7,7 @@ the same length and no padding, so a batch's mean loss is the mean of its sample
 
 Importing this module registers the task as ``"train_toy"`` (recipes name it with
 ``task_module: tests.toy_task``). ``delay`` (seconds per collated batch) slows a run down so a test
-can kill it between checkpoints.
+can kill it between checkpoints. Rows carry a ``level`` (1, 2, 3 in turn), their `difficulty`.
 """
 
 from __future__ import annotations
@@ -52,7 +52,11 @@ class TrainToyTask(TaskAdapter):
         import datasets
 
         return datasets.Features(
-            {"x": list_feature(list_feature(datasets.Value("float64"))), "y": list_feature(datasets.Value("float64"))}
+            {
+                "x": list_feature(list_feature(datasets.Value("float64"))),
+                "y": list_feature(datasets.Value("float64")),
+                "level": datasets.Value("int32"),
+            }
         )
 
     def random_stream(self, split: str, seed: int) -> torch.Generator:
@@ -60,7 +64,10 @@ class TrainToyTask(TaskAdapter):
 
     def generate(self, rng: torch.Generator, n: int, split: str) -> list[Example]:
         x = torch.randn(n, self.seq_len, 2, generator=rng).tolist()
-        return [{"x": row, "y": self.target(row)} for row in x]
+        return [{"x": row, "y": self.target(row), "level": k % 3 + 1} for k, row in enumerate(x)]
+
+    def difficulty(self, example: Example) -> int:
+        return example["level"]
 
     def encode(self, examples: list[Example]) -> dict[str, torch.Tensor]:
         if self.delay:

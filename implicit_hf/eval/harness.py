@@ -62,7 +62,7 @@ def _model_summary(model: torch.nn.Module, model_dir: str | Path) -> dict[str, A
         model_dir=str(model_dir),
         architecture=type(model).__name__,
         problem_type=getattr(config, "problem_type", None),
-        train_loops=config.train_loops,
+        train_loops=getattr(config, "train_loops", None),
         num_parameters=sum(p.numel() for p in model.parameters()),
     )
     return to_builtin(summary)
@@ -179,7 +179,7 @@ def run_eval(
     baselines = []
     for baseline_dir in baseline_dirs:
         baseline_model = load_model(baseline_dir, task.head, torch_device)
-        baseline_loops = int(baseline_model.config.num_loops)
+        baseline_loops = int(getattr(baseline_model.config, "num_loops", 1))  # a plain transformers model: once
         baseline_result = sweep(baseline_model, task, rows, [baseline_loops], **settings)
         baselines.append(
             {

@@ -58,8 +58,11 @@ def estimate_flops(config, seq_len: int, loops: int, head_outputs: int | None = 
     * head: ``2 * d * head_outputs`` (``num_labels`` by default; the vocabulary for a causal LM).
 
     Total: ``T * (input + (prelude + coda) * layer + loops * (core * layer + injection) + head)``.
-    Norms, RoPE, softmax and other elementwise work are left out.
+    Norms, RoPE, softmax and other elementwise work are left out. A plain transformers decoder config (e.g. a
+    ``LlamaConfig`` baseline, without the loop fields) counts as its ``num_hidden_layers`` run once.
     """
+    if not is_implicit_config(config):
+        config = _as_stack(config)
     d = config.hidden_size
     heads = config.num_attention_heads
     kv_heads = config.num_key_value_heads or heads
@@ -69,7 +72,7 @@ def estimate_flops(config, seq_len: int, loops: int, head_outputs: int | None = 
     layer = 2 * layer_params + 4 * seq_len * d_attn
     inputs = 2 * config.input_features * d + 2 * seq_len * config.edge_features * heads
     injection = 4 * d * d if config.injection == "linear" else 0
-    injection += 2 * d * d if getattr(config, "loop_shift", 0) else 0
+    injection += 2 * d * d if config.loop_shift else 0
     outputs = config.num_labels if head_outputs is None else head_outputs
     head = 2 * d * outputs
     feedback = (
@@ -82,6 +85,30 @@ def estimate_flops(config, seq_len: int, loops: int, head_outputs: int | None = 
         + head
     )
     return float(seq_len * per_token)
+
+
+def is_implicit_config(config) -> bool:
+    """Whether ``config`` is an implicit model's (else a plain transformers model, e.g. an explicit baseline)."""
+    return getattr(config, "model_type", None) == "implicit"
+
+
+def _as_stack(config):
+    """The fields `estimate_flops` reads, for a plain decoder: its layers run once, no loop."""
+    from types import SimpleNamespace
+
+    fields = ("hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim", "intermediate_size")
+    return SimpleNamespace(
+        **{name: getattr(config, name, None) for name in fields},
+        num_prelude_layers=config.num_hidden_layers,
+        num_core_layers=0,
+        num_coda_layers=0,
+        injection="add",
+        loop_shift=0,
+        input_features=0,
+        edge_features=0,
+        feedback_features=0,
+        num_labels=getattr(config, "num_labels", 1),
+    )
 
 
 def head_outputs(model: torch.nn.Module) -> int:
@@ -166,7 +193,9 @@ def _trajectory_pass(
     batch_size: int,
     tol: float | None,
 ) -> dict[str, Any]:
-    """One trajectory run per batch; per requested ``t``: predictions, residuals, steps."""
+    """One trajectory run per batch; per requested ``t``: predictions, residuals, steps. A plain transformers model
+    (an explicit baseline) runs once per batch: the same predictions at every ``t``, no residuals or steps."""
+    implicit = is_implicit_config(model.config)
     device = device_of(model)
     max_loops = loops[-1]
     predictions: dict[int, list] = {t: [] for t in loops}
@@ -181,17 +210,21 @@ def _trajectory_pass(
         model_inputs = {k: v for k, v in inputs.items() if k != "labels"}
         synchronize(device)
         began = time.perf_counter()
-        out = model(
-            **model_inputs, num_loops=max_loops, tol=tol, return_trajectory=loops, **feedback_kwargs(task, inputs)
-        )
+        if implicit:
+            out = model(
+                **model_inputs, num_loops=max_loops, tol=tol, return_trajectory=loops, **feedback_kwargs(task, inputs)
+            )
+            trajectory, stats = out.trajectory, out.loop_stats
+            del out
+        else:
+            trajectory, stats = (model(**model_inputs).logits,) * len(loops), None
         synchronize(device)
         seconds += time.perf_counter() - began
-        trajectory, stats = out.trajectory, out.loop_stats
         if not trajectory:
             raise RuntimeError("the model returned no trajectory; it must support return_trajectory=True")
         batch_lengths.append((len(batch_rows), int(trajectory[0].shape[1])))
-        diverged += int(stats.diverged.sum())
-        iterations = stats.rel_residual.shape[0]
+        diverged += 0 if stats is None else int(stats.diverged.sum())
+        iterations = 0 if stats is None else stats.rel_residual.shape[0]
         for position, t in enumerate(loops):
             # the model decoded exactly the requested counts (past the last iteration run: the final state)
             batch_predictions = task.decode(trajectory[position], inputs)
@@ -203,8 +236,10 @@ def _trajectory_pass(
             predictions[t].extend(batch_predictions)
             if iterations:
                 rel_residual[t].append(stats.rel_residual[min(t, iterations) - 1].detach().float().cpu())
-            steps[t].append(stats.steps.clamp(max=t).detach().cpu())
-        del out, trajectory
+            steps[t].append(
+                torch.full((len(batch_rows),), math.nan) if stats is None else stats.steps.clamp(max=t).detach().cpu()
+            )
+        del trajectory
     return {
         "predictions": predictions,
         "rel_residual": {t: torch.cat(v) if v else torch.full((len(rows),), math.nan) for t, v in rel_residual.items()},
@@ -309,9 +344,7 @@ def sweep(
     tol = None if keep_tol else 0
     max_loops = loops[-1]
     if warmup:  # one untimed call first: lazy initialisation would otherwise land in the timings
-        inputs = _to_device(task.encode(rows[:batch_size]), device_of(model))
-        model_inputs = {k: v for k, v in inputs.items() if k != "labels"}
-        model(**model_inputs, num_loops=1, tol=tol, return_trajectory=True, **feedback_kwargs(task, inputs))
+        _trajectory_pass(model, task, rows[:batch_size], [1], batch_size, tol)
     clean = _trajectory_pass(model, task, rows, loops, batch_size, tol)
 
     probe = bool(perturb_eps)
@@ -350,8 +383,8 @@ def sweep(
         "num_samples": len(rows),
         "quality_metric": task.quality_metric,
         "higher_is_better": bool(task.higher_is_better),
-        "tol": model.config.tol if keep_tol else None,
-        "solver": model.config.solver,
+        "tol": getattr(model.config, "tol", None) if keep_tol else None,
+        "solver": getattr(model.config, "solver", None),
         "perturb_eps": perturb_eps if probe else None,
         "seed": seed,
         "batch_size": batch_size,

@@ -212,6 +212,62 @@ def convert_model(
     return model.eval()
 
 
+def to_llama(model: torch.nn.Module):
+    """The inverse of a conversion that drops nothing: an implicit causal LM that runs its layers once, as a
+    transformers ``LlamaForCausalLM`` with the same weights (prelude, core and coda layers stacked in order).
+
+    A model that iterates its core, normalises or shifts its state, or takes other inputs than tokens is more than
+    a stack; it is refused, naming the setting (`PASS_THROUGH_SETTINGS`, ``loop_shift`` and the feature sizes
+    must be those of a plain stack). Used to train an explicit Llama baseline by the training loop of implicit
+    models, then score it as any transformers model.
+    """
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = model.config
+    plain = {**PASS_THROUGH_SETTINGS, "loop_shift": 0, "input_features": 0, "edge_features": 0, "feedback_features": 0}
+    differing = {key: getattr(config, key) for key, value in plain.items() if getattr(config, key) != value}
+    if differing:
+        raise ValueError(
+            f"only an implicit model that runs its layers once as a plain stack is a Llama ({plain}); got {differing}"
+        )
+    llama_config = LlamaConfig(
+        **{
+            name: getattr(config, name)
+            for name in (
+                "vocab_size",
+                "hidden_size",
+                "intermediate_size",
+                "num_attention_heads",
+                "num_key_value_heads",
+                "head_dim",
+                "hidden_act",
+                "max_position_embeddings",
+                "initializer_range",
+                "rms_norm_eps",
+                "rope_parameters",
+                "attention_bias",
+                "attention_dropout",
+                "mlp_bias",
+                "tie_word_embeddings",
+                "pad_token_id",
+                "bos_token_id",
+                "eos_token_id",
+            )
+        },
+        num_hidden_layers=config.num_hidden_layers,
+    )
+    llama = LlamaForCausalLM(llama_config).to(next(model.parameters()).dtype)
+    layers = [*model.model.prelude, *model.model.core, *model.model.coda]
+    state = {
+        f"model.layers.{i}.{key}": value for i, layer in enumerate(layers) for key, value in layer.state_dict().items()
+    }
+    state["model.embed_tokens.weight"] = model.model.embed_tokens.weight
+    state["model.norm.weight"] = model.model.norm.weight
+    state["lm_head.weight"] = model.lm_head.weight
+    llama.load_state_dict(state, strict=True)
+    return llama.eval()
+
+
 def convert_checkpoint(
     source: str | Path,
     output_dir: str | Path,
