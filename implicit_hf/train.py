@@ -169,7 +169,7 @@ def train(config: TrainConfig) -> TrainResult:
         collate_fn=WithDifficulty(task) if per_batch_loops else task.encode,
         generator=torch.Generator().manual_seed(config.seed),
     )
-    if len(train_loader) == 0:
+    if grouped is not None and len(train_loader) == 0:
         raise RecipeError(
             f"recipe key 'group_by_difficulty': no difficulty has {config.per_device_batch_size} rows "
             "(per_device_batch_size) in the training set; raise train_size or lower the batch size"

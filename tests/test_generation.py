@@ -60,9 +60,9 @@ def greedy(model, input_ids, attention_mask=None, **kwargs):
 # random map amplifies it over 16 loops (logits ~3 differ by ~2e-5); in float64 they agree to 1e-10.
 @pytest.mark.parametrize("dtype, atol", [(torch.float32, 1e-4), (torch.float64, 1e-10)])
 @pytest.mark.parametrize("num_loops", [1, 4, 16])
-@pytest.mark.parametrize("loop_shift", [0, 1, 4])
-def test_cached_greedy_decoding_equals_uncached(num_loops, dtype, atol, loop_shift):
-    model = causal_lm(loop_shift=loop_shift).to(dtype)
+@pytest.mark.parametrize("loop_shift, position_encoding", [(0, "rope"), (1, "rope"), (4, "rope"), (1, "none")])
+def test_cached_greedy_decoding_equals_uncached(num_loops, dtype, atol, loop_shift, position_encoding):
+    model = causal_lm(loop_shift=loop_shift, position_encoding=position_encoding).to(dtype)
     (prompt,) = prompts([7])
     with torch.no_grad():
         cached = greedy(model, prompt[None], num_loops=num_loops, use_cache=True)

@@ -528,3 +528,22 @@ def test_hidden_states_attentions_and_tuples_as_in_transformers():
         return_dict_in_generate=True,
     )
     assert len(generated.hidden_states) == 2 and len(generated.hidden_states[0]) == 3 + 3
+
+
+def test_without_position_encoding_a_bidirectional_model_is_permutation_equivariant(tmp_path):
+    """position_encoding="none": attention sees no positions, so permuting the tokens of a bidirectional model
+    permutes its outputs (with RoPE it does not); the setting is saved and checked like every field."""
+    permutation = torch.randperm(12, generator=torch.Generator().manual_seed(0))
+    input_ids = tokens()
+    for encoding, equivariant in (("none", True), ("rope", False)):
+        model = build(ImplicitModel, position_encoding=encoding, is_causal=False).double()
+        with torch.no_grad():
+            out = model(input_ids, num_loops=3).last_hidden_state
+            permuted = model(input_ids[:, permutation], num_loops=3).last_hidden_state
+        assert torch.allclose(permuted, out[:, permutation], atol=1e-10) == equivariant, encoding
+    model.save_pretrained(tmp_path)
+    assert AutoConfig.from_pretrained(tmp_path).position_encoding == "rope"
+    build(ImplicitModel, position_encoding="none").save_pretrained(tmp_path)
+    assert AutoConfig.from_pretrained(tmp_path).position_encoding == "none"
+    with pytest.raises(ValueError, match="position_encoding must be one of 'rope', 'none'; got 'alibi'"):
+        tiny_config(position_encoding="alibi")

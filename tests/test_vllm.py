@@ -104,6 +104,7 @@ def test_vllm_greedy_outputs_equal_hf_generate(tmp_path):
     [
         ({}, [0], "num_loops must be an integer >= 1"),
         ({"loop_shift": 1}, [2], "vLLM does not serve the loop's token shift yet"),
+        ({"position_encoding": "none"}, [2], "vLLM serves rotary position embeddings"),
     ],
 )
 def test_vllm_refuses_what_it_cannot_serve(tmp_path, overrides, loops, message):

@@ -60,6 +60,11 @@ def _check_servable(config) -> None:
             f"vLLM does not serve the loop's token shift yet (loop_shift={config.loop_shift}: its per-loop state "
             "is not kept in vLLM's paged cache); generate with transformers (model.generate) instead"
         )
+    if config.position_encoding != "rope":
+        raise ValueError(
+            f"vLLM serves rotary position embeddings; this checkpoint has position_encoding="
+            f"{config.position_encoding!r}: generate with transformers (model.generate) instead"
+        )
     if config.input_features or config.edge_features or config.feedback_features:
         raise ValueError("vLLM serves token-input LMs: input_features, edge_features and feedback_features must be 0")
     if config.tol is not None:

@@ -14,6 +14,7 @@ INJECTIONS = ("add", "linear")
 STATE_INITS = ("zeros", "prelude", "normal")
 SOLVER_NAMES = ("picard", "anderson", "broyden")
 GRADIENTS = ("unroll", "truncated", "jfb", "phantom", "ift")
+POSITION_ENCODINGS = ("rope", "none")
 MAX_LOOP_SHIFT = 4  # the widest causal convolution of the loop's token shift (config.loop_shift)
 
 # What `save_pretrained` writes into config.json so `trust_remote_code=True` can load every head
@@ -50,6 +51,7 @@ _LOOP_FIELDS = (
     "core_norm",
     "injection_norm",
     "loop_shift",
+    "position_encoding",
     *RUNTIME_LOOP_FIELDS,
     "is_causal",
     "feedback_features",
@@ -89,6 +91,10 @@ class ImplicitConfig(PretrainedConfig):
         injection_norm: apply an RMSNorm to the prelude output before it is injected, so input and
             state have the same scale; a tiny injection (fresh embeddings) makes the map nearly the
             identity on the state and the loop converges slowly.
+        position_encoding: ``"rope"`` (Llama's rotary embedding, the default) or ``"none"`` (no position
+            encoding: a causal model still orders its tokens through the causal mask and, with
+            ``loop_shift``, through the shift; attention then cannot key on absolute or relative positions
+            it never saw in training).
         loop_shift: kernel of a causal depthwise convolution over the normalised state of the previous
             ``loop_shift`` positions (``t-1 .. t-loop_shift``), projected and added to the core's input
             at every iteration (``0``: off; ``1``: a one-step token shift; at most 4). It gives the
@@ -148,6 +154,7 @@ class ImplicitConfig(PretrainedConfig):
         core_norm: bool = True,
         injection_norm: bool = True,
         loop_shift: int = 0,
+        position_encoding: str = "rope",
         num_loops: int = 8,
         num_loops_train: int | None = None,
         solver: str = "picard",
@@ -196,6 +203,7 @@ class ImplicitConfig(PretrainedConfig):
         self.core_norm = core_norm
         self.injection_norm = injection_norm
         self.loop_shift = loop_shift
+        self.position_encoding = position_encoding
         self.num_loops = num_loops
         self.num_loops_train = num_loops_train
         self.solver = solver
@@ -348,6 +356,7 @@ _FIELD_CHECKS = {
     "num_core_layers": _integer(1),
     "num_coda_layers": _integer(0),
     "loop_shift": _integer_in(0, MAX_LOOP_SHIFT),
+    "position_encoding": _choice(POSITION_ENCODINGS),
     "num_loops": _integer(1),
     "num_loops_train": _integer(1, allow_none=True),
     "anderson_memory": _integer(1),

@@ -630,6 +630,8 @@ class ImplicitModel(ImplicitPreTrainedModel):
         elif attention_mask is not None and attention_mask.ndim == 4 and self.config._attn_implementation == "eager":
             mask = _additive(mask, hidden.dtype)  # a custom 4-D mask passes through as given; eager adds it
         cos, sin = self.rotary_emb(hidden, position_ids)
+        if self.config.position_encoding == "none":  # the identity rotation: q and k as they are
+            cos, sin = torch.ones_like(cos), torch.zeros_like(sin)
         # Without padding among this call's tokens (e.g. every cached decoding step) there is nothing to mask.
         is_token = None
         if attention_mask is not None and attention_mask.ndim == 2:
