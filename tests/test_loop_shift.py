@@ -50,8 +50,9 @@ def test_the_shift_is_the_causal_convolution_of_the_normalised_state(kernel):
                     expected[:, t] += shift.taps[j - 1] * normed[:, t - j]
         expected = shift.proj(expected)
     torch.testing.assert_close(got, expected)
-    initial = build(ImplicitForCausalLM, loop_shift=kernel).model.loop_shift.taps[:, 0]
-    assert initial.tolist() == [1.0] + [0.0] * (kernel - 1)  # a one-step shift to begin with
+    initial = build(ImplicitForCausalLM, loop_shift=kernel).model.loop_shift
+    assert initial.taps[:, 0].tolist() == [1.0] + [0.0] * (kernel - 1)  # a pure one-step shift to begin with
+    assert torch.equal(initial.proj.weight, torch.eye(32))
 
 
 def test_the_shift_moves_information_one_position_per_loop():

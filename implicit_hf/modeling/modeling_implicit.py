@@ -120,8 +120,8 @@ class LoopShift(nn.Module):
 
     Attention can move information between positions too, but only by content or position; this path
     moves every token's state one position on per iteration whatever the positions are, so a loop of
-    ``K`` iterations can run a recurrence over ``K`` tokens. The taps start as a pure one-step shift
-    (``w_1 = 1``, the others 0). Padding holds a zero state, so it shifts zeros into the first real token.
+    ``K`` iterations can run a recurrence over ``K`` tokens. It starts as a pure one-step shift (``w_1 = 1``,
+    the other taps 0, ``W`` the identity). Padding holds a zero state, so it shifts zeros into the first real token.
     With a KV cache the normalised states of earlier tokens come from the loop's shift slot
     (``cache.py``); ``layer_idx`` addresses it through the loop's cache view, after the core's layers.
     """
@@ -196,10 +196,11 @@ class ImplicitPreTrainedModel(PreTrainedModel):
         if isinstance(module, ImplicitInjection) and module.weight is not None:
             eye = torch.eye(self.config.hidden_size, dtype=module.weight.dtype)
             init.copy_(module.weight, torch.cat([eye, eye], dim=1))
-        if isinstance(module, LoopShift):
+        if isinstance(module, LoopShift):  # a pure one-step shift of the normalised state to begin with
             taps = torch.zeros_like(module.taps)
             taps[0] = 1.0
             init.copy_(module.taps, taps)
+            init.copy_(module.proj.weight, torch.eye(self.config.hidden_size, dtype=module.proj.weight.dtype))
 
 
 def _rows(x: torch.Tensor | None, index: torch.Tensor, batch: int) -> torch.Tensor | None:
