@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Reproduces results/state_tracking/ (from the repository root, with `make install` done; about 2 hours on 2 cores):
-#   1. for 3 and 5 objects, the implicit model and its three baselines (the same layers once, a non-tied stack, a
-#      Llama of equal parameters at the implicit model's training depth) are trained for the same wall time:
-#      each recipe's seconds per step are timed alone on one thread (a 110-step run minus a 10-step run), and its
-#      max_steps set to BUDGET_S / that; the runs then train two at a time, one thread each;
+#   1. for 3 and 5 objects, the implicit model (its recipe as written) and its three baselines (the same layers
+#      once, a non-tied stack, a Llama of equal parameters at the implicit model's training depth) train for the
+#      same wall time: each recipe's seconds per step are timed alone on one thread (a 110-step run minus a
+#      10-step run), the budget is the implicit recipe's max_steps at its rate, and each baseline's max_steps is
+#      that budget at its own rate; the runs then train two at a time, one thread each;
 #   2. the Llama baseline (trained as an implicit model that runs once) is exported as a LlamaForCausalLM;
 #   3. every model is swept over loops 1..128 at 4, 8, 16 and 32 steps (N/2, N, 2N, 4N for N = 8) with the
 #      baselines beside it (implicit-hf eval --baseline), and with implicit-hf lm-eval on the shipped tasks;
@@ -14,14 +15,14 @@ export PATH="$PWD/.venv/bin:$PATH"
 RES=results/state_tracking
 OUT=outputs/state_tracking
 LOOPS=1,2,3,4,6,8,12,16,24,32,48,64,96,128
-declare -A BUDGET_S=([3]=${BUDGET_S3:-360} [5]=${BUDGET_S5:-720})
 mkdir -p "$OUT/logs" "$RES/train"
 : > "$RES/budget.txt"
 
 seconds() { python -c "import time; print(time.perf_counter())"; }
+recipe_steps() { python -c "import yaml; print(yaml.safe_load(open('$1'))['max_steps'])"; }
 
 for objects in 3 5; do
-  declare -A STEPS=()
+  declare -A STEPS=() PER_STEP=()
   for name in implicit once stack llama; do
     recipe=configs/recipes/state_tracking_s${objects}_$name.yaml
     OMP_NUM_THREADS=1 implicit-hf train "$recipe" --output_dir /tmp/st_time --overwrite_output_dir true \
@@ -32,8 +33,13 @@ for objects in 3 5; do
         --max_steps $n --checkpoint_every 0 --eval_every 0 > /dev/null 2>&1
       eval "t$n=\$(python -c \"print($(seconds) - $start)\")"
     done
-    STEPS[$name]=$(python -c "print(int(${BUDGET_S[$objects]} / (($t110 - $t10) / 100)) // 100 * 100)")
-    echo "s${objects}_$name: ${STEPS[$name]} steps for ${BUDGET_S[$objects]} s (one thread: $(python -c "print(round(($t110 - $t10) / 100, 4))") s/step)" | tee -a "$RES/budget.txt"
+    PER_STEP[$name]=$(python -c "print(($t110 - $t10) / 100)")
+  done
+  budget=$(python -c "print($(recipe_steps configs/recipes/state_tracking_s${objects}_implicit.yaml) * ${PER_STEP[implicit]})")
+  for name in implicit once stack llama; do
+    STEPS[$name]=$(python -c "print(round($budget / ${PER_STEP[$name]} / 100) * 100)")
+    echo "s${objects}_$name: ${STEPS[$name]} steps for $(python -c "print(round($budget))") s (alone, one thread: ${PER_STEP[$name]} s/step)" \
+      | tee -a "$RES/budget.txt"
   done
   for pair in "implicit once" "stack llama"; do
     for name in $pair; do
