@@ -27,7 +27,16 @@ def main(argv: list[str]) -> None:
     )
     record = json.loads((out / "model" / "implicit_task.json").read_text())
     metrics = json.loads((out / "metrics.json").read_text())
-    result = {"name": name, "recipe": recipe, "overrides": overrides, "train": metrics, "accuracy": {}}
+    config = json.loads((out / "train_config.json").read_text())
+    result = {
+        "name": name,
+        "recipe": recipe,
+        "overrides": overrides,
+        "train_config": config,
+        "shift_init": "identity",
+        "train": metrics,
+        "accuracy": {},
+    }
     for steps in STEPS:
         kwargs = {**record["task_kwargs"], "steps": steps}
         folder = out / f"eval_steps{steps}"
