@@ -52,3 +52,34 @@ def test_trainer_trains_and_evaluates_an_implicit_lm(tmp_path):
     with torch.no_grad():
         generated = reloaded.generate(prompt, max_new_tokens=4, do_sample=False, num_loops=4)
     assert generated[0, 4:].tolist() == [9, 10, 11, 12]
+
+
+def test_trainer_takes_a_tasks_per_position_labels(tmp_path):
+    """state_tracking's labels are not the next input token (the state after every update): transformers.Trainer
+    trains on them through the task's own encode as the data collator, with the model's causal-LM loss."""
+    from implicit_hf.tasks.base import get_task
+    from implicit_hf.tasks.models import build_model
+
+    task = get_task("state_tracking", cache_dir=tmp_path / "data", objects=3, steps=[1, 3])
+    torch.manual_seed(0)
+    model = build_model(
+        task, hidden_size=32, num_attention_heads=4, num_prelude_layers=1, num_core_layers=1, num_coda_layers=0,
+        loop_shift=1, num_loops=5, gradient="unroll",
+    )  # fmt: skip
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "out"), max_steps=80, per_device_train_batch_size=32, per_device_eval_batch_size=64,
+        learning_rate=3e-3, remove_unused_columns=False, save_strategy="no", report_to=[], use_cpu=True, seed=0,
+    )  # fmt: skip
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=task.build_dataset("train", 2560, 0),
+        eval_dataset=task.build_dataset("validation", 128, 0),
+        data_collator=task.encode,
+    )
+    batch = task.encode(list(task.build_dataset("validation", 4, 0)))
+    assert (batch["labels"] != -100).sum() > 4  # several labelled positions per row
+    before = trainer.evaluate()["eval_loss"]
+    trainer.train()
+    after = trainer.evaluate()["eval_loss"]
+    assert after < 0.6 * before, (before, after)
