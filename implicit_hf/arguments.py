@@ -140,7 +140,8 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
         "--baseline",
         action="append",
         default=[],
-        help="explicit baseline checkpoint, evaluated at its own num_loops (repeat for several)",
+        help="explicit baseline checkpoint, evaluated at its own num_loops (repeat for several); for a causal-LM "
+        "task also a plain transformers causal LM (e.g. a LlamaForCausalLM), run once",
     )
     parser.add_argument(
         "--task-kwargs",

@@ -103,19 +103,33 @@ def _saved_config(model: str) -> dict[str, Any]:
     return PretrainedConfig.get_config_dict(model)[0]
 
 
-def check_task_fits(model: str, task: Any, option: str = "--model") -> None:
-    """The checkpoint ``model`` must be an implicit model with the head and input sizes ``task`` needs."""
+def check_task_fits(model: str, task: Any, option: str = "--model", explicit: bool = False) -> None:
+    """The checkpoint ``model`` must be an implicit model with the head and input sizes ``task`` needs; with
+    ``explicit`` (a baseline) a plain transformers causal LM (``...ForCausalLM``) also fits a causal-LM task
+    whose vocabulary it covers: it is scored with one forward pass."""
     from .tasks.models import HEADS
 
     saved = _saved_config(model)
     model_type = saved.get("model_type")
+    architectures = saved.get("architectures") or []
+    if model_type != "implicit" and explicit and task.head == "causal_lm":
+        if not any(name.endswith("ForCausalLM") for name in architectures):
+            raise UsageError(
+                f"{option} {model!r} is neither an implicit checkpoint nor a causal LM (architectures {architectures})"
+            )
+        needs = task.model_config().get("vocab_size", 0)
+        if saved.get("vocab_size", 0) < needs:
+            raise UsageError(
+                f"task {task.name!r} does not fit {option} {model!r}: vocab_size: task needs >= {needs}, "
+                f"checkpoint has {saved.get('vocab_size')}"
+            )
+        return
     if model_type != "implicit":
         raise UsageError(
             f"{option} {model!r} is not an implicit checkpoint (config.json model_type {model_type!r}); "
             "turn a Llama-family model into one with implicit-hf convert"
         )
     expected = HEADS[task.head].model_class if task.head in HEADS else None
-    architectures = saved.get("architectures") or []
     if expected and architectures and expected not in architectures:
         raise UsageError(
             f"task {task.name!r} does not fit {option} {model!r}: the task needs a {task.head} model ({expected}), "
@@ -244,7 +258,7 @@ def eval_command(args: argparse.Namespace) -> dict[str, Any]:
     task, task_kwargs = _task_of(model, args.task, args.task_kwargs)
     check_task_fits(model, task, "--model")
     for baseline in baselines:
-        check_task_fits(baseline, task, "--baseline")
+        check_task_fits(baseline, task, "--baseline", explicit=True)
     from .eval.harness import run_from_args
 
     resolved = {"model": model, "baseline": baselines, "task": task, "task_kwargs": task_kwargs}

@@ -225,6 +225,17 @@ def test_eval_refuses_a_folder_that_is_not_a_checkpoint(tmp_path, capsys):
     (llama / "config.json").write_text('{"model_type": "llama"}')
     err = run_main(capsys, "eval", "--model", str(llama), "--task", "lp", "--out", str(tmp_path / "o"))
     assert str(llama) in err and "not an implicit checkpoint" in err and "'llama'" in err
+    # a plain causal LM is a baseline of a causal-LM task (not --model), if it covers the task's vocabulary
+    lm = implicit_config(tmp_path / "lm", "ImplicitForCausalLM", vocab_size=80)
+    for architecture, message in (
+        ("LlamaForCausalLM", "vocab_size: task needs >= 70, checkpoint has 8"),
+        ("LlamaModel", "neither an implicit checkpoint nor a causal LM"),
+    ):
+        config = {"model_type": "llama", "architectures": [architecture], "vocab_size": 8}
+        (llama / "config.json").write_text(json.dumps(config))
+        argv = ["--task", "state_tracking", "--baseline", str(llama), "--out", str(tmp_path / "o")]
+        err = run_main(capsys, "eval", "--model", str(lm), *argv)
+        assert str(llama) in err and message in err
 
 
 def test_eval_refuses_a_task_that_does_not_fit_the_model(tmp_path, capsys):
