@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Reproduces results/state_tracking/ (from the repository root, with `make install` done; about 2 hours on 2 cores):
+# Reproduces results/state_tracking/ (from the repository root, with `make install` done; about 2 hours on 2 cores;
+# OBJECTS="3" runs one setting, SKIP_TRAINING=1 re-runs the evaluation of trained models):
 #   1. for 3 and 5 objects, the implicit model (its recipe as written) and its three baselines (the same layers
 #      once, a non-tied stack, a Llama of equal parameters at the implicit model's training depth) train for the
 #      same wall time: each recipe's seconds per step are timed alone on one thread (a 110-step run minus a
@@ -16,13 +17,14 @@ RES=results/state_tracking
 OUT=outputs/state_tracking
 LOOPS=1,2,3,4,6,8,12,16,24,32,48,64,96,128
 mkdir -p "$OUT/logs" "$RES/train"
-: > "$RES/budget.txt"
 
 seconds() { python -c "import time; print(time.perf_counter())"; }
 recipe_steps() { python -c "import yaml; print(yaml.safe_load(open('$1'))['max_steps'])"; }
 
-for objects in 3 5; do
+train() {  # time the four recipes, then train them for the implicit recipe's wall time
+  local objects=$1
   declare -A STEPS=() PER_STEP=()
+  : > "$RES/budget_s$objects.txt"
   for name in implicit once stack llama; do
     recipe=configs/recipes/state_tracking_s${objects}_$name.yaml
     OMP_NUM_THREADS=1 implicit-hf train "$recipe" --output_dir /tmp/st_time --overwrite_output_dir true \
@@ -39,7 +41,7 @@ for objects in 3 5; do
   for name in implicit once stack llama; do
     STEPS[$name]=$(python -c "print(round($budget / ${PER_STEP[$name]} / 100) * 100)")
     echo "s${objects}_$name: ${STEPS[$name]} steps for $(python -c "print(round($budget))") s (alone, one thread: ${PER_STEP[$name]} s/step)" \
-      | tee -a "$RES/budget.txt"
+      | tee -a "$RES/budget_s$objects.txt"
   done
   for pair in "implicit once" "stack llama"; do
     for name in $pair; do
@@ -50,6 +52,10 @@ for objects in 3 5; do
     done
     wait
   done
+}
+
+evaluate() {  # export the Llama, sweep every step count with the baselines, lm-eval, halting
+  local objects=$1
   python -c "
 from transformers import AutoTokenizer
 from implicit_hf.modeling.convert import to_llama
@@ -75,5 +81,10 @@ AutoTokenizer.from_pretrained(source).save_pretrained(target)
     --loops 1,2,4,8,12,16,24,32,48,64,128 --include-path implicit_hf/tasks/reasoning/lm_eval_tasks \
     --metadata "{\"data_dir\": \"$OUT/lm_eval_data/s$objects\"}" --batch-size 64 --out "$RES/lm_eval_s$objects"
   OMP_NUM_THREADS=2 python "$RES/halting.py" "$OUT/s${objects}_implicit/model" "$RES/halting_s$objects.json"
+}
+
+for objects in ${OBJECTS:-3 5}; do
+  [ -n "${SKIP_TRAINING:-}" ] || train "$objects"
+  evaluate "$objects"
 done
 python "$RES/summarise.py"
