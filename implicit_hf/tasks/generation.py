@@ -1,9 +1,41 @@
-"""What the causal-LM tasks share: a pretrained model's tokenizer for a task, and greedy completion of prompts by
-``model.generate`` at a loop count (the ``complete`` of a task; halting with ``tol``)."""
+"""What the causal-LM tasks share: the base of a task that owns a tokenizer (`CausalLMTask`), a pretrained model's
+tokenizer for a task, and greedy completion of prompts by ``model.generate`` at a loop count (the ``complete`` of a
+task; halting with ``tol``)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 import torch
+
+from .base import TaskAdapter
+
+
+class CausalLMTask(TaskAdapter):
+    """A causal-LM task with a tokenizer: its own (built for the task, ``tokenizer_path`` None) or a pretrained
+    model's (``tokenizer_path``). It fixes the model's vocabulary and causality, and with its own tokenizer the
+    special-token ids (a pretrained model's checkpoint keeps its own), and saves the tokenizer beside a trained
+    model."""
+
+    head = "causal_lm"
+    tokenizer: Any
+    tokenizer_path: str | None = None
+
+    def model_config(self) -> dict[str, Any]:
+        config = {"vocab_size": len(self.tokenizer), "is_causal": True}
+        if self.tokenizer_path is None:
+            tokenizer = self.tokenizer
+            config.update(
+                pad_token_id=tokenizer.pad_token_id,
+                bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+            )
+        return config
+
+    def save_artifacts(self, model_dir: str | Path) -> None:
+        """The tokenizer, next to the trained model (``AutoTokenizer.from_pretrained(model_dir)``)."""
+        self.tokenizer.save_pretrained(str(model_dir))
 
 
 def pretrained_tokenizer(path: str):

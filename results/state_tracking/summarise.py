@@ -114,7 +114,12 @@ def figure(objects_list: list[int]) -> Path:
         ax.set_ylabel("exact match")
         ax.set_ylim(0, 1.02)
         ax.set_title(f"{objects} objects, trained at 1-{TRAINED} steps (grey: chance)")
-        ax.legend(loc="lower right", fontsize=8, title="implicit (lines); baselines: once : stack -- Llama -.")
+        ax.legend(
+            loc="center right",
+            fontsize=8,
+            title_fontsize=8,
+            title="implicit; baselines in the line's colour:\nonce (dotted), stack (dashed), Llama (dash-dot)",
+        )
     fig.tight_layout()
     path = HERE / "accuracy_vs_loops.png"
     fig.savefig(path, dpi=120)

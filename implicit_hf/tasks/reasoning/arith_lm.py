@@ -50,9 +50,9 @@ import numpy as np
 import torch
 
 from ...checks import check_integer
-from ..base import Example, TaskAdapter, check_one_per_row, list_feature, split_rng
+from ..base import Example, check_one_per_row, list_feature, split_rng
 from ..edit_distance import word_edit_distance
-from ..generation import greedy_completions
+from ..generation import CausalLMTask, greedy_completions
 
 SPECIAL_TOKENS = ("[PAD]", "[BOS]", "[EOS]", "[UNK]")
 PAD_ID, BOS_ID, EOS_ID, UNK_ID = range(4)
@@ -81,11 +81,10 @@ def arith_tokenizer():
     )
 
 
-class ArithLMTask(TaskAdapter):
+class ArithLMTask(CausalLMTask):
     """Write the running totals of a chain of additions and subtractions, as a causal language model."""
 
     name = "arith_lm"
-    head = "causal_lm"
     quality_metric = "answer_accuracy"
     higher_is_better = True
     generative = True
@@ -113,24 +112,11 @@ class ArithLMTask(TaskAdapter):
         self.pairs_file = Path(pairs_file) if pairs_file is not None else PAIRS_FILE
         self.tokenizer = arith_tokenizer()
 
-    def model_config(self) -> dict[str, Any]:
-        return {
-            "vocab_size": len(self.tokenizer),
-            "is_causal": True,
-            "pad_token_id": PAD_ID,
-            "bos_token_id": BOS_ID,
-            "eos_token_id": EOS_ID,
-        }
-
     @property
     def max_new_tokens(self) -> int:
         """Enough new tokens for the longest completion (a space and a total per operation) and [EOS]."""
         digits = len(str(self.max_operand * self.max_terms))
         return (self.max_terms - 1) * (digits + 1) + 1
-
-    def save_artifacts(self, model_dir: str | Path) -> None:
-        """The tokenizer, next to the trained model (``AutoTokenizer.from_pretrained(model_dir)``)."""
-        self.tokenizer.save_pretrained(str(model_dir))
 
     # ------------------------------------------------------------------ data
 

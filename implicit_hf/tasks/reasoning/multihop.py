@@ -66,8 +66,8 @@ import numpy as np
 import torch
 
 from ...checks import check_integer
-from ..base import Example, TaskAdapter, check_one_per_row, check_size_and_seed, list_feature, split_rng
-from ..generation import greedy_completions, pretrained_tokenizer
+from ..base import Example, check_one_per_row, check_size_and_seed, list_feature, split_rng
+from ..generation import CausalLMTask, greedy_completions, pretrained_tokenizer
 
 SPECIAL_TOKENS = ("[PAD]", "[BOS]", "[EOS]", "[UNK]")
 PAD_ID, BOS_ID, EOS_ID, UNK_ID = range(4)
@@ -129,11 +129,10 @@ def _choice(name: str, value: Any, allowed: tuple) -> None:
         raise ValueError(f"{name} must be one of {allowed}; got {value!r}")
 
 
-class MultiHopTask(TaskAdapter):
+class MultiHopTask(CausalLMTask):
     """Answer ``?x`` after a list of chained assignments: ``hops`` serial lookups, no intermediate text."""
 
     name = "multihop"
-    head = "causal_lm"
     quality_metric = "exact_match"
     higher_is_better = True
     generative = True
@@ -173,21 +172,6 @@ class MultiHopTask(TaskAdapter):
         self.tokenizer_path = None if tokenizer is None else str(tokenizer)
         self.tokenizer = multihop_tokenizer() if tokenizer is None else pretrained_tokenizer(self.tokenizer_path)
         self.digit_ids = digit_token_ids(self.tokenizer)
-
-    def model_config(self) -> dict[str, Any]:
-        if self.tokenizer_path is not None:  # a pretrained model's tokenizer: its checkpoint keeps its own ids
-            return {"vocab_size": len(self.tokenizer), "is_causal": True}
-        return {
-            "vocab_size": len(self.tokenizer),
-            "is_causal": True,
-            "pad_token_id": PAD_ID,
-            "bos_token_id": BOS_ID,
-            "eos_token_id": EOS_ID,
-        }
-
-    def save_artifacts(self, model_dir: str | Path) -> None:
-        """The tokenizer, next to the trained model (``AutoTokenizer.from_pretrained(model_dir)``)."""
-        self.tokenizer.save_pretrained(str(model_dir))
 
     # ------------------------------------------------------------------ data
 

@@ -57,8 +57,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..base import Example, TaskAdapter, check_one_per_row, check_size_and_seed, list_feature
-from ..generation import greedy_completions, pretrained_tokenizer
+from ..base import Example, check_one_per_row, check_size_and_seed, list_feature
+from ..generation import CausalLMTask, greedy_completions, pretrained_tokenizer
 
 GROUPS = ("symmetric", "cyclic")
 OBJECTS = (3, 5, 7)
@@ -67,7 +67,7 @@ SUPERVISIONS = ("dense", "answer")
 NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 LETTERS = tuple(string.ascii_uppercase[: max(OBJECTS)])
 SPECIAL_TOKENS = ("[PAD]", "[BOS]", "[EOS]", "[UNK]")
-PAD_ID, BOS_ID, EOS_ID, UNK_ID = range(4)
+BOS_ID = SPECIAL_TOKENS.index("[BOS]")
 LM_EVAL_DIR = Path(__file__).parent / "lm_eval_tasks"
 
 
@@ -184,11 +184,10 @@ def make_group(group: str, objects: int | None, cyclic: int | None) -> Group:
     return Group(group, int(modulus))
 
 
-class StateTrackingTask(TaskAdapter):
+class StateTrackingTask(CausalLMTask):
     """Track a hidden state through ``steps`` updates and answer it right after the question."""
 
     name = "state_tracking"
-    head = "causal_lm"
     quality_metric = "exact_match"
     higher_is_better = True
     metric_name = "state_tracking_metrics"
@@ -235,21 +234,6 @@ class StateTrackingTask(TaskAdapter):
         using every update of the group is encoded."""
         updates = list(range(len(self.group.updates)))
         self.label_positions(make_row(self.group, 0, updates))
-
-    def model_config(self) -> dict[str, Any]:
-        if self.tokenizer_path is not None:  # a pretrained model's tokenizer: its checkpoint keeps its own ids
-            return {"vocab_size": len(self.tokenizer), "is_causal": True}
-        return {
-            "vocab_size": len(self.tokenizer),
-            "is_causal": True,
-            "pad_token_id": PAD_ID,
-            "bos_token_id": BOS_ID,
-            "eos_token_id": EOS_ID,
-        }
-
-    def save_artifacts(self, model_dir: str | Path) -> None:
-        """The tokenizer, next to the trained model (``AutoTokenizer.from_pretrained(model_dir)``)."""
-        self.tokenizer.save_pretrained(str(model_dir))
 
     def difficulty(self, example: Example) -> int:
         """The row's number of updates: what a loop schedule tied to difficulty draws its loop count above."""
