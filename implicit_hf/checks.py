@@ -24,3 +24,15 @@ def check_number(name: str, value: Any, bounds: str, within: Callable[[float], b
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not within(value):
         raise ValueError(f"{name} must be a number {bounds}; got {value!r}")
     return float(value)
+
+
+def check_count_range(name: str, value: Any) -> tuple[int, int]:
+    """``(min, max)`` of a count given as an integer >= 1 (both ends) or as ``[min, max]`` of such integers with
+    ``min <= max``; otherwise a ``ValueError`` naming ``name`` and what it allows."""
+    low, high = value if isinstance(value, (list, tuple)) and len(value) == 2 else (value, value)
+    for end in (low, high):
+        if isinstance(end, bool) or not isinstance(end, numbers.Integral) or end < 1:
+            raise ValueError(f"{name} must be an integer >= 1 or [min, max] of such integers; got {value!r}")
+    if low > high:
+        raise ValueError(f"{name} [min, max] needs min <= max; got {value!r}")
+    return int(low), int(high)

@@ -57,7 +57,6 @@ same prompts as a 10-way choice of the answer digit; `write_lm_eval_data` writes
 from __future__ import annotations
 
 import itertools
-import json
 import string
 from pathlib import Path
 from typing import Any
@@ -65,9 +64,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from ...checks import check_integer
-from ..base import Example, check_one_per_row, check_size_and_seed, list_feature, split_rng
+from ...checks import check_count_range, check_integer
+from ..base import Example, check_one_per_row, list_feature, split_rng
 from ..generation import CausalLMTask, greedy_completions, pretrained_tokenizer
+from .lm_eval_tasks.documents import shipped_counts, write_documents
 
 SPECIAL_TOKENS = ("[PAD]", "[BOS]", "[EOS]", "[UNK]")
 PAD_ID, BOS_ID, EOS_ID, UNK_ID = range(4)
@@ -114,16 +114,6 @@ def digit_token_ids(tokenizer) -> list[int]:
     return ids
 
 
-def _hop_range(hops: Any) -> tuple[int, int]:
-    low, high = hops if isinstance(hops, (list, tuple)) and len(hops) == 2 else (hops, hops)
-    for value in (low, high):
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-            raise ValueError(f"hops must be an integer >= 1 or [min, max] of such integers; got {hops!r}")
-    if low > high:
-        raise ValueError(f"hops [min, max] needs min <= max; got {hops!r}")
-    return int(low), int(high)
-
-
 def _choice(name: str, value: Any, allowed: tuple) -> None:
     if value not in allowed:
         raise ValueError(f"{name} must be one of {allowed}; got {value!r}")
@@ -152,7 +142,7 @@ class MultiHopTask(CausalLMTask):
         tokenizer: str | None = None,
     ):
         super().__init__(cache_dir)
-        self.min_hops, self.max_hops = _hop_range(hops)
+        self.min_hops, self.max_hops = check_count_range("hops", hops)
         distractors, pairs = check_integer("distractors", distractors, minimum=0), check_integer("pairs", pairs)
         _choice("update", update, UPDATES)
         _choice("order", order, ORDERS)
@@ -449,7 +439,7 @@ def change_first_digit(row: Example, variable: str, digit: int) -> Example:
 
 def lm_eval_hops() -> list[int]:
     """The hop counts of the lm-evaluation-harness tasks shipped in ``lm_eval_tasks/`` (``multihop_hops{k}.yaml``)."""
-    return sorted(int(path.stem.removeprefix("multihop_hops")) for path in LM_EVAL_DIR.glob("multihop_hops*.yaml"))
+    return shipped_counts("multihop_hops")
 
 
 def write_lm_eval_data(
@@ -458,24 +448,10 @@ def write_lm_eval_data(
     """The data files of the lm-evaluation-harness tasks ``multihop_hops{k}``: the first ``n`` problems of the
     test split (the rows `build_dataset("test", n, seed)` holds) of `MultiHopTask(hops=k, **task_kwargs)`, one
     JSON object per line (``prompt``, ``answer``, ``hops``), plus ``multihop_settings.json`` recording how."""
-    shipped = lm_eval_hops()
-    unknown = [k for k in hops if k not in shipped]
-    if unknown:
-        raise ValueError(f"no lm-eval task for hops {unknown}; the package ships multihop_hops{{k}} for k in {shipped}")
-    check_size_and_seed(n, seed)
-    if n == 0:
-        raise ValueError("n must be >= 1: an lm-eval task needs at least one document")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for k in hops:
+
+    def documents(k: int) -> list[dict[str, Any]]:
         task = MultiHopTask(hops=k, **task_kwargs)
         rows = task.generate(task.random_stream("test", seed), n, "test")
-        path = out / f"multihop_hops{k}.jsonl"
-        path.write_text(
-            "".join(json.dumps({key: row[key] for key in ("prompt", "answer", "hops")}) + "\n" for row in rows)
-        )
-        paths.append(path)
-    settings = {"hops": list(hops), "n": n, "seed": seed, "task_kwargs": task_kwargs}
-    (out / "multihop_settings.json").write_text(json.dumps(settings, indent=2) + "\n")
-    return paths
+        return [{key: row[key] for key in ("prompt", "answer", "hops")} for row in rows]
+
+    return write_documents(out_dir, "multihop_hops", hops, n, seed, task_kwargs, documents)

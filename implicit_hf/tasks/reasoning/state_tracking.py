@@ -48,7 +48,6 @@ tasks ``state_tracking_steps{k}`` (``lm_eval_tasks/``) score the same prompts as
 from __future__ import annotations
 
 import itertools
-import json
 import string
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,8 +56,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..base import Example, check_one_per_row, check_size_and_seed, list_feature
+from ...checks import check_count_range
+from ..base import Example, check_one_per_row, list_feature
 from ..generation import CausalLMTask, greedy_completions, pretrained_tokenizer
+from .lm_eval_tasks.documents import shipped_counts, write_documents
 
 GROUPS = ("symmetric", "cyclic")
 OBJECTS = (3, 5, 7)
@@ -154,16 +155,6 @@ def state_tracking_tokenizer():
     )
 
 
-def _steps_range(steps: Any) -> tuple[int, int]:
-    low, high = steps if isinstance(steps, (list, tuple)) and len(steps) == 2 else (steps, steps)
-    for value in (low, high):
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-            raise ValueError(f"steps must be an integer >= 1 or [min, max] of such integers; got {steps!r}")
-    if low > high:
-        raise ValueError(f"steps [min, max] needs min <= max; got {steps!r}")
-    return int(low), int(high)
-
-
 def make_group(group: str, objects: int | None, cyclic: int | None) -> Group:
     """The `Group` of the task's knobs, each checked: ``objects`` for ``symmetric``, ``cyclic`` (the modulus)
     for ``cyclic``; a knob of the other group is refused."""
@@ -204,7 +195,7 @@ class StateTrackingTask(CausalLMTask):
     ):
         super().__init__(cache_dir)
         self.group = make_group(group, objects, cyclic)
-        self.min_steps, self.max_steps = _steps_range(steps)
+        self.min_steps, self.max_steps = check_count_range("steps", steps)
         if supervision not in SUPERVISIONS:
             raise ValueError(f"supervision must be one of {SUPERVISIONS}; got {supervision!r}")
         self.supervision = supervision
@@ -409,9 +400,7 @@ def statement_ends(prompt: str) -> list[int]:
 def lm_eval_steps() -> list[int]:
     """The step counts of the lm-evaluation-harness tasks shipped in ``lm_eval_tasks/``
     (``state_tracking_steps{k}.yaml``)."""
-    return sorted(
-        int(path.stem.removeprefix("state_tracking_steps")) for path in LM_EVAL_DIR.glob("state_tracking_steps*.yaml")
-    )
+    return shipped_counts("state_tracking_steps")
 
 
 def write_lm_eval_data(
@@ -420,34 +409,14 @@ def write_lm_eval_data(
     """The data files of the lm-evaluation-harness tasks ``state_tracking_steps{k}``: the first ``n`` problems of
     the test split of `StateTrackingTask(steps=k, **task_kwargs)`, one JSON object per line (``prompt``,
     ``answer``, ``choices``: every state's text, ``steps``), plus ``state_tracking_settings.json``."""
-    shipped = lm_eval_steps()
-    unknown = [k for k in steps if k not in shipped]
-    if unknown:
-        raise ValueError(
-            f"no lm-eval task for steps {unknown}; the package ships state_tracking_steps{{k}} for k in {shipped}"
-        )
-    check_size_and_seed(n, seed)
-    if n == 0:
-        raise ValueError("n must be >= 1: an lm-eval task needs at least one document")
-    if "steps" in task_kwargs:
-        raise ValueError("steps is given by the step counts, not by task_kwargs")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for k in steps:
+
+    def documents(k: int) -> list[dict[str, Any]]:
         task = StateTrackingTask(steps=k, **task_kwargs)
         choices = [task.group.value(state) for state in range(task.group.size)]
         rows = task.generate(task.random_stream("test", seed), n, "test")
-        path = out / f"state_tracking_steps{k}.jsonl"
-        documents = [
-            {"prompt": row["prompt"], "answer": row["answer"], "choices": choices, "steps": row["steps"]}
-            for row in rows
-        ]
-        path.write_text("".join(json.dumps(document) + "\n" for document in documents))
-        paths.append(path)
-    settings = {"steps": list(steps), "n": n, "seed": seed, "task_kwargs": task_kwargs}
-    (out / "state_tracking_settings.json").write_text(json.dumps(settings, indent=2) + "\n")
-    return paths
+        return [{"prompt": r["prompt"], "answer": r["answer"], "choices": choices, "steps": r["steps"]} for r in rows]
+
+    return write_documents(out_dir, "state_tracking_steps", steps, n, seed, task_kwargs, documents)
 
 
 __all__ = ["StateTrackingTask", "make_row", "state_tracking_tokenizer", "write_lm_eval_data", "lm_eval_steps"]
