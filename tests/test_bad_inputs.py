@@ -56,6 +56,10 @@ CONFIG_CASES = [
     ({"hidden_size": 30}, ValueError, "hidden_size \\(30\\) must be a multiple of num_attention_heads"),
     ({"num_key_value_heads": 3}, ValueError, "num_key_value_heads"),
     ({"num_loop": 3}, ValueError, "did you mean 'num_loops'"),
+    ({"loop_shift": -1}, ValueError, r"loop_shift must be an integer in \[0, 4\]"),
+    ({"loop_shift": 5}, ValueError, r"loop_shift must be an integer in \[0, 4\]"),
+    ({"loop_shift": 1.0}, ValueError, "loop_shift must be an integer"),
+    ({"position_encoding": "alibi"}, ValueError, "position_encoding must be one of 'rope', 'none'"),
 ]
 
 
@@ -77,6 +81,7 @@ def test_a_bad_field_set_on_a_loaded_config_is_refused_and_the_old_value_kept(mo
         ({"num_loops": 0}, ValueError, "num_loops must be an integer >= 1"),
         ({"num_loop": 3}, ValueError, "did you mean 'num_loops'"),
         ({"solver": "newton"}, ValueError, "solver"),
+        ({"loop_shift": 7}, ValueError, "loop_shift must be an integer in"),
     ],
 )
 def test_bad_from_pretrained_keywords(checkpoint, kwargs, error, message):
@@ -226,12 +231,30 @@ def test_cli_user_errors_are_one_line_and_name_what_is_wrong(tmp_path, capsys, c
         ({"task": "lp", "lora": {"rank": 4}}, "unknown entries"),
         ({"task": "lp", "loop_schedule": {"distribution": "zipf", "min": 1, "max": 4}}, "loop_schedule.distribution"),
         ({"task": "nosuchtask"}, "nosuchtask"),
+        ({"task": "lp", "model": {"loop_shift": 9}}, "loop_shift must be an integer in [0, 4]"),
+        ({"task": "state_tracking", "task_kwargs": {"objects": 4}}, "objects must be one of (3, 5, 7)"),
+        ({"task": "state_tracking", "task_kwargs": {"group": "dihedral"}}, "group must be one of"),
+        ({"task": "state_tracking", "task_kwargs": {"group": "cyclic", "cyclic": 1}}, "cyclic (the modulus m)"),
+        ({"task": "state_tracking", "task_kwargs": {"steps": [9, 2]}}, "steps [min, max] needs min <= max"),
+        ({"task": "state_tracking", "task_kwargs": {"supervision": "every"}}, "supervision must be one of"),
+        ({"task": "state_tracking", "task_kwargs": {"tokenizer": "/no/such/dir"}}, "tokenizer must be a tokenizer"),
+        ({"task": "lp", "group_by_difficulty": True}, "'group_by_difficulty' needs the difficulty of a row"),
+        (
+            {"task": "state_tracking", "loop_schedule": {"distribution": "above_difficulty", "extra": -1}},
+            "loop_schedule.extra must be a number >= 0",
+        ),
+        (
+            {"task": "state_tracking", "loop_schedule": {"distribution": "uniform", "extra": 1}},
+            "loop_schedule.extra applies to above_difficulty only",
+        ),
     ],
 )
-def test_bad_recipes_are_refused_by_the_train_command(tmp_path, capsys, recipe, named):
+def test_bad_recipes_are_refused_by_the_train_command(tmp_path, capsys, monkeypatch, recipe, named):
     import yaml
 
+    monkeypatch.setenv("IMPLICIT_HF_CACHE", str(tmp_path / "cache"))
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump({**recipe, "output_dir": str(tmp_path / "out")}))
     assert named in cli_error(["train", str(path)], capsys)
     assert not (tmp_path / "out" / "checkpoints").exists()
+    assert not (tmp_path / "cache").exists()  # refused before any data is written
