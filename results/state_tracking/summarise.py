@@ -97,7 +97,7 @@ def targets(objects: int) -> list[str]:
 
 
 def figure(objects_list: list[int]) -> Path:
-    fig, axes = plt.subplots(1, len(objects_list), figsize=(6 * len(objects_list), 4.2), squeeze=False)
+    fig, axes = plt.subplots(1, len(objects_list), figsize=(6 * len(objects_list), 4.8), squeeze=False)
     styles = {"same layers once": ":", "non-tied stack": "--", "Llama": "-."}
     for ax, objects in zip(axes[0], objects_list, strict=True):
         for index, steps in enumerate(STEPS):
@@ -113,13 +113,12 @@ def figure(objects_list: list[int]) -> Path:
         ax.set_xlabel("loops")
         ax.set_ylabel("exact match")
         ax.set_ylim(0, 1.02)
-        ax.set_title(f"{objects} objects, trained at 1-{TRAINED} steps (grey: chance)")
-        ax.legend(
-            loc="center right",
-            fontsize=8,
-            title_fontsize=8,
-            title="implicit; baselines in the line's colour:\nonce (dotted), stack (dashed), Llama (dash-dot)",
+        ax.set_title(
+            f"{objects} objects, trained at 1-{TRAINED} steps; baselines in the step count's colour:\n"
+            "once (dotted), non-tied stack (dashed), Llama (dash-dot); grey: chance",
+            fontsize=9,
         )
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=4, fontsize=8)
     fig.tight_layout()
     path = HERE / "accuracy_vs_loops.png"
     fig.savefig(path, dpi=120)
