@@ -232,9 +232,24 @@ def add_lm_eval_data_arguments(parser: argparse.ArgumentParser) -> argparse.Argu
 def add_convert_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("source", help="a Llama / Qwen2 / Mistral checkpoint directory (or hub id, where reachable)")
     parser.add_argument("output", type=Path, help="where the implicit checkpoint is written")
-    parser.add_argument("--prelude", default="", help="source layers run once before the loop, e.g. '0-3'")
+    parser.add_argument(
+        "--prelude",
+        default=None,
+        help="source layers run once before the loop, e.g. '0-3' (default: none; with --no-drop every layer before "
+        "the core)",
+    )
     parser.add_argument("--core", required=True, help="source layers of the weight-tied looped block, e.g. '4-25'")
-    parser.add_argument("--coda", default="", help="source layers run once after the loop, e.g. '26-29'")
+    parser.add_argument(
+        "--coda",
+        default=None,
+        help="source layers run once after the loop, e.g. '26-29' (default: none; with --no-drop every layer after "
+        "the core)",
+    )
+    parser.add_argument(
+        "--no-drop",
+        action="store_true",
+        help="keep every source layer: refuse a split that leaves a gap; one loop then computes the source exactly",
+    )
     parser.add_argument("--gguf-file", default=None, help="GGUF file inside SOURCE (loaded by transformers)")
     parser.add_argument(
         "--injection",
@@ -246,6 +261,13 @@ def add_convert_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
         "--num-loops", type=_integer_at_least(1), default=1, help="default loop count stored in the config"
     )
     parser.add_argument("--core-norm", action="store_true", help="RMSNorm after each core pass (changes outputs)")
+    parser.add_argument(
+        "--loop-shift",
+        type=_integer_at_least(0),
+        default=0,
+        help="the loop's token shift of kernel K (0-4; its projection starts at zero, so one loop is still the "
+        "source model; default 0)",
+    )
     parser.add_argument(
         "--state-weight",
         type=float,

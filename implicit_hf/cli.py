@@ -336,7 +336,7 @@ def convert(args: argparse.Namespace) -> None:
     layers = {}
     for part in ("prelude", "core", "coda"):
         try:
-            layers[part] = parse_layers(getattr(args, part))
+            layers[part] = None if getattr(args, part) is None else parse_layers(getattr(args, part))
         except ValueError as err:
             raise UsageError(f"--{part}: {err}") from err
     try:
@@ -347,10 +347,12 @@ def convert(args: argparse.Namespace) -> None:
             layers["core"],
             layers["coda"],
             gguf_file=args.gguf_file,
+            keep_all_layers=args.no_drop,
             injection=args.injection,
             num_loops=args.num_loops,
             core_norm=args.core_norm,
             state_weight=args.state_weight,
+            loop_shift=args.loop_shift,
         )
     except ValueError as err:  # the layer split does not fit the source, conflicting loop settings, ...
         raise UsageError(str(err)) from err

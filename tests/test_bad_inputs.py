@@ -129,7 +129,12 @@ def test_bad_generate_arguments(model, kwargs, error, message):
     ("plan", "settings", "error", "message"),
     [
         (([0], [], [3]), {}, ValueError, "core_layers must name at least one layer"),
-        (([0], [1, 9], [3]), {}, ValueError, r"core_layers \[1, 9\] must lie in 0..3"),
+        (([0], [1, 9], [3]), {}, ValueError, r"core_layers 1,9 must lie in 0-3"),
+        (([0, 1], [1, 2], [3]), {}, ValueError, r"prelude 0-1, core 1-2 and coda 3 must not overlap"),
+        (([0], [2], [3]), {"keep_all_layers": True}, ValueError, r"leave source layers 1 out"),
+        ((None, [1], [3]), {"keep_all_layers": True}, ValueError, r"core 1 and coda 3 leave source layers 2 out"),
+        ((None, [4], None), {"keep_all_layers": True}, ValueError, r"core_layers 4 must lie in 0-3"),
+        ((None, [1], None), {"keep_all_layers": True, "loop_shift": 5}, ValueError, "loop_shift"),
         (([0], [1], [3]), {"state_weight": 1.0}, ValueError, r"state_weight must be a number in \[0, 1\)"),
         (([0], [1], [3]), {"state_weight": 0.5, "injection": "add"}, ValueError, "state_weight needs injection"),
         (([0], [1], [3]), {"num_loops": 0}, ValueError, "num_loops must be an integer >= 1"),
@@ -220,6 +225,10 @@ def test_cli_user_errors_are_one_line_and_name_what_is_wrong(tmp_path, capsys, c
     llama = ["convert", str(tmp_path / "llama"), str(tmp_path / "out"), "--core", "1"]
     assert "state_weight must be a number in [0, 1)" in cli_error([*llama, "--state-weight", "2"], capsys)
     assert "state_weight needs injection='linear'" in cli_error([*llama, "--state-weight", "0.5"], capsys)
+    gap = cli_error([*llama, "--prelude", "0", "--coda", "3", "--no-drop"], capsys)
+    assert "prelude 0, core 1 and coda 3 leave source layers 2 out" in gap
+    assert "loop_shift" in cli_error([*llama, "--loop-shift", "7"], capsys)
+    assert not (tmp_path / "out").exists()  # refused before anything is written
 
 
 @pytest.mark.parametrize(

