@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The ablations of results/state_tracking/probes/README.md: each changes one setting of the 3-object recipe
-# (configs/recipes/state_tracking_s3_implicit.yaml), two probes at a time, one thread each (about 50 minutes).
+# (configs/recipes/state_tracking_s3_implicit.yaml), two probes at a time, one thread each (about 65 minutes).
 set -euo pipefail
 export PATH="$PWD/.venv/bin:$PATH"
 R=configs/recipes/state_tracking_s3_implicit.yaml
@@ -13,4 +13,8 @@ probe schedule_above_steps $R $GROUPED --loop_schedule "{distribution: above_dif
 probe schedule_tied $R $GROUPED --loop_schedule "{distribution: above_difficulty, extra: 0, min: 1, max: 64}" & wait
 probe schedule_poisson_lognormal $R --random_loops null --loop_schedule "{distribution: poisson_lognormal, mean: 13, min: 1, max: 32}" &
 probe gradient_truncated4 $R --model.gradient truncated --model.gradient_steps 4 & wait
-probe gradient_jfb $R --model.gradient jfb & probe abelian_cyclic10 $R --task_kwargs.group cyclic --task_kwargs.objects null & wait
+CYCLIC="--task_kwargs.group cyclic --task_kwargs.objects null"
+probe gradient_jfb $R --model.gradient jfb & probe abelian_cyclic10 $R $CYCLIC & wait
+# the abelian control without depth: the same layers once and the non-tied stack (the baselines' recipes)
+probe abelian_cyclic10_once configs/recipes/state_tracking_s3_once.yaml $CYCLIC &
+probe abelian_cyclic10_stack configs/recipes/state_tracking_s3_stack.yaml $CYCLIC & wait
