@@ -272,10 +272,12 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
         if isinstance(value, str):
             return value
         raise RecipeError(f"recipe key {key!r} must be a string; got {value!r}")
-    if origin is dict:
+    if origin is dict:  # every mapping key defaults to empty: null (e.g. --loop_schedule null) is that default
+        if value is None:
+            return {}
         if isinstance(value, dict) and all(isinstance(k, str) for k in value):
             return dict(value)
-        raise RecipeError(f"recipe key {key!r} must be a mapping with string keys; got {value!r}")
+        raise RecipeError(f"recipe key {key!r} must be a mapping with string keys (or null: none); got {value!r}")
     if origin is list:
         if isinstance(value, (list, tuple)):
             return [_coerce(f"{key}[{i}]", item, args[0]) for i, item in enumerate(value)]

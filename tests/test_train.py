@@ -399,6 +399,15 @@ def test_overrides_and_yaml_quirks(tmp_path):
     assert config.learning_rate == 1e-4 and config.weight_decay == 2e-2
     assert config.random_loops == [2, 5] and config.resume and config.seed == 7
     assert config.model == {"tol": 1e-3, "num_loops": 6}
+    # a mapping key set to null is its default, none: a recipe's loop schedule switched off from the command line
+    recipe.write_text(
+        "task: train_toy\ntask_module: tests.toy_task\nloop_schedule: {distribution: uniform, min: 1, max: 3}\n"
+    )
+    assert train_mod.parse_args([str(recipe), "--loop_schedule", "null"]).loop_schedule == {}
+    with pytest.raises(
+        ValueError, match=r"'loop_schedule' must be a mapping with string keys \(or null: none\); got 3"
+    ):
+        train_mod.parse_args([str(recipe), "--loop_schedule", "3"])
 
 
 def test_existing_checkpoints_need_resume(tmp_path, capsys):

@@ -10,7 +10,7 @@ here=results/smollm2/looped/cores
 out=$here/${name}_reference
 mkdir -p "$out"
 implicit-hf train $here/probe.yaml --init_from "outputs/looped_$name" --output_dir "outputs/looped_reference_$name" \
-    --overwrite_output_dir true --loop_schedule "{}" --model.num_loops 1 --fixed_point_penalty 0
+    --overwrite_output_dir true --loop_schedule null --model.num_loops 1 --fixed_point_penalty 0
 cp "outputs/looped_reference_$name/"{train_log.jsonl,train_config.json,metrics.json} "$out/"
 implicit-hf eval --model "outputs/looped_reference_$name/model" --task text \
     --task-kwargs '{"tokenizer": "outputs/smollm2-full", "seq_len": 64}' --loops 1 --n 100 --batch-size 10 \
