@@ -130,15 +130,19 @@ def implicit_config_from(
     coda_layers: Sequence[int] | None,
     source: str | None = None,
     keep_all_layers: bool = False,
+    state_weight: float | None = None,
     **loop_settings: Any,
 ) -> ImplicitConfig:
     """The `ImplicitConfig` of a converted model: the source's architecture, the layer split (`plan_layers`),
-    loop settings.
+    loop settings. Everything a conversion can refuse is refused here, before any weight is read.
 
-    ``loop_settings`` are `ImplicitConfig` loop fields; unset ones take `PASS_THROUGH_SETTINGS`.
+    ``loop_settings`` are `ImplicitConfig` loop fields; unset ones take `PASS_THROUGH_SETTINGS`. ``state_weight``
+    implies its own (`_contracting_settings`).
     """
     model_type = source_config.model_type
     _check_model_type(model_type)
+    if state_weight is not None:
+        loop_settings = _contracting_settings(state_weight, loop_settings)
     prelude, core, coda, dropped = plan_layers(
         prelude_layers, core_layers, coda_layers, source_config.num_hidden_layers, keep_all_layers
     )
@@ -181,6 +185,7 @@ def implicit_config_from(
             "core_layers": core,
             "coda_layers": coda,
             "dropped_layers": dropped,
+            "state_weight": state_weight,
         },
         **settings,
     )
@@ -213,10 +218,6 @@ def convert_model(
     (see the module docstring); ``None`` keeps ``loop_settings``' injection and initial state. A ``loop_shift``
     in ``loop_settings`` starts with its projection at zero, so the conversion stays exact at one loop.
     """
-    from .modeling_implicit import ImplicitForCausalLM
-
-    if state_weight is not None:
-        loop_settings = _contracting_settings(state_weight, loop_settings)
     config = implicit_config_from(
         source_model.config,
         prelude_layers,
@@ -224,11 +225,18 @@ def convert_model(
         coda_layers,
         source=source,
         keep_all_layers=keep_all_layers,
+        state_weight=state_weight,
         **loop_settings,
     )
-    plan = config.conversion  # the split as checked (an unset prelude or coda filled in)
-    prelude_layers, core_layers, coda_layers = plan["prelude_layers"], plan["core_layers"], plan["coda_layers"]
-    config.conversion["state_weight"] = state_weight
+    return _with_source_weights(config, source_model)
+
+
+def _with_source_weights(config: ImplicitConfig, source_model: torch.nn.Module):
+    """The `ImplicitForCausalLM` of ``config`` (from `implicit_config_from`) with ``source_model``'s weights in the
+    places ``config.conversion`` names."""
+    from .modeling_implicit import ImplicitForCausalLM
+
+    plan = config.conversion
     dtype = next(source_model.parameters()).dtype
     model = ImplicitForCausalLM(config).to(dtype)
     source_state = source_model.state_dict()
@@ -238,9 +246,8 @@ def convert_model(
     }
     if not config.tie_word_embeddings:
         state["lm_head.weight"] = source_state["lm_head.weight"]
-    groups = (("prelude", prelude_layers), ("core", core_layers), ("coda", coda_layers))
-    for group, layers in groups:
-        for position, layer in enumerate(layers):
+    for group in ("prelude", "core", "coda"):
+        for position, layer in enumerate(plan[f"{group}_layers"]):
             prefix = f"model.layers.{layer}."
             for key, value in source_state.items():
                 if key.startswith(prefix):
@@ -258,6 +265,7 @@ def convert_model(
             or key == "lm_head.weight"
         ):
             raise ValueError(f"the source model has no weight for {key!r}")
+    state_weight = plan["state_weight"]
     if state_weight is not None:
         eye = torch.eye(config.hidden_size, dtype=dtype)
         model.model.injection.weight.data.copy_(torch.cat([state_weight * eye, (1 - state_weight) * eye], dim=1))
@@ -332,26 +340,24 @@ def convert_checkpoint(
     keep_all_layers: bool = False,
     **loop_settings: Any,
 ):
-    """Load ``source`` (a directory or hub id; ``gguf_file`` inside it for GGUF), convert it (`convert_model`),
+    """Load ``source`` (a directory or hub id; ``gguf_file`` inside it for GGUF), convert it as `convert_model` does,
     and write the implicit checkpoint (safetensors, config recording the layer origins, tokenizer) to
     ``output_dir``."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     load_kwargs = {"gguf_file": gguf_file} if gguf_file else {}
     # the model type, the layer split and every loop setting are checked on the config, before any weight is read
-    source_config = AutoConfig.from_pretrained(str(source), **load_kwargs)
-    settings = dict(loop_settings)
-    state_weight = settings.pop("state_weight", None)
-    if state_weight is not None:
-        settings = _contracting_settings(state_weight, settings)
-    plan = implicit_config_from(
-        source_config, prelude_layers, core_layers, coda_layers, keep_all_layers=keep_all_layers, **settings
-    ).conversion
-    source_model = AutoModelForCausalLM.from_pretrained(str(source), **load_kwargs)
     name = f"{source}/{gguf_file}" if gguf_file else str(source)
-    model = convert_model(
-        source_model, plan["prelude_layers"], plan["core_layers"], plan["coda_layers"], source=name, **loop_settings
+    config = implicit_config_from(
+        AutoConfig.from_pretrained(str(source), **load_kwargs),
+        prelude_layers,
+        core_layers,
+        coda_layers,
+        source=name,
+        keep_all_layers=keep_all_layers,
+        **loop_settings,
     )
+    model = _with_source_weights(config, AutoModelForCausalLM.from_pretrained(str(source), **load_kwargs))
     output = Path(output_dir)
     model.save_pretrained(output)
     tokenizer = AutoTokenizer.from_pretrained(str(source), **load_kwargs)
