@@ -14,9 +14,10 @@ from implicit_hf.eval import run_eval, sweep
 from implicit_hf.eval.generative import text_lipschitz_probe
 from implicit_hf.tasks import get_task
 from implicit_hf.tasks.edit_distance import word_edit_distance
+from implicit_hf.tasks.generation import BOS_ID, EOS_ID, PAD_ID
 from implicit_hf.tasks.models import build_model
 from implicit_hf.tasks.reasoning import arith_lm
-from implicit_hf.tasks.reasoning.arith_lm import BOS_ID, EOS_ID, PAD_ID, ArithLMTask
+from implicit_hf.tasks.reasoning.arith_lm import ArithLMTask
 
 
 @pytest.fixture(scope="module")

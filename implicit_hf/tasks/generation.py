@@ -4,6 +4,7 @@ task; halting with ``tol``)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,38 @@ class CausalLMTask(TaskAdapter):
     def save_artifacts(self, model_dir: str | Path) -> None:
         """The tokenizer, next to the trained model (``AutoTokenizer.from_pretrained(model_dir)``)."""
         self.tokenizer.save_pretrained(str(model_dir))
+
+
+# The special tokens of a task's own tokenizer (`word_level_tokenizer`), first in its vocabulary.
+SPECIAL_TOKENS = ("[PAD]", "[BOS]", "[EOS]", "[UNK]")
+PAD_ID, BOS_ID, EOS_ID, UNK_ID = range(len(SPECIAL_TOKENS))
+
+
+def word_level_tokenizer(
+    words: Sequence[str], pre_tokenizer: Any, decoder: Any, normalizer: Any = None, model_max_length: int = 4096
+):
+    """A task's own tokenizer (`PreTrainedTokenizerFast`): `SPECIAL_TOKENS`, then one id per entry of ``words``
+    (anything else is ``[UNK]``), pieces cut by ``pre_tokenizer`` (and ``normalizer``) and joined by ``decoder``
+    (``tokenizers`` components), ``[BOS]`` before every text, left padding (generation)."""
+    from tokenizers import Tokenizer, models, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {token: i for i, token in enumerate((*SPECIAL_TOKENS, *words))}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    if normalizer is not None:
+        tokenizer.normalizer = normalizer
+    tokenizer.pre_tokenizer = pre_tokenizer
+    tokenizer.decoder = decoder
+    tokenizer.post_processor = processors.TemplateProcessing(single="[BOS] $A", special_tokens=[("[BOS]", BOS_ID)])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        pad_token="[PAD]",
+        bos_token="[BOS]",
+        eos_token="[EOS]",
+        unk_token="[UNK]",
+        padding_side="left",
+        model_max_length=model_max_length,
+    )
 
 
 def pretrained_tokenizer(path: str):

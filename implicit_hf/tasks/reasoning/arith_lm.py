@@ -52,31 +52,20 @@ import torch
 from ...checks import check_integer
 from ..base import Example, check_one_per_row, list_feature, split_rng
 from ..edit_distance import word_edit_distance
-from ..generation import CausalLMTask, greedy_completions
+from ..generation import EOS_ID, PAD_ID, CausalLMTask, greedy_completions, word_level_tokenizer
 
-SPECIAL_TOKENS = ("[PAD]", "[BOS]", "[EOS]", "[UNK]")
-PAD_ID, BOS_ID, EOS_ID, UNK_ID = range(4)
 CHARACTERS = "0123456789+-= "
 PAIRS_FILE = Path(__file__).parent / "data" / "arith_pairs.jsonl"
 
 
 def arith_tokenizer():
     """The character-level tokenizer of the task (`PreTrainedTokenizerFast`, left padding)."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
+    from tokenizers import Regex, decoders, pre_tokenizers
 
-    vocab = {token: i for i, token in enumerate((*SPECIAL_TOKENS, *CHARACTERS))}
-    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")  # one token per character
-    tokenizer.decoder = decoders.Fuse()  # characters back together, no spaces added
-    tokenizer.post_processor = processors.TemplateProcessing(single="[BOS] $A", special_tokens=[("[BOS]", BOS_ID)])
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer,
-        pad_token="[PAD]",
-        bos_token="[BOS]",
-        eos_token="[EOS]",
-        unk_token="[UNK]",
-        padding_side="left",
+    return word_level_tokenizer(
+        CHARACTERS,
+        pre_tokenizers.Split(Regex("."), behavior="isolated"),  # one token per character
+        decoders.Fuse(),  # characters back together, no spaces added
         model_max_length=256,
     )
 

@@ -66,40 +66,28 @@ import torch
 
 from ...checks import check_count_range, check_integer
 from ..base import Example, check_one_per_row, list_feature, split_rng
-from ..generation import CausalLMTask, greedy_completions, pretrained_tokenizer
+from ..generation import CausalLMTask, greedy_completions, pretrained_tokenizer, word_level_tokenizer
+from .lm_eval_tasks.documents import LM_EVAL_DIR as LM_EVAL_DIR  # where `implicit-hf lm-eval-data` points lm-eval
 from .lm_eval_tasks.documents import shipped_counts, write_documents
 
-SPECIAL_TOKENS = ("[PAD]", "[BOS]", "[EOS]", "[UNK]")
-PAD_ID, BOS_ID, EOS_ID, UNK_ID = range(4)
 DIGITS = tuple(string.digits)
 SYMBOLS = (">", ";", "?", "+")
 NAMES = tuple("".join(pair) for pair in itertools.product(string.ascii_lowercase, repeat=2))
 UPDATES = ("copy", "add")
 ORDERS = ("interleaved", "shuffled")
 QUESTIONS = ("all", "last")
-LM_EVAL_DIR = Path(__file__).parent / "lm_eval_tasks"
 
 
 def multihop_tokenizer():
     """The task's word-level tokenizer: every name, digit and symbol one token; spaces dropped; left padding."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
+    from tokenizers import Regex, decoders, pre_tokenizers
 
-    vocab = {token: i for i, token in enumerate((*SPECIAL_TOKENS, *DIGITS, *SYMBOLS, *NAMES))}
-    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Split(Regex("[a-z]+|[^a-z]"), behavior="isolated")]
-    )
-    tokenizer.decoder = decoders.Fuse()
-    tokenizer.post_processor = processors.TemplateProcessing(single="[BOS] $A", special_tokens=[("[BOS]", BOS_ID)])
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer,
-        pad_token="[PAD]",
-        bos_token="[BOS]",
-        eos_token="[EOS]",
-        unk_token="[UNK]",
-        padding_side="left",
-        model_max_length=4096,
+    return word_level_tokenizer(
+        (*DIGITS, *SYMBOLS, *NAMES),
+        pre_tokenizers.Sequence(
+            [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Split(Regex("[a-z]+|[^a-z]"), behavior="isolated")]
+        ),
+        decoders.Fuse(),
     )
 
 

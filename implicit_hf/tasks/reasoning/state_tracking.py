@@ -58,7 +58,8 @@ import torch
 
 from ...checks import check_count_range
 from ..base import Example, check_one_per_row, list_feature
-from ..generation import CausalLMTask, greedy_completions, pretrained_tokenizer
+from ..generation import CausalLMTask, greedy_completions, pretrained_tokenizer, word_level_tokenizer
+from .lm_eval_tasks.documents import LM_EVAL_DIR as LM_EVAL_DIR  # where `implicit-hf lm-eval-data` points lm-eval
 from .lm_eval_tasks.documents import shipped_counts, write_documents
 
 GROUPS = ("symmetric", "cyclic")
@@ -67,9 +68,6 @@ MAX_MODULUS = 10
 SUPERVISIONS = ("dense", "answer")
 NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 LETTERS = tuple(string.ascii_uppercase[: max(OBJECTS)])
-SPECIAL_TOKENS = ("[PAD]", "[BOS]", "[EOS]", "[UNK]")
-BOS_ID = SPECIAL_TOKENS.index("[BOS]")
-LM_EVAL_DIR = Path(__file__).parent / "lm_eval_tasks"
 
 
 @dataclass(frozen=True)
@@ -120,8 +118,7 @@ ALL_GROUPS = [Group("symmetric", n) for n in OBJECTS] + [Group("cyclic", m) for 
 def state_tracking_tokenizer():
     """The task's word-level tokenizer: every statement (``ball: B.``, ``swap A C.``, ``add two.``), question
     and answer of every group one token, the same vocabulary for all settings; left padding."""
-    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
+    from tokenizers import Regex, decoders, normalizers, pre_tokenizers
 
     words: dict[str, None] = {}  # ordered, without repeats
     for group in ALL_GROUPS:
@@ -132,27 +129,15 @@ def state_tracking_tokenizer():
             *(group.answer_text(s).strip() for s in range(group.size)),
         ):
             words[text] = None
-    vocab = {token: i for i, token in enumerate((*SPECIAL_TOKENS, *words))}
-    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tokenizer.normalizer = normalizers.Strip()
     # a statement ends at its '.' or '?'; what follows (the answer) is one more piece; spaces between are dropped
-    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+    pre_tokenizer = pre_tokenizers.Sequence(
         [
             pre_tokenizers.Split(Regex(r"[^.?]*[.?]"), behavior="isolated"),
             pre_tokenizers.Split(Regex(r"^ +"), "removed"),
         ]
     )
-    tokenizer.decoder = decoders.WordPiece(prefix="##", cleanup=False)  # tokens joined by spaces
-    tokenizer.post_processor = processors.TemplateProcessing(single="[BOS] $A", special_tokens=[("[BOS]", BOS_ID)])
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer,
-        pad_token="[PAD]",
-        bos_token="[BOS]",
-        eos_token="[EOS]",
-        unk_token="[UNK]",
-        padding_side="left",
-        model_max_length=4096,
-    )
+    decoder = decoders.WordPiece(prefix="##", cleanup=False)  # tokens joined by spaces
+    return word_level_tokenizer(list(words), pre_tokenizer, decoder, normalizer=normalizers.Strip())
 
 
 def make_group(group: str, objects: int | None, cyclic: int | None) -> Group:

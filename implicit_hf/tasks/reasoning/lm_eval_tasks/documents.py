@@ -19,7 +19,7 @@ from implicit_hf.tasks.base import check_size_and_seed, default_cache_dir
 if TYPE_CHECKING:
     import datasets
 
-HERE = Path(__file__).parent
+LM_EVAL_DIR = Path(__file__).parent  # the shipped task YAMLs (``--include_path``)
 
 
 def default_data_dir(task: str) -> Path:
@@ -45,7 +45,7 @@ def load_documents(task: str, name: str, data_dir: str | None) -> datasets.Datas
 
 def shipped_counts(prefix: str) -> list[int]:
     """The counts ``k`` of the task YAMLs shipped here as ``{prefix}{k}.yaml`` (e.g. ``multihop_hops``)."""
-    return sorted(int(path.stem.removeprefix(prefix)) for path in HERE.glob(f"{prefix}*.yaml"))
+    return sorted(int(path.stem.removeprefix(prefix)) for path in LM_EVAL_DIR.glob(f"{prefix}*.yaml"))
 
 
 def write_documents(
@@ -61,7 +61,6 @@ def write_documents(
     ``<task>_settings.json`` recording how (``<task>``: ``prefix`` up to its last ``_``); counts without a
     shipped task, a bad ``n`` or ``seed`` are refused before anything is written."""
     task, count_name = prefix.rsplit("_", 1)
-    count_name = count_name.rstrip("0123456789")
     shipped = shipped_counts(prefix)
     unknown = [k for k in counts if k not in shipped]
     if unknown:
