@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The core table (README.md here): convert SmolLM2-135M-Instruct with a core inside the stack and nothing
 # dropped (--no-drop: prelude = the layers before the core, coda = the layers after), measure it before any
-# healing, heal it briefly (probe.yaml, the same for every core), and measure it again: held-out perplexity
+# healing, heal it (configs/recipes/smollm2_looped_heal.yaml, the same for every core), and measure it again: held-out perplexity
 # (the 100 windows of results/smollm2/original) at loops 1-6 and the copy loss (../../multihop/induction.py)
 # at loops 1-6 and 24. From the repository root with the venv active:
 #   results/smollm2/looped/cores/run.sh NAME CORE [train overrides ...]     e.g. run.sh c12_15 12-15
@@ -24,7 +24,7 @@ perplexity() {  # MODEL OUT
 }
 perplexity "outputs/looped_$name" "$out/unhealed"
 python results/smollm2/multihop/induction.py "$out/unhealed/copy.json" "outputs/looped_$name:1,2,3,4,5,6,24"
-implicit-hf train $here/probe.yaml --init_from "outputs/looped_$name" \
+implicit-hf train configs/recipes/smollm2_looped_heal.yaml --init_from "outputs/looped_$name" \
     --output_dir "outputs/looped_probe_$name" --overwrite_output_dir true "$@"
 cp "outputs/looped_probe_$name/"{train_log.jsonl,train_config.json,metrics.json} "$out/"
 perplexity "outputs/looped_probe_$name/model" "$out"
