@@ -3,7 +3,7 @@
 * Every ``python`` block runs, in order, in one scratch folder (so a block can use what an earlier one
   wrote, e.g. ``outputs/smollm2-full``), with the repository's ``configs/`` linked in. The vLLM block
   runs only where vLLM is importable (its own environment; CI's main one has none).
-* The ``bash`` blocks of the LLM path (conversion and the quick heal, which the Python blocks after
+* The ``bash`` blocks of the LLM path (conversion and the short heal, which the Python blocks after
   them load) run as written in the same folder.
 * Every other ``bash`` block is checked by ``bash -n``, and each ``implicit-hf`` command in it is parsed
   by the real command-line parser (``train`` commands by the recipe parser, with their overrides),
@@ -24,7 +24,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 FENCE = re.compile(r"^```(python|bash)\n(.*?)^```", re.S | re.M)
 # the bash blocks that run: they create what the README's LLM Python blocks load
-RUN_MARKERS = ("implicit-hf convert $SRC", "implicit-hf train configs/recipes/smollm2_heal_quick.yaml")
+RUN_MARKERS = ("implicit-hf convert $SRC", "implicit-hf train configs/recipes/smollm2_looped_heal.yaml --max_steps")
 
 
 def readme_blocks() -> list[tuple[str, str, int]]:
