@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from .loop_counts import parse_loops
+from .loop_counts import DEFAULT_MAX_LOOPS, parse_loops
 
 DEFAULT_LOOPS = "1,2,4,8,16,32,64"
 LM_EVAL_LOOPS = "1,2,4,8,16"
@@ -26,6 +26,9 @@ class UsageError(ValueError):
 
 # --------------------------------------------------------------------------------------------------
 # Values of options (pure Python: parsing imports nothing heavy)
+
+
+LOOP_BOUND = f"at most {DEFAULT_MAX_LOOPS} unless the environment variable IMPLICIT_HF_MAX_LOOPS says otherwise"
 
 
 def loops_argument(value: str) -> list[int]:
@@ -125,7 +128,7 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
         "--loops",
         type=loops_argument,
         default=parse_loops(DEFAULT_LOOPS),
-        help=f"loop counts: '1,2,4,8', '1-8', '1-64:2' or '1,2,4-8' (default {DEFAULT_LOOPS})",
+        help=f"loop counts: '1,2,4,8', '1-8', '1-64:2' or '1,2,4-8' (default {DEFAULT_LOOPS}; {LOOP_BOUND})",
     )
     parser.add_argument("--out", required=True, type=Path, help="output folder for results.json/csv and plots")
     parser.add_argument("--n", type=_integer_at_least(1), default=200, help="test samples (default 200)")
@@ -176,7 +179,7 @@ def add_lm_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
         "--loops",
         type=loops_argument,
         default=parse_loops(LM_EVAL_LOOPS),
-        help=f"loop counts, e.g. '1,2,4,8' or '1-8' (default {LM_EVAL_LOOPS})",
+        help=f"loop counts, e.g. '1,2,4,8' or '1-8' (default {LM_EVAL_LOOPS}; {LOOP_BOUND})",
     )
     parser.add_argument("--include-path", default=None, help="folder of extra task YAML files (local tasks)")
     parser.add_argument("--batch-size", type=_integer_at_least(1), default=8, help="lm-eval batch size (default 8)")

@@ -5,9 +5,12 @@ The command line is parsed before anything heavy is imported: ``implicit-hf --he
 ``implicit-hf COMMAND --help`` import neither torch nor transformers. Options may be spelt with dashes or
 underscores (``--max-steps`` or ``--max_steps``), in every command.
 
-User errors (a model path that does not exist, a task that does not fit the model, an invalid recipe, ...)
-are reported on one line, ``implicit-hf COMMAND: error: MESSAGE``, with exit status 2 and no traceback
-(set ``IMPLICIT_HF_TRACEBACK=1`` to see one); anything else is a bug and shows its traceback.
+User errors are reported on one line, ``implicit-hf COMMAND: error: MESSAGE``, with exit status 2 and no
+traceback (set ``IMPLICIT_HF_TRACEBACK=1`` to see one): a `UsageError` (a path, an option value, a task that
+does not fit the model, found at the edge of a command), a `RecipeError` (an invalid recipe), a
+`TaskSettingError` (a task setting the task refuses) and an ``OSError`` (a file or folder that cannot be read
+or written: a missing corpus, a truncated checkpoint, a folder without a tokenizer). Anything else is a bug and
+shows its traceback.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from .arguments import (
     add_lm_eval_arguments,
     add_lm_eval_data_arguments,
 )
+from .checks import TaskSettingError
 from .local_paths import looks_local
 
 DEMO_LOOPS = "1,2,4,8,16,32"
@@ -88,6 +92,12 @@ def check_model_path(value: str | Path, option: str, needs_config: bool = True) 
     if looks_local(spec):
         raise UsageError(f"{option} {spec!r} does not exist")
     return spec  # a hub id: transformers looks it up (an OSError, reported on one line, if it cannot)
+
+
+def check_output_folder(value: str | Path, option: str) -> None:
+    """``value`` must not be a file: a command writes a folder there (checked before any work is done)."""
+    if Path(value).is_file():
+        raise UsageError(f"{option} {str(value)!r} is a file; expected a folder to write to")
 
 
 def _saved_config(model: str) -> dict[str, Any]:
@@ -174,7 +184,7 @@ def _task_of(model: str, task_name: str | None, task_kwargs: dict[str, Any] | No
 
     try:
         return task_for_model(model, task_name, task_kwargs)
-    except UsageError:
+    except (UsageError, TaskSettingError):  # a refused setting names the task and the setting itself
         raise
     except (TypeError, ValueError, ImportError) as err:  # an unknown task, refused arguments, a missing module
         where = f"--task {task_name!r}" if task_name else f"the task recorded with --model {model!r}"
@@ -247,6 +257,7 @@ def eval_command(args: argparse.Namespace) -> dict[str, Any]:
     """``implicit-hf eval``: the model, baselines, task and device are checked before anything runs."""
     model = check_model_path(args.model, "--model")
     baselines = [check_model_path(path, "--baseline") for path in args.baseline]
+    check_output_folder(args.out, "--out")
     check_device(args.device)
     if args.task is None and not Path(model).is_dir():
         raise UsageError(f"--model {model!r} is not a local folder: pass --task to evaluate a model from the hub")
@@ -272,6 +283,7 @@ def lm_eval_command(args: argparse.Namespace) -> dict[str, Any]:
     model = check_model_path(args.model, "--model")
     if args.include_path is not None and not Path(args.include_path).is_dir():
         raise UsageError(f"--include-path {args.include_path!r} is not a folder")
+    check_output_folder(args.out, "--out")
     check_device(args.device)
     saved = _saved_config(model)
     if saved.get("model_type") != "implicit" or "ImplicitForCausalLM" not in (saved.get("architectures") or []):
@@ -302,6 +314,7 @@ def lm_eval_data(args: argparse.Namespace) -> list[Path]:
     shipped = getattr(module, f"lm_eval_{option}")()
     counts = shipped if getattr(args, option) is None else getattr(args, option)
     out = args.out or default_data_dir(args.task)
+    check_output_folder(out, "--out")
     try:
         paths = module.write_lm_eval_data(out, counts, n=args.n, seed=args.seed, **args.task_kwargs)
     except (TypeError, ValueError) as err:
@@ -322,8 +335,7 @@ def convert(args: argparse.Namespace) -> None:
     source = check_model_path(args.source, "source", needs_config=args.gguf_file is None)
     if args.gguf_file is not None and Path(source).is_dir() and not (Path(source) / args.gguf_file).is_file():
         raise UsageError(f"--gguf-file {args.gguf_file!r} is not a file in {source!r}")
-    if Path(args.output).is_file():
-        raise UsageError(f"output {str(args.output)!r} is a file; expected a folder to write the checkpoint to")
+    check_output_folder(args.output, "output")
     from .modeling.convert import SUPPORTED_MODEL_TYPES, convert_checkpoint, parse_layers
 
     if args.gguf_file is None and (Path(source) / "config.json").is_file():
@@ -396,8 +408,9 @@ def main(argv: list[str] | None = None) -> None:
         elif command == "convert":
             convert(args)
         elif command == "demo":
+            check_output_folder(args.out, "--out")
             demo(args.out, args.max_steps)
-    except (UsageError, RecipeError, OSError) as err:
+    except (UsageError, RecipeError, TaskSettingError, OSError) as err:
         if os.environ.get(TRACEBACK_ENV):
             raise
         print(f"implicit-hf {command}: error: {_one_line(err)}", file=sys.stderr)

@@ -31,6 +31,8 @@ from typing import Any
 
 import numpy as np
 
+from .loop_counts import check_loop_bound
+
 DISTRIBUTIONS = ("uniform", "poisson_lognormal", "above_difficulty")
 FIELDS = ("distribution", "mean", "sigma", "min", "max", "ramp_steps", "extra")
 
@@ -56,6 +58,7 @@ class LoopSchedule:
                 raise ValueError(f"loop_schedule.{name} must be an integer >= 1; got {value!r}")
         if self.min > self.max:
             raise ValueError(f"loop_schedule needs min <= max; got min={self.min}, max={self.max}")
+        check_loop_bound("loop_schedule.max", self.max)
         if isinstance(self.ramp_steps, bool) or not isinstance(self.ramp_steps, int) or self.ramp_steps < 0:
             raise ValueError(f"loop_schedule.ramp_steps must be an integer >= 0; got {self.ramp_steps!r}")
         if self.distribution == "poisson_lognormal":

@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import importlib
+import json
 import re
 import types
 import typing
@@ -326,7 +327,8 @@ def _check_values(config: TrainConfig) -> None:
     try:
         loop_schedule_of(config)
     except (TypeError, ValueError) as err:
-        raise RecipeError(f"recipe key 'loop_schedule': {err}") from err
+        key = "random_loops" if config.random_loops is not None else "loop_schedule"
+        raise RecipeError(f"recipe key {key!r}: {err}") from err
     for key in ("jacobian_penalty", "fixed_point_penalty"):
         if not getattr(config, key) >= 0:
             raise RecipeError(f"recipe key {key!r} must be a weight >= 0; got {getattr(config, key)!r}")
@@ -372,6 +374,7 @@ def distill_settings(config: TrainConfig) -> tuple[Any, Any]:
 
 def resolve_task(config: TrainConfig) -> TaskAdapter:
     """The recipe's task adapter (imports ``task_module`` first so a custom task registers)."""
+    from .checks import TaskSettingError
     from .tasks.base import TASKS, get_task
 
     if config.task_module:
@@ -381,7 +384,9 @@ def resolve_task(config: TrainConfig) -> TaskAdapter:
             raise RecipeError(f"recipe key 'task_module': cannot import {config.task_module!r}: {err}") from err
     try:
         return get_task(config.task, **config.task_kwargs)
-    except (TypeError, ValueError) as err:  # an unknown task, or arguments its constructor refuses
+    except TaskSettingError as err:  # a setting the task refuses: the message names the task and the setting
+        raise RecipeError(f"recipe key 'task_kwargs': {err}") from err
+    except (TypeError, ValueError) as err:  # an unknown task, or a custom task's own error
         key = "task_kwargs" if config.task in TASKS else "task"
         raise RecipeError(f"recipe key {key!r} (task {config.task!r}): {err}") from err
 
@@ -450,8 +455,7 @@ def _init_from_config(config: TrainConfig, task: TaskAdapter) -> ImplicitConfig:
     from .modeling.configuration_implicit import RUNTIME_LOOP_FIELDS
 
     path = Path(config.init_from)
-    if not (path / "config.json").is_file():
-        raise RecipeError(f"recipe key 'init_from': {str(path)!r} is not a checkpoint directory (no config.json)")
+    _check_init_from_files(path, task)
     try:
         saved = ImplicitConfig.from_pretrained(str(path))
     except (OSError, ValueError) as err:
@@ -479,6 +483,44 @@ def _init_from_config(config: TrainConfig, task: TaskAdapter) -> ImplicitConfig:
     return saved
 
 
+def _check_init_from_files(path: Path, task: TaskAdapter) -> None:
+    """``init_from`` must be a folder holding an implicit checkpoint of the task's head with readable weights: a
+    Llama checkpoint, say, would pass every other check and fail at the first training step."""
+    from safetensors import SafetensorError, safe_open
+    from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME
+
+    from .tasks.models import HEADS
+
+    where = f"recipe key 'init_from': {str(path)!r}"
+    if not (path / "config.json").is_file():
+        raise RecipeError(f"{where} is not a checkpoint directory (no config.json)")
+    try:
+        saved = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError) as err:
+        raise RecipeError(f"{where}: config.json is not valid JSON: {err}") from err
+    model_type, architectures = saved.get("model_type"), saved.get("architectures") or []
+    if model_type != "implicit":
+        raise RecipeError(
+            f"{where} is not an implicit checkpoint (config.json model_type {model_type!r}); init_from takes one "
+            "written by save_pretrained, implicit-hf train or implicit-hf convert (which turns a Llama-family "
+            "model into one)"
+        )
+    expected = HEADS[task.head].model_class if task.head in HEADS else None
+    if expected and architectures and expected not in architectures:
+        raise RecipeError(
+            f"{where} is {', '.join(architectures)}; task {task.name!r} needs a {task.head} model ({expected})"
+        )
+    names = (SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME, WEIGHTS_NAME, WEIGHTS_INDEX_NAME)
+    if not any((path / name).is_file() for name in names):
+        raise RecipeError(f"{where} has no weights (none of {', '.join(names)})")
+    for weights in sorted(path.glob("*.safetensors")):
+        try:
+            with safe_open(str(weights), "pt"):  # reads the header only; a truncated file is refused
+                pass
+        except (OSError, SafetensorError) as err:
+            raise RecipeError(f"{where}: cannot read the weights in {weights.name}: {err}") from err
+
+
 def _check_teacher_fits(config: TrainConfig, task: TaskAdapter, vocab_size: int) -> None:
     """The teacher must be a causal-LM checkpoint with the student's vocabulary (and tokenizer, where known)."""
     if config.teacher is None:
@@ -489,9 +531,12 @@ def _check_teacher_fits(config: TrainConfig, task: TaskAdapter, vocab_size: int)
 
     tokenizer = getattr(task, "tokenizer", None)
     if tokenizer is None and config.init_from is not None and (Path(config.init_from) / "tokenizer.json").is_file():
-        from transformers import AutoTokenizer
+        from .tasks.generation import load_tokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(config.init_from)
+        try:
+            tokenizer = load_tokenizer(config.init_from, "checkpoint")
+        except OSError as err:
+            raise RecipeError(f"recipe key 'init_from': {err}") from err
     try:
         check_teacher(config.teacher, vocab_size, tokenizer)
     except (OSError, ValueError) as err:

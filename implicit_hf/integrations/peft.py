@@ -15,6 +15,7 @@ core layers to its first block and initialises adapter ``k`` by a truncated SVD 
 
 from __future__ import annotations
 
+import numbers
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -25,7 +26,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora import LoraLayer
 
 from ..modeling import ImplicitModel
-from ..modeling.configuration_implicit import check_integer
+from ..modeling.configuration_implicit import check_integer, check_loop_count
 
 LINEAR_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 LAYER_GROUPS = ("prelude", "core", "coda")
@@ -36,6 +37,7 @@ __all__ = [
     "LoopAdapterSwitch",
     "add_loop_adapters",
     "attach_loop_adapters",
+    "check_core_blocks",
     "implicit_model_of",
     "init_loop_adapters_by_svd",
     "load_loop_adapters",
@@ -116,7 +118,7 @@ def add_loop_adapters(
     model: torch.nn.Module, num_loops: int, r: int = 8, alpha: float | None = None, **kwargs: Any
 ) -> PeftModel:
     """``model`` with LoRA adapters ``loop_0 .. loop_{num_loops-1}`` on its core, loop ``k`` using adapter ``k``."""
-    num_loops = check_integer("num_loops", num_loops)
+    num_loops = check_loop_count("num_loops", num_loops)
     config = lora_config(("core",), r=r, alpha=alpha, **kwargs)
     names = loop_adapter_names(num_loops)
     peft_model = get_peft_model(model, config, adapter_name=names[0])
@@ -140,6 +142,45 @@ def load_loop_adapters(model: torch.nn.Module, path: str | Path, num_loops: int)
     return attach_loop_adapters(peft_model, names)
 
 
+def check_core_blocks(
+    core_blocks: Sequence[Sequence[int]],
+    num_layers: int,
+    block_length: int | None = None,
+    in_layer_order: bool = True,
+    name: str = "core_blocks",
+) -> list[list[int]]:
+    """``core_blocks`` as lists, if they are one or more blocks of equal length (``block_length`` when given) of
+    increasing source layer indices in ``0 .. num_layers - 1``; with ``in_layer_order``, also in the source's layer
+    order without a shared layer (loop ``k`` stands where block ``k`` stood). Otherwise a ``ValueError`` naming
+    ``name``, the block and what is allowed."""
+    try:
+        blocks = [list(block) for block in core_blocks]
+    except TypeError:
+        blocks = []
+    if not blocks:
+        raise ValueError(
+            f"{name} must be a non-empty list of blocks (lists of source layer indices); got {core_blocks!r}"
+        )
+    length = len(blocks[0]) if block_length is None else block_length
+    for k, block in enumerate(blocks):
+        where = f"{name}[{k}] {block}"
+        if any(isinstance(i, bool) or not isinstance(i, numbers.Integral) for i in block):
+            raise ValueError(f"{where} must hold source layer indices (integers)")
+        if any(not 0 <= i < num_layers for i in block):
+            raise ValueError(f"{where} must lie in 0-{num_layers - 1} (the source has {num_layers} layers)")
+        if not block or block != sorted(set(block)):
+            raise ValueError(f"{where} must be a non-empty list of increasing layer indices, without repeats")
+        if len(block) != length:
+            reason = "one per core layer" if block_length is not None else f"as many as {name}[0]"
+            raise ValueError(f"{where} must have {length} layers ({reason}): every loop replaces the same tied block")
+        if in_layer_order and k and block[0] <= blocks[k - 1][-1]:
+            raise ValueError(
+                f"{name}[{k - 1}] {blocks[k - 1]} and {where} must not overlap and must follow the source's layer "
+                f"order: loop {k} stands where block {k} stood, after block {k - 1}"
+            )
+    return blocks
+
+
 @torch.no_grad()
 def init_loop_adapters_by_svd(
     peft_model: PeftModel, source_model: torch.nn.Module, source_layers: Sequence[Sequence[int]]
@@ -151,6 +192,10 @@ def init_loop_adapters_by_svd(
     fraction of the difference the adapter misses (1 at rank 0; 0 for loop 0, where ``D = 0``).
     """
     implicit = implicit_model_of(peft_model)
+    num_layers = source_model.config.num_hidden_layers
+    source_layers = check_core_blocks(
+        source_layers, num_layers, len(implicit.core), in_layer_order=False, name="source_layers"
+    )
     names = implicit.loop_hook.names if isinstance(implicit.loop_hook, LoopAdapterSwitch) else None
     if names is None or len(names) != len(source_layers):
         raise ValueError("init_loop_adapters_by_svd needs a model from add_loop_adapters with one adapter per loop")
@@ -189,13 +234,15 @@ def relaxed_recursion(
     ``len(core_blocks)`` times, loop ``k`` corrected by a LoRA adapter initialised from block ``k``.
 
     The loop carries the state alone (``state_init="prelude"``, linear injection ``[I | 0]``), so loop
-    ``k`` stands exactly where block ``k`` stood in the source stack.
+    ``k`` stands exactly where block ``k`` stood in the source stack: the blocks follow the source's layer
+    order without overlap (`check_core_blocks`), the prelude before them and the coda after them.
     """
-    from ..modeling.convert import convert_model
+    from ..modeling.convert import convert_model, plan_layers
 
-    blocks = [list(block) for block in core_blocks]
-    if not blocks or any(len(block) != len(blocks[0]) for block in blocks):
-        raise ValueError(f"core_blocks must be one or more blocks of equal length; got {blocks}")
+    num_layers = source_model.config.num_hidden_layers
+    blocks = check_core_blocks(core_blocks, num_layers)
+    # the prelude and coda against every block, not only the tied one (which convert_model checks them against)
+    plan_layers(prelude_layers, [layer for block in blocks for layer in block], coda_layers, num_layers)
     model = convert_model(
         source_model,
         prelude_layers,

@@ -5,7 +5,8 @@ from __future__ import annotations
 import difflib
 import math
 import numbers
-from collections.abc import Callable, Iterable
+import os
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from transformers import PretrainedConfig
@@ -16,6 +17,12 @@ SOLVER_NAMES = ("picard", "anderson", "broyden")
 GRADIENTS = ("unroll", "truncated", "jfb", "phantom", "ift")
 POSITION_ENCODINGS = ("rope", "none")
 MAX_LOOP_SHIFT = 4  # the widest causal convolution of the loop's token shift (config.loop_shift)
+# The bound on every loop count (`max_loops`): config.num_loops and the other iteration counts, forward/generate
+# (num_loops=...), a generation config's num_loops, return_trajectory's counts and ``--loops``. A count past it is a
+# typo or a hang (1e10 loops never finish; a KV cache holds one slot per loop and core layer), not a setting: 4096 is
+# 20x the largest count this project runs (200) and far beyond a fixed-point solver's usual budget (tens of
+# iterations). The environment variable IMPLICIT_HF_MAX_LOOPS raises it.
+DEFAULT_MAX_LOOPS = 4096
 
 # What `save_pretrained` writes into config.json so `trust_remote_code=True` can load every head
 # in a process that cannot import implicit_hf (the code files are copied next to the weights).
@@ -41,6 +48,9 @@ RUNTIME_LOOP_FIELDS = (
     "ift_max_iter",
     "ift_tol",
 )
+# Loop settings a single call can set: forward(num_loops=...), generate(...), a GenerationConfig's entries (and so a
+# checkpoint's generation_config.json); `check_per_call_loop_setting` checks them.
+PER_CALL_LOOP_FIELDS = ("num_loops", "tol", "solver")
 _LOOP_FIELDS = (
     "num_prelude_layers",
     "num_core_layers",
@@ -101,7 +111,8 @@ class ImplicitConfig(PretrainedConfig):
             loop a position-free path that moves the state one token on per iteration, so that a
             loop can run as a recurrence along the sequence (state tracking).
         num_loops / num_loops_train: default iteration counts at inference and in training mode
-            (``num_loops_train=None`` uses ``num_loops``); ``forward(num_loops=K)`` overrides both.
+            (``num_loops_train=None`` uses ``num_loops``); ``forward(num_loops=K)`` overrides both. Every
+            loop count is at most `max_loops` (4096; the environment variable ``IMPLICIT_HF_MAX_LOOPS`` raises it).
         solver: ``"picard"`` (plain looping, optional ``damping``), ``"anderson"`` (history of
             ``anderson_memory``) or ``"broyden"``.
         tol: relative-residual tolerance for per-sample halting; ``None`` runs exactly the loop
@@ -273,6 +284,31 @@ def check_integer(name: str, value: Any, minimum: int = 1) -> int:
     return int(value)
 
 
+def max_loops() -> int:
+    """The bound on loop counts: the environment variable ``IMPLICIT_HF_MAX_LOOPS`` if set (read at every check,
+    so setting it in a running process takes effect), else `DEFAULT_MAX_LOOPS`. ``implicit_hf.loop_counts`` keeps
+    a copy (it may not import this package, which imports torch); a test checks the two agree."""
+    given = os.environ.get("IMPLICIT_HF_MAX_LOOPS")
+    if given is None:
+        return DEFAULT_MAX_LOOPS
+    if not given.strip().isdigit() or int(given) < 1:
+        raise ValueError(f"the environment variable IMPLICIT_HF_MAX_LOOPS must be an integer >= 1; got {given!r}")
+    return int(given)
+
+
+def check_loop_count(name: str, value: Any) -> int:
+    """``value`` as an ``int`` if it is an integer in ``[1, max_loops()]``; otherwise a ``ValueError`` naming
+    ``name``, the bound and how to raise it."""
+    value = check_integer(name, value)
+    bound = max_loops()
+    if value > bound:
+        raise ValueError(
+            f"{name} must be at most {bound}, the bound on loop counts (set the environment variable "
+            f"IMPLICIT_HF_MAX_LOOPS to raise it); got {value}"
+        )
+    return value
+
+
 def _choice(allowed: tuple[str, ...]):
     def check(name: str, value: Any) -> str:
         if value not in allowed:
@@ -299,6 +335,13 @@ def real_number(bounds: str, within: Callable[[float], bool], allow_none: bool =
             allowed = f"None or a number {bounds}" if allow_none else f"a number {bounds}"
             raise ValueError(f"{name} must be {allowed}; got {value!r}")
         return value if isinstance(value, (int, float)) else float(value)
+
+    return check
+
+
+def _loop_count(allow_none: bool = False):
+    def check(name: str, value: Any) -> int | None:
+        return None if value is None and allow_none else check_loop_count(name, value)
 
     return check
 
@@ -357,11 +400,11 @@ _FIELD_CHECKS = {
     "num_coda_layers": _integer(0),
     "loop_shift": _integer_in(0, MAX_LOOP_SHIFT),
     "position_encoding": _choice(POSITION_ENCODINGS),
-    "num_loops": _integer(1),
-    "num_loops_train": _integer(1, allow_none=True),
+    "num_loops": _loop_count(),
+    "num_loops_train": _loop_count(allow_none=True),
     "anderson_memory": _integer(1),
-    "gradient_steps": _integer(1),
-    "ift_max_iter": _integer(1, allow_none=True),
+    "gradient_steps": _loop_count(),
+    "ift_max_iter": _loop_count(allow_none=True),
     "tol": _positive(allow_none=True),
     "ift_tol": _positive(),
     "state_init_std": _positive(),
@@ -371,6 +414,43 @@ _FIELD_CHECKS = {
     "injection_norm": _boolean,
     "is_causal": _boolean,
 }
+
+
+# A per-call setting is checked as the config checks the field, except that a call's tol may be 0 (no halting).
+_PER_CALL_CHECKS = {
+    "num_loops": _FIELD_CHECKS["num_loops"],
+    "tol": real_number(">= 0 (0: no halting in this call)", lambda value: value >= 0, allow_none=True),
+    "solver": _FIELD_CHECKS["solver"],
+}
+
+
+def check_per_call_loop_setting(name: str, value: Any, where: str = "") -> Any:
+    """``value`` of the per-call loop setting ``name`` (`PER_CALL_LOOP_FIELDS`), checked as the config checks the
+    field (a ``tol`` of 0 turns halting off for the call); ``None`` ("not given") passes. ``where`` prefixes the
+    name in the error, e.g. ``"generation_config."`` or a file."""
+    return None if value is None else _PER_CALL_CHECKS[name](f"{where}{name}", value)
+
+
+def per_call_loop_settings(entries: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """The per-call loop settings among a generation config's ``entries``, each checked
+    (`check_per_call_loop_setting`). Another loop field there (a model setting such as ``damping``) or a misspelt
+    one (``num_loop``) would be ignored by ``generate``, so it is refused, named with ``where``."""
+    settings = {}
+    for key, value in entries.items():
+        if key in PER_CALL_LOOP_FIELDS and value is not None:
+            settings[key] = check_per_call_loop_setting(key, value, where)
+        elif key in PER_CALL_LOOP_FIELDS:
+            continue
+        elif key in _LOOP_FIELDS:
+            raise ValueError(
+                f"{where}{key} cannot be set per call (only {', '.join(PER_CALL_LOOP_FIELDS)} can): it is a model "
+                f"setting, set it on the model's config (config.{key})"
+            )
+        else:
+            match = difflib.get_close_matches(key, _LOOP_FIELDS, n=1, cutoff=0.85)
+            if match:
+                raise ValueError(f"{where}{key} is not a loop setting; did you mean {match[0]!r}?")
+    return settings
 
 
 def refuse_unknown_keywords(where: str, unknown: Iterable[str], known: Iterable[str]) -> None:

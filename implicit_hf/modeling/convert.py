@@ -25,13 +25,19 @@ computes the source's layers, and later ones contract towards a fixed point at a
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import pickle
 import shutil
-from collections.abc import Sequence
+import struct
+import uuid
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 
 from .configuration_implicit import ImplicitConfig, real_number
 from .model_card import write_model_card
@@ -342,14 +348,20 @@ def convert_checkpoint(
 ):
     """Load ``source`` (a directory or hub id; ``gguf_file`` inside it for GGUF), convert it as `convert_model` does,
     and write the implicit checkpoint (safetensors, config recording the layer origins, tokenizer) to
-    ``output_dir``."""
+    ``output_dir``.
+
+    Everything is read and checked before anything is written: the config (`implicit_config_from`), the tokenizer
+    (it must load and fit the vocabulary), the source's ``generation_config.json`` and its weights; an unreadable
+    file is an ``OSError`` naming it. The checkpoint is then written into a temporary folder beside ``output_dir``
+    and moved into place (`_move_into_place`), so a failure leaves no ``output_dir`` behind.
+    """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     load_kwargs = {"gguf_file": gguf_file} if gguf_file else {}
     # the model type, the layer split and every loop setting are checked on the config, before any weight is read
     name = f"{source}/{gguf_file}" if gguf_file else str(source)
     config = implicit_config_from(
-        AutoConfig.from_pretrained(str(source), **load_kwargs),
+        _read_source("config", name, AutoConfig.from_pretrained, str(source), **load_kwargs),
         prelude_layers,
         core_layers,
         coda_layers,
@@ -357,13 +369,62 @@ def convert_checkpoint(
         keep_all_layers=keep_all_layers,
         **loop_settings,
     )
-    model = _with_source_weights(config, AutoModelForCausalLM.from_pretrained(str(source), **load_kwargs))
-    output = Path(output_dir)
-    model.save_pretrained(output)
-    tokenizer = AutoTokenizer.from_pretrained(str(source), **load_kwargs)
-    tokenizer.save_pretrained(output)
+    tokenizer = _read_source("tokenizer", name, AutoTokenizer.from_pretrained, str(source), **load_kwargs)
+    if len(tokenizer) > config.vocab_size:
+        raise ValueError(
+            f"the tokenizer of source {name!r} has {len(tokenizer)} tokens, more than the model's vocab_size "
+            f"{config.vocab_size}"
+        )
     generation_config = Path(source) / "generation_config.json"
-    if generation_config.is_file() and not (output / "generation_config.json").exists():
-        shutil.copy(generation_config, output / "generation_config.json")
-    write_model_card(output)
+    if generation_config.is_file():
+        try:
+            json.loads(generation_config.read_text())
+        except ValueError as err:
+            raise OSError(f"{str(generation_config)!r} is not valid JSON: {err}") from err
+    files = sorted(path.name for pattern in ("*.safetensors", "*.bin") for path in Path(source).glob(pattern))
+    weights = f"weights ({', '.join(files)})" if files and not gguf_file else "weights"
+    source_model = _read_source(weights, name, AutoModelForCausalLM.from_pretrained, str(source), **load_kwargs)
+    model = _with_source_weights(config, source_model)
+    output = Path(output_dir)
+    staging = output.parent / f".{output.name}.{uuid.uuid4().hex}.partial"
+    written = staging / output.name  # named as the destination: the model card names the model by its folder
+    try:
+        model.save_pretrained(written)
+        tokenizer.save_pretrained(written)
+        if generation_config.is_file() and not (written / "generation_config.json").exists():
+            shutil.copy(generation_config, written / "generation_config.json")
+        write_model_card(written)
+        _move_into_place(written, output)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return model
+
+
+# what reading a missing or damaged source file raises: transformers (OSError, ValueError), safetensors, the GGUF
+# reader (struct.error, ValueError), torch pickles (RuntimeError, EOFError, UnpicklingError)
+_READ_ERRORS = (OSError, ValueError, RuntimeError, EOFError, struct.error, pickle.UnpicklingError, SafetensorError)
+
+
+def _read_source(what: str, name: str, read: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """``read(*args, **kwargs)``, or an ``OSError`` saying that the ``what`` of source ``name`` cannot be read, and
+    why."""
+    try:
+        return read(*args, **kwargs)
+    except _READ_ERRORS as err:
+        raise OSError(f"cannot read the {what} of source {name!r}: {err}") from err
+
+
+def _move_into_place(written: Path, output: Path) -> None:
+    """Move the checkpoint folder ``written`` to ``output``: by one rename when ``output`` does not exist; into an
+    existing ``output`` file by file (each an atomic replace; other files stay, as they would with
+    ``save_pretrained``), after removing weight files of an earlier checkpoint that ``written`` does not have (so
+    that a stale ``model.safetensors`` or shard is never loaded instead of the new weights)."""
+    if not output.exists():
+        written.rename(output)
+        return
+    names = {path.name for path in written.iterdir()}
+    for stale in output.glob("model*.safetensors*"):
+        if stale.name not in names:
+            stale.unlink()
+    for path in written.iterdir():
+        os.replace(path, output / path.name)

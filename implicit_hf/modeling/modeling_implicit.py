@@ -13,6 +13,7 @@ the ones it imports relatively are copied next to saved checkpoints, so it impor
 from __future__ import annotations
 
 import inspect
+import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,13 +31,21 @@ from transformers.models.llama.modeling_llama import (
     LlamaRMSNorm,
     LlamaRotaryEmbedding,
 )
-from transformers.utils import can_return_tuple
+from transformers.utils import GENERATION_CONFIG_NAME, cached_file, can_return_tuple
 from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.generic import TransformersKwargs
 from transformers.utils.output_capturing import capture_outputs
 
 from .cache import LoopSlots
-from .configuration_implicit import SOLVER_NAMES, ImplicitConfig, check_integer, refuse_unknown_keywords
+from .configuration_implicit import (
+    PER_CALL_LOOP_FIELDS,
+    ImplicitConfig,
+    check_integer,
+    check_loop_count,
+    check_per_call_loop_setting,
+    per_call_loop_settings,
+    refuse_unknown_keywords,
+)
 from .gradients import fixed_point
 from .penalties import check_penalties, fixed_point_penalties
 from .solvers import SolverStats
@@ -148,9 +157,8 @@ class LoopShift(nn.Module):
 # Keywords a forward pass takes beyond its own arguments: what transformers' generate, Trainer and attention
 # back-ends pass (TransformersKwargs); anything else is refused with a did-you-mean, not ignored.
 PASSED_THROUGH = frozenset(TransformersKwargs.__annotations__) | {"cache_position", "return_dict"}
-# Loop settings `generate` reads from a GenerationConfig (``generation_config=`` or ``model.generation_config``)
-# and hands to every forward pass; an explicit ``generate(num_loops=...)`` argument wins.
-GENERATION_LOOP_FIELDS = ("num_loops", "tol", "solver")
+# What `from_pretrained` hands `adjust_generation_fn` to find a checkpoint's files (transformers' download_kwargs).
+_DOWNLOAD_KEYWORDS = ("cache_dir", "force_download", "proxies", "local_files_only", "token", "revision", "subfolder")
 
 
 class ImplicitPreTrainedModel(PreTrainedModel):
@@ -187,7 +195,7 @@ class ImplicitPreTrainedModel(PreTrainedModel):
         """transformers' ``save_pretrained``; loop settings set on ``generation_config`` are saved with it
         (transformers drops a custom entry of a generation config derived from the model config on load)."""
         generation_config = getattr(self, "generation_config", None)
-        if generation_config is not None and any(hasattr(generation_config, n) for n in GENERATION_LOOP_FIELDS):
+        if generation_config is not None and any(hasattr(generation_config, n) for n in PER_CALL_LOOP_FIELDS):
             generation_config._from_model_config = False
         super().save_pretrained(save_directory, *args, **kwargs)
 
@@ -252,6 +260,7 @@ def check_input_shapes(
         width = config.hidden_size if inputs_embeds is not None else config.input_features
         if given.ndim != 3 or given.shape[-1] != width:
             raise ValueError(f"{name} must have shape (batch, length, {width}); got {_describe(given)}")
+    _refuse_no_tokens(name, given)
     batch, length = given.shape[:2]
     total = past + length
     context = f"{name} {tuple(given.shape)}" + (f" after {past} cached tokens" if past else "")
@@ -286,16 +295,23 @@ def _describe(x: torch.Tensor) -> str:
     return f"shape {tuple(x.shape)}, dtype {x.dtype}"
 
 
+def _refuse_no_tokens(name: str, inputs: torch.Tensor) -> None:
+    """A ``ValueError`` naming ``name`` when ``inputs`` ``(batch, length, ...)`` has length 0 (an empty prompt,
+    which would otherwise fail deep inside attention or generate)."""
+    if inputs.ndim >= 2 and not inputs.shape[1]:
+        raise ValueError(f"{name} has no tokens ({_describe(inputs)}): give at least one token per sequence")
+
+
 def _loop_counts(requested: Sequence[int]) -> tuple[int, ...]:
-    counts = list(requested)
     try:
-        if counts:
-            return tuple(check_integer("return_trajectory", count) for count in counts)
-    except ValueError:
-        pass
-    raise ValueError(
-        f"return_trajectory must be True, False or a non-empty list of loop counts >= 1; got {requested!r}"
-    )
+        counts = [check_integer("return_trajectory", count) for count in requested]
+    except (TypeError, ValueError):  # not a list, or not of integers >= 1
+        counts = []
+    if not counts:
+        raise ValueError(
+            f"return_trajectory must be True, False or a non-empty list of loop counts >= 1; got {requested!r}"
+        )
+    return tuple(check_loop_count("return_trajectory", count) for count in counts)
 
 
 @dataclass
@@ -589,14 +605,13 @@ class ImplicitModel(ImplicitPreTrainedModel):
             raise ValueError("loop_feedback runs the coda inside the loop and cannot use a KV cache: use_cache=False")
 
     def _loop_settings(self, num_loops: int | None, tol: float | None, solver: str | None) -> tuple:
-        """This call's ``(num_loops, tol, solver)``: the arguments, validated, or the config's defaults."""
+        """This call's ``(num_loops, tol, solver)``: the arguments, checked as the config checks them, or the
+        config's defaults (a ``tol`` of 0 turns halting off)."""
+        check = check_per_call_loop_setting
+        num_loops, tol, solver = check("num_loops", num_loops), check("tol", tol), check("solver", solver)
         if num_loops is None:
             num_loops = self.config.train_loops if self.training else self.config.num_loops
-        else:
-            num_loops = check_integer("num_loops", num_loops)
         solver = self.config.solver if solver is None else solver
-        if solver not in SOLVER_NAMES:
-            raise ValueError(f"solver must be one of {', '.join(map(repr, SOLVER_NAMES))}; got {solver!r}")
         return num_loops, self.config.tol if tol is None else (tol or None), solver
 
     def _embed(self, input_ids, inputs_embeds, input_features) -> torch.Tensor:
@@ -687,16 +702,53 @@ class ImplicitForCausalLM(ImplicitPreTrainedModel, GenerationMixin):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
 
+    def adjust_generation_fn(
+        self, generation_config, from_auto_class, from_pipeline, pretrained_model_name_or_path, *args, **kwargs
+    ) -> None:
+        """transformers' loading of the generation config at ``from_pretrained``, then its loop settings
+        (`PER_CALL_LOOP_FIELDS`) checked and kept: those of ``from_pretrained(..., generation_config=...)``, else
+        those of the checkpoint's generation_config.json, which transformers drops when the file says
+        ``_from_model_config`` (as ``save_pretrained`` of a model's default generation config writes)."""
+        super().adjust_generation_fn(
+            generation_config, from_auto_class, from_pipeline, pretrained_model_name_or_path, *args, **kwargs
+        )
+        if generation_config is not None:
+            entries, where = generation_config.to_dict(), "generation_config."
+        else:
+            found = pretrained_model_name_or_path and cached_file(
+                pretrained_model_name_or_path,
+                GENERATION_CONFIG_NAME,
+                _raise_exceptions_for_missing_entries=False,
+                _raise_exceptions_for_connection_errors=False,
+                **{key: kwargs[key] for key in _DOWNLOAD_KEYWORDS if key in kwargs},
+            )
+            if not found:
+                return
+            with open(found, encoding="utf-8") as file:
+                entries, where = json.load(file), f"{found}: "
+        for name, value in per_call_loop_settings(entries, where).items():
+            setattr(self.generation_config, name, value)
+
     def _prepare_generation_config(self, generation_config, **kwargs):
         # transformers would absorb loop settings into the generation config (they are custom entries of it)
-        # and never pass them to forward: take them out, explicit arguments first, then the config's.
-        explicit = {name: kwargs.pop(name) for name in GENERATION_LOOP_FIELDS if name in kwargs}
+        # and never pass them to forward: take them out, explicit arguments first, then the config's. Both are
+        # checked here, once per generate call, naming the setting.
+        explicit = {
+            name: check_per_call_loop_setting(name, kwargs.pop(name)) for name in PER_CALL_LOOP_FIELDS if name in kwargs
+        }
         generation_config, model_kwargs = super()._prepare_generation_config(generation_config, **kwargs)
-        for name in GENERATION_LOOP_FIELDS:
-            value = explicit[name] if name in explicit else getattr(generation_config, name, None)
+        configured = per_call_loop_settings(generation_config.to_dict(), "generation_config.")
+        for name in PER_CALL_LOOP_FIELDS:
+            value = explicit[name] if name in explicit else configured.get(name)
             if value is not None:
                 model_kwargs[name] = value
         return generation_config, model_kwargs
+
+    def _prepare_model_inputs(self, inputs, bos_token_id, model_kwargs):
+        # an empty prompt fails inside transformers' generate before any forward pass: refuse it here, once
+        inputs, input_name, model_kwargs = super()._prepare_model_inputs(inputs, bos_token_id, model_kwargs)
+        _refuse_no_tokens(input_name, inputs)
+        return inputs, input_name, model_kwargs
 
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     @can_return_tuple

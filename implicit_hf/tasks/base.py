@@ -26,6 +26,11 @@ stay generic:
   schedules tied to the batch's difficulty and batches grouped by it.
 * ``save_artifacts(model_dir)`` (optional) writes what a trained model needs besides its weights,
   e.g. a tokenizer; the training loop calls it after saving the final model.
+* The constructor's arguments are the task's *settings* (``task_kwargs`` of a recipe, ``--task-kwargs``), each
+  checked against its annotation when the task is built (`implicit_hf.checks.check_arguments`: a ``bool`` is a
+  bool, a ``float`` a finite number, ``Annotated[int, at_least(1)]`` an integer >= 1, ...); a refused one is a
+  `TaskSettingError` naming the task and the setting, as is any ``ValueError`` or ``OSError`` the constructor
+  raises (a setting that does not fit another, a corpus or tokenizer that cannot be read).
 * A *generative* task (``generative = True``, a causal LM answering in text) is scored by
   generation rather than from one trajectory: it provides ``prompt(row)`` (the text to continue),
   ``complete(model, prompts, num_loops, batch_size, tol)`` (the generated texts at that loop
@@ -50,7 +55,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import numpy as np
 import torch
 
-from ..checks import check_integer
+from ..checks import TaskSettingError, check_arguments, check_integer
 from . import BUILTIN_TASK_MODULES  # built-in task -> its module (in the package __init__: listing needs no torch)
 
 if TYPE_CHECKING:
@@ -59,8 +64,27 @@ if TYPE_CHECKING:
 Example = dict[str, Any]
 
 
+def checked_settings(init: Callable[..., None]) -> Callable[..., None]:
+    """A task constructor ``init`` that checks its arguments first (`check_arguments`) and turns every refused
+    setting (a ``ValueError`` or ``OSError`` of ``init``) into a `TaskSettingError` naming the task."""
+
+    @functools.wraps(init)
+    def checked(self: TaskAdapter, *args: Any, **kwargs: Any) -> None:
+        try:
+            check_arguments(init, args, kwargs)
+            init(self, *args, **kwargs)
+        except TaskSettingError:  # from the constructor of a base class: it names the task already
+            raise
+        except (ValueError, OSError) as err:
+            task = getattr(type(self), "name", type(self).__name__)
+            raise TaskSettingError(f"task {task!r}: {err}") from err
+
+    return checked
+
+
 class TaskAdapter(ABC):
-    """Base class of every task; subclasses register themselves in `TASKS` by ``name``."""
+    """Base class of every task; subclasses register themselves in `TASKS` by ``name``, and their constructors
+    check their settings (`checked_settings`)."""
 
     name: ClassVar[str]
     head: ClassVar[str]  # "token_regression" | "token_classification" | "causal_lm"
@@ -69,11 +93,14 @@ class TaskAdapter(ABC):
     generative: ClassVar[bool] = False  # scored by generating text at each loop count (see the module docstring)
     metric_name: ClassVar[str]  # the local `evaluate` module ``metrics/{metric_name}.py`` (see `load_metric`)
 
+    @checked_settings
     def __init__(self, cache_dir: str | Path | None = None):
         self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir() / self.name
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
+        if "__init__" in cls.__dict__:
+            cls.__init__ = checked_settings(cls.__init__)
         if "name" in cls.__dict__:
             TASKS[cls.name] = cls
 

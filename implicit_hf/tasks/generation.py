@@ -71,12 +71,21 @@ def word_level_tokenizer(
     )
 
 
+def load_tokenizer(path: str | Path, name: str = "tokenizer", **kwargs: Any):
+    """``AutoTokenizer.from_pretrained(path, **kwargs)``, or an ``OSError`` naming the setting ``name`` and ``path``
+    when ``path`` holds no usable tokenizer (transformers says so with an ``OSError`` or a ``ValueError``)."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(path), **kwargs)
+    except (OSError, ValueError) as err:
+        raise OSError(f"{name} {str(path)!r} has no usable tokenizer: {err}") from err
+
+
 def pretrained_tokenizer(path: str):
     """A pretrained model's tokenizer for a task: left padding (generation), the EOS token as padding if it has
     none."""
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(path, padding_side="left")
+    tokenizer = load_tokenizer(path, padding_side="left")
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer

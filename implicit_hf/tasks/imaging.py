@@ -32,12 +32,12 @@ import functools
 import math
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import numpy as np
 import torch
 
-from ..checks import check_integer
+from ..checks import Positive, at_least, number
 from .base import Example, TaskAdapter, check_one_per_row, single_threaded
 
 PIXEL_MEAN = 0.5  # model inputs and targets are (pixel - PIXEL_MEAN) / PIXEL_SCALE, O(1) on natural images
@@ -47,8 +47,8 @@ GRAD_SCALE = 0.05  # Aᵀ(A x̂ - y) / GRAD_SCALE: O(1) while the estimate is st
 # skimage.data images that ship with scikit-image (no download); train and held-out sets do not overlap
 TRAIN_IMAGES = ("astronaut", "brick", "camera", "chelsea", "grass", "gravel", "moon", "page")
 HELD_OUT_IMAGES = ("coffee", "coins", "rocket")
-PRIORS = ("none", "adjoint", "gradient")
-BLURS = ("gaussian", "motion")
+Prior = Literal["none", "adjoint", "gradient"]
+Blur = Literal["gaussian", "motion"]
 PERTURB_MODES = 8  # Fourier modes of the blur with the largest |transfer| spanned by the probe's δx
 
 
@@ -158,34 +158,23 @@ class DeblurTask(TaskAdapter):
     def __init__(
         self,
         cache_dir: str | Path | None = None,
-        image_size: int = 32,
-        patch_size: int = 4,
-        blur: str = "gaussian",
-        blur_sigma: float = 1.5,
-        motion_length: int = 7,
+        image_size: Annotated[int, at_least(1)] = 32,
+        patch_size: Annotated[int, at_least(1)] = 4,
+        blur: Blur = "gaussian",
+        blur_sigma: Positive = 1.5,
+        motion_length: Annotated[int, at_least(1)] = 7,
         motion_angle: float = 30.0,
-        noise_std: float = 0.03,
-        prior: str = "gradient",
+        noise_std: Annotated[float, number(">= 0", lambda value: value >= 0)] = 0.03,
+        prior: Prior = "gradient",
     ):
         super().__init__(cache_dir)
-        image_size = check_integer("image_size", image_size)
-        patch_size = check_integer("patch_size", patch_size)
-        motion_length = check_integer("motion_length", motion_length)
         if image_size % patch_size:
             raise ValueError(f"image_size ({image_size}) must be a multiple of patch_size ({patch_size})")
-        if blur not in BLURS:
-            raise ValueError(f"blur must be one of {BLURS}; got {blur!r}")
-        if prior not in PRIORS:
-            raise ValueError(f"prior must be one of {PRIORS}; got {prior!r}")
-        if not blur_sigma > 0:
-            raise ValueError(f"blur_sigma must be > 0; got {blur_sigma!r}")
-        if not noise_std >= 0:
-            raise ValueError(f"noise_std must be >= 0; got {noise_std!r}")
-        self.image_size = image_size
-        self.patch_size = patch_size
+        self.image_size = int(image_size)
+        self.patch_size = int(patch_size)
         self.blur = blur
         self.blur_sigma = float(blur_sigma)
-        self.motion_length = motion_length
+        self.motion_length = int(motion_length)
         self.motion_angle = float(motion_angle)
         self.noise_std = float(noise_std)
         self.prior = prior

@@ -46,13 +46,13 @@ padding (ignored by the regression loss); `decode` multiplies by ``Y_SCALE`` aga
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
 import torch
 from scipy.optimize import linprog
 
-from ..checks import check_integer
+from ..checks import Fraction, at_least
 from .base import Example, TaskAdapter, check_one_per_row, list_feature
 
 B_SCALE = 1.0  # b ~ U(-1, 1) already
@@ -82,28 +82,24 @@ class LinearProgramTask(TaskAdapter):
     def __init__(
         self,
         cache_dir: str | Path | None = None,
-        num_constraints: int = 10,
-        num_variables: int = 50,
-        nonzeros: int | None = None,
-        equality_prob: float = 0.3,
+        num_constraints: Annotated[int, at_least(1)] = 10,
+        num_variables: Annotated[int, at_least(1)] = 50,
+        nonzeros: Annotated[int, at_least(0)] | None = None,
+        equality_prob: Fraction = 0.3,
         derived_features: bool = True,
     ):
         super().__init__(cache_dir)
-        num_constraints = check_integer("num_constraints", num_constraints)
-        num_variables = check_integer("num_variables", num_variables)
-        nonzeros = check_integer("nonzeros", 2 * num_variables if nonzeros is None else nonzeros, minimum=0)
+        nonzeros = 2 * num_variables if nonzeros is None else nonzeros
         if nonzeros > num_constraints * num_variables:
             raise ValueError(
                 f"nonzeros ({nonzeros}) cannot exceed num_constraints * num_variables "
                 f"({num_constraints * num_variables})"
             )
-        if not 0.0 <= equality_prob <= 1.0:
-            raise ValueError(f"equality_prob must be in [0, 1]; got {equality_prob!r}")
-        self.num_constraints = num_constraints
-        self.num_variables = num_variables
-        self.nonzeros = nonzeros
+        self.num_constraints = int(num_constraints)
+        self.num_variables = int(num_variables)
+        self.nonzeros = int(nonzeros)
         self.equality_prob = float(equality_prob)
-        self.derived_features = bool(derived_features)
+        self.derived_features = derived_features
 
     # ------------------------------------------------------------------ model
 

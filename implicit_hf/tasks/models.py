@@ -57,9 +57,20 @@ def load_model(model_dir: str | Path, head: str, device: str | torch.device = "c
 
 
 def recorded_task(model_dir: str | Path) -> dict[str, Any] | None:
-    """The task a model was trained on (``implicit_task.json`` written by the training loop), or ``None``."""
+    """The task a model was trained on (``implicit_task.json`` written by the training loop), or ``None``; a
+    ``ValueError`` naming the file when it is not such a record."""
     path = Path(model_dir) / TASK_FILE
-    return json.loads(path.read_text()) if path.is_file() else None
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text())
+    except ValueError as err:
+        raise ValueError(f"{str(path)!r} is not valid JSON: {err}") from err
+    if not isinstance(record, dict) or not isinstance(record.get("task"), str):
+        raise ValueError(f"{str(path)!r} does not record a task (a JSON object with a 'task' name)")
+    if not isinstance(record.get("task_kwargs") or {}, dict):
+        raise ValueError(f"{str(path)!r}: task_kwargs must be a JSON object; got {record['task_kwargs']!r}")
+    return record
 
 
 def resolve_task(name: str | TaskAdapter, task_kwargs: dict[str, Any] | None = None) -> TaskAdapter:

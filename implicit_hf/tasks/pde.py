@@ -79,12 +79,12 @@ import functools
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
 import torch
 
-from ..checks import check_integer
+from ..checks import at_least
 from .base import Example, TaskAdapter, check_one_per_row, list_feature, single_threaded
 
 NU = 0.02  # viscosity ν
@@ -114,10 +114,13 @@ class NavierStokesTask(TaskAdapter):
     higher_is_better = False
     metric_name = "pde_metrics"
 
-    def __init__(self, cache_dir: str | Path | None = None, grid_size: int = 32, patch_size: int = 4):
+    def __init__(
+        self,
+        cache_dir: str | Path | None = None,
+        grid_size: Annotated[int, at_least(1)] = 32,
+        patch_size: Annotated[int, at_least(1)] = 4,
+    ):
         super().__init__(cache_dir)
-        grid_size = check_integer("grid_size", grid_size)
-        patch_size = check_integer("patch_size", patch_size)
         if grid_size <= 3 * FORCING_MAX_WAVENUMBER:
             raise ValueError(
                 f"grid_size must be > {3 * FORCING_MAX_WAVENUMBER} so the forcing modes (|k| <= "
@@ -125,8 +128,8 @@ class NavierStokesTask(TaskAdapter):
             )
         if grid_size % patch_size:
             raise ValueError(f"grid_size ({grid_size}) must be a multiple of patch_size ({patch_size})")
-        self.grid_size = grid_size
-        self.patch_size = patch_size
+        self.grid_size = int(grid_size)
+        self.patch_size = int(patch_size)
 
     # ------------------------------------------------------------------ model
 

@@ -23,21 +23,22 @@ change of that log-probability vector.
 from __future__ import annotations
 
 import zlib
-from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
 import torch
 
-from ..checks import check_integer, check_number
+from ..checks import Fraction, at_least
 from .base import Example, TaskAdapter, check_one_per_row, list_feature
+from .generation import load_tokenizer
 
 SPLITS = ("train", "validation", "test")
 
 
 def corpus_text(corpus: str) -> str:
-    """The corpus's text: ``"pydoc"`` (CPython's bundled reference topics) or a UTF-8 file's contents."""
+    """The corpus's text: ``"pydoc"`` (CPython's bundled reference topics) or a UTF-8 file's contents; a
+    ``ValueError`` naming ``corpus`` for anything else."""
     if corpus == "pydoc":
         from pydoc_data.topics import topics
 
@@ -45,7 +46,10 @@ def corpus_text(corpus: str) -> str:
     path = Path(corpus)
     if not path.is_file():
         raise ValueError(f"corpus must be 'pydoc' or the path of a text file; {corpus!r} is neither")
-    return path.read_text(encoding="utf-8")
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"corpus {corpus!r} is not UTF-8 text: {err}") from err
 
 
 def character_tokenizer(text: str):
@@ -72,23 +76,17 @@ class TextTask(TaskAdapter):
     def __init__(
         self,
         cache_dir: str | Path | None = None,
-        tokenizer: str | None = None,
-        corpus: str = "pydoc",
-        seq_len: int = 64,
-        copy_fraction: float = 0.0,
+        tokenizer: str | Path | None = None,
+        corpus: str | Path = "pydoc",
+        seq_len: Annotated[int, at_least(2)] = 64,
+        copy_fraction: Fraction = 0.0,
     ):
         super().__init__(cache_dir)
         self.tokenizer_path = None if tokenizer is None else str(tokenizer)
-        self.corpus, self.seq_len = corpus, check_integer("seq_len", seq_len, minimum=2)
-        self.copy_fraction = check_number("copy_fraction", copy_fraction, "in [0, 1]", lambda v: 0 <= v <= 1)
-
-    @cached_property
-    def tokenizer(self):
-        from transformers import AutoTokenizer
-
-        if self.tokenizer_path is None:
-            return character_tokenizer(corpus_text(self.corpus))
-        return AutoTokenizer.from_pretrained(self.tokenizer_path)
+        self.corpus, self.seq_len, self.copy_fraction = str(corpus), int(seq_len), float(copy_fraction)
+        # read now, so that a corpus or tokenizer that cannot be read is refused when the task is built
+        text = corpus_text(self.corpus)
+        self.tokenizer = character_tokenizer(text) if tokenizer is None else load_tokenizer(self.tokenizer_path)
 
     def model_config(self) -> dict[str, Any]:
         return {"vocab_size": len(self.tokenizer), "is_causal": True}

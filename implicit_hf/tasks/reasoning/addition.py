@@ -55,12 +55,12 @@ nothing).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
 import torch
 
-from ...checks import check_integer, check_number
+from ...checks import Fraction, at_least
 from ..base import Example, TaskAdapter, check_one_per_row, list_feature
 
 PAD = 0
@@ -84,17 +84,16 @@ class AdditionTask(TaskAdapter):
     def __init__(
         self,
         cache_dir: str | Path | None = None,
-        digits: int = 8,
-        min_digits: int = 1,
-        chain_fraction: float = 0.5,
+        digits: Annotated[int, at_least(1)] = 8,
+        min_digits: Annotated[int, at_least(1)] = 1,
+        chain_fraction: Fraction = 0.5,
     ):
         super().__init__(cache_dir)
-        digits, min_digits = check_integer("digits", digits), check_integer("min_digits", min_digits)
         if min_digits > digits:
             raise ValueError(f"min_digits ({min_digits}) must be <= digits ({digits})")
-        self.digits = digits
-        self.min_digits = min_digits
-        self.chain_fraction = check_number("chain_fraction", chain_fraction, "in [0, 1]", lambda v: 0 <= v <= 1)
+        self.digits = int(digits)
+        self.min_digits = int(min_digits)
+        self.chain_fraction = float(chain_fraction)
 
     def model_config(self) -> dict[str, Any]:
         return {

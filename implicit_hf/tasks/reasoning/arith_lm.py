@@ -44,12 +44,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
 import torch
 
-from ...checks import check_integer
+from ...checks import at_least
 from ..base import Example, check_one_per_row, list_feature, split_rng
 from ..edit_distance import word_edit_distance
 from ..generation import EOS_ID, PAD_ID, CausalLMTask, greedy_completions, word_level_tokenizer
@@ -82,21 +82,16 @@ class ArithLMTask(CausalLMTask):
     def __init__(
         self,
         cache_dir: str | Path | None = None,
-        min_terms: int = 2,
-        max_terms: int = 3,
-        max_operand: int = 29,
+        min_terms: Annotated[int, at_least(2)] = 2,
+        max_terms: Annotated[int, at_least(2)] = 3,
+        max_operand: Annotated[int, at_least(1)] = 29,
         use_cache: bool = True,
-        pairs_file: str | None = None,
+        pairs_file: str | Path | None = None,
     ):
         super().__init__(cache_dir)
-        min_terms = check_integer("min_terms", min_terms, minimum=2)
-        max_terms = check_integer("max_terms", max_terms, minimum=2)
-        max_operand = check_integer("max_operand", max_operand)
         if min_terms > max_terms:
             raise ValueError(f"min_terms ({min_terms}) must be <= max_terms ({max_terms})")
-        if not isinstance(use_cache, bool):
-            raise ValueError(f"use_cache must be true or false; got {use_cache!r}")
-        self.min_terms, self.max_terms, self.max_operand = min_terms, max_terms, max_operand
+        self.min_terms, self.max_terms, self.max_operand = int(min_terms), int(max_terms), int(max_operand)
         self.use_cache = use_cache
         self.pairs_file = Path(pairs_file) if pairs_file is not None else PAIRS_FILE
         self.tokenizer = arith_tokenizer()

@@ -53,12 +53,12 @@ from __future__ import annotations
 import functools
 from collections import deque
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
 import torch
 
-from ...checks import check_number
+from ...checks import Allowed, Positive
 from ..base import Example, TaskAdapter, check_one_per_row, list_feature
 
 PAD, WALL, OPEN, START, GOAL = 0, 1, 2, 3, 4
@@ -79,18 +79,14 @@ class MazeTask(TaskAdapter):
     def __init__(
         self,
         cache_dir: str | Path | None = None,
-        size: int = 9,
+        size: Annotated[int, Allowed("an odd integer >= 5", lambda value: value >= 5 and value % 2 == 1)] = 9,
         relations: bool = True,
-        relation_scale: float = RELATION_SCALE,
+        relation_scale: Positive = RELATION_SCALE,
     ):
         super().__init__(cache_dir)
-        if isinstance(size, bool) or not isinstance(size, int) or size < 5 or size % 2 == 0:
-            raise ValueError(f"size must be an odd integer >= 5; got {size!r}")
-        if not isinstance(relations, bool):
-            raise ValueError(f"relations must be true or false; got {relations!r}")
-        self.size = size
+        self.size = int(size)
         self.relations = relations
-        self.relation_scale = check_number("relation_scale", relation_scale, "> 0", lambda v: v > 0)
+        self.relation_scale = float(relation_scale)
 
     def model_config(self) -> dict[str, Any]:
         config = {

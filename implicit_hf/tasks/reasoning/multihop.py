@@ -59,12 +59,12 @@ from __future__ import annotations
 import itertools
 import string
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import numpy as np
 import torch
 
-from ...checks import check_count_range, check_integer
+from ...checks import Allowed, CountRange, at_least, check_count_range
 from ..base import Example, check_one_per_row, list_feature, split_rng
 from ..generation import CausalLMTask, greedy_completions, pretrained_tokenizer, word_level_tokenizer
 from .lm_eval_tasks.documents import LM_EVAL_DIR as LM_EVAL_DIR  # where `implicit-hf lm-eval-data` points lm-eval
@@ -73,9 +73,9 @@ from .lm_eval_tasks.documents import shipped_counts, write_documents
 DIGITS = tuple(string.digits)
 SYMBOLS = (">", ";", "?", "+")
 NAMES = tuple("".join(pair) for pair in itertools.product(string.ascii_lowercase, repeat=2))
-UPDATES = ("copy", "add")
-ORDERS = ("interleaved", "shuffled")
-QUESTIONS = ("all", "last")
+Update = Literal["copy", "add"]
+Order = Literal["interleaved", "shuffled"]
+Questions = Literal["all", "last"]
 
 
 def multihop_tokenizer():
@@ -102,11 +102,6 @@ def digit_token_ids(tokenizer) -> list[int]:
     return ids
 
 
-def _choice(name: str, value: Any, allowed: tuple) -> None:
-    if value not in allowed:
-        raise ValueError(f"{name} must be one of {allowed}; got {value!r}")
-
-
 class MultiHopTask(CausalLMTask):
     """Answer ``?x`` after a list of chained assignments: ``hops`` serial lookups, no intermediate text."""
 
@@ -119,32 +114,27 @@ class MultiHopTask(CausalLMTask):
     def __init__(
         self,
         cache_dir: str | Path | None = None,
-        hops: int | list[int] = 4,
-        distractors: int = 3,
-        update: str = "copy",
-        order: str = "interleaved",
-        questions: str = "all",
-        num_variables: int = len(NAMES),
+        hops: CountRange = 4,
+        distractors: Annotated[int, at_least(0)] = 3,
+        update: Update = "copy",
+        order: Order = "interleaved",
+        questions: Questions = "all",
+        num_variables: Annotated[
+            int, Allowed(f"an integer in [1, {len(NAMES)}]", lambda value: 1 <= value <= len(NAMES))
+        ] = len(NAMES),
         use_cache: bool = True,
-        pairs: int = 150,
-        tokenizer: str | None = None,
+        pairs: Annotated[int, at_least(1)] = 150,
+        tokenizer: str | Path | None = None,
     ):
         super().__init__(cache_dir)
         self.min_hops, self.max_hops = check_count_range("hops", hops)
-        distractors, pairs = check_integer("distractors", distractors, minimum=0), check_integer("pairs", pairs)
-        _choice("update", update, UPDATES)
-        _choice("order", order, ORDERS)
-        _choice("questions", questions, QUESTIONS)
-        if isinstance(num_variables, bool) or not isinstance(num_variables, int) or not 0 < num_variables <= len(NAMES):
-            raise ValueError(f"num_variables must be an integer in [1, {len(NAMES)}]; got {num_variables!r}")
+        distractors, pairs, num_variables = int(distractors), int(pairs), int(num_variables)
         chains = distractors + 1
         if chains * self.max_hops > num_variables:
             raise ValueError(
                 f"{chains} chains of up to {self.max_hops} hops need {chains * self.max_hops} distinct variables; "
                 f"num_variables is {num_variables} (raise it, up to {len(NAMES)}, or use fewer hops or distractors)"
             )
-        if not isinstance(use_cache, bool):
-            raise ValueError(f"use_cache must be true or false; got {use_cache!r}")
         self.distractors, self.update, self.order, self.questions = distractors, update, order, questions
         self.num_variables, self.use_cache, self.num_pairs = num_variables, use_cache, pairs
         self.tokenizer_path = None if tokenizer is None else str(tokenizer)

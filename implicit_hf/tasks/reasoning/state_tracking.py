@@ -51,21 +51,21 @@ import itertools
 import string
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import numpy as np
 import torch
 
-from ...checks import check_count_range
+from ...checks import Allowed, CountRange, check_count_range
 from ..base import Example, check_one_per_row, list_feature
 from ..generation import CausalLMTask, greedy_completions, pretrained_tokenizer, word_level_tokenizer
 from .lm_eval_tasks.documents import LM_EVAL_DIR as LM_EVAL_DIR  # where `implicit-hf lm-eval-data` points lm-eval
 from .lm_eval_tasks.documents import shipped_counts, write_documents
 
-GROUPS = ("symmetric", "cyclic")
+GroupKind = Literal["symmetric", "cyclic"]
 OBJECTS = (3, 5, 7)
 MAX_MODULUS = 10
-SUPERVISIONS = ("dense", "answer")
+Supervision = Literal["dense", "answer"]
 NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 LETTERS = tuple(string.ascii_uppercase[: max(OBJECTS)])
 
@@ -140,22 +140,17 @@ def state_tracking_tokenizer():
     return word_level_tokenizer(list(words), pre_tokenizer, decoder, normalizer=normalizers.Strip())
 
 
-def make_group(group: str, objects: int | None, cyclic: int | None) -> Group:
-    """The `Group` of the task's knobs, each checked: ``objects`` for ``symmetric``, ``cyclic`` (the modulus)
-    for ``cyclic``; a knob of the other group is refused."""
-    if group not in GROUPS:
-        raise ValueError(f"group must be one of {GROUPS}; got {group!r}")
+def make_group(group: GroupKind, objects: int | None, cyclic: int | None) -> Group:
+    """The `Group` of the task's knobs (``objects``, one of `OBJECTS`, checked by the task): ``objects`` for
+    ``symmetric``, ``cyclic`` (the modulus) for ``cyclic``; a knob of the other group is refused."""
     if group == "symmetric":
         if cyclic is not None:
             raise ValueError(f"cyclic (the modulus) applies to group 'cyclic'; got cyclic={cyclic!r} with 'symmetric'")
-        objects = 3 if objects is None else objects
-        if isinstance(objects, bool) or objects not in OBJECTS:
-            raise ValueError(f"objects must be one of {OBJECTS}; got {objects!r}")
-        return Group(group, int(objects))
+        return Group(group, 3 if objects is None else int(objects))
     if objects is not None:
         raise ValueError(f"objects applies to group 'symmetric'; got objects={objects!r} with group 'cyclic'")
     modulus = 10 if cyclic is None else cyclic
-    if isinstance(modulus, bool) or not isinstance(modulus, (int, np.integer)) or not 2 <= modulus <= MAX_MODULUS:
+    if not 2 <= modulus <= MAX_MODULUS:  # an integer or None: the task's annotation
         raise ValueError(f"cyclic (the modulus m) must be an integer in [2, {MAX_MODULUS}]; got {cyclic!r}")
     return Group(group, int(modulus))
 
@@ -171,18 +166,16 @@ class StateTrackingTask(CausalLMTask):
     def __init__(
         self,
         cache_dir: str | Path | None = None,
-        group: str = "symmetric",
-        objects: int | None = None,
+        group: GroupKind = "symmetric",
+        objects: Annotated[int, Allowed(f"one of {OBJECTS}", lambda value: value in OBJECTS)] | None = None,
         cyclic: int | None = None,
-        steps: int | list[int] = 8,
-        supervision: str = "dense",
-        tokenizer: str | None = None,
+        steps: CountRange = 8,
+        supervision: Supervision = "dense",
+        tokenizer: str | Path | None = None,
     ):
         super().__init__(cache_dir)
         self.group = make_group(group, objects, cyclic)
         self.min_steps, self.max_steps = check_count_range("steps", steps)
-        if supervision not in SUPERVISIONS:
-            raise ValueError(f"supervision must be one of {SUPERVISIONS}; got {supervision!r}")
         self.supervision = supervision
         self.tokenizer_path = None if tokenizer is None else str(tokenizer)
         if self.tokenizer_path is not None and not Path(self.tokenizer_path).is_dir():

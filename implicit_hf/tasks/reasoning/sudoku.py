@@ -53,12 +53,12 @@ from __future__ import annotations
 
 import functools
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
 import torch
 
-from ...checks import check_number
+from ...checks import Allowed, Positive
 from ..base import Example, TaskAdapter, check_one_per_row, list_feature
 
 CELLS = 81
@@ -271,20 +271,16 @@ class SudokuTask(TaskAdapter):
     def __init__(
         self,
         cache_dir: str | Path | None = None,
-        min_givens: int = 30,
+        min_givens: Annotated[int, Allowed(f"an integer in [17, {CELLS}]", lambda value: 17 <= value <= CELLS)] = 30,
         require_search: bool = False,
         relations: bool = True,
-        relation_scale: float = RELATION_SCALE,
+        relation_scale: Positive = RELATION_SCALE,
     ):
         super().__init__(cache_dir)
-        if isinstance(min_givens, bool) or not isinstance(min_givens, int) or not 17 <= min_givens <= CELLS:
-            raise ValueError(f"min_givens must be an integer in [17, 81]; got {min_givens!r}")
-        if not isinstance(relations, bool):
-            raise ValueError(f"relations must be true or false; got {relations!r}")
-        self.min_givens = min_givens
-        self.require_search = bool(require_search)
+        self.min_givens = int(min_givens)
+        self.require_search = require_search
         self.relations = relations
-        self.relation_scale = check_number("relation_scale", relation_scale, "> 0", lambda v: v > 0)
+        self.relation_scale = float(relation_scale)
 
     num_tokens = CELLS
 
