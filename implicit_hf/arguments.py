@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -64,12 +65,15 @@ def _integer_at_least(minimum: int) -> Callable[[str], int]:
 
 
 def _number(minimum: float, inclusive: bool = True) -> Callable[[str], float]:
+    """argparse type of a finite number ``>= minimum`` (``> minimum`` unless ``inclusive``): ``inf`` and ``nan``
+    parse as floats but are refused (a tolerance of ``inf`` would stop every loop at once)."""
+
     def convert(value: str) -> float:
         try:
             number = float(value)
         except ValueError:
             number = None
-        if number is None or not (number >= minimum if inclusive else number > minimum):
+        if number is None or not math.isfinite(number) or not (number >= minimum if inclusive else number > minimum):
             raise argparse.ArgumentTypeError(
                 f"must be a number {'>=' if inclusive else '>'} {minimum:g}; got {value!r}"
             )

@@ -12,7 +12,9 @@ checkpoints are pruned only after the marker is in place, their marker first.
 its size and loadable (safetensors headers against the file length, the pickled states as accelerate loads
 them), and the saved weights' names and shapes are those of the model this recipe builds. A damaged one is
 skipped with a warning naming the file and what is wrong, for the previous one, and so on; with none left the
-resume is refused (`RecipeError`), as is one written with another model, global batch or sharding.
+resume is refused (`RecipeError`), as is one past the recipe's ``max_steps`` or written with another model,
+global batch or sharding. A marker vouches only for a checkpoint that holds what the run's save always writes
+(`written_files`), whether it lists those files or not.
 """
 
 from __future__ import annotations
@@ -132,14 +134,16 @@ def resume_from_checkpoint(
     optimizer, schedule, scaler and RNG states (the ``sharded=(model, optimizer)`` shards for FSDP on CPU
     processes) and return its step; None without ``resume``. Damaged checkpoints are skipped with a warning
     (and removed once an older one is loaded: the resumed run writes those steps again); a `RecipeError` when
-    none is good, or when the good one was written with another model, global batch or sharding."""
+    none is good, or when the good one is past ``max_steps`` or was written with another model, global batch or
+    sharding."""
     if not config.resume:
         return None
     output_dir = Path(config.output_dir)
+    required = written_files(accelerator, plan)
     problems = []
     for step, path in reversed(find_checkpoints(output_dir)):
         try:
-            saved = read_checkpoint(path, step)
+            saved = read_checkpoint(path, step, required)
             break
         except DamagedCheckpoint as err:
             problems.append(f"{path.name}: {err}")
@@ -166,10 +170,38 @@ def resume_from_checkpoint(
     return step
 
 
-def read_checkpoint(path: Path, step: int) -> dict[str, Any]:
-    """The marker of the checkpoint of ``step`` at ``path``, once every file it lists is there at its size and
+def written_files(accelerator: Accelerator, plan: LaunchPlan) -> tuple[str, ...]:
+    """The files ``accelerator.save_state`` (and `save_sharded`) always write into a checkpoint of this run's
+    layout: the model weights and optimizer (or, for FSDP on CPU processes, the sharded states' index), the
+    schedule, the gradient scaler (fp16) and every process's RNG states. A marker that does not list one of them
+    does not vouch for the checkpoint (accelerate would load the RNG states of a missing file silently as none).
+    Under accelerate's FSDP or DeepSpeed the weights and optimizer are in their own layouts: not required here."""
+    from accelerate.utils import DistributedType
+    from accelerate.utils.constants import (
+        OPTIMIZER_NAME,
+        RNG_STATE_NAME,
+        SAFE_WEIGHTS_NAME,
+        SCALER_NAME,
+        SCHEDULER_NAME,
+    )
+
+    names = [f"{RNG_STATE_NAME}_{index}.pkl" for index in range(accelerator.num_processes)]
+    if plan.shard_on_cpu:
+        names.append(f"{SHARDED_DIR}/.metadata")
+    elif accelerator.distributed_type not in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        names += [SAFE_WEIGHTS_NAME, f"{OPTIMIZER_NAME}.bin"]
+    if accelerator.distributed_type != DistributedType.DEEPSPEED:  # DeepSpeed keeps its own schedule
+        names.append(f"{SCHEDULER_NAME}.bin")
+    if accelerator.scaler is not None:
+        names.append(SCALER_NAME)
+    return tuple(sorted(names))
+
+
+def read_checkpoint(path: Path, step: int, required: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The marker of the checkpoint of ``step`` at ``path``, once every file it lists and every ``required`` one
+    (`written_files`: what the run's save always writes, listed or not) is there, at its size where listed, and
     loads; raises `DamagedCheckpoint` naming the file. A marker written before the list of files was recorded
-    (no ``files``) vouches for the files present."""
+    (no ``files``) vouches for the files present, once the required ones are among them."""
     try:
         saved = json.loads((path / CHECKPOINT_MARKER).read_text())
     except (OSError, ValueError) as err:  # unreadable, not UTF-8, not JSON
@@ -184,6 +216,8 @@ def read_checkpoint(path: Path, step: int) -> dict[str, Any]:
         files.pop(CHECKPOINT_MARKER)
     elif not isinstance(files, dict) or not all(map(_is_int, files.values())):
         raise DamagedCheckpoint(f"{CHECKPOINT_MARKER}: 'files' is not a mapping of file names to sizes")
+    for name in required:
+        files.setdefault(name, None)  # not listed: its size unknown, its presence and contents checked
     for name, size in files.items():
         check_file(path / name, name, size)
     return saved
@@ -223,8 +257,17 @@ def check_file(file: Path, name: str, size: int | None) -> None:
 def check_resumable(
     path: Path, saved: dict[str, Any], config: TrainConfig, model: Any, plan: LaunchPlan, global_batch: int
 ) -> None:
-    """Raise `RecipeError` when the checked checkpoint at ``path`` (its marker ``saved``) was written with
-    another global batch, sharding or model than this run's."""
+    """Raise `RecipeError` when the checked checkpoint at ``path`` (its marker ``saved``) is past ``max_steps`` or
+    was written with another global batch, sharding or model than this run's.
+
+    A checkpoint past ``max_steps`` is refused: resuming it would end the run with a model of more steps than
+    ``max_steps`` says, and resuming an older one instead would delete the later checkpoints (a resume removes
+    those it does not continue from)."""
+    if saved["step"] > config.max_steps:
+        raise RecipeError(
+            f"cannot resume {str(path)!r}: it is at step {saved['step']}, past max_steps {config.max_steps}: raise "
+            f"max_steps to at least {saved['step']} to continue that run, or train afresh in another output_dir"
+        )
     if saved["global_batch"] != global_batch:
         raise RecipeError(
             f"cannot resume {str(path)!r}: it was trained with a global batch of {saved['global_batch']}, "

@@ -16,9 +16,11 @@ shows its traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
+import tempfile
 import time
 from importlib import resources
 from pathlib import Path
@@ -95,19 +97,40 @@ def check_model_path(value: str | Path, option: str, needs_config: bool = True) 
 
 
 def check_output_folder(value: str | Path, option: str) -> None:
-    """``value`` must not be a file: a command writes a folder there (checked before any work is done)."""
-    if Path(value).is_file():
+    """``value`` must be a folder this process can write, checked before any work is done (so that a run is not
+    lost when it writes its results): a file there, a path under a file or a place that cannot be written is a
+    `UsageError` naming ``option`` and the path. The folders it creates to find out are removed again."""
+    path = Path(value)
+    if path.exists() and not path.is_dir():
         raise UsageError(f"{option} {str(value)!r} is a file; expected a folder to write to")
+    created = [folder for folder in (path, *path.parents) if not folder.exists()]  # innermost first
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as err:
+        raise UsageError(f"{option} {str(value)!r} cannot be written: {err.strerror or err}") from None
+    finally:
+        for folder in created:
+            with contextlib.suppress(OSError):  # one the command made meanwhile, or never made
+                folder.rmdir()
 
 
-def _saved_config(model: str) -> dict[str, Any]:
-    """The ``config.json`` of a checkpoint folder (or hub id) as a dict."""
+def _saved_config(model: str, option: str) -> dict[str, Any]:
+    """The ``config.json`` of the checkpoint folder (or hub id) ``model`` given as ``option``, as a dict; a
+    `UsageError` naming the option and the file when it is not a JSON object."""
     path = Path(model) / "config.json"
     if path.is_file():
         try:
-            return json.loads(path.read_text())
-        except json.JSONDecodeError as err:
-            raise UsageError(f"{str(path)!r} is not valid JSON: {err}") from err
+            saved = json.loads(path.read_text())
+        except ValueError as err:  # not JSON, not UTF-8
+            raise UsageError(f"{option} {model!r}: {str(path)!r} is not valid JSON: {err}") from err
+        if not isinstance(saved, dict):
+            raise UsageError(
+                f"{option} {model!r}: {str(path)!r} is not a model config (a JSON object of config fields); got "
+                f"{json.dumps(saved)[:40]}"
+            )
+        return saved
     from transformers import PretrainedConfig
 
     return PretrainedConfig.get_config_dict(model)[0]
@@ -119,7 +142,7 @@ def check_task_fits(model: str, task: Any, option: str = "--model", explicit: bo
     whose vocabulary it covers: it is scored with one forward pass."""
     from .tasks.models import HEADS
 
-    saved = _saved_config(model)
+    saved = _saved_config(model, option)
     model_type = saved.get("model_type")
     architectures = saved.get("architectures") or []
     if model_type != "implicit" and explicit and task.head == "causal_lm":
@@ -278,14 +301,21 @@ def eval_command(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def lm_eval_command(args: argparse.Namespace) -> dict[str, Any]:
+    """``implicit-hf lm-eval``: the task list, model, include path, output folder and device are checked before
+    anything is loaded."""
     import importlib.util
 
+    if not any(task.strip() for task in args.tasks.split(",")):
+        raise UsageError(
+            f"--tasks {args.tasks!r} names no task: give comma-separated lm-evaluation-harness task names "
+            "(arc_easy,hellaswag)"
+        )
     model = check_model_path(args.model, "--model")
     if args.include_path is not None and not Path(args.include_path).is_dir():
         raise UsageError(f"--include-path {args.include_path!r} is not a folder")
     check_output_folder(args.out, "--out")
     check_device(args.device)
-    saved = _saved_config(model)
+    saved = _saved_config(model, "--model")
     if saved.get("model_type") != "implicit" or "ImplicitForCausalLM" not in (saved.get("architectures") or []):
         raise UsageError(
             f"--model {model!r} is not an implicit causal LM (model_type {saved.get('model_type')!r}, "
@@ -339,7 +369,7 @@ def convert(args: argparse.Namespace) -> None:
     from .modeling.convert import SUPPORTED_MODEL_TYPES, convert_checkpoint, parse_layers
 
     if args.gguf_file is None and (Path(source) / "config.json").is_file():
-        model_type = _saved_config(source).get("model_type")
+        model_type = _saved_config(source, "source").get("model_type")
         if model_type not in SUPPORTED_MODEL_TYPES:
             raise UsageError(
                 f"source {source!r} is a {model_type!r} model (config.json model_type); convert takes "

@@ -13,6 +13,9 @@ A recipe is checked in two stages, each check once:
   config (a fresh one, or ``init_from``'s with the recipe's loop settings), the teacher, ``lora`` and the
   learning-rate schedule. Only ``lora.modules_to_save`` needs the built model: `check_modules_to_save`.
 
+``output_dir`` is created and written to once the run is known to start (`check_output_dir`), so that a folder
+that cannot be written fails before training rather than at the first checkpoint.
+
 Nothing here imports torch or transformers at import time, so ``implicit-hf train --help`` stays fast.
 """
 
@@ -29,6 +32,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .loop_counts import check_loop_bound
+
 if typing.TYPE_CHECKING:
     from .loop_schedule import LoopSchedule
     from .modeling import ImplicitConfig
@@ -39,6 +44,7 @@ TRACKERS = ("tensorboard", "none")
 # transformers schedulers that need more than (optimizer, warmup, total steps) to step
 _UNSUPPORTED_SCHEDULERS = ("reduce_lr_on_plateau", "greedy")
 LORA_KEYS = ("r", "alpha", "dropout", "parts", "modules", "modules_to_save")
+SEED_MAX = 2**32 - 1
 
 
 def _help(text: str, **kwargs: Any) -> Any:
@@ -300,6 +306,8 @@ def _check_values(config: TrainConfig) -> None:
         at_least(key, 0)
     if config.eval_batch_size is not None:
         at_least("eval_batch_size", 1)
+    if not 0 <= config.seed <= SEED_MAX:  # the range of numpy's global seed, which accelerate's set_seed sets
+        raise RecipeError(f"recipe key 'seed' must be an integer in [0, 2**32 - 1]; got {config.seed!r}")
     if not config.learning_rate > 0:
         raise RecipeError(f"recipe key 'learning_rate' must be > 0; got {config.learning_rate!r}")
     for key in ("weight_decay", "max_grad_norm"):
@@ -340,6 +348,10 @@ def _check_values(config: TrainConfig) -> None:
         raise RecipeError(
             f"recipe key 'deep_supervision' must list distinct loop counts >= 1; got {config.deep_supervision!r}"
         )
+    try:
+        check_loop_bound("recipe key 'deep_supervision': loop counts", max(config.deep_supervision, default=1))
+    except ValueError as err:
+        raise RecipeError(str(err)) from None
     if config.distill and config.teacher is None:
         raise RecipeError("recipe key 'distill' needs a 'teacher' checkpoint to distill from")
     unknown = sorted(set(config.distill) - set(DISTILL_FIELDS))
@@ -498,6 +510,10 @@ def _check_init_from_files(path: Path, task: TaskAdapter) -> None:
         saved = json.loads((path / "config.json").read_text())
     except (OSError, ValueError) as err:
         raise RecipeError(f"{where}: config.json is not valid JSON: {err}") from err
+    if not isinstance(saved, dict):
+        raise RecipeError(
+            f"{where}: config.json is not a model config (a JSON object of config fields); got {json.dumps(saved)[:40]}"
+        )
     model_type, architectures = saved.get("model_type"), saved.get("architectures") or []
     if model_type != "implicit":
         raise RecipeError(
@@ -576,6 +592,24 @@ def _check_scheduler(config: TrainConfig) -> None:
         )
     except (ValueError, TypeError) as err:
         raise RecipeError(f"recipe keys 'lr_scheduler' / 'lr_scheduler_kwargs': {err}") from err
+
+
+def check_output_dir(config: TrainConfig) -> None:
+    """Create ``output_dir`` and write a file in it (removed at once): a file there, a path under a file or a
+    place that cannot be written is a `RecipeError` naming ``output_dir``, before any training. Every process may
+    run it at once (the folder is kept: the run writes there next)."""
+    import tempfile
+
+    path = Path(config.output_dir)
+    where = f"recipe key 'output_dir' ({str(path)!r})"
+    if path.exists() and not path.is_dir():
+        raise RecipeError(f"{where} is a file; it must be a folder to write the run to")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as err:
+        raise RecipeError(f"{where} cannot be written: {err.strerror or err}") from None
 
 
 def check_modules_to_save(model: Any, names: list[str]) -> None:

@@ -65,6 +65,7 @@ from .recipe import (
     RecipeError,
     TrainConfig,
     check_modules_to_save,
+    check_output_dir,
     check_recipe,
     config_from_dict,
     distill_settings,
@@ -137,6 +138,7 @@ def train(config: TrainConfig) -> TrainResult:
             f"--resume: nothing to resume in {str(output_dir / 'checkpoints')!r} (no checkpoint with its "
             f"completion marker {CHECKPOINT_MARKER}): run without --resume to start afresh"
         )
+    check_output_dir(config)
 
     # -- the accelerator: processes, devices, mixed precision, gradient accumulation, trackers ----------
     accelerator = make_accelerator(config)
@@ -207,8 +209,7 @@ def train(config: TrainConfig) -> TrainResult:
     batches = batch_stream(train_loader, accelerator, consumed // batches_per_epoch, consumed % batches_per_epoch)
 
     # -- run files: the recipe, the log (cut back to the resumed step), trackers ----------------------
-    if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
+    if accelerator.is_main_process:  # output_dir exists: check_output_dir made it
         (output_dir / "train_config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2))
     run_log = RunLog(output_dir / "train_log.jsonl", accelerator)
     last = run_log.restart(resumed_from)  # the last training record: the metrics of a run resumed at its end

@@ -9,7 +9,9 @@ silently dropped or changed (a checkpoint's ``generation_config.json``, typed ta
 blocks); tracebacks instead of one-line errors (recipes' task settings and ``init_from``, eval, lm-eval); work that
 cannot finish (the bound on loop counts, lazy ranges); half-written output (convert checks everything before it
 writes); a resume that trusts a damaged checkpoint (``--resume`` refusals; the fallbacks to a good checkpoint are
-in test_resume_damaged.py)."""
+in test_resume_damaged.py); and the defects a review of those fixes found (the recipe's seed, a resume past
+max_steps, deep_supervision, an empty lm-eval --tasks, a config.json that is not an object, the deblur kernel and the
+arith_lm pairs file, convert's --gguf-file and existing output folders, output folders that cannot be written)."""
 
 import importlib.util
 import json
@@ -26,16 +28,18 @@ import torch
 import yaml
 from test_convert import character_tokenizer, tiny_source
 from test_train import ROOT
-from transformers import AutoModelForCausalLM, GenerationConfig
+from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from implicit_hf import ImplicitConfig, ImplicitForCausalLM, loop_counts
 from implicit_hf.checks import TaskSettingError
 from implicit_hf.cli import main
-from implicit_hf.integrations.peft import relaxed_recursion
+from implicit_hf.integrations.peft import add_loop_adapters, load_loop_adapters, relaxed_recursion
 from implicit_hf.loop_counts import normalise_loops, parse_loops
 from implicit_hf.modeling import configuration_implicit
 from implicit_hf.modeling.convert import convert_checkpoint, convert_model
+from implicit_hf.recipe import RecipeError, config_from_dict, parse_args
 from implicit_hf.tasks.base import get_task
+from implicit_hf.tasks.reasoning import arith_lm
 
 VOCAB = 61
 TOKENS = len(character_tokenizer())
@@ -364,7 +368,8 @@ def test_bad_recipes_are_refused_by_the_train_command(tmp_path, capsys, local_ca
 
 
 # ==================================================================================================
-# Issue 26: a per-call setting not checked where it enters (forward, generate, a GenerationConfig, empty prompts)
+# Issue 26: a per-call setting not checked where it enters (forward, generate, a GenerationConfig, finite numbers,
+# the PEFT helpers, empty prompts and batches)
 # ==================================================================================================
 
 PER_CALL_FORWARD_CASES = [
@@ -376,6 +381,14 @@ PER_CALL_FORWARD_CASES = [
     ({"num_loops": 10**10}, ValueError, f"num_loops {OVER}"),
     ({"return_trajectory": [1, 10**6]}, ValueError, f"return_trajectory {OVER}"),
     ({"return_trajectory": 3}, ValueError, "return_trajectory must be True, False or a non-empty list"),
+    ({"tol": math.inf}, ValueError, r"tol must be None or a number >= 0 \(0: no halting in this call\); got inf"),
+    (
+        {"penalties": "jacobian"},
+        ValueError,
+        r"penalties must be a list or tuple of names from \('jacobian', 'fixed_point'\) \(e.g. \['jacobian'\]\); "
+        "got 'jacobian'",
+    ),
+    ({"penalties": 3}, ValueError, "penalties must be a list or tuple of names"),
 ]
 
 
@@ -385,6 +398,12 @@ PER_CALL_FORWARD_CASES = [
 def test_bad_per_call_settings_of_forward(model, kwargs, error, message):
     with pytest.raises(error, match=message):
         model(ids(), use_cache=False, **kwargs)
+
+
+@pytest.mark.parametrize("use_cache", ["yes", 1])
+def test_use_cache_must_be_a_bool(model, use_cache):
+    with pytest.raises(ValueError, match=rf"use_cache must be True, False or None \(the default\); got {use_cache!r}"):
+        model(ids(), use_cache=use_cache)
 
 
 PER_CALL_GENERATE_CASES = [
@@ -404,6 +423,12 @@ PER_CALL_GENERATE_CASES = [
         ValueError,
         "generation_config.num_loop is not a loop setting; did you mean 'num_loops'",
     ),
+    ({"tol": math.inf}, ValueError, r"tol must be None or a number >= 0 \(0: no halting in this call\); got inf"),
+    (
+        {"generation_config": GenerationConfig(tol=math.inf)},
+        ValueError,
+        r"generation_config.tol must be None or a number >= 0 \(0: no halting in this call\); got inf",
+    ),
 ]
 
 
@@ -420,7 +445,68 @@ def test_a_bad_generation_config_given_to_from_pretrained_is_refused(checkpoint)
         ImplicitForCausalLM.from_pretrained(checkpoint, generation_config=GenerationConfig(num_loops=0))
 
 
-# -------------------------------------------------------------------------------------------------- empty prompts
+# ------------------------------------------------------------------------------------- finite numbers (inf stops loops)
+
+FINITE_CASES = [
+    (lambda checkpoint: tiny_config(tol=math.inf), "tol must be None or a number > 0; got inf"),
+    (lambda checkpoint: tiny_config(ift_tol=math.inf), "ift_tol must be a number > 0; got inf"),
+    (lambda checkpoint: tiny_config(state_init_std=-math.inf), "state_init_std must be a number > 0; got -inf"),
+    (
+        lambda checkpoint: AutoModelForCausalLM.from_pretrained(checkpoint, tol=math.inf),
+        "tol must be None or a number > 0; got inf",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("build", "message"), FINITE_CASES, ids=["tol", "ift_tol", "state_init_std", "from_pretrained"]
+)
+def test_tolerances_and_scales_must_be_finite(checkpoint, build, message):
+    with pytest.raises(ValueError, match=message):
+        build(checkpoint)
+
+
+CLI_NUMBER_CASES = [
+    (["eval", "--tol", "inf"], "argument --tol: must be a number > 0; got 'inf'"),
+    (["eval", "--perturb-eps", "nan"], "argument --perturb-eps: must be a number >= 0; got 'nan'"),
+    (["lm-eval", "--tasks", "arc_easy", "--limit", "inf"], "argument --limit: must be a number > 0; got 'inf'"),
+]
+
+
+@pytest.mark.parametrize(("argv", "message"), CLI_NUMBER_CASES, ids=[" ".join(c[0]) for c in CLI_NUMBER_CASES])
+def test_number_options_must_be_finite(tmp_path, capsys, checkpoint, argv, message):
+    line = one_line_error([*argv, "--model", str(checkpoint), "--out", str(tmp_path / "out")], capsys)
+    assert message in line
+    assert not (tmp_path / "out").exists()
+
+
+# -------------------------------------------------------------------------------------------------- the PEFT helpers
+
+PEFT_CASES = [
+    (lambda m: load_loop_adapters(m, "/no/such/adapters", "3"), "num_loops must be an integer >= 1; got '3'"),
+    (lambda m: load_loop_adapters(m, "/no/such/adapters", 0), "num_loops must be an integer >= 1; got 0"),
+    (lambda m: load_loop_adapters(m, "/no/such/adapters", 2.0), "num_loops must be an integer >= 1; got 2.0"),
+    (lambda m: load_loop_adapters(m, "/no/such/adapters", 10**8), f"num_loops {OVER}"),
+    (lambda m: add_loop_adapters(m, 2, alpha=math.nan), "lora alpha must be None or a number > 0; got nan"),
+    (lambda m: add_loop_adapters(m, 2, dropout=2.0), r"lora dropout must be a number in \[0, 1\); got 2.0"),
+]
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    PEFT_CASES,
+    ids=["load-str", "load-0", "load-float", "load-huge", "alpha-nan", "dropout"],
+)
+def test_the_peft_helpers_check_their_settings_first(call, message):
+    tracemalloc.start()
+    with pytest.raises(ValueError, match=message):
+        call(ImplicitForCausalLM(tiny_config()))
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert peak < 50_000_000  # refused before 10**8 adapter names (or any adapter) are built
+
+
+# -------------------------------------------------------------------------------------------- empty prompts and batches
 
 EMPTY_CASES = [
     (
@@ -429,10 +515,20 @@ EMPTY_CASES = [
     ),
     ({"input_ids": torch.zeros(2, 0, dtype=torch.long)}, r"input_ids has no tokens \(shape \(2, 0\)"),
     ({"inputs_embeds": torch.zeros(2, 0, 32)}, r"inputs_embeds has no tokens \(shape \(2, 0, 32\)"),
+    (
+        {"input_ids": torch.zeros(0, 3, dtype=torch.long), "use_cache": False},
+        r"input_ids holds no sequences \(shape \(0, 3\), dtype torch.int64\): give a batch of at least one sequence",
+    ),
+    ({"input_ids": torch.zeros(0, 3, dtype=torch.long)}, r"input_ids holds no sequences \(shape \(0, 3\)"),
+    ({"inputs_embeds": torch.zeros(0, 3, 32)}, r"inputs_embeds holds no sequences \(shape \(0, 3, 32\)"),
 ]
 
 
-@pytest.mark.parametrize(("inputs", "message"), EMPTY_CASES, ids=["ids", "ids-cached", "embeds"])
+@pytest.mark.parametrize(
+    ("inputs", "message"),
+    EMPTY_CASES,
+    ids=["ids", "ids-cached", "embeds", "no-sequence", "no-sequence-cached", "embeds-no-sequence"],
+)
 def test_an_empty_prompt_is_refused_by_forward(model, inputs, message):
     with pytest.raises(ValueError, match=message):
         model(**inputs)
@@ -444,9 +540,27 @@ def test_an_empty_continuation_of_a_cache_is_refused(model):
         model(torch.zeros(1, 0, dtype=torch.long), cache=cache)
 
 
-def test_an_empty_prompt_is_refused_by_generate(model):
-    with pytest.raises(ValueError, match=r"input_ids has no tokens \(shape \(2, 0\)"):
-        model.generate(torch.zeros(2, 0, dtype=torch.long), max_new_tokens=2, pad_token_id=0)
+GENERATE_PROMPT_CASES = [
+    ({"inputs": torch.zeros(2, 0, dtype=torch.long)}, r"input_ids has no tokens \(shape \(2, 0\)"),
+    ({"inputs": torch.zeros(0, 3, dtype=torch.long)}, r"input_ids holds no sequences \(shape \(0, 3\)"),
+    (
+        {"inputs": torch.tensor([5, 6])},
+        r"input_ids must be integer token ids of shape \(batch, length\); got shape \(2,\), dtype torch.int64",
+    ),
+    ({"input_ids": torch.tensor([5, 6])}, r"input_ids must be integer token ids of shape \(batch, length\)"),
+    (
+        {"inputs_embeds": torch.zeros(3, 32)},
+        r"inputs_embeds must have shape \(batch, length, 32\); got shape \(3, 32\)",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("inputs", "message"), GENERATE_PROMPT_CASES, ids=["empty", "no-sequence", "1-D", "1-D-keyword", "2-D-embeds"]
+)
+def test_an_empty_or_flat_prompt_is_refused_by_generate(model, inputs, message):
+    with pytest.raises(ValueError, match=message):
+        model.generate(**inputs, max_new_tokens=2, pad_token_id=0)
 
 
 # ==================================================================================================
@@ -501,6 +615,88 @@ def test_loop_settings_of_a_saved_generation_config_are_honoured(model, tmp_path
     steps.clear()
     loaded.generate(ids(1, 3), max_new_tokens=3, do_sample=False, pad_token_id=0, num_loops=2, tol=0)
     assert steps and all(step == [2] for step in steps)  # an explicit argument still wins
+
+
+GENERATION_FILE_CASES = [
+    ('{"num_loops": 3', " is not valid JSON: Expecting ',' delimiter"),
+    ("", " is not valid JSON: Expecting value"),
+    ("[1, 2]", r" must hold a JSON object \(a generation config\); got \[1, 2\]"),
+    ("null", r" must hold a JSON object \(a generation config\); got None"),
+]
+
+
+@pytest.mark.parametrize(("text", "message"), GENERATION_FILE_CASES, ids=["truncated", "empty", "list", "null"])
+def test_an_unreadable_saved_generation_config_is_an_os_error_naming_the_file(checkpoint, tmp_path, text, message):
+    shutil.copytree(checkpoint, tmp_path / "ckpt")
+    (tmp_path / "ckpt" / "generation_config.json").write_text(text)
+    with pytest.raises(OSError, match=re.escape(repr(str(tmp_path / "ckpt" / "generation_config.json"))) + message):
+        AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt")
+
+
+@pytest.mark.parametrize("loader", [AutoModelForCausalLM, ImplicitForCausalLM], ids=["auto-class", "model-class"])
+def test_loop_settings_given_to_from_pretrained_win_over_the_saved_generation_config(model, tmp_path, loader):
+    """``from_pretrained(dir, num_loops=K)`` is what lm-eval's ``--model_args ...,num_loops=K`` does: K must hold for
+    generation too, not the checkpoint's saved count."""
+    default_save(model, tmp_path, num_loops=3, tol=1e9)
+    loaded = loader.from_pretrained(tmp_path, num_loops=2, tol=None)
+    assert (loaded.config.num_loops, loaded.config.tol) == (2, None)
+    assert not hasattr(loaded.config, configuration_implicit.LOOP_KEYWORDS)  # a loading aid, dropped once loaded
+    assert not {"num_loops", "tol"} & set(loaded.generation_config.to_dict())  # left to the config
+    steps = []
+    loaded.register_forward_hook(lambda module, args, output: steps.append(output.loop_stats.steps.tolist()))
+    loaded.generate(ids(1, 3), max_new_tokens=3, do_sample=False, pad_token_id=0)
+    assert steps and all(step == [2] for step in steps)  # the file's 3 loops (or its tol halting at 1) would differ
+    loaded.save_pretrained(tmp_path / "again")  # what the keywords set is saved in the config, nothing else
+    assert configuration_implicit.LOOP_KEYWORDS not in (tmp_path / "again" / "config.json").read_text()
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "again").config.num_loops == 2
+
+
+GENERATE_UNTIL_TASK = """\
+task: toy_echo
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: DATA
+test_split: test
+output_type: generate_until
+doc_to_text: "{{question}}"
+doc_to_target: "{{answer}}"
+generation_kwargs:
+  until: ["."]
+  max_gen_toks: 2
+  do_sample: false
+metric_list:
+  - metric: exact_match
+"""
+
+
+@pytest.mark.skipif(importlib.util.find_spec("lm_eval") is None, reason="lm_eval is not installed")
+@pytest.mark.parametrize("share_trajectory", [True, False], ids=["one-trajectory", "one-pass-per-count"])
+def test_an_lm_eval_sweep_generates_at_each_count_whatever_the_saved_generation_config_says(
+    tmp_path, monkeypatch, folders, share_trajectory
+):
+    from implicit_hf.eval import lm_eval_bridge
+
+    model_dir = tmp_path / "model"
+    shutil.copytree(folders / "lm", model_dir)
+    saved = json.loads((model_dir / "generation_config.json").read_text())
+    (model_dir / "generation_config.json").write_text(json.dumps({**saved, "num_loops": 3}))
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    (tasks / "toy_echo.jsonl").write_text("".join(json.dumps({"question": q, "answer": "x"}) + "\n" for q in "ab"))
+    (tasks / "toy_echo.yaml").write_text(GENERATE_UNTIL_TASK.replace("DATA", str(tasks / "toy_echo.jsonl")))
+    steps, load_model = [], lm_eval_bridge.load_model
+
+    def load_and_record(*args, **kwargs):
+        loaded = load_model(*args, **kwargs)
+        loaded.register_forward_hook(lambda module, inputs, output: steps.append(int(output.loop_stats.steps.max())))
+        return loaded
+
+    monkeypatch.setattr(lm_eval_bridge, "load_model", load_and_record)
+    lm_eval_bridge.lm_eval_sweep(
+        model_dir, ["toy_echo"], "1,2", tmp_path / "out", include_path=tasks, share_trajectory=share_trajectory
+    )
+    assert steps and set(steps) == {1, 2} and steps == sorted(steps)  # count 1, then 2; never the file's 3
 
 
 # -------------------------------------------------------------------------------------------------- typed task settings
@@ -677,6 +873,61 @@ def test_eval_refuses_an_output_that_is_a_file_before_it_runs(tmp_path, capsys, 
     (tmp_path / "results").write_text("")
     argv = ["eval", "--model", str(folders / "lm"), "--task", "text", "--out", str(tmp_path / "results")]
     assert f"--out '{tmp_path / 'results'}' is a file" in one_line_error(argv, capsys)
+
+
+def damaged_copy(folders: Path, tmp_path: Path, name: str, entries: dict | None = None, text: str = "") -> Path:
+    """A copy of the ``lm`` checkpoint whose file ``name`` holds its JSON with ``entries`` added, or ``text``."""
+    model = tmp_path / "model"
+    shutil.copytree(folders / "lm", model)
+    if entries is not None:
+        text = json.dumps({**json.loads((model / name).read_text()), **entries})
+    (model / name).write_text(text)
+    return model
+
+
+# a checkpoint that cannot be loaded: one line naming it ({m}: the checkpoint folder)
+UNLOADABLE_CASES = [
+    (
+        lambda f, t: damaged_copy(f, t, "config.json", {"num_loops": "2"}),
+        "cannot load the checkpoint '{m}': num_loops must be an integer >= 1; got '2'",
+    ),
+    (  # saved under a raised IMPLICIT_HF_MAX_LOOPS, loaded without it
+        lambda f, t: damaged_copy(f, t, "config.json", {"num_loops": BOUND + 1}),
+        f"cannot load the checkpoint '{{m}}': num_loops must be at most {BOUND}, the bound on loop counts",
+    ),
+    (
+        lambda f, t: damaged_copy(f, t, "generation_config.json", {"num_loops": "3"}),
+        "cannot load the checkpoint '{m}': {m}/generation_config.json: num_loops must be an integer >= 1; got '3'",
+    ),
+    (
+        lambda f, t: damaged_copy(f, t, "generation_config.json", text='{"num_loops": 3'),
+        "'{m}/generation_config.json' is not valid JSON",
+    ),
+    (
+        lambda f, t: damaged_copy(f, t, "generation_config.json", text="[]"),
+        "'{m}/generation_config.json' must hold a JSON object (a generation config); got []",
+    ),
+]
+
+
+@pytest.mark.usefixtures("local_cache")
+@pytest.mark.parametrize(
+    ("damage", "message"), UNLOADABLE_CASES, ids=["config", "bound", "generation-value", "truncated", "list"]
+)
+def test_eval_refuses_a_checkpoint_that_cannot_be_loaded_in_one_line(tmp_path, capsys, folders, damage, message):
+    model = damage(folders, tmp_path)
+    task = ["--task", "text", "--task-kwargs", json.dumps({"tokenizer": str(folders / "lm")}), "--n", "2"]
+    argv = ["eval", "--model", str(model), *task, "--loops", "1", "--out", str(tmp_path / "out")]
+    assert message.replace("{m}", str(model)) in one_line_error(argv, capsys)
+
+
+@pytest.mark.usefixtures("local_cache")
+@pytest.mark.skipif(importlib.util.find_spec("lm_eval") is None, reason="lm_eval is not installed")
+def test_lm_eval_refuses_a_checkpoint_that_cannot_be_loaded_in_one_line(tmp_path, capsys, folders):
+    model = damaged_copy(folders, tmp_path, "config.json", {"num_loops": "2"})
+    argv = ["lm-eval", "--model", str(model), "--tasks", "arc_easy", "--out", str(tmp_path / "out")]
+    message = f"cannot load the checkpoint '{model}': num_loops must be an integer >= 1; got '2'"
+    assert message in one_line_error(argv, capsys)
 
 
 @pytest.mark.usefixtures("local_cache")
@@ -895,6 +1146,23 @@ def test_a_failed_convert_leaves_an_existing_output_as_it_was(tmp_path, capsys):
     assert not [path for path in tmp_path.iterdir() if path.name.startswith(".")]
 
 
+SAVE_CASES = [
+    ({"num_loops": 10**9}, f"generation_config.num_loops {OVER}"),
+    ({"tol": math.inf}, r"generation_config.tol must be None or a number >= 0 \(0: no halting in this call\); got inf"),
+    ({"damping": 0.5}, "generation_config.damping cannot be set per call"),
+]
+
+
+@pytest.mark.parametrize(("settings", "message"), SAVE_CASES, ids=[next(iter(c[0])) for c in SAVE_CASES])
+def test_save_pretrained_refuses_a_generation_config_that_would_not_load(tmp_path, settings, message):
+    implicit = ImplicitForCausalLM(tiny_config())
+    for name, value in settings.items():
+        setattr(implicit.generation_config, name, value)
+    with pytest.raises(ValueError, match=message):
+        implicit.save_pretrained(tmp_path / "out")
+    assert not (tmp_path / "out").exists()  # refused before anything is written
+
+
 def test_convert_into_an_existing_folder_replaces_the_checkpoint_and_keeps_other_files(tmp_path):
     source = llama_source(tmp_path / "source")
     output = tmp_path / "out"
@@ -978,3 +1246,353 @@ def test_resume_after_the_model_shape_changed_is_refused(override, named, refere
     assert f"cannot resume {str(out / 'checkpoints' / 'step_6')!r}: its weights do not fit the model" in err
     assert all(text in err for text in named), err
     assert sorted(path.name for path in (out / "checkpoints").iterdir()) == ["step_2", "step_4", "step_6"]
+
+
+# ==================================================================================================
+# Issue 26, from the review of its first fixes: the recipe's seed range, a resume past max_steps, deep_supervision
+# past the loop bound, an empty lm-eval --tasks, a config.json that is not an object, task settings checked when the
+# task is built (the deblur kernel, the arith_lm pairs file), convert's --gguf-file and an existing output folder,
+# output folders that cannot be written
+# ==================================================================================================
+
+BOUND_WORDS = f"must be at most {BOUND}, the bound on loop counts (set the environment variable IMPLICIT_HF_MAX_LOOPS"
+
+
+def write_recipe(tmp_path: Path, recipe: dict) -> Path:
+    """``recipe`` in ``tmp_path/recipe.yaml``, its output_dir ``tmp_path/out`` unless it sets one."""
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump({"output_dir": str(tmp_path / "out"), **recipe}))
+    return path
+
+
+def train_recipe_error(tmp_path: Path, recipe: dict, capsys, *args: str) -> str:
+    """The one-line error of ``implicit-hf train`` on ``recipe`` (`write_recipe`) with ``args``."""
+    return one_line_error(["train", str(write_recipe(tmp_path, recipe)), *args], capsys)
+
+
+# ==================================================================================================
+# 3, 12: the recipe's seed in numpy's range, deep_supervision within the bound on loop counts
+# ==================================================================================================
+
+SEED = "recipe key 'seed' must be an integer in [0, 2**32 - 1]"
+RECIPE_RANGE_CASES = [
+    ({"seed": -1}, [], f"{SEED}; got -1"),
+    ({"seed": 2**32}, [], f"{SEED}; got 4294967296"),
+    ({"seed": 2**40}, [], f"{SEED}; got 1099511627776"),
+    ({}, ["--seed", "-5"], f"{SEED}; got -5"),
+    ({"deep_supervision": [10**9]}, [], f"recipe key 'deep_supervision': loop counts {BOUND_WORDS}"),
+    ({"deep_supervision": [2, BOUND + 1]}, [], f"got {BOUND + 1}"),
+]
+
+
+@pytest.mark.parametrize(
+    ("recipe", "args", "message"), RECIPE_RANGE_CASES, ids=[str(i) for i in range(len(RECIPE_RANGE_CASES))]
+)
+def test_the_seed_and_deep_supervision_are_refused_out_of_range(tmp_path, capsys, local_cache, recipe, args, message):
+    with pytest.raises(RecipeError, match=re.escape(message)):
+        parse_args([str(write_recipe(tmp_path, {"task": "lp", **recipe})), *args])
+    assert message in train_recipe_error(tmp_path, {"task": "lp", **recipe}, capsys, *args)
+    assert not (tmp_path / "out").exists()
+    assert not local_cache.exists()  # refused before any data is written
+
+
+def test_the_ends_of_the_ranges_are_accepted():
+    config = config_from_dict({"task": "lp", "seed": 2**32 - 1, "deep_supervision": [1, BOUND]})
+    assert config.seed == 2**32 - 1 and config.deep_supervision == [1, BOUND]
+
+
+# ==================================================================================================
+# 13: --resume when the newest good checkpoint is past max_steps
+# ==================================================================================================
+
+
+@pytest.mark.parametrize("max_steps", [4, 5])
+def test_a_resume_past_max_steps_is_refused_and_keeps_the_checkpoints(max_steps, reference, shared, tmp_path, capsys):
+    out = resume.copy_of(reference, tmp_path)
+    err = train_error(shared, resume.write_recipe(tmp_path, max_steps=max_steps), capsys, "--resume")
+    newest = out / "checkpoints" / "step_6"
+    assert f"cannot resume {str(newest)!r}: it is at step 6, past max_steps {max_steps}" in err
+    assert "raise max_steps to at least 6 to continue that run" in err
+    assert sorted(path.name for path in (out / "checkpoints").iterdir()) == ["step_2", "step_4", "step_6"]
+    assert (out / "metrics.json").read_text() == (reference / "metrics.json").read_text()  # nothing written
+
+
+# ==================================================================================================
+# 8: lm-eval --tasks naming no task, refused before anything is read
+# ==================================================================================================
+
+
+@pytest.mark.parametrize("tasks", [",", "  ", "", " , ,"])
+def test_lm_eval_refuses_a_task_list_naming_no_task_first(tmp_path, capsys, tasks):
+    argv = ["lm-eval", "--model", str(tmp_path / "no-such-model"), "--tasks", tasks, "--out", str(tmp_path / "o")]
+    err = one_line_error(argv, capsys)
+    assert f"--tasks {tasks!r} names no task: give comma-separated lm-evaluation-harness task names" in err
+    assert not (tmp_path / "o").exists()
+
+
+# ==================================================================================================
+# 9: a config.json that is valid JSON but not an object: one line naming the option and the file
+# ==================================================================================================
+
+
+def list_config(folder: Path) -> Path:
+    folder.mkdir()
+    (folder / "config.json").write_text("[]")
+    (folder / "implicit_task.json").write_text('{"task": "text"}')
+    return folder
+
+
+CONFIG_NOT_OBJECT_CASES = [
+    (lambda f, bad_dir, t: ["eval", "--model", bad_dir, "--task", "text", "--out", t], "--model"),
+    (lambda f, bad_dir, t: ["eval", "--model", bad_dir, "--out", t], "--model"),  # the task recorded with the model
+    (
+        lambda f, bad_dir, t: [
+            *(
+                "eval",
+                "--model",
+                str(f / "lm"),
+                "--task",
+                "text",
+                "--task-kwargs",
+                json.dumps({"tokenizer": str(f / "lm")}),
+            ),
+            *("--baseline", bad_dir, "--out", t),
+        ],
+        "--baseline",
+    ),
+    (lambda f, bad_dir, t: ["lm-eval", "--model", bad_dir, "--tasks", "arc_easy", "--out", t], "--model"),
+    (lambda f, bad_dir, t: ["convert", bad_dir, t, "--core", "1"], "source"),
+]
+
+
+@pytest.mark.usefixtures("local_cache")
+@pytest.mark.parametrize(
+    ("argv", "option"), CONFIG_NOT_OBJECT_CASES, ids=["eval", "eval-recorded", "baseline", "lm-eval", "convert"]
+)
+def test_a_config_that_is_not_a_json_object_is_refused_in_one_line(tmp_path, capsys, folders, argv, option):
+    model = str(list_config(tmp_path / "listed"))
+    err = one_line_error(argv(folders, model, str(tmp_path / "out")), capsys)
+    assert f"{option} {model!r}: '{model}/config.json' is not a model config (a JSON object of config fields)" in err
+    assert err.endswith("got []")
+    assert not (tmp_path / "out").exists()
+
+
+def test_init_from_with_a_config_that_is_not_a_json_object_is_refused(tmp_path, capsys, local_cache, folders):
+    model = str(list_config(tmp_path / "listed"))
+    recipe = {"task": "text", "task_kwargs": {"tokenizer": str(folders / "lm")}, "init_from": model, "max_steps": 1}
+    err = train_recipe_error(tmp_path, recipe, capsys)
+    assert f"recipe key 'init_from': {model!r}: config.json is not a model config" in err
+    assert not local_cache.exists()
+
+
+# ==================================================================================================
+# 14: task settings checked when the task is built (the deblur kernel against the image, the arith_lm pairs file)
+# ==================================================================================================
+
+
+def pairs_file(tmp_path: Path, text: str | None) -> str:
+    path = tmp_path / "pairs.jsonl"
+    if text is not None:
+        path.write_text(text)
+    return str(path)
+
+
+KERNEL_CASES = [
+    (
+        {"blur": "motion", "motion_length": 1000, "image_size": 8, "patch_size": 4},
+        "task 'deblur': motion_length (1000) gives a motion kernel of 1001 x 1001 pixels, larger than the images: "
+        "with image_size 8, motion_length must be at most 7; lower motion_length or raise image_size",
+    ),
+    (
+        {"blur": "motion", "motion_length": 8, "image_size": 8, "patch_size": 4},
+        "motion_length (8) gives a motion kernel of 9 x 9 pixels",
+    ),
+    (  # the review's example: the Gaussian blur (the default) is what does not fit; motion_length is not used
+        {"motion_length": 1000, "image_size": 8, "patch_size": 4},
+        "task 'deblur': blur_sigma (1.5) gives a gaussian kernel of 11 x 11 pixels, larger than the images: with "
+        "image_size 8, blur_sigma must be at most 1; lower blur_sigma or raise image_size",
+    ),
+    ({"blur_sigma": 1e300, "image_size": 8, "patch_size": 4}, "blur_sigma (1e+300) gives a gaussian kernel of 6e+300"),
+    ({"image_size": 2, "patch_size": 1}, "a gaussian kernel needs image_size >= 3"),
+]
+
+
+@pytest.mark.parametrize(("settings", "message"), KERNEL_CASES, ids=[str(i) for i in range(len(KERNEL_CASES))])
+def test_a_deblur_kernel_larger_than_the_image_is_refused_naming_the_settings(tmp_path, settings, message):
+    with pytest.raises(TaskSettingError, match=re.escape(message)):
+        get_task("deblur", cache_dir=tmp_path, **settings)
+
+
+def test_the_largest_deblur_kernels_that_fit_are_accepted(tmp_path):
+    assert get_task("deblur", cache_dir=tmp_path, blur="motion", motion_length=7, image_size=8).motion_length == 7
+    assert get_task("deblur", cache_dir=tmp_path, blur_sigma=1.0, image_size=8).blur_sigma == 1.0
+
+
+PAIRS_CASES = [
+    (None, "pairs_file '{path}' cannot be read: No such file or directory"),
+    ('{"prompt_a": "1 + 2 ="', "pairs_file '{path}': line 1 is not JSON"),
+    (
+        '{"prompt_a": "1 + 2 =", "prompt_b": "1 + 3 ="}\n\n[1]\n',
+        "pairs_file '{path}': line 3 must be a JSON object with the strings prompt_a and prompt_b",
+    ),
+    (
+        '{"prompt_a": "1 + 2 =", "prompt_b": 3}',
+        "pairs_file '{path}': line 1 must be a JSON object with the strings prompt_a and prompt_b",
+    ),
+    ("\n", "pairs_file '{path}' holds no pairs"),
+]
+
+
+@pytest.mark.parametrize(("text", "message"), PAIRS_CASES, ids=["missing", "not-json", "list", "not-str", "empty"])
+def test_the_arith_lm_pairs_file_is_checked_when_the_task_is_built(tmp_path, text, message):
+    path = pairs_file(tmp_path, text)
+    with pytest.raises(TaskSettingError, match=re.escape(f"task 'arith_lm': {message.format(path=path)}")):
+        get_task("arith_lm", cache_dir=tmp_path, pairs_file=path)
+
+
+def test_a_folder_as_the_arith_lm_pairs_file_is_refused_by_the_train_command(tmp_path, capsys, local_cache):
+    recipe = {"task": "arith_lm", "task_kwargs": {"pairs_file": str(tmp_path)}}
+    err = train_recipe_error(tmp_path, recipe, capsys)
+    assert f"recipe key 'task_kwargs': task 'arith_lm': pairs_file {str(tmp_path)!r} cannot be read" in err
+    assert not local_cache.exists()
+
+
+def test_a_given_arith_lm_pairs_file_is_the_one_probed(tmp_path):
+    path = pairs_file(tmp_path, '{"prompt_a": "1 + 2 =", "prompt_b": "1 + 3 ="}\n')
+    assert get_task("arith_lm", cache_dir=tmp_path, pairs_file=path).lipschitz_pairs() == [
+        {"prompt_a": "1 + 2 =", "prompt_b": "1 + 3 ="}
+    ]
+    assert get_task("arith_lm", cache_dir=tmp_path).lipschitz_pairs() == arith_lm.read_pairs(arith_lm.PAIRS_FILE)
+
+
+# ==================================================================================================
+# 15: convert: --gguf-file as an absolute path; converting into a folder holding an earlier checkpoint
+# ==================================================================================================
+
+
+def gguf_source(folder: Path) -> Path:
+    """A folder holding a GGUF file whose header has no architecture (transformers refuses it)."""
+    folder.mkdir()
+    (folder / "model.gguf").write_bytes(b"GGUF\x03\x00\x00\x00" + bytes(24))
+    return folder
+
+
+def test_an_absolute_gguf_file_outside_the_source_is_refused(tmp_path, capsys):
+    source, elsewhere = gguf_source(tmp_path / "source"), gguf_source(tmp_path / "elsewhere") / "model.gguf"
+    message = f"gguf_file {str(elsewhere)!r} is not inside source {str(source)!r}: give the name of a GGUF file"
+    with pytest.raises(ValueError, match=re.escape(message)):
+        convert_checkpoint(source, tmp_path / "out", [0], [1], None, gguf_file=str(elsewhere))
+    argv = ["convert", str(source), str(tmp_path / "out"), "--core", "1", "--gguf-file", str(elsewhere)]
+    assert message in one_line_error(argv, capsys)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["elsewhere", "source"]
+
+
+@pytest.mark.parametrize("given", ["model.gguf", "{source}/model.gguf"], ids=["name", "absolute"])
+def test_a_gguf_file_inside_the_source_is_named_once_in_errors(tmp_path, capsys, given):
+    pytest.importorskip("gguf")
+    source = gguf_source(tmp_path / "source")
+    gguf = given.format(source=source)
+    message = f"cannot read the config of source {str(source / 'model.gguf')!r}: "
+    with pytest.raises(OSError, match=re.escape(message)):
+        convert_checkpoint(source, tmp_path / "out", [0], [1], None, gguf_file=gguf)
+    line = one_line_error(["convert", str(source), str(tmp_path / "out"), "--core", "1", "--gguf-file", gguf], capsys)
+    assert message in line and f"{source}/{source}" not in line
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["source"]
+
+
+# files an earlier checkpoint in the output folder may hold that the converted one does not write
+STALE = {
+    "implicit_task.json": '{"task": "text"}',  # would make implicit-hf eval score the new model on the old task
+    "added_tokens.json": '{"<old>": 200}',  # read by the tokenizer with the new tokenizer files
+    "special_tokens_map.json": '{"pad_token": "<old>"}',
+    "vocab.json": "{}",
+    "merges.txt": "",
+    "adapter_config.json": "{}",  # from_pretrained would load the folder as a peft adapter
+    "adapter_model.safetensors": "",
+    "pytorch_model.bin": "",
+    "model.safetensors.index.json": "{}",
+}
+
+
+def test_convert_into_a_folder_holding_an_earlier_checkpoint_leaves_none_of_its_files(tmp_path):
+    output = tmp_path / "out"
+    convert_checkpoint(llama_source(tmp_path / "first"), output, [0], [1], None)
+    for name, text in STALE.items():
+        (output / name).write_text(text)
+    (output / "notes.txt").write_text("mine")
+    convert_checkpoint(llama_source(tmp_path / "second"), output, [0], [1, 2], [3])
+    assert not [name for name in STALE if (output / name).exists()]
+    assert (output / "notes.txt").read_text() == "mine"
+    assert AutoModelForCausalLM.from_pretrained(output).config.conversion["core_layers"] == [1, 2]
+    tokenizer = AutoTokenizer.from_pretrained(output)
+    assert "<old>" not in tokenizer.get_vocab() and tokenizer.get_vocab() == character_tokenizer().get_vocab()
+
+
+# ==================================================================================================
+# 16: output folders that cannot be written: refused before any work, naming the option and the path
+# ==================================================================================================
+
+
+def a_file(tmp_path: Path) -> Path:
+    (tmp_path / "afile").write_text("")
+    return tmp_path / "afile"
+
+
+def under_a_file(tmp_path: Path) -> Path:
+    return a_file(tmp_path) / "sub"
+
+
+OUTPUT_CASES = [
+    (lambda f, out: ["eval", "--model", str(f / "lm"), "--task", "text", "--out", out], "--out"),
+    (lambda f, out: ["lm-eval", "--model", str(f / "lm"), "--tasks", "arc_easy", "--out", out], "--out"),
+    (lambda f, out: ["lm-eval-data", "multihop", "--n", "2", "--out", out], "--out"),
+    (lambda f, out: ["demo", "--max-steps", "1", "--out", out], "--out"),
+    (lambda f, out: ["convert", str(f / "llama"), out, "--core", "1"], "output"),
+]
+OUTPUT_IDS = ["eval", "lm-eval", "lm-eval-data", "demo", "convert"]
+
+
+@pytest.mark.usefixtures("local_cache")
+@pytest.mark.parametrize(("argv", "option"), OUTPUT_CASES, ids=OUTPUT_IDS)
+def test_an_output_folder_under_a_file_is_refused_naming_the_option(tmp_path, capsys, folders, argv, option):
+    out = str(under_a_file(tmp_path))
+    err = one_line_error(argv(folders, out), capsys)
+    assert f"{option} {out!r} cannot be written: Not a directory" in err
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs /proc, where no folder can be made")
+@pytest.mark.usefixtures("local_cache")
+@pytest.mark.parametrize(("argv", "option"), OUTPUT_CASES, ids=OUTPUT_IDS)
+def test_an_output_folder_that_cannot_be_made_is_refused_naming_the_option(tmp_path, capsys, folders, argv, option):
+    err = one_line_error(argv(folders, "/proc/implicit-hf-out"), capsys)
+    assert f"{option} '/proc/implicit-hf-out' cannot be written: " in err
+
+
+@pytest.mark.usefixtures("local_cache")
+def test_the_folders_made_to_check_an_output_are_removed_when_the_command_is_refused(tmp_path, capsys, folders):
+    out = tmp_path / "new" / "deeper" / "out"
+    argv = ["eval", "--model", str(folders / "lm"), "--task", "text", "--task-kwargs", '{"seqlen": 8}']
+    assert "unexpected keyword argument 'seqlen'" in one_line_error([*argv, "--out", str(out)], capsys)
+    assert not (tmp_path / "new").exists()
+
+
+@pytest.mark.parametrize(
+    ("output_dir", "message"),
+    [
+        (a_file, "('{out}') is a file; it must be a folder"),
+        (under_a_file, "('{out}') cannot be written: Not a directory"),
+        pytest.param(
+            lambda t: Path("/proc/implicit-hf-out"),
+            "('{out}') cannot be written: ",
+            marks=pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs /proc"),
+        ),
+    ],
+    ids=["file", "under-a-file", "proc"],
+)
+def test_a_train_output_dir_that_cannot_be_written_is_refused_before_training(
+    tmp_path, capsys, local_cache, output_dir, message
+):
+    out = output_dir(tmp_path)
+    err = train_recipe_error(tmp_path, {"task": "lp", "output_dir": str(out), "max_steps": 1}, capsys)
+    assert f"recipe key 'output_dir' {message.format(out=out)}" in err
+    assert not local_cache.exists()  # refused before any data is written

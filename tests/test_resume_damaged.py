@@ -250,6 +250,36 @@ def test_a_marker_that_does_not_describe_its_checkpoint_falls_back(
     assert_as_uninterrupted(out, reference, resumed_from=4)
 
 
+# (the file removed from the newest checkpoint, what its marker lists: None for a marker without 'files')
+UNLISTED = [
+    *((name, []) for name in WRITTEN),  # "files": {}
+    ("optimizer.bin", ["model.safetensors"]),  # the weights only
+    ("random_states_0.pkl", None),  # accelerate would resume without the RNG states, silently
+]
+
+
+@pytest.mark.parametrize(("name", "listed"), UNLISTED, ids=[f"{n} {listed}" for n, listed in UNLISTED])
+def test_a_file_the_save_always_writes_is_required_even_when_the_marker_omits_it(
+    name, listed, reference, shared, tmp_path, caplog
+):
+    """A marker vouches for what it lists, and for what accelerate's save_state always writes for this run's
+    layout (weights, optimizer, schedule, every process's RNG states) whether it lists them or not."""
+    out = copy_of(reference, tmp_path)
+    newest = out / "checkpoints" / "step_6"
+    marker = json.loads((newest / CHECKPOINT_MARKER).read_text())
+    if listed is None:
+        del marker["files"]
+    else:
+        marker["files"] = {key: marker["files"][key] for key in listed}
+    (newest / CHECKPOINT_MARKER).write_text(json.dumps(marker))
+    (newest / name).unlink()
+    with caplog.at_level(logging.WARNING, logger=checkpoints.__name__):
+        run_in_process(shared, write_recipe(tmp_path), "--resume")
+    [warning] = [record.getMessage() for record in caplog.records if record.name == checkpoints.__name__]
+    assert f"skipping the damaged checkpoint {str(newest)!r}: {name}: missing" in warning
+    assert_as_uninterrupted(out, reference, resumed_from=4)
+
+
 @pytest.mark.parametrize(
     ("name", "problem"),
     [

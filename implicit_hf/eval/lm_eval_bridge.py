@@ -5,8 +5,9 @@
 
     lm_eval --model hf --model_args pretrained=DIR,num_loops=16,trust_remote_code=True --tasks ...
 
-runs the checkpoint at 16 loops (``trust_remote_code=True`` because the ``lm_eval`` process does not
-import ``implicit_hf``; the checkpoint carries its code). `lm_eval_sweep` runs a list of loop counts in
+runs the checkpoint at 16 loops, also for generation (a ``num_loops`` in the checkpoint's generation_config.json
+gives way to the keyword; ``trust_remote_code=True`` because the ``lm_eval`` process does not import
+``implicit_hf``; the checkpoint carries its code). `lm_eval_sweep` runs a list of loop counts in
 one process: the model is loaded once, and loglikelihood-type requests (multiple choice, perplexity)
 are scored at EVERY count from one trajectory per batch (`LoopSweepLM`: the model decodes the head
 after each requested iteration of one run at the largest count), so a sweep costs about one pass at
@@ -84,7 +85,7 @@ def _loop_sweep_lm_class():
         def loop_count(self, count: int) -> None:
             if count not in self.loops:
                 raise ValueError(f"loop_count must be one of the sweep's loop counts {self.loops}; got {count!r}")
-            self.model.config.num_loops = count  # what generate_until runs at
+            _set_loop_count(self.model, count)  # what generate_until runs at
 
         def _model_call(self, inps: torch.Tensor, attn_mask=None, labels=None) -> torch.Tensor:
             if self._scoring is None:
@@ -124,6 +125,14 @@ def _loop_sweep_lm_class():
             return [self._scores[key(request)][self.loop_count] for request in requests]
 
     return LoopSweepLM
+
+
+def _set_loop_count(model: Any, count: int) -> None:
+    """Run ``model`` at ``count`` loops in every later call that does not say: its forward passes
+    (``config.num_loops``) and its generation, which prefers a ``num_loops`` of ``model.generation_config`` (a
+    checkpoint's generation_config.json may set one) to the config's."""
+    model.config.num_loops = count
+    model.generation_config.num_loops = count
 
 
 def _request_key(request) -> tuple:
@@ -204,7 +213,7 @@ def lm_eval_sweep(
         if share_trajectory:
             lm.loop_count = count
         else:
-            model.config.num_loops = count  # the default every forward and generate call uses
+            _set_loop_count(model, count)
             lm = HFLM(**settings)
         output = lm_eval.simple_evaluate(
             model=lm,

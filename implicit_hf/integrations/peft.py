@@ -26,7 +26,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora import LoraLayer
 
 from ..modeling import ImplicitModel
-from ..modeling.configuration_implicit import check_integer, check_loop_count
+from ..modeling.configuration_implicit import check_integer, check_loop_count, real_number
 
 LINEAR_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 LAYER_GROUPS = ("prelude", "core", "coda")
@@ -67,6 +67,8 @@ def lora_config(
 ) -> LoraConfig:
     """A `LoraConfig` on the linear layers of the given layer groups (``alpha`` defaults to ``2 r``)."""
     r = check_integer("lora r", r)
+    alpha = real_number("> 0", lambda value: value > 0, allow_none=True)("lora alpha", alpha)
+    dropout = real_number("in [0, 1)", lambda value: 0 <= value < 1)("lora dropout", dropout)
     return LoraConfig(
         r=r,
         lora_alpha=alpha if alpha is not None else 2 * r,
@@ -130,7 +132,7 @@ def add_loop_adapters(
 def load_loop_adapters(model: torch.nn.Module, path: str | Path, num_loops: int) -> PeftModel:
     """Load adapters saved by ``PeftModel.save_pretrained`` of a model built by `add_loop_adapters`."""
     path = Path(path)
-    names = loop_adapter_names(num_loops)
+    names = loop_adapter_names(check_loop_count("num_loops", num_loops))
     # peft saves the first adapter at the top level only when it is called "default": the others live in subfolders
     folders = [path / name for name in names]
     absent = [str(folder) for folder in folders if not (folder / "adapter_config.json").is_file()]

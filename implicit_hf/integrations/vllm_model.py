@@ -12,6 +12,12 @@ its global slot, the same layout as the Hugging Face cache (``modeling/cache.py`
 Served: the fixed-count Picard loop (``solver="picard"``, exactly ``num_loops`` iterations). vLLM
 decodes every token of a batch through the same layers, so per-sequence halting (``tol``) is not
 applied: a checkpoint with a tolerance runs ``num_loops`` iterations and a warning says so.
+
+The loop count is the model config's ``num_loops`` (``hf_overrides={"num_loops": K}`` sets it). Unlike
+``ImplicitForCausalLM.generate``, vLLM does not apply loop settings saved in the checkpoint's
+generation_config.json (``num_loops`` / ``tol`` / ``solver``): it reads that file for sampling defaults only
+(through transformers, which drops custom entries of a default-saved file), and the loop count fixes the
+number of paged KV caches when the engine is built. Serve such a checkpoint with ``hf_overrides``.
 """
 
 from __future__ import annotations

@@ -51,6 +51,10 @@ RUNTIME_LOOP_FIELDS = (
 # Loop settings a single call can set: forward(num_loops=...), generate(...), a GenerationConfig's entries (and so a
 # checkpoint's generation_config.json); `check_per_call_loop_setting` checks them.
 PER_CALL_LOOP_FIELDS = ("num_loops", "tol", "solver")
+# Where a config loaded by ``from_pretrained(dir, num_loops=7)`` (what lm-eval's ``--model_args ...,num_loops=7``
+# does) records which of `PER_CALL_LOOP_FIELDS` were given as keyword arguments: they win over the checkpoint's
+# generation_config.json (`ImplicitForCausalLM.adjust_generation_fn`). Never saved; the model drops it once loaded.
+LOOP_KEYWORDS = "_loop_keywords"
 _LOOP_FIELDS = (
     "num_prelude_layers",
     "num_core_layers",
@@ -251,7 +255,15 @@ class ImplicitConfig(PretrainedConfig):
     def from_dict(cls, config_dict: dict[str, Any], **kwargs: Any) -> ImplicitConfig:
         # from_pretrained(dir, num_loop=3) arrives here: refuse a misspelt loop field as __init__ does
         _refuse_misspelt_loop_fields({key: value for key, value in kwargs.items() if key not in _LOOP_FIELDS})
-        return super().from_dict(config_dict, **kwargs)
+        loaded = super().from_dict(config_dict, **kwargs)
+        given = tuple(name for name in PER_CALL_LOOP_FIELDS if name in kwargs)
+        if given:  # from_pretrained(dir, num_loops=7): see LOOP_KEYWORDS
+            setattr(loaded[0] if isinstance(loaded, tuple) else loaded, LOOP_KEYWORDS, given)
+        return loaded
+
+    def _remove_keys_not_serialized(self, d: dict[str, Any]) -> None:
+        super()._remove_keys_not_serialized(d)
+        d.pop(LOOP_KEYWORDS, None)
 
     def __setattr__(self, key: str, value: Any) -> None:
         # Every checked field is checked where it is set: in __init__, by from_pretrained(dir, field=...)
@@ -326,12 +338,18 @@ def _integer(minimum: int, allow_none: bool = False):
 
 
 def real_number(bounds: str, within: Callable[[float], bool], allow_none: bool = False):
-    """A check for a real number with ``within(value)`` true (NaN never is); ``bounds`` says it in words."""
+    """A check for a finite real number with ``within(value)`` true (NaN and infinities never pass: a tolerance of
+    ``inf`` would halt every loop at once); ``bounds`` says it in words."""
 
     def check(name: str, value: Any) -> float | None:
         if value is None and allow_none:
             return None
-        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not within(value):
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, numbers.Real)
+            or not math.isfinite(value)
+            or not within(value)
+        ):
             allowed = f"None or a number {bounds}" if allow_none else f"a number {bounds}"
             raise ValueError(f"{name} must be {allowed}; got {value!r}")
         return value if isinstance(value, (int, float)) else float(value)

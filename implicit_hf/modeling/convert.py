@@ -346,20 +346,23 @@ def convert_checkpoint(
     keep_all_layers: bool = False,
     **loop_settings: Any,
 ):
-    """Load ``source`` (a directory or hub id; ``gguf_file`` inside it for GGUF), convert it as `convert_model` does,
-    and write the implicit checkpoint (safetensors, config recording the layer origins, tokenizer) to
-    ``output_dir``.
+    """Load ``source`` (a directory or hub id; ``gguf_file`` inside it for GGUF: its name there, or an absolute
+    path inside the folder, `gguf_name`), convert it as `convert_model` does, and write the implicit checkpoint
+    (safetensors, config recording the layer origins, tokenizer) to ``output_dir``.
 
     Everything is read and checked before anything is written: the config (`implicit_config_from`), the tokenizer
     (it must load and fit the vocabulary), the source's ``generation_config.json`` and its weights; an unreadable
     file is an ``OSError`` naming it. The checkpoint is then written into a temporary folder beside ``output_dir``
-    and moved into place (`_move_into_place`), so a failure leaves no ``output_dir`` behind.
+    and moved into place (`_move_into_place`), so a failure leaves no ``output_dir`` behind; into an existing
+    ``output_dir`` it replaces every file of an earlier checkpoint (`CHECKPOINT_FILES`) and keeps other files.
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    if gguf_file:
+        gguf_file = gguf_name(source, gguf_file)
     load_kwargs = {"gguf_file": gguf_file} if gguf_file else {}
     # the model type, the layer split and every loop setting are checked on the config, before any weight is read
-    name = f"{source}/{gguf_file}" if gguf_file else str(source)
+    name = str(Path(source) / gguf_file) if gguf_file else str(source)
     config = implicit_config_from(
         _read_source("config", name, AutoConfig.from_pretrained, str(source), **load_kwargs),
         prelude_layers,
@@ -414,17 +417,65 @@ def _read_source(what: str, name: str, read: Callable[..., Any], *args: Any, **k
         raise OSError(f"cannot read the {what} of source {name!r}: {err}") from err
 
 
+def gguf_name(source: str | Path, gguf_file: str) -> str:
+    """``gguf_file`` as the name of a file inside ``source``, which is what transformers' ``gguf_file`` is: a
+    relative name as given, an absolute path that lies inside the folder ``source`` relative to it. Any other
+    absolute path is a ``ValueError``: transformers would read the GGUF file from there but the source's other
+    files (``generation_config.json``) from ``source``."""
+    path = Path(gguf_file)
+    if not path.is_absolute():
+        return gguf_file
+    try:
+        return path.resolve().relative_to(Path(source).resolve()).as_posix()
+    except ValueError:
+        raise ValueError(
+            f"gguf_file {gguf_file!r} is not inside source {str(source)!r}: give the name of a GGUF file in source, "
+            "or that file's folder as source"
+        ) from None
+
+
+# The files of a checkpoint folder that transformers (model, tokenizer, generation settings, peft adapters) or
+# implicit-hf eval (implicit_task.json: the task a model was trained on) read: converting into a folder that holds
+# an earlier checkpoint removes those of them the new checkpoint does not write, so that none is loaded with it or
+# misdescribes it. Other files (notes, results) stay.
+CHECKPOINT_FILES = (
+    "config.json",
+    "generation_config.json",
+    "model*.safetensors*",
+    "pytorch_model*.bin*",
+    "tf_model*.h5*",
+    "flax_model*.msgpack*",
+    "adapter_config.json",
+    "adapter_model*",
+    "tokenizer*",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.*",
+    "merges.txt",
+    "spiece.model",
+    "sentencepiece*.model",
+    "chat_template.*",
+    "additional_chat_templates",
+    "implicit_task.json",
+)
+
+
 def _move_into_place(written: Path, output: Path) -> None:
     """Move the checkpoint folder ``written`` to ``output``: by one rename when ``output`` does not exist; into an
-    existing ``output`` file by file (each an atomic replace; other files stay, as they would with
-    ``save_pretrained``), after removing weight files of an earlier checkpoint that ``written`` does not have (so
-    that a stale ``model.safetensors`` or shard is never loaded instead of the new weights)."""
+    existing ``output`` file by file (each an atomic replace), after removing the files of an earlier checkpoint
+    (`CHECKPOINT_FILES`) that ``written`` does not have; other files stay."""
     if not output.exists():
         written.rename(output)
         return
     names = {path.name for path in written.iterdir()}
-    for stale in output.glob("model*.safetensors*"):
-        if stale.name not in names:
+    for stale in {path for pattern in CHECKPOINT_FILES for path in output.glob(pattern)}:
+        if stale.name in names:
+            continue
+        if stale.is_dir() and not stale.is_symlink():
+            shutil.rmtree(stale)
+        else:
             stale.unlink()
     for path in written.iterdir():
+        if path.is_dir() and (output / path.name).is_dir():  # a folder of the new checkpoint replaces the old one
+            shutil.rmtree(output / path.name)
         os.replace(path, output / path.name)

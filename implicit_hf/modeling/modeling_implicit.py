@@ -38,6 +38,7 @@ from transformers.utils.output_capturing import capture_outputs
 
 from .cache import LoopSlots
 from .configuration_implicit import (
+    LOOP_KEYWORDS,
     PER_CALL_LOOP_FIELDS,
     ImplicitConfig,
     check_integer,
@@ -179,7 +180,10 @@ class ImplicitPreTrainedModel(PreTrainedModel):
         from safetensors import SafetensorError, safe_open
 
         try:
-            return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+            loaded = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+            model = loaded[0] if isinstance(loaded, tuple) else loaded  # (model, loading info) on request
+            model.config.__dict__.pop(LOOP_KEYWORDS, None)  # used by adjust_generation_fn while loading
+            return loaded
         except SafetensorError as err:
             unreadable = []
             for path in sorted(Path(str(pretrained_model_name_or_path)).glob("*.safetensors")):
@@ -192,11 +196,14 @@ class ImplicitPreTrainedModel(PreTrainedModel):
             raise OSError(f"cannot read the weights in {where} (truncated or corrupted?): {err}") from err
 
     def save_pretrained(self, save_directory, *args, **kwargs) -> None:
-        """transformers' ``save_pretrained``; loop settings set on ``generation_config`` are saved with it
-        (transformers drops a custom entry of a generation config derived from the model config on load)."""
+        """transformers' ``save_pretrained``; loop settings set on ``generation_config`` are checked first (a
+        checkpoint that ``from_pretrained`` would refuse is not written) and saved with it (transformers drops a
+        custom entry of a generation config derived from the model config on load)."""
         generation_config = getattr(self, "generation_config", None)
-        if generation_config is not None and any(hasattr(generation_config, n) for n in PER_CALL_LOOP_FIELDS):
-            generation_config._from_model_config = False
+        if generation_config is not None:
+            per_call_loop_settings(generation_config.to_dict(), "generation_config.")  # before anything is written
+            if any(hasattr(generation_config, name) for name in PER_CALL_LOOP_FIELDS):
+                generation_config._from_model_config = False
         super().save_pretrained(save_directory, *args, **kwargs)
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -296,10 +303,23 @@ def _describe(x: torch.Tensor) -> str:
 
 
 def _refuse_no_tokens(name: str, inputs: torch.Tensor) -> None:
-    """A ``ValueError`` naming ``name`` when ``inputs`` ``(batch, length, ...)`` has length 0 (an empty prompt,
-    which would otherwise fail deep inside attention or generate)."""
+    """A ``ValueError`` naming ``name`` when ``inputs`` ``(batch, length, ...)`` has no sequence or length 0 (an empty
+    batch or prompt, which would otherwise fail deep inside attention or generate)."""
+    if inputs.ndim >= 2 and not inputs.shape[0]:
+        raise ValueError(f"{name} holds no sequences ({_describe(inputs)}): give a batch of at least one sequence")
     if inputs.ndim >= 2 and not inputs.shape[1]:
         raise ValueError(f"{name} has no tokens ({_describe(inputs)}): give at least one token per sequence")
+
+
+def _check_prompt(name: str, inputs: torch.Tensor, hidden_size: int) -> None:
+    """What ``generate`` needs of its prompt before transformers indexes it: ``input_ids`` ``(batch, length)`` or
+    ``inputs_embeds`` ``(batch, length, hidden_size)``, with at least one sequence and token (`check_input_shapes`
+    checks the rest at the first forward pass)."""
+    if name == "input_ids" and inputs.ndim != 2:
+        raise ValueError(f"input_ids must be integer token ids of shape (batch, length); got {_describe(inputs)}")
+    if name == "inputs_embeds" and inputs.ndim != 3:
+        raise ValueError(f"inputs_embeds must have shape (batch, length, {hidden_size}); got {_describe(inputs)}")
+    _refuse_no_tokens(name, inputs)
 
 
 def _loop_counts(requested: Sequence[int]) -> tuple[int, ...]:
@@ -561,6 +581,8 @@ class ImplicitModel(ImplicitPreTrainedModel):
 
     def _cache_for(self, use_cache: bool | None, cache: Cache | None, return_trajectory) -> Cache | None:
         """The KV cache of this call: by default one where it serves (causal inference without trajectories)."""
+        if use_cache is not None and not isinstance(use_cache, bool):
+            raise ValueError(f"use_cache must be True, False or None (the default); got {use_cache!r}")
         if use_cache is None:
             use_cache = cache is not None or (
                 self.config.use_cache and self.config.is_causal and not self.training and not return_trajectory
@@ -692,7 +714,13 @@ FORWARD_KEYWORDS = (
 
 class ImplicitForCausalLM(ImplicitPreTrainedModel, GenerationMixin):
     """Implicit causal language model; ``generate(..., num_loops=K)`` passes the loop count through, as do
-    ``num_loops`` / ``tol`` / ``solver`` entries of a `GenerationConfig`."""
+    ``num_loops`` / ``tol`` / ``solver`` entries of a `GenerationConfig`.
+
+    A generate call takes each of these loop settings from, in order: its own argument (``num_loops=K``), the
+    ``generation_config`` given to it, the model's ``generation_config`` (a checkpoint's generation_config.json),
+    the model's config. ``from_pretrained(dir, num_loops=K)`` (lm-eval's ``--model_args ...,num_loops=K``) sets
+    the config and leaves that setting out of the model's ``generation_config``, so it holds for generation too.
+    """
 
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
 
@@ -708,26 +736,45 @@ class ImplicitForCausalLM(ImplicitPreTrainedModel, GenerationMixin):
         """transformers' loading of the generation config at ``from_pretrained``, then its loop settings
         (`PER_CALL_LOOP_FIELDS`) checked and kept: those of ``from_pretrained(..., generation_config=...)``, else
         those of the checkpoint's generation_config.json, which transformers drops when the file says
-        ``_from_model_config`` (as ``save_pretrained`` of a model's default generation config writes)."""
-        super().adjust_generation_fn(
-            generation_config, from_auto_class, from_pipeline, pretrained_model_name_or_path, *args, **kwargs
-        )
+        ``_from_model_config`` (as ``save_pretrained`` of a model's default generation config writes). A setting
+        given to ``from_pretrained`` as a keyword argument (``num_loops=7``: the config has it) is not kept: the
+        keyword wins. A generation_config.json that is not valid JSON or not a JSON object is an ``OSError``
+        naming it."""
         if generation_config is not None:
             entries, where = generation_config.to_dict(), "generation_config."
         else:
-            found = pretrained_model_name_or_path and cached_file(
-                pretrained_model_name_or_path,
-                GENERATION_CONFIG_NAME,
-                _raise_exceptions_for_missing_entries=False,
-                _raise_exceptions_for_connection_errors=False,
-                **{key: kwargs[key] for key in _DOWNLOAD_KEYWORDS if key in kwargs},
-            )
-            if not found:
-                return
-            with open(found, encoding="utf-8") as file:
-                entries, where = json.load(file), f"{found}: "
+            entries, where = self._saved_generation_entries(pretrained_model_name_or_path, kwargs)
+        super().adjust_generation_fn(
+            generation_config, from_auto_class, from_pipeline, pretrained_model_name_or_path, *args, **kwargs
+        )
+        keywords = getattr(self.config, LOOP_KEYWORDS, ())
         for name, value in per_call_loop_settings(entries, where).items():
-            setattr(self.generation_config, name, value)
+            if name not in keywords:
+                setattr(self.generation_config, name, value)
+        for name in keywords:  # transformers may have copied the keyword into the generation config
+            if hasattr(self.generation_config, name):
+                delattr(self.generation_config, name)
+
+    @staticmethod
+    def _saved_generation_entries(pretrained_model_name_or_path, kwargs: dict) -> tuple[dict, str]:
+        """The entries of the checkpoint's generation_config.json (none without one) and the prefix naming it."""
+        found = pretrained_model_name_or_path and cached_file(
+            pretrained_model_name_or_path,
+            GENERATION_CONFIG_NAME,
+            _raise_exceptions_for_missing_entries=False,
+            _raise_exceptions_for_connection_errors=False,
+            **{key: kwargs[key] for key in _DOWNLOAD_KEYWORDS if key in kwargs},
+        )
+        if not found:
+            return {}, ""
+        try:
+            with open(found, encoding="utf-8") as file:
+                entries = json.load(file)
+        except ValueError as err:  # not JSON (a truncated file), or not UTF-8
+            raise OSError(f"{str(found)!r} is not valid JSON: {err}") from err
+        if not isinstance(entries, dict):
+            raise OSError(f"{str(found)!r} must hold a JSON object (a generation config); got {entries!r:.40}")
+        return entries, f"{found}: "
 
     def _prepare_generation_config(self, generation_config, **kwargs):
         # transformers would absorb loop settings into the generation config (they are custom entries of it)
@@ -745,9 +792,9 @@ class ImplicitForCausalLM(ImplicitPreTrainedModel, GenerationMixin):
         return generation_config, model_kwargs
 
     def _prepare_model_inputs(self, inputs, bos_token_id, model_kwargs):
-        # an empty prompt fails inside transformers' generate before any forward pass: refuse it here, once
+        # an empty or 1-D prompt fails inside transformers' generate before any forward pass: refuse it here, once
         inputs, input_name, model_kwargs = super()._prepare_model_inputs(inputs, bos_token_id, model_kwargs)
-        _refuse_no_tokens(input_name, inputs)
+        _check_prompt(input_name, inputs, self.config.hidden_size)
         return inputs, input_name, model_kwargs
 
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")

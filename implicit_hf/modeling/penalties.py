@@ -17,7 +17,7 @@ led to ``z``) and return the mean over the batch, differentiable in the paramete
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -28,7 +28,11 @@ PENALTIES = ("jacobian", "fixed_point")
 
 
 def check_penalties(names: Sequence[str]) -> tuple[str, ...]:
-    """``names`` as a tuple, or ``ValueError`` naming an unknown penalty."""
+    """``names`` as a tuple, or ``ValueError`` naming an unknown penalty (or a bare name, not a list of them)."""
+    if isinstance(names, str) or not isinstance(names, Iterable):
+        raise ValueError(
+            f"penalties must be a list or tuple of names from {PENALTIES} (e.g. ['jacobian']); got {names!r}"
+        )
     names = tuple(names)
     unknown = [name for name in names if name not in PENALTIES]
     if unknown:

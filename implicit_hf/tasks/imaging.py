@@ -102,16 +102,47 @@ class BlurOperator:
 
 def gaussian_kernel(sigma: float) -> np.ndarray:
     """Normalised isotropic Gaussian, truncated at ``ceil(3 sigma)`` pixels from the centre."""
-    radius = max(1, math.ceil(3 * sigma))
+    radius = gaussian_kernel_size(sigma) // 2
     t = np.arange(-radius, radius + 1)
     g = np.exp(-(t**2) / (2 * sigma**2))
     kernel = np.outer(g, g)
     return kernel / kernel.sum()
 
 
+def gaussian_kernel_size(sigma: float) -> int:
+    """The side of `gaussian_kernel`'s square: ``2 ceil(3 sigma) + 1`` pixels (at least 3)."""
+    return 2 * max(1, math.ceil(3 * sigma)) + 1
+
+
+def motion_kernel_size(length: int) -> int:
+    """The side of `motion_kernel`'s square: ``length`` rounded up to an odd number (the streak is centred)."""
+    return length if length % 2 else length + 1
+
+
+def _check_kernel_fits(blur: str, blur_sigma: float, motion_length: int, image_size: int) -> None:
+    """The blur kernel must fit in an ``image_size`` x ``image_size`` image (the convolution is circular); checked
+    before the kernel is built, so a huge setting is refused at once. The error names the setting and the largest
+    value that fits."""
+    if blur == "gaussian":
+        name, value, side = "blur_sigma", blur_sigma, gaussian_kernel_size(blur_sigma)
+        largest = (image_size - 1) // 2 / 3  # ceil(3 sigma), the kernel's radius, fits
+    else:
+        name, value, side = "motion_length", motion_length, motion_kernel_size(motion_length)
+        largest = image_size if image_size % 2 else image_size - 1
+    if side <= image_size:
+        return
+    problem = f"{name} ({value!r}) gives a {blur} kernel of {side:.6g} x {side:.6g} pixels, larger than the images"
+    if not largest:
+        raise ValueError(f"{problem} (image_size {image_size}): a {blur} kernel needs image_size >= 3")
+    raise ValueError(
+        f"{problem}: with image_size {image_size}, {name} must be at most {largest:.4g}; lower {name} or raise "
+        "image_size"
+    )
+
+
 def motion_kernel(length: int, angle: float) -> np.ndarray:
     """Normalised straight streak of ``length`` pixels through the centre at ``angle`` degrees."""
-    size = length if length % 2 else length + 1
+    size = motion_kernel_size(length)
     kernel = np.zeros((size, size))
     theta = math.radians(angle)
     for t in np.linspace(-(length - 1) / 2, (length - 1) / 2, 8 * length):
@@ -178,6 +209,7 @@ class DeblurTask(TaskAdapter):
         self.motion_angle = float(motion_angle)
         self.noise_std = float(noise_std)
         self.prior = prior
+        _check_kernel_fits(blur, blur_sigma, motion_length, image_size)
         kernel = gaussian_kernel(blur_sigma) if blur == "gaussian" else motion_kernel(motion_length, motion_angle)
         self.operator = BlurOperator(kernel, image_size)
 

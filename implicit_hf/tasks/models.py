@@ -45,14 +45,21 @@ def build_model(task: TaskAdapter, **config_overrides: Any):
 
 
 def load_model(model_dir: str | Path, head: str, device: str | torch.device = "cpu") -> torch.nn.Module:
-    """The checkpoint in ``model_dir`` through the Auto class of ``head`` (the task's head type), in eval mode."""
+    """The checkpoint in ``model_dir`` through the Auto class of ``head`` (the task's head type), in eval mode.
+
+    A checkpoint that cannot be loaded is an ``OSError`` naming it, as transformers reports an unreadable
+    config.json: also a setting its config.json or generation_config.json holds that the model's checks refuse
+    (e.g. a loop count past the bound it was saved under)."""
     import transformers
 
     from .. import modeling  # noqa: F401  (importing it registers the implicit model type with the Auto classes)
 
     if head not in HEADS:
         raise ValueError(f"unknown task head {head!r}; expected one of {sorted(HEADS)}")
-    model = getattr(transformers, HEADS[head].auto_class).from_pretrained(str(model_dir))
+    try:
+        model = getattr(transformers, HEADS[head].auto_class).from_pretrained(str(model_dir))
+    except ValueError as err:  # a refused setting of the checkpoint's files (JSONDecodeError is one too)
+        raise OSError(f"cannot load the checkpoint {str(model_dir)!r}: {err}") from err
     return model.to(device).eval()
 
 

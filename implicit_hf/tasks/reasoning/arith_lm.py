@@ -94,6 +94,9 @@ class ArithLMTask(CausalLMTask):
         self.min_terms, self.max_terms, self.max_operand = int(min_terms), int(max_terms), int(max_operand)
         self.use_cache = use_cache
         self.pairs_file = Path(pairs_file) if pairs_file is not None else PAIRS_FILE
+        # a given pairs file is read and checked when the task is built; the committed one when the probe runs
+        # (`write_pairs` builds the task to write it)
+        self.pairs = read_pairs(self.pairs_file) if pairs_file is not None else None
         self.tokenizer = arith_tokenizer()
 
     @property
@@ -234,13 +237,34 @@ class ArithLMTask(CausalLMTask):
         return perturbed, torch.tensor(norms, dtype=torch.float64)
 
     def lipschitz_pairs(self) -> list[dict[str, Any]]:
-        """The prompt pairs of the text Lipschitz probe (``pairs_file``; one JSON object per line with
-        ``prompt_a`` and ``prompt_b``)."""
-        pairs = [json.loads(line) for line in self.pairs_file.read_text().splitlines() if line.strip()]
-        for k, pair in enumerate(pairs):
-            if not isinstance(pair.get("prompt_a"), str) or not isinstance(pair.get("prompt_b"), str):
-                raise ValueError(f"{self.pairs_file}: line {k + 1} needs the strings prompt_a and prompt_b")
-        return pairs
+        """The prompt pairs of the text Lipschitz probe (``pairs_file``; `read_pairs`)."""
+        return [dict(pair) for pair in self.pairs or read_pairs(self.pairs_file)]
+
+
+def read_pairs(path: Path) -> list[dict[str, Any]]:
+    """The prompt pairs in ``path``: one JSON object per line with the strings ``prompt_a`` and ``prompt_b``, at
+    least one pair; a ``ValueError`` or ``OSError`` naming ``pairs_file``, the path and the line otherwise."""
+    where = f"pairs_file {str(path)!r}"
+    try:
+        lines = path.read_text().splitlines()
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{where} is not a UTF-8 text file of JSON lines: {err}") from None
+    except OSError as err:
+        raise OSError(f"{where} cannot be read: {err.strerror or err}") from None
+    pairs = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            pair = json.loads(line)
+        except ValueError as err:
+            raise ValueError(f"{where}: line {number} is not JSON: {err}") from None
+        if not isinstance(pair, dict) or not all(isinstance(pair.get(key), str) for key in ("prompt_a", "prompt_b")):
+            raise ValueError(f"{where}: line {number} must be a JSON object with the strings prompt_a and prompt_b")
+        pairs.append(pair)
+    if not pairs:
+        raise ValueError(f"{where} holds no pairs (one JSON object per line with prompt_a and prompt_b)")
+    return pairs
 
 
 # ---------------------------------------------------------------------- problems and text
