@@ -10,7 +10,8 @@
 #      16 and 32 swaps, multihop at 1, 2, 4, 8 and 16 hops; the looped model at loops 1, 2, 3, 4, 6, 8, 12, 16
 #      from one trajectory (every count's coda and head run on it: a sweep of 16 counts costs about 1.5x this
 #      one), the original at its one pass;
-#   3. summarise.py: summary.json, summary.md and accuracy_vs_loops.png.
+#   3. the loop's token shift on state tracking with 3 objects (below);
+#   4. summarise.py: summary.json, summary.md and accuracy_vs_loops.png.
 set -euo pipefail
 export OMP_WAIT_POLICY=PASSIVE
 out=results/smollm2/reasoning
@@ -44,6 +45,19 @@ for objects in $OBJECTS; do
   lm_eval "outputs/smollm2-$task-looped/model" "$out/$task/looped" $LOOPS $tasks $data
   lm_eval "outputs/smollm2-$task-original/model" "$out/$task/original" 1 $tasks $data
 done
+
+# The loop's token shift (--loop-shift 1: a causal convolution over the previous positions' state added to the
+# core's input, its projection at zero so one loop is still the source): the core-table model
+# (../looped/cores/run.sh c12_19_shift1: converted with the shift, healed alike), fine-tuned on state tracking
+# with 3 objects as the looped model, the shift trained in full beside the LoRA.
+shift=outputs/looped_probe_c12_19_shift1/model
+OMP_NUM_THREADS=2 implicit-hf train configs/recipes/smollm2_state_tracking_looped.yaml --overwrite_output_dir true \
+    --init_from $shift --output_dir outputs/smollm2-state_tracking_3-looped_shift \
+    --task_kwargs "{objects: 3, steps: [1, 8], supervision: dense, tokenizer: $shift}" \
+    --lora "{r: 16, parts: [prelude, core, coda], modules_to_save: [loop_shift]}"
+keep outputs/smollm2-state_tracking_3-looped_shift "$out/state_tracking_3/looped_shift"
+lm_eval outputs/smollm2-state_tracking_3-looped_shift/model "$out/state_tracking_3/looped_shift" $LOOPS \
+    state_tracking_steps4,state_tracking_steps8,state_tracking_steps16,state_tracking_steps32 outputs/st3-lm-eval-data
 
 data=outputs/multihop-lm-eval-data
 tasks=multihop_hops1,multihop_hops2,multihop_hops4,multihop_hops8,multihop_hops16

@@ -21,11 +21,14 @@ from transformers import AutoTokenizer  # noqa: E402
 from implicit_hf import ImplicitConfig  # noqa: E402
 from implicit_hf.eval import estimate_flops  # noqa: E402
 
-# task folder -> (lm-eval task prefix, longest training length, the length "beyond training" the targets read)
+# summary entry -> (task folder, the looped model's subfolder, lm-eval task prefix, longest training length, the
+# length "beyond training" the targets read); the original is `original/` of the task folder
 TASKS = {
-    "state_tracking_3": ("state_tracking_steps", 8, 16),
-    "state_tracking_5": ("state_tracking_steps", 8, 16),
-    "multihop": ("multihop_hops", 4, 8),
+    "state_tracking_3": ("state_tracking_3", "looped", "state_tracking_steps", 8, 16),
+    "state_tracking_5": ("state_tracking_5", "looped", "state_tracking_steps", 8, 16),
+    "multihop": ("multihop", "looped", "multihop_hops", 4, 8),
+    # the looped model converted with the loop's token shift (--loop-shift 1), healed and fine-tuned alike
+    "state_tracking_3_loop_shift": ("state_tracking_3", "looped_shift", "state_tracking_steps", 8, 16),
 }
 UNITS = {"state_tracking_steps": "swaps", "multihop_hops": "hops"}
 
@@ -58,13 +61,13 @@ def flops_per_token(config: ImplicitConfig, tokens: int, loops: int) -> float:
     return estimate_flops(config, tokens, loops, head_outputs=config.vocab_size) / tokens
 
 
-def summarise_task(folder: Path, prefix: str, train_max: int) -> dict:
-    looped_report = json.loads((folder / "looped/results.json").read_text())
-    original_report = json.loads((folder / "original/results.json").read_text())
+def summarise_task(looped_folder: Path, original_folder: Path, prefix: str, train_max: int) -> dict:
+    looped_report = json.loads((looped_folder / "results.json").read_text())
+    original_report = json.loads((original_folder / "results.json").read_text())
     looped, original = accuracies(looped_report, prefix), accuracies(original_report, prefix)
-    looped_config, original_config = base_config(folder / "looped"), base_config(folder / "original")
+    looped_config, original_config = base_config(looped_folder), base_config(original_folder)
     tokenizer = AutoTokenizer.from_pretrained(
-        json.loads((folder / "looped/train_config.json").read_text())["init_from"]
+        json.loads((looped_folder / "train_config.json").read_text())["init_from"]
     )
     lengths = {}
     for length in sorted(looped):
@@ -165,17 +168,17 @@ def plot(summary: dict, out: Path) -> None:
 
 def main(out: Path) -> None:
     summary = {
-        name: summarise_task(out / name, prefix, train_max)
-        for name, (prefix, train_max, _) in TASKS.items()
-        if (out / name / "looped/results.json").is_file() and (out / name / "original/results.json").is_file()
+        name: summarise_task(out / folder / looped, out / folder / "original", prefix, train_max)
+        for name, (folder, looped, prefix, train_max, _) in TASKS.items()
+        if (out / folder / looped / "results.json").is_file() and (out / folder / "original/results.json").is_file()
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     lines = ["# Accuracy (lm-eval acc, held-out) against loops; columns are loop counts", ""]
     for name, entry in summary.items():
-        lines += table(name, TASKS[name][0], entry)
+        lines += table(name, TASKS[name][2], entry)
     lines += ["## Targets", ""]
     for name, entry in summary.items():
-        lines += verdicts(name, entry, TASKS[name][2])
+        lines += verdicts(name, entry, TASKS[name][4])
     (out / "summary.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     plot(summary, out / "accuracy_vs_loops.png")
