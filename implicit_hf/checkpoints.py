@@ -139,11 +139,10 @@ def resume_from_checkpoint(
     if not config.resume:
         return None
     output_dir = Path(config.output_dir)
-    required = written_files(accelerator, plan)
     problems = []
     for step, path in reversed(find_checkpoints(output_dir)):
-        try:
-            saved = read_checkpoint(path, step, required)
+        try:  # the files of the checkpoint's own layout: one of another sharding is refused by check_resumable
+            saved = read_checkpoint(path, step, written_files(accelerator, (path / SHARDED_DIR).is_dir()))
             break
         except DamagedCheckpoint as err:
             problems.append(f"{path.name}: {err}")
@@ -170,12 +169,13 @@ def resume_from_checkpoint(
     return step
 
 
-def written_files(accelerator: Accelerator, plan: LaunchPlan) -> tuple[str, ...]:
+def written_files(accelerator: Accelerator, sharded: bool) -> tuple[str, ...]:
     """The files ``accelerator.save_state`` (and `save_sharded`) always write into a checkpoint of this run's
-    layout: the model weights and optimizer (or, for FSDP on CPU processes, the sharded states' index), the
-    schedule, the gradient scaler (fp16) and every process's RNG states. A marker that does not list one of them
-    does not vouch for the checkpoint (accelerate would load the RNG states of a missing file silently as none).
-    Under accelerate's FSDP or DeepSpeed the weights and optimizer are in their own layouts: not required here."""
+    accelerator: the model weights and optimizer (or, ``sharded`` for FSDP on CPU processes, the sharded states'
+    index), the schedule, the gradient scaler (fp16) and every process's RNG states. A marker that does not list
+    one of them does not vouch for the checkpoint (accelerate would load the RNG states of a missing file silently
+    as none). Under accelerate's FSDP or DeepSpeed the weights and optimizer are in their own layouts: not
+    required here."""
     from accelerate.utils import DistributedType
     from accelerate.utils.constants import (
         OPTIMIZER_NAME,
@@ -186,7 +186,7 @@ def written_files(accelerator: Accelerator, plan: LaunchPlan) -> tuple[str, ...]
     )
 
     names = [f"{RNG_STATE_NAME}_{index}.pkl" for index in range(accelerator.num_processes)]
-    if plan.shard_on_cpu:
+    if sharded:
         names.append(f"{SHARDED_DIR}/.metadata")
     elif accelerator.distributed_type not in (DistributedType.FSDP, DistributedType.DEEPSPEED):
         names += [SAFE_WEIGHTS_NAME, f"{OPTIMIZER_NAME}.bin"]
