@@ -58,6 +58,9 @@ OMP_NUM_THREADS=2 implicit-hf train configs/recipes/smollm2_state_tracking_loope
 keep outputs/smollm2-state_tracking_3-looped_shift "$out/state_tracking_3/looped_shift"
 lm_eval outputs/smollm2-state_tracking_3-looped_shift/model "$out/state_tracking_3/looped_shift" $LOOPS \
     state_tracking_steps4,state_tracking_steps8,state_tracking_steps16,state_tracking_steps32 outputs/st3-lm-eval-data
+# still rising at 16 loops on 32 swaps: more loops there
+lm_eval outputs/smollm2-state_tracking_3-looped_shift/model "$out/state_tracking_3/looped_shift_more_loops" 16,24,32 \
+    state_tracking_steps32 outputs/st3-lm-eval-data
 
 data=outputs/multihop-lm-eval-data
 tasks=multihop_hops1,multihop_hops2,multihop_hops4,multihop_hops8,multihop_hops16
