@@ -12,15 +12,17 @@ the ones it imports relatively are copied next to saved checkpoints, so it impor
 
 from __future__ import annotations
 
+import functools
 import inspect
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
-from transformers import GenerationMixin, PreTrainedModel
+from transformers import GenerationConfig, GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.masking_utils import create_bidirectional_mask, create_causal_mask
@@ -201,7 +203,8 @@ class ImplicitPreTrainedModel(PreTrainedModel):
         custom entry of a generation config derived from the model config on load)."""
         generation_config = getattr(self, "generation_config", None)
         if generation_config is not None:
-            per_call_loop_settings(generation_config.to_dict(), "generation_config.")  # before anything is written
+            # checked before anything is written
+            per_call_loop_settings(_custom_entries(generation_config), "generation_config.")
             if any(hasattr(generation_config, name) for name in PER_CALL_LOOP_FIELDS):
                 generation_config._from_model_config = False
         super().save_pretrained(save_directory, *args, **kwargs)
@@ -300,6 +303,19 @@ def check_input_shapes(
 
 def _describe(x: torch.Tensor) -> str:
     return f"shape {tuple(x.shape)}, dtype {x.dtype}"
+
+
+@functools.cache
+def _standard_generation_fields() -> frozenset[str]:
+    """The attributes every transformers `GenerationConfig` has: what is not among them is a custom entry."""
+    return frozenset(vars(GenerationConfig()))
+
+
+def _custom_entries(generation_config: GenerationConfig) -> dict[str, Any]:
+    """A generation config's entries beyond transformers' own (where loop settings live): checked once per
+    ``generate`` call, so read without ``to_dict``'s deep copy or a look at every standard field."""
+    standard = _standard_generation_fields()
+    return {key: value for key, value in vars(generation_config).items() if key not in standard}
 
 
 def _refuse_no_tokens(name: str, inputs: torch.Tensor) -> None:
@@ -741,7 +757,7 @@ class ImplicitForCausalLM(ImplicitPreTrainedModel, GenerationMixin):
         keyword wins. A generation_config.json that is not valid JSON or not a JSON object is an ``OSError``
         naming it."""
         if generation_config is not None:
-            entries, where = generation_config.to_dict(), "generation_config."
+            entries, where = _custom_entries(generation_config), "generation_config."
         else:
             entries, where = self._saved_generation_entries(pretrained_model_name_or_path, kwargs)
         super().adjust_generation_fn(
@@ -784,7 +800,7 @@ class ImplicitForCausalLM(ImplicitPreTrainedModel, GenerationMixin):
             name: check_per_call_loop_setting(name, kwargs.pop(name)) for name in PER_CALL_LOOP_FIELDS if name in kwargs
         }
         generation_config, model_kwargs = super()._prepare_generation_config(generation_config, **kwargs)
-        configured = per_call_loop_settings(generation_config.to_dict(), "generation_config.")
+        configured = per_call_loop_settings(_custom_entries(generation_config), "generation_config.")
         for name in PER_CALL_LOOP_FIELDS:
             value = explicit[name] if name in explicit else configured.get(name)
             if value is not None:
