@@ -16,11 +16,9 @@ shows its traceback.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import sys
-import tempfile
 import time
 from importlib import resources
 from pathlib import Path
@@ -36,7 +34,7 @@ from .arguments import (
     add_lm_eval_data_arguments,
 )
 from .checks import TaskSettingError
-from .local_paths import looks_local
+from .local_paths import check_writable_folder, looks_local
 
 DEMO_LOOPS = "1,2,4,8,16,32"
 TRACEBACK_ENV = "IMPLICIT_HF_TRACEBACK"
@@ -103,17 +101,10 @@ def check_output_folder(value: str | Path, option: str) -> None:
     path = Path(value)
     if path.exists() and not path.is_dir():
         raise UsageError(f"{option} {str(value)!r} is a file; expected a folder to write to")
-    created = [folder for folder in (path, *path.parents) if not folder.exists()]  # innermost first
     try:
-        path.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=path):
-            pass
+        check_writable_folder(path, keep=False)
     except OSError as err:
         raise UsageError(f"{option} {str(value)!r} cannot be written: {err.strerror or err}") from None
-    finally:
-        for folder in created:
-            with contextlib.suppress(OSError):  # one the command made meanwhile, or never made
-                folder.rmdir()
 
 
 def _saved_config(model: str, option: str) -> dict[str, Any]:
@@ -140,7 +131,7 @@ def check_task_fits(model: str, task: Any, option: str = "--model", explicit: bo
     """The checkpoint ``model`` must be an implicit model with the head and input sizes ``task`` needs; with
     ``explicit`` (a baseline) a plain transformers causal LM (``...ForCausalLM``) also fits a causal-LM task
     whose vocabulary it covers: it is scored with one forward pass."""
-    from .tasks.models import HEADS
+    from .tasks.models import missing_head
 
     saved = _saved_config(model, option)
     model_type = saved.get("model_type")
@@ -162,8 +153,8 @@ def check_task_fits(model: str, task: Any, option: str = "--model", explicit: bo
             f"{option} {model!r} is not an implicit checkpoint (config.json model_type {model_type!r}); "
             "turn a Llama-family model into one with implicit-hf convert"
         )
-    expected = HEADS[task.head].model_class if task.head in HEADS else None
-    if expected and architectures and expected not in architectures:
+    expected = missing_head(architectures, task.head)
+    if expected:
         raise UsageError(
             f"task {task.name!r} does not fit {option} {model!r}: the task needs a {task.head} model ({expected}), "
             f"the checkpoint is {', '.join(architectures)}"

@@ -501,7 +501,7 @@ def _check_init_from_files(path: Path, task: TaskAdapter) -> None:
     from safetensors import SafetensorError, safe_open
     from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME
 
-    from .tasks.models import HEADS
+    from .tasks.models import missing_head
 
     where = f"recipe key 'init_from': {str(path)!r}"
     if not (path / "config.json").is_file():
@@ -521,8 +521,8 @@ def _check_init_from_files(path: Path, task: TaskAdapter) -> None:
             "written by save_pretrained, implicit-hf train or implicit-hf convert (which turns a Llama-family "
             "model into one)"
         )
-    expected = HEADS[task.head].model_class if task.head in HEADS else None
-    if expected and architectures and expected not in architectures:
+    expected = missing_head(architectures, task.head)
+    if expected:
         raise RecipeError(
             f"{where} is {', '.join(architectures)}; task {task.name!r} needs a {task.head} model ({expected})"
         )
@@ -598,16 +598,14 @@ def check_output_dir(config: TrainConfig) -> None:
     """Create ``output_dir`` and write a file in it (removed at once): a file there, a path under a file or a
     place that cannot be written is a `RecipeError` naming ``output_dir``, before any training. Every process may
     run it at once (the folder is kept: the run writes there next)."""
-    import tempfile
+    from .local_paths import check_writable_folder
 
     path = Path(config.output_dir)
     where = f"recipe key 'output_dir' ({str(path)!r})"
     if path.exists() and not path.is_dir():
         raise RecipeError(f"{where} is a file; it must be a folder to write the run to")
     try:
-        path.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=path):
-            pass
+        check_writable_folder(path, keep=True)
     except OSError as err:
         raise RecipeError(f"{where} cannot be written: {err.strerror or err}") from None
 

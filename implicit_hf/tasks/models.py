@@ -29,6 +29,13 @@ HEADS: dict[str, Head] = {
 }
 
 
+def missing_head(architectures: list[str], head: str) -> str | None:
+    """The model class a task of ``head`` needs when a checkpoint's ``architectures`` do not include it; None when
+    they do (or name none)."""
+    expected = HEADS[head].model_class if head in HEADS else None
+    return expected if expected and architectures and expected not in architectures else None
+
+
 def build_model(task: TaskAdapter, **config_overrides: Any):
     """A fresh implicit model with the head and input sizes ``task`` needs, plus ``config_overrides``."""
     from .. import modeling
