@@ -11,7 +11,7 @@ import torch
 from tiny_training import train_tiny
 
 from implicit_hf.eval import run_eval, sweep
-from implicit_hf.eval.generative import text_lipschitz_probe
+from implicit_hf.eval.generative import complete, text_lipschitz_probe
 from implicit_hf.tasks import get_task
 from implicit_hf.tasks.edit_distance import word_edit_distance
 from implicit_hf.tasks.generation import BOS_ID, EOS_ID, PAD_ID
@@ -161,12 +161,12 @@ def test_pairs_file_committed_and_valid(task):
 
 def test_batched_left_padded_generation_equals_per_sample(task, rows, tiny_model):
     prompts = [row["prompt"] for row in rows[:6]]
-    batched = task.complete(tiny_model, prompts, num_loops=3, batch_size=6)
-    alone = [task.complete(tiny_model, [p], num_loops=3, batch_size=1)[0] for p in prompts]
+    batched = complete(tiny_model, task, prompts, num_loops=3, batch_size=6)
+    alone = [complete(tiny_model, task, [p], num_loops=3, batch_size=1)[0] for p in prompts]
     assert batched == alone
     assert all(isinstance(text, str) and len(text) <= task.max_new_tokens for text in batched)
     uncached = ArithLMTask(cache_dir=task.cache_dir, use_cache=False)
-    assert uncached.complete(tiny_model, prompts, num_loops=3, batch_size=6) == batched
+    assert complete(tiny_model, uncached, prompts, num_loops=3, batch_size=6) == batched
 
 
 def test_generative_sweep_scores_generated_text(task, rows, tiny_model, tmp_path):
@@ -179,7 +179,7 @@ def test_generative_sweep_scores_generated_text(task, rows, tiny_model, tmp_path
     assert [r["loops"] for r in result["records"]] == [1, 2, 4]
     for record in result["records"]:
         texts = result["predictions"][record["loops"]]
-        assert texts == small.complete(tiny_model, [r["prompt"] for r in rows[:8]], record["loops"], 4)
+        assert texts == complete(tiny_model, small, [r["prompt"] for r in rows[:8]], record["loops"], 4)
         assert record["metrics"] == small.compute_metrics(texts, rows[:8])  # scored from the generated text
         assert record["quality"] == record["metrics"]["answer_accuracy"]
         assert record["seconds"] > 0 and record["flops"] > 0 and record["rel_residual_mean"] is None
