@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from .loop_counts import DEFAULT_MAX_LOOPS, parse_loops
+from .loop_counts import DEFAULT_MAX_LOOPS, LoopCounts, parse_loops
 
 DEFAULT_LOOPS = "1,2,4,8,16,32,64"
 LM_EVAL_LOOPS = "1,2,4,8,16"
@@ -32,7 +32,7 @@ class UsageError(ValueError):
 LOOP_BOUND = f"at most {DEFAULT_MAX_LOOPS} unless the environment variable IMPLICIT_HF_MAX_LOOPS says otherwise"
 
 
-def loops_argument(value: str) -> list[int]:
+def loops_argument(value: str) -> LoopCounts:
     """argparse type of ``--loops``: `parse_loops`."""
     try:
         return parse_loops(value)

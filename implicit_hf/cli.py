@@ -130,8 +130,9 @@ def _saved_config(model: str, option: str) -> dict[str, Any]:
 def check_task_fits(model: str, task: Any, option: str = "--model", explicit: bool = False) -> None:
     """The checkpoint ``model`` must be an implicit model with the head and input sizes ``task`` needs; with
     ``explicit`` (a baseline) a plain transformers causal LM (``...ForCausalLM``) also fits a causal-LM task
-    whose vocabulary it covers: it is scored with one forward pass."""
-    from .tasks.models import missing_head
+    whose vocabulary it covers: it is scored with one forward pass (`implicit_hf.tasks.models.check_fits` for an
+    implicit one)."""
+    from .tasks.models import check_fits
 
     saved = _saved_config(model, option)
     model_type = saved.get("model_type")
@@ -153,28 +154,7 @@ def check_task_fits(model: str, task: Any, option: str = "--model", explicit: bo
             f"{option} {model!r} is not an implicit checkpoint (config.json model_type {model_type!r}); "
             "turn a Llama-family model into one with implicit-hf convert"
         )
-    expected = missing_head(architectures, task.head)
-    if expected:
-        raise UsageError(
-            f"task {task.name!r} does not fit {option} {model!r}: the task needs a {task.head} model ({expected}), "
-            f"the checkpoint is {', '.join(architectures)}"
-        )
-    needs = task.model_config()
-    has = {
-        "input_features": saved.get("input_features", 0),
-        "edge_features": saved.get("edge_features", 0),
-        "feedback_features": saved.get("feedback_features", 0),
-        "is_causal": saved.get("is_causal", True),
-    }
-    if task.head != "causal_lm":
-        has["num_labels"] = len(saved["id2label"]) if saved.get("id2label") else saved.get("num_labels", 2)
-    problems = [
-        f"{key}: task needs {needs[key]!r}, checkpoint has {value!r}"
-        for key, value in has.items()
-        if key in needs and needs[key] != value
-    ]
-    if "vocab_size" in needs and saved.get("vocab_size", 0) < needs["vocab_size"]:
-        problems.append(f"vocab_size: task needs >= {needs['vocab_size']}, checkpoint has {saved.get('vocab_size')}")
+    problems = check_fits(task, saved)
     if problems:
         raise UsageError(f"task {task.name!r} does not fit {option} {model!r}: {'; '.join(problems)}")
 
@@ -296,6 +276,8 @@ def lm_eval_command(args: argparse.Namespace) -> dict[str, Any]:
     anything is loaded."""
     import importlib.util
 
+    from .tasks.models import HEADS
+
     if not any(task.strip() for task in args.tasks.split(",")):
         raise UsageError(
             f"--tasks {args.tasks!r} names no task: give comma-separated lm-evaluation-harness task names "
@@ -307,7 +289,9 @@ def lm_eval_command(args: argparse.Namespace) -> dict[str, Any]:
     check_output_folder(args.out, "--out")
     check_device(args.device)
     saved = _saved_config(model, "--model")
-    if saved.get("model_type") != "implicit" or "ImplicitForCausalLM" not in (saved.get("architectures") or []):
+    if saved.get("model_type") != "implicit" or HEADS["causal_lm"].model_class not in (
+        saved.get("architectures") or []
+    ):
         raise UsageError(
             f"--model {model!r} is not an implicit causal LM (model_type {saved.get('model_type')!r}, "
             f"architectures {saved.get('architectures')})"

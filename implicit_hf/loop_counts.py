@@ -1,5 +1,6 @@
-"""Loop counts as users give them, to ``--loops`` or to `run_eval` / `sweep`: parsed and validated here,
-once, at that edge (pure Python: the command line parses them without importing torch)."""
+"""Loop counts as users give them, to ``--loops`` or to `run_eval` / `sweep` / `lm_eval_sweep`: parsed and validated
+here, once, at that edge, into `LoopCounts` that the rest of the eval path takes as checked (pure Python: the
+command line parses them without importing torch)."""
 
 from __future__ import annotations
 
@@ -51,7 +52,15 @@ def check_loop_bound(name: str, value: int) -> int:
     return value
 
 
-def parse_loops(spec: str) -> list[int]:
+class LoopCounts(list):
+    """Loop counts already checked (`parse_loops`, `normalise_loops`): sorted, unique, each in ``[1, max_loops()]``.
+
+    A plain list to everything that reads it (JSON, ``==``); its type says that `normalise_loops` need not check it
+    again, so the counts are validated once where they enter and passed down as they are.
+    """
+
+
+def parse_loops(spec: str) -> LoopCounts:
     """Loop counts from ``"1,2,4,8"``, ``"1-8"``, ``"1-64:2"`` or ``"1,2,4-8"``: sorted, unique, all in
     ``[1, max_loops()]``.
 
@@ -88,15 +97,18 @@ def parse_loops(spec: str) -> list[int]:
         if problem:
             raise ValueError(f"invalid loop specification {spec!r}: {problem}; {_LOOP_FORMS}")
         ranges.append(range(start, end + 1, step))
-    return sorted({count for counts in ranges for count in counts})
+    return LoopCounts(sorted({count for counts in ranges for count in counts}))
 
 
-def normalise_loops(loops: str | Sequence[int]) -> list[int]:
-    """The loop counts of a `parse_loops` string or a list of integers in ``[1, max_loops()]``: sorted and unique."""
+def normalise_loops(loops: str | Sequence[int]) -> LoopCounts:
+    """The loop counts of a `parse_loops` string or a list of integers in ``[1, max_loops()]``: sorted and unique;
+    `LoopCounts` (checked already) as they are."""
+    if isinstance(loops, LoopCounts):
+        return loops
     if isinstance(loops, str):
         return parse_loops(loops)
     values = list(loops)
     if not values or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in values):
         raise ValueError(f"loops must be a non-empty list of integers >= 1; got {loops!r}")
     check_loop_bound("loops", max(values))
-    return sorted(set(values))
+    return LoopCounts(sorted(set(values)))

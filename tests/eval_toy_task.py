@@ -84,7 +84,7 @@ class EvalToyTask(TaskAdapter):
             mae.append(float(error.abs().mean()))
         return {"mse": sum(mse) / len(mse), "mae": sum(mae) / len(mae)}
 
-    def perturb(self, examples: list[Example], eps: float, seed: int) -> tuple[list[Example], torch.Tensor]:
+    def perturb_rows(self, examples: list[Example], eps: float, seed: int) -> tuple[list[Example], torch.Tensor]:
         generator = torch.Generator().manual_seed(seed)
         perturbed, norms = [], []
         for row in examples:

@@ -10,8 +10,8 @@ import pytest
 import torch
 from tiny_training import train_tiny
 
-from implicit_hf.eval import run_eval, sweep
-from implicit_hf.eval.generative import text_lipschitz_probe
+from implicit_hf.eval import generative, run_eval, sweep
+from implicit_hf.eval.generative import complete, text_lipschitz_probe
 from implicit_hf.tasks import get_task
 from implicit_hf.tasks.edit_distance import word_edit_distance
 from implicit_hf.tasks.generation import BOS_ID, EOS_ID, PAD_ID
@@ -161,15 +161,15 @@ def test_pairs_file_committed_and_valid(task):
 
 def test_batched_left_padded_generation_equals_per_sample(task, rows, tiny_model):
     prompts = [row["prompt"] for row in rows[:6]]
-    batched = task.complete(tiny_model, prompts, num_loops=3, batch_size=6)
-    alone = [task.complete(tiny_model, [p], num_loops=3, batch_size=1)[0] for p in prompts]
+    batched = complete(tiny_model, task, prompts, num_loops=3, batch_size=6)
+    alone = [complete(tiny_model, task, [p], num_loops=3, batch_size=1)[0] for p in prompts]
     assert batched == alone
     assert all(isinstance(text, str) and len(text) <= task.max_new_tokens for text in batched)
     uncached = ArithLMTask(cache_dir=task.cache_dir, use_cache=False)
-    assert uncached.complete(tiny_model, prompts, num_loops=3, batch_size=6) == batched
+    assert complete(tiny_model, uncached, prompts, num_loops=3, batch_size=6) == batched
 
 
-def test_generative_sweep_scores_generated_text(task, rows, tiny_model, tmp_path):
+def test_generative_sweep_scores_generated_text(task, rows, tiny_model, tmp_path, monkeypatch):
     pairs = task.lipschitz_pairs()[:6]
     pairs_file = tmp_path / "pairs.jsonl"
     pairs_file.write_text("".join(json.dumps(p) + "\n" for p in pairs))
@@ -179,7 +179,7 @@ def test_generative_sweep_scores_generated_text(task, rows, tiny_model, tmp_path
     assert [r["loops"] for r in result["records"]] == [1, 2, 4]
     for record in result["records"]:
         texts = result["predictions"][record["loops"]]
-        assert texts == small.complete(tiny_model, [r["prompt"] for r in rows[:8]], record["loops"], 4)
+        assert texts == complete(tiny_model, small, [r["prompt"] for r in rows[:8]], record["loops"], 4)
         assert record["metrics"] == small.compute_metrics(texts, rows[:8])  # scored from the generated text
         assert record["quality"] == record["metrics"]["answer_accuracy"]
         assert record["seconds"] > 0 and record["flops"] > 0 and record["rel_residual_mean"] is None
@@ -187,9 +187,13 @@ def test_generative_sweep_scores_generated_text(task, rows, tiny_model, tmp_path
     # the same rows with a "model" that writes the right answers: the sweep's accuracy follows the text
     oracle = ArithLMTask(cache_dir=task.cache_dir, pairs_file=str(pairs_file))
     answers = {row["prompt"]: row["completion"] for row in rows[:8]}
-    oracle.complete = lambda model, prompts, num_loops, batch_size=64, tol=None: [
-        answers.get(p, "") if num_loops > 1 else " 0" for p in prompts
-    ]
+    monkeypatch.setattr(
+        generative,
+        "complete",
+        lambda model, task, prompts, num_loops, batch_size=64, tol=None: [
+            answers.get(p, "") if num_loops > 1 else " 0" for p in prompts
+        ],
+    )
     scored = sweep(tiny_model, oracle, rows[:8], [1, 2], perturb_eps=0)
     assert [r["quality"] for r in scored["records"]] == [
         sum(row["answer"] == 0 for row in rows[:8]) / 8,
@@ -198,16 +202,20 @@ def test_generative_sweep_scores_generated_text(task, rows, tiny_model, tmp_path
     assert scored["records"][1]["metrics"]["exact_match"] == 1.0 and scored["records"][0]["lipschitz"] is None
 
 
-def test_text_lipschitz_probe_ratios(task, tiny_model):
+def test_text_lipschitz_probe_ratios(task, tiny_model, monkeypatch):
     pairs = [
         {"prompt_a": "1 + 2 =", "prompt_b": "1 + 3 ="},  # 1 word apart
         {"prompt_a": "5 + 5 =", "prompt_b": "6 + 4 ="},  # 2 words apart
     ]
     fake = ArithLMTask(cache_dir=task.cache_dir)
     outputs = {"1 + 2 =": " 3", "1 + 3 =": " 4", "5 + 5 =": " 10", "6 + 4 =": " 10"}
-    fake.complete = lambda model, prompts, num_loops, batch_size=64, tol=None: [
-        outputs[p] + (" x" * num_loops if p == "1 + 3 =" else "") for p in prompts
-    ]
+    monkeypatch.setattr(
+        generative,
+        "complete",
+        lambda model, task, prompts, num_loops, batch_size=64, tol=None: [
+            outputs[p] + (" x" * num_loops if p == "1 + 3 =" else "") for p in prompts
+        ],
+    )
     records = text_lipschitz_probe(tiny_model, fake, pairs, [1, 2])
     # loops 1: outputs " 3" vs " 4 x" -> 2 words apart / 1; " 10" vs " 10" -> 0 / 2
     assert records[0]["ratios"] == [2.0, 0.0] and records[0]["ratio_max"] == 2.0 and records[0]["ratio_mean"] == 1.0

@@ -7,7 +7,9 @@ import pytest
 import torch
 
 from implicit_hf import ImplicitConfig, ImplicitForCausalLM
+from implicit_hf.eval.generative import complete
 from implicit_hf.tasks.base import get_task
+from implicit_hf.tasks.generation import GenerativeTask
 from implicit_hf.tasks.reasoning.multihop import (
     LM_EVAL_DIR,
     NAMES,
@@ -62,7 +64,7 @@ def statement_order(statements: str) -> list[str]:
 
 
 def test_registered_and_model_config(task):
-    assert isinstance(task, MultiHopTask) and task.generative and task.head == "causal_lm"
+    assert isinstance(task, MultiHopTask) and isinstance(task, GenerativeTask) and task.head == "causal_lm"
     config = task.model_config()
     assert config["vocab_size"] == len(task.tokenizer) == 4 + 10 + 4 + len(NAMES) and config["is_causal"]
 
@@ -219,10 +221,10 @@ def test_bad_arguments_are_refused(kwargs, message, cache):
 
 def test_batched_generation_equals_per_sample_and_halting_runs(task, rows, tiny_model):
     prompts = [row["prompt"] for row in rows[:5]]
-    batched = task.complete(tiny_model, prompts, num_loops=3, batch_size=5)
-    alone = [task.complete(tiny_model, [p], num_loops=3, batch_size=1)[0] for p in prompts]
+    batched = complete(tiny_model, task, prompts, num_loops=3, batch_size=5)
+    alone = [complete(tiny_model, task, [p], num_loops=3, batch_size=1)[0] for p in prompts]
     assert batched == alone and all(len(task.tokenizer.tokenize(text)) == 1 for text in batched)  # one new token
-    halted = task.complete(tiny_model, prompts, num_loops=30, batch_size=5, tol=1e-3)
+    halted = complete(tiny_model, task, prompts, num_loops=30, batch_size=5, tol=1e-3)
     assert len(halted) == 5
 
 

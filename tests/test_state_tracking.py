@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from implicit_hf import ImplicitConfig, ImplicitForCausalLM
+from implicit_hf.eval.generative import greedy_completions
 from implicit_hf.tasks.base import get_task
 from implicit_hf.tasks.reasoning.state_tracking import (
     LM_EVAL_DIR,
@@ -244,18 +245,18 @@ def test_smollm2s_tokenizer_fits_every_group(cache, tmp_path_factory):
 
 def test_generation_and_halting(task, rows, tiny_model):
     prompts = [task.prompt(row) for row in rows[:5]]
-    texts = task.complete(tiny_model, prompts, num_loops=4, batch_size=3)
+    texts = greedy_completions(tiny_model, task.tokenizer, prompts, num_loops=4, batch_size=3)
     assert len(texts) == 5
     with torch.no_grad():  # the generated token is the argmax at the end of each prompt, alone
         for prompt, text in zip(prompts, texts, strict=True):
             ids = task.tokenizer(prompt, return_tensors="pt").input_ids
             best = int(tiny_model(ids, num_loops=4).logits[0, -1].argmax())
             assert text == task.tokenizer.decode([best])
-    assert len(task.complete(tiny_model, prompts, num_loops=30, batch_size=5, tol=1e-3)) == 5
+    assert len(greedy_completions(tiny_model, task.tokenizer, prompts, num_loops=30, batch_size=5, tol=1e-3)) == 5
 
 
 def test_sweep_scores_every_loop_count_from_one_trajectory(task, rows, tiny_model):
-    from implicit_hf.eval.sweep import sweep
+    from implicit_hf.eval import sweep
 
     result = sweep(tiny_model, task, rows[:12], [1, 2, 5], batch_size=5, return_predictions=True)
     for record in result["records"]:

@@ -86,7 +86,7 @@ class TrainToyTask(TaskAdapter):
         ]
         return {"mse": sum(errors) / len(errors)}
 
-    def perturb(self, examples: list[Example], eps: float, seed: int) -> tuple[list[Example], torch.Tensor]:
+    def perturb_rows(self, examples: list[Example], eps: float, seed: int) -> tuple[list[Example], torch.Tensor]:
         generator = torch.Generator().manual_seed(seed)
         perturbed, norms = [], []
         for row in examples:

@@ -1,7 +1,8 @@
-"""The sweep of a generative task (``task.generative``, a causal LM answering in text), and its text Lipschitz probe.
+"""The sweep of a generative task (a `GenerativeTask`: a causal LM answering in text), its text Lipschitz probe,
+and the one generate loop they run (`greedy_completions`, `complete`).
 
 Such a task cannot be scored from one trajectory: every loop count ``K`` needs its own
-``model.generate(..., num_loops=K)``. `generative_sweep` generates once per ``K`` (``task.complete``)
+``model.generate(..., num_loops=K)``. `generative_sweep` generates once per ``K`` (`complete`)
 and scores the generated text (``task.compute_metrics``); for the Lipschitz columns
 `text_lipschitz_probe` runs on the task's prompt pairs: ``word edit distance(outputs) / word edit
 distance(prompts)`` per pair (`word_edit_distance`), max and mean over pairs.
@@ -12,27 +13,79 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 
-from ..loop_counts import normalise_loops
-from ..tasks.base import TaskAdapter
+from ..loop_counts import LoopCounts, normalise_loops
+from ..modeling import ImplicitModel
 from ..tasks.edit_distance import word_edit_distance
-from .sweep import device_of, estimate_flops, head_outputs, scored_metrics, synchronize
+from ..tasks.generation import GenerativeTask
+from .records import loop_record, scored_metrics, sweep_summary
+from .sweep import device_of, estimate_flops, head_outputs, synchronize
+
+
+@torch.no_grad()
+def greedy_completions(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    prompts: list[str],
+    num_loops: int,
+    batch_size: int = 64,
+    tol: float | None = None,
+    max_new_tokens: int = 1,
+    use_cache: bool = True,
+) -> list[str]:
+    """The text ``model.generate(..., num_loops=num_loops, do_sample=False)`` writes after each prompt: left-padded
+    batches of ``batch_size`` (``tokenizer`` pads on the left), at most ``max_new_tokens`` new tokens, halting
+    at ``tol`` when given (``None``: the model's own setting), the KV cache as ``use_cache`` says."""
+    device = next(model.parameters()).device
+    texts = []
+    for start in range(0, len(prompts), batch_size):
+        batch = tokenizer(prompts[start : start + batch_size], padding=True, return_tensors="pt")
+        batch = {k: v.to(device) for k, v in batch.items() if k in ("input_ids", "attention_mask")}
+        extra = {} if tol is None else {"tol": tol}
+        output = model.generate(
+            **batch,
+            num_loops=num_loops,
+            do_sample=False,
+            max_new_tokens=max_new_tokens,
+            use_cache=use_cache,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            **extra,
+        )
+        new = output[:, batch["input_ids"].shape[1] :].cpu()
+        texts.extend(tokenizer.batch_decode(new, skip_special_tokens=True))
+    return texts
+
+
+def complete(
+    model: torch.nn.Module,
+    task: GenerativeTask,
+    prompts: list[str],
+    num_loops: int,
+    batch_size: int = 64,
+    tol: float | None = None,
+) -> list[str]:
+    """``task``'s answers to ``prompts`` at ``num_loops`` loops: `greedy_completions` with the task's tokenizer,
+    ``max_new_tokens`` and ``use_cache``; the new text only."""
+    return greedy_completions(
+        model, task.tokenizer, prompts, num_loops, batch_size, tol, task.max_new_tokens, task.use_cache
+    )
 
 
 @torch.no_grad()
 def text_lipschitz_probe(
     model: torch.nn.Module,
-    task: TaskAdapter,
+    task: GenerativeTask,
     pairs: list[dict[str, Any]],
-    loops: Sequence[int] | str,
+    loops: LoopCounts | list[int] | str,
     batch_size: int = 64,
     tol: float | None = 0,
 ) -> list[dict[str, Any]]:
-    """The text Lipschitz probe of an implicit LM: per loop count ``t``, generate (``task.complete``) for
+    """The text Lipschitz probe of an implicit LM: per loop count ``t``, generate (`complete`) for
     both prompts of every pair and take ``word_edit_distance(outputs) / word_edit_distance(prompts)``.
 
     ``pairs`` are ``{"prompt_a": ..., "prompt_b": ...}`` whose prompts differ (pairs with equal
@@ -50,8 +103,8 @@ def text_lipschitz_probe(
         raise ValueError(f"prompt pair {prompt_distances.index(0)} has two identical prompts (no perturbation)")
     records = []
     for t in loops:
-        outputs_a = task.complete(model, prompts_a, t, batch_size, tol)
-        outputs_b = task.complete(model, prompts_b, t, batch_size, tol)
+        outputs_a = complete(model, task, prompts_a, t, batch_size, tol)
+        outputs_b = complete(model, task, prompts_b, t, batch_size, tol)
         distances = [word_edit_distance(a, b) for a, b in zip(outputs_a, outputs_b, strict=True)]
         ratios = [d / p for d, p in zip(distances, prompt_distances, strict=True)]
         records.append(
@@ -72,8 +125,6 @@ def text_lipschitz_probe(
 def recorded_loop_steps(model: torch.nn.Module) -> Iterator[list[torch.Tensor]]:
     """Collect, inside the block, the per-sample solver steps of every forward pass of ``model``'s implicit
     body (`ImplicitModel`), e.g. the loops each generated token took under halting."""
-    from ..modeling import ImplicitModel
-
     steps: list[torch.Tensor] = []
 
     def record(module, args, output) -> None:
@@ -91,9 +142,9 @@ def recorded_loop_steps(model: torch.nn.Module) -> Iterator[list[torch.Tensor]]:
 @torch.no_grad()
 def generative_sweep(
     model: torch.nn.Module,
-    task: TaskAdapter,
+    task: GenerativeTask,
     rows: list[dict],
-    loops: list[int],
+    loops: LoopCounts,
     batch_size: int = 64,
     probe: bool = True,
     seed: int = 0,
@@ -101,9 +152,10 @@ def generative_sweep(
     return_predictions: bool = False,
     warmup: bool = True,
 ) -> dict[str, Any]:
-    """`sweep` for a generative task: ``task.complete(model, prompts, t, ...)`` once per loop count ``t``.
+    """The sweep of a generative task: `complete` once per loop count ``t`` (the arguments are
+    `implicit_hf.eval.run.sweep`'s, checked there).
 
-    Records have the keys of `sweep`'s: ``quality`` and ``metrics`` from the generated text,
+    Records (`loop_record`): ``quality`` and ``metrics`` from the generated text,
     ``lipschitz`` / ``lipschitz_mean`` the max / mean text ratio of `text_lipschitz_probe` on
     ``task.lipschitz_pairs()`` (``None`` without ``probe`` or pairs; the per-pair details under
     ``text_lipschitz``), ``seconds`` the measured generation time for all rows at ``t``, ``flops``
@@ -117,69 +169,62 @@ def generative_sweep(
     prompts = [task.prompt(row) for row in rows]
     device = device_of(model)
     if warmup:  # untimed: lazy initialisation would otherwise land in the first timing
-        task.complete(model, prompts[:batch_size], 1, batch_size, tol)
-    pairs = task.lipschitz_pairs() if probe and hasattr(task, "lipschitz_pairs") else None
+        complete(model, task, prompts[:batch_size], 1, batch_size, tol)
+    pairs = task.lipschitz_pairs() if probe else None
     text_probe = (
         {r["loops"]: r for r in text_lipschitz_probe(model, task, pairs, loops, batch_size, tol)} if pairs else {}
     )
-    tokenizer = getattr(task, "tokenizer", None)
     outputs = head_outputs(model)
     predictions, records = {}, []
     for t in loops:
         synchronize(device)
         began = time.perf_counter()
         with recorded_loop_steps(model) as steps:
-            texts = task.complete(model, prompts, t, batch_size, tol)
+            texts = complete(model, task, prompts, t, batch_size, tol)
         synchronize(device)
         seconds = time.perf_counter() - began
         if len(texts) != len(rows):
             raise ValueError(f"task {task.name!r}: complete returned {len(texts)} texts for {len(rows)} prompts")
         predictions[t] = texts
-        metrics = scored_metrics(task, texts, rows)
-        flops = math.nan
-        if tokenizer is not None:
-            lengths = [len(tokenizer(p + c)["input_ids"]) + 1 for p, c in zip(prompts, texts, strict=True)]
-            flops = sum(estimate_flops(model.config, n, t, outputs) for n in lengths) / len(lengths)
+        lengths = [len(task.tokenizer(p + c)["input_ids"]) + 1 for p, c in zip(prompts, texts, strict=True)]
         ratios = text_probe.get(t)
         records.append(
-            {
-                "loops": t,
-                "metrics": metrics,
-                "quality": metrics[task.quality_metric],
-                "lipschitz": ratios["ratio_max"] if ratios else None,
-                "lipschitz_mean": ratios["ratio_mean"] if ratios else None,
-                "rel_residual_mean": None,  # generation reports no residuals: not measured, not NaN
-                "rel_residual_max": None,
-                "steps_mean": float(torch.cat(steps).double().mean()) if steps else math.nan,
-                "seconds": seconds,
-                "flops": flops,
-                "text_lipschitz": ratios,
-                "examples": [{"prompt": p, "generated": g} for p, g in list(zip(prompts, texts, strict=True))[:5]],
-            }
+            loop_record(
+                task,
+                t,
+                scored_metrics(task, texts, rows),
+                lipschitz=ratios["ratio_max"] if ratios else None,
+                lipschitz_mean=ratios["ratio_mean"] if ratios else None,
+                rel_residual_mean=None,  # generation reports no residuals: not measured, not NaN
+                rel_residual_max=None,
+                steps_mean=float(torch.cat(steps).double().mean()) if steps else math.nan,
+                seconds=seconds,
+                flops=sum(estimate_flops(model.config, n, t, outputs) for n in lengths) / len(lengths),
+                text_lipschitz=ratios,
+                examples=[{"prompt": p, "generated": g} for p, g in list(zip(prompts, texts, strict=True))[:5]],
+            )
         )
     num_pairs = len(pairs) if pairs else 0
-    result = {
-        "loops": loops,
-        "max_loops": loops[-1],
-        "num_samples": len(rows),
-        "quality_metric": task.quality_metric,
-        "higher_is_better": bool(task.higher_is_better),
-        "tol": model.config.tol if keep_tol else None,
-        "solver": model.config.solver,
-        "perturb_eps": None,
-        "seed": seed,
-        "batch_size": batch_size,
-        "seconds_total": sum(r["seconds"] for r in records),
-        "seconds_perturbed_total": None,
-        "seq_len_mean": None,
-        "diverged_fraction": None,
-        "generative": True,
-        "use_cache": getattr(task, "use_cache", None),
-        "num_pairs": num_pairs,
-        "lipschitz_label": "word edit distance(outputs) / word edit distance(prompts)",
-        "lipschitz_title": f"text Lipschitz ratio vs loop count ({num_pairs} prompt pairs)",
-        "records": records,
-    }
+    result = sweep_summary(
+        model,
+        task,
+        loops,
+        records,
+        num_samples=len(rows),
+        perturb_eps=None,
+        seed=seed,
+        batch_size=batch_size,
+        keep_tol=keep_tol,
+        seconds_total=sum(r["seconds"] for r in records),
+        seconds_perturbed_total=None,
+        seq_len_mean=None,
+        diverged_fraction=None,
+        generative=True,
+        use_cache=task.use_cache,
+        num_pairs=num_pairs,
+        lipschitz_label="word edit distance(outputs) / word edit distance(prompts)",
+        lipschitz_title=f"text Lipschitz ratio vs loop count ({num_pairs} prompt pairs)",
+    )
     if return_predictions:
         result["predictions"] = predictions
     return result

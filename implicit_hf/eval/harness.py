@@ -1,5 +1,5 @@
 """Run an evaluation and write its files: `run_eval` loads a checkpoint, sweeps it on the task's test split
-(`implicit_hf.eval.sweep.sweep`) and writes ``results.json``, ``results.csv`` and PNG plots; `main` is the
+(`implicit_hf.eval.run.sweep`) and writes ``results.json``, ``results.csv`` and PNG plots; `main` is the
 ``implicit-hf eval`` command line.
 """
 
@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import platform
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -16,19 +15,17 @@ from typing import Any
 import torch
 
 from ..arguments import UsageError, add_eval_arguments
-from ..loop_counts import normalise_loops
+from ..loop_counts import LoopCounts, normalise_loops
+from ..modeling.model_card import write_model_card
 from ..tasks.base import TaskAdapter
 from ..tasks.models import load_model, task_for_model
-from .sweep import as_rows, sweep, to_builtin
+from .plots import plot_all
+from .records import environment, run_name, to_builtin
+from .run import sweep
+from .sweep import as_rows
 
 # --------------------------------------------------------------------------------------------------
 # Files: results.csv and the summaries of the model and the environment in results.json
-
-
-def run_name(model_dir: str | Path) -> str:
-    """A checkpoint's name for tables and legends: its training run's folder when it is that run's ``model/``."""
-    path = Path(model_dir)
-    return (path.parent.name if path.name == "model" and path.parent.name else path.name) or str(path)
 
 
 def _model_summary(model: torch.nn.Module, model_dir: str | Path) -> dict[str, Any]:
@@ -66,27 +63,6 @@ def _model_summary(model: torch.nn.Module, model_dir: str | Path) -> dict[str, A
         num_parameters=sum(p.numel() for p in model.parameters()),
     )
     return to_builtin(summary)
-
-
-def environment(device: torch.device | None = None) -> dict[str, Any]:
-    """Versions of the software stack and the machine the evaluation ran on."""
-    import importlib.metadata as metadata
-
-    info: dict[str, Any] = {
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "machine": platform.machine(),
-        "torch_num_threads": torch.get_num_threads(),
-        "device": str(device) if device is not None else None,
-    }
-    for package in ("implicit-hf", "torch", "transformers", "datasets", "evaluate", "numpy", "matplotlib"):
-        try:
-            info[package] = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            info[package] = None
-    if device is not None and device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-    return info
 
 
 CSV_COLUMNS = (
@@ -133,7 +109,7 @@ def _resolve_device(device: str | None) -> torch.device:
 def run_eval(
     model_dir: str | Path,
     task_name: str | TaskAdapter | None,
-    loops: str | Sequence[int],
+    loops: LoopCounts | Sequence[int] | str,
     out_dir: str | Path,
     n: int = 200,
     seed: int = 0,
@@ -223,8 +199,6 @@ def run_eval(
     (out_dir / "results.json").write_text(json.dumps(report, indent=2, allow_nan=True) + "\n")
     write_csv(records, out_dir / "results.csv")
     if plots:
-        from .plots import plot_all
-
         files += plot_all(report, out_dir)
     return {**report, "files": [str(f) for f in files]}
 
@@ -272,8 +246,6 @@ def run_from_args(args: argparse.Namespace) -> dict[str, Any]:
     for path in result["files"]:
         print(f"wrote {path}")
     if args.model_card:
-        from ..modeling.model_card import write_model_card
-
         card_sweep = {"task": result["task"]["name"], "quality_metric": metric, "records": result["records"]}
         write_model_card(args.model, sweep=card_sweep)
         print(f"wrote {Path(args.model) / 'README.md'} (loop sweep added)")

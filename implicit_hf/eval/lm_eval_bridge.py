@@ -23,17 +23,20 @@ import argparse
 import csv
 import difflib
 import json
+import logging
 import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ..arguments import UsageError
-from ..loop_counts import normalise_loops
+import torch
+
+from ..arguments import UsageError, add_lm_eval_arguments
+from ..loop_counts import LoopCounts, normalise_loops
 from ..tasks.generation import load_tokenizer
 from ..tasks.models import load_model
-from .harness import environment
 from .plots import plot_quality_vs_loops, plot_tasks_vs_loops
+from .records import environment
 
 # lm_eval metrics where lower is better (everything else it reports is higher-is-better)
 LOWER_IS_BETTER = ("perplexity", "word_perplexity", "byte_perplexity", "bits_per_byte", "ter")
@@ -55,8 +58,8 @@ def _metrics(task_results: dict[str, Any]) -> tuple[dict[str, float], dict[str, 
 
 
 def _loop_sweep_lm_class():
-    """`LoopSweepLM`, defined on first use so that importing this module does not import lm_eval."""
-    import torch
+    """`LoopSweepLM`, defined on first use so that importing this module does not import lm_eval (an optional
+    dependency)."""
     from lm_eval.models.huggingface import HFLM
 
     class LoopSweepLM(HFLM):
@@ -69,9 +72,9 @@ def _loop_sweep_lm_class():
         counts costs no model call.
         """
 
-        def __init__(self, loops: Sequence[int], **kwargs: Any):
+        def __init__(self, loops: LoopCounts, **kwargs: Any):
             super().__init__(**kwargs)
-            self.loops = list(loops)
+            self.loops = loops
             self._scores: dict[tuple, dict[int, tuple[float, bool]]] = {}
             self._scoring: int | None = None  # the count whose logits _model_call returns while scoring
             self._trajectory: tuple[torch.Tensor, dict[int, torch.Tensor]] | None = None
@@ -83,8 +86,7 @@ def _loop_sweep_lm_class():
 
         @loop_count.setter
         def loop_count(self, count: int) -> None:
-            if count not in self.loops:
-                raise ValueError(f"loop_count must be one of the sweep's loop counts {self.loops}; got {count!r}")
+            """Score and generate at ``count``, one of ``loops``."""
             _set_loop_count(self.model, count)  # what generate_until runs at
 
         def _model_call(self, inps: torch.Tensor, attn_mask=None, labels=None) -> torch.Tensor:
@@ -175,7 +177,7 @@ def check_task_names(tasks: Sequence[str], task_manager: Any) -> None:
 def lm_eval_sweep(
     model_dir: str | Path,
     tasks: Sequence[str],
-    loops: str | Sequence[int],
+    loops: LoopCounts | Sequence[int] | str,
     out_dir: str | Path,
     include_path: str | Path | None = None,
     batch_size: int = 8,
@@ -200,16 +202,16 @@ def lm_eval_sweep(
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
-    loop_counts = normalise_loops(loops)
+    loops = normalise_loops(loops)
     if task_manager is None:
         task_manager = TaskManager(include_path=str(include_path) if include_path else None, metadata=metadata)
     check_task_names(tasks, task_manager)  # before the model and tokenizer are loaded
     tokenizer = load_tokenizer(model_dir, "model")
     model = load_model(model_dir, "causal_lm", device)
     settings = {"pretrained": model, "tokenizer": tokenizer, "batch_size": batch_size, "device": device}
-    lm = _loop_sweep_lm_class()(loop_counts, **settings) if share_trajectory else None
+    lm = _loop_sweep_lm_class()(loops, **settings) if share_trajectory else None
     runs = []
-    for count in loop_counts:
+    for count in loops:
         if share_trajectory:
             lm.loop_count = count
         else:
@@ -237,7 +239,7 @@ def lm_eval_sweep(
     report = {
         "model": {"model_dir": str(model_dir), "train_loops": model.config.train_loops, "solver": model.config.solver},
         "tasks": list(tasks),
-        "loops": loop_counts,
+        "loops": loops,
         "run": {
             "limit": limit,
             "num_fewshot": num_fewshot,
@@ -279,8 +281,6 @@ def lm_eval_sweep(
 
 def _quiet_lm_eval_logs() -> None:
     """Show only errors from lm-eval's loggers (its per-pass set-up messages were shown by the first pass)."""
-    import logging
-
     for name in list(logging.root.manager.loggerDict):
         if name == "lm_eval" or name.startswith("lm_eval.") or name == "lm-eval":
             logging.getLogger(name).setLevel(logging.ERROR)
@@ -338,8 +338,6 @@ def _file_safe(name: str) -> str:
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add the ``implicit-hf lm-eval`` options to ``parser`` (defined in `implicit_hf.arguments`)."""
-    from ..arguments import add_lm_eval_arguments
-
     return add_lm_eval_arguments(parser)
 
 

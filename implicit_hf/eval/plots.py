@@ -19,7 +19,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator  # noqa: E402
 
-from .harness import run_name  # noqa: E402
+from .records import run_name  # noqa: E402
 
 LOOPS_LABEL = "core iterations t (loops, log2 scale)"
 FILES = {

@@ -17,22 +17,22 @@ row ``t`` of the trajectory is the model at ``num_loops=t``. With ``keep_tol`` t
 tolerance applies; a sample that stopped early then repeats its final state in later rows, which
 is again what a separate run with that budget returns.
 
-A generative task (``task.generative``) cannot be scored from one trajectory: `sweep` hands it to
-`implicit_hf.eval.generative.generative_sweep`.
+`trajectory_sweep` is that sweep; a generative task cannot be scored from one trajectory (its sweep is
+`implicit_hf.eval.generative.generative_sweep`), and `implicit_hf.eval.run.sweep` chooses between the two.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+from types import SimpleNamespace
 from typing import Any
 
 import torch
 
-from ..checks import check_integer
-from ..loop_counts import normalise_loops
+from ..loop_counts import LoopCounts
 from ..tasks.base import TaskAdapter, feedback_kwargs
+from .records import loop_record, scored_metrics, sweep_summary
 
 # --------------------------------------------------------------------------------------------------
 # Cost model
@@ -94,8 +94,6 @@ def is_implicit_config(config) -> bool:
 
 def _as_stack(config):
     """The fields `estimate_flops` reads, for a plain decoder: its layers run once, no loop."""
-    from types import SimpleNamespace
-
     fields = ("hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim", "intermediate_size")
     return SimpleNamespace(
         **{name: getattr(config, name, None) for name in fields},
@@ -151,36 +149,6 @@ def as_rows(rows) -> list[dict]:
     return list(rows)
 
 
-def to_builtin(value: Any) -> Any:
-    """Numbers as plain floats/ints (numpy and torch scalars included) so results serialise to JSON."""
-    if isinstance(value, dict):
-        return {str(k): to_builtin(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [to_builtin(v) for v in value]
-    if value is None or isinstance(value, (int, str)):  # bool is an int
-        return value
-    if hasattr(value, "item"):  # numpy and torch scalars
-        try:
-            return value.item()
-        except (ValueError, TypeError):
-            pass
-    try:  # a float stays itself
-        return float(value)
-    except (TypeError, ValueError):
-        return str(value)
-
-
-def scored_metrics(task: TaskAdapter, predictions: list, rows: list[dict]) -> dict[str, Any]:
-    """``task.compute_metrics(predictions, rows)`` as plain numbers; it must include the task's quality metric."""
-    metrics = to_builtin(task.compute_metrics(predictions, rows))
-    if task.quality_metric not in metrics:
-        raise KeyError(
-            f"task {task.name!r}: compute_metrics returned {sorted(metrics)}, "
-            f"without its quality_metric {task.quality_metric!r}"
-        )
-    return metrics
-
-
 # --------------------------------------------------------------------------------------------------
 # The sweep
 
@@ -189,7 +157,7 @@ def _trajectory_pass(
     model: torch.nn.Module,
     task: TaskAdapter,
     rows: list[dict],
-    loops: list[int],
+    loops: LoopCounts | list[int],
     batch_size: int,
     tol: float | None,
 ) -> dict[str, Any]:
@@ -281,11 +249,11 @@ def _finite_stat(values: torch.Tensor, how: str) -> float:
 
 
 @torch.no_grad()
-def sweep(
+def trajectory_sweep(
     model: torch.nn.Module,
     task: TaskAdapter,
-    rows,
-    loops: Sequence[int] | str,
+    rows: list[dict],
+    loops: LoopCounts,
     batch_size: int = 64,
     perturb_eps: float | None = 1e-4,
     seed: int = 0,
@@ -293,54 +261,16 @@ def sweep(
     return_predictions: bool = False,
     warmup: bool = True,
 ) -> dict[str, Any]:
-    """Score ``model`` on ``rows`` at every loop count in ``loops`` from one trajectory run per batch.
+    """Score ``model`` on ``rows`` at every loop count in ``loops`` from one trajectory run per batch (the
+    arguments are `implicit_hf.eval.run.sweep`'s, checked there).
 
-    Args:
-        model: an implicit model with a head (`ImplicitForTokenClassification`, `...ForCausalLM`).
-        task: the task adapter that encodes ``rows``, decodes head outputs and scores predictions.
-        rows: dataset rows (a list of dicts or a ``datasets.Dataset``).
-        loops: loop counts to score (a list or a `parse_loops` string); one run with ``max(loops)``.
-        batch_size: rows per forward pass.
-        perturb_eps: size of the perturbation for the Lipschitz probe (``task.perturb(rows,
-            perturb_eps, seed)``); ``None`` or ``0`` skips the probe (and its second run).
-        seed: seed passed to ``task.perturb``.
-        keep_tol: keep the model's own halting tolerance (``config.tol``) instead of forcing exactly
-            ``max(loops)`` iterations (``tol=0``).
-        return_predictions: also return the decoded predictions per loop count (``"predictions"``,
-            and ``"perturbed_predictions"`` with the probe) for inspection; not JSON-serialisable.
-        warmup: run the first batch once at one loop, untimed, before the timed runs.
-
-    Returns a dict with ``records`` (one per loop count, ascending): ``loops``, ``metrics`` (all of
-    ``compute_metrics``), ``quality`` (``metrics[task.quality_metric]``), ``lipschitz`` (max over
-    samples; ``lipschitz_mean`` the mean), ``rel_residual_mean`` / ``rel_residual_max`` (relative
-    residual at iteration ``t``), ``steps_mean`` (iterations actually run within a budget of ``t``),
-    ``seconds`` (trajectory-run seconds for all rows scaled linearly to ``t``: ``total * t / K``)
-    and ``flops`` (`estimate_flops` per sample, averaged over the padded batch lengths); plus the
-    run's summary: ``seconds_total`` (the clean trajectory run), ``max_loops``, ``num_samples``, ...
+    Records (`loop_record`): ``quality`` and ``metrics`` of ``task.decode`` at each count, ``lipschitz`` (max
+    over samples; ``lipschitz_mean`` the mean) of the probe on ``task.perturb(rows, perturb_eps, seed)`` (``None``
+    without it), ``rel_residual_mean`` / ``rel_residual_max`` (relative residual at iteration ``t``),
+    ``steps_mean`` (iterations actually run within a budget of ``t``), ``seconds`` (trajectory-run seconds for all
+    rows scaled linearly to ``t``: ``total * t / K``) and ``flops`` (`estimate_flops` per sample, averaged over the
+    padded batch lengths).
     """
-    loops = normalise_loops(loops)
-    rows = as_rows(rows)
-    if not rows:
-        raise ValueError("sweep needs at least one row")
-    batch_size = check_integer("batch_size", batch_size)
-    if perturb_eps is not None and perturb_eps < 0:
-        raise ValueError(f"perturb_eps must be >= 0 (0 or None skips the Lipschitz probe); got {perturb_eps!r}")
-    model.eval()
-    if task.generative:
-        from .generative import generative_sweep  # imported here: generative.py builds on this module
-
-        return generative_sweep(
-            model,
-            task,
-            rows,
-            loops,
-            batch_size=batch_size,
-            probe=bool(perturb_eps),
-            seed=seed,
-            keep_tol=keep_tol,
-            return_predictions=return_predictions,
-            warmup=warmup,
-        )
     tol = None if keep_tol else 0
     max_loops = loops[-1]
     if warmup:  # one untimed call first: lazy initialisation would otherwise land in the timings
@@ -360,40 +290,37 @@ def sweep(
     lengths = clean["batch_lengths"]
     records = []
     for t in loops:
-        metrics = scored_metrics(task, clean["predictions"][t], rows)
         flops = sum(size * estimate_flops(model.config, length, t, outputs) for size, length in lengths)
         residual = clean["rel_residual"][t]
         records.append(
-            {
-                "loops": t,
-                "metrics": metrics,
-                "quality": metrics[task.quality_metric],
-                "lipschitz": _finite_stat(lipschitz[t], "max") if probe else None,
-                "lipschitz_mean": _finite_stat(lipschitz[t], "mean") if probe else None,
-                "rel_residual_mean": _finite_stat(residual, "mean"),
-                "rel_residual_max": _finite_stat(residual, "max"),
-                "steps_mean": float(clean["steps"][t].double().mean()),
-                "seconds": clean["seconds"] * t / max_loops,
-                "flops": flops / len(rows),
-            }
+            loop_record(
+                task,
+                t,
+                scored_metrics(task, clean["predictions"][t], rows),
+                lipschitz=_finite_stat(lipschitz[t], "max") if probe else None,
+                lipschitz_mean=_finite_stat(lipschitz[t], "mean") if probe else None,
+                rel_residual_mean=_finite_stat(residual, "mean"),
+                rel_residual_max=_finite_stat(residual, "max"),
+                steps_mean=float(clean["steps"][t].double().mean()),
+                seconds=clean["seconds"] * t / max_loops,
+                flops=flops / len(rows),
+            )
         )
-    result = {
-        "loops": loops,
-        "max_loops": max_loops,
-        "num_samples": len(rows),
-        "quality_metric": task.quality_metric,
-        "higher_is_better": bool(task.higher_is_better),
-        "tol": getattr(model.config, "tol", None) if keep_tol else None,
-        "solver": getattr(model.config, "solver", None),
-        "perturb_eps": perturb_eps if probe else None,
-        "seed": seed,
-        "batch_size": batch_size,
-        "seconds_total": clean["seconds"],
-        "seconds_perturbed_total": perturbed["seconds"] if probe else None,
-        "seq_len_mean": sum(s * n for s, n in clean["batch_lengths"]) / len(rows),
-        "diverged_fraction": clean["diverged"] / len(rows),
-        "records": records,
-    }
+    result = sweep_summary(
+        model,
+        task,
+        loops,
+        records,
+        num_samples=len(rows),
+        perturb_eps=perturb_eps if probe else None,
+        seed=seed,
+        batch_size=batch_size,
+        keep_tol=keep_tol,
+        seconds_total=clean["seconds"],
+        seconds_perturbed_total=perturbed["seconds"] if probe else None,
+        seq_len_mean=sum(s * n for s, n in clean["batch_lengths"]) / len(rows),
+        diverged_fraction=clean["diverged"] / len(rows),
+    )
     if return_predictions:
         result["predictions"] = clean["predictions"]
         if probe:

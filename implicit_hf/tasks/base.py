@@ -16,7 +16,8 @@ stay generic:
   module (``metric_name``, offline, loaded by path with `load_metric`); ``quality_metric`` names the
   headline number.
 * ``perturb(examples, eps, seed)`` returns perturbed rows and the size of each perturbation
-  ``||δ||`` for the empirical Lipschitz probe ``||y_t(x+δ) - y_t(x)|| / ||δ||``.
+  ``||δ||`` for the empirical Lipschitz probe ``||y_t(x+δ) - y_t(x)|| / ||δ||``; it checks ``eps``, returns
+  the rows unchanged for ``eps = 0`` and otherwise calls the task's ``perturb_rows(examples, eps, seed)``.
 * ``model_config()`` gives the `ImplicitConfig` fields the task needs (head type, input sizes,
   attention causality); ``head`` names the model class.
 * ``loop_feedback(inputs)`` (optional) gives a domain prior applied inside the loop, e.g. the
@@ -31,11 +32,8 @@ stay generic:
   bool, a ``float`` a finite number, ``Annotated[int, at_least(1)]`` an integer >= 1, ...); a refused one is a
   `TaskSettingError` naming the task and the setting, as is any ``ValueError`` or ``OSError`` the constructor
   raises (a setting that does not fit another, a corpus or tokenizer that cannot be read).
-* A *generative* task (``generative = True``, a causal LM answering in text) is scored by
-  generation rather than from one trajectory: it provides ``prompt(row)`` (the text to continue),
-  ``complete(model, prompts, num_loops, batch_size, tol)`` (the generated texts at that loop
-  count) and optionally ``lipschitz_pairs()`` (prompt pairs ``{"prompt_a", "prompt_b"}`` of the text
-  Lipschitz probe); ``compute_metrics`` then scores the generated texts.
+* A *generative* task (a `implicit_hf.tasks.generation.GenerativeTask`, a causal LM answering in text) is
+  scored by generation rather than from one trajectory; that class declares what it provides.
 """
 
 from __future__ import annotations
@@ -90,7 +88,6 @@ class TaskAdapter(ABC):
     head: ClassVar[str]  # "token_regression" | "token_classification" | "causal_lm"
     quality_metric: ClassVar[str]  # key of compute_metrics() plotted as quality
     higher_is_better: ClassVar[bool]
-    generative: ClassVar[bool] = False  # scored by generating text at each loop count (see the module docstring)
     metric_name: ClassVar[str]  # the local `evaluate` module ``metrics/{metric_name}.py`` (see `load_metric`)
 
     @checked_settings
@@ -163,9 +160,21 @@ class TaskAdapter(ABC):
     def compute_metrics(self, predictions: list[torch.Tensor], examples: list[Example]) -> dict[str, float]:
         """Metrics averaged over the samples; contains ``quality_metric``."""
 
-    @abstractmethod
     def perturb(self, examples: list[Example], eps: float, seed: int) -> tuple[list[Example], torch.Tensor]:
-        """Rows perturbed by ``δ`` of norm about ``eps`` (targets recomputed), and ``||δ||`` per row."""
+        """Rows perturbed by ``δ`` of norm about ``eps`` (targets recomputed), and ``||δ||`` per row (float64).
+
+        ``eps`` must be >= 0; ``eps = 0`` (or no rows) gives copies of the rows and ``||δ|| = 0`` without drawing
+        anything; otherwise the task's `perturb_rows`, deterministic in ``(examples, eps, seed)``.
+        """
+        if not eps >= 0:
+            raise ValueError(f"eps must be >= 0; got {eps!r}")
+        if eps == 0 or not examples:
+            return [dict(example) for example in examples], torch.zeros(len(examples), dtype=torch.float64)
+        return self.perturb_rows(examples, eps, seed)
+
+    @abstractmethod
+    def perturb_rows(self, examples: list[Example], eps: float, seed: int) -> tuple[list[Example], torch.Tensor]:
+        """`perturb` for ``eps > 0`` and at least one row (`row_generators` gives each row its own draws)."""
 
     def difficulty(self, example: Example) -> int | None:
         """How hard a row is, as an integer (e.g. its number of serial steps), or ``None`` (the default) when
@@ -230,6 +239,11 @@ def check_size_and_seed(n: int, seed: int) -> None:
     """Refuse a data-set size or seed that is not an integer >= 0 (`TaskAdapter.build_dataset`'s arguments)."""
     check_integer("n", n, minimum=0)
     check_integer("seed", seed, minimum=0)
+
+
+def row_generators(seed: int, count: int) -> list[np.random.Generator]:
+    """One independent random stream per row, from ``seed``: a row's perturbation does not depend on the others."""
+    return [np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(count)]
 
 
 def split_rng(split: str, seed: int) -> np.random.Generator:

@@ -1,16 +1,14 @@
-"""What the causal-LM tasks share: the base of a task that owns a tokenizer (`CausalLMTask`), a pretrained model's
-tokenizer for a task, and greedy completion of prompts by ``model.generate`` at a loop count (the ``complete`` of a
-task; halting with ``tol``)."""
+"""What the causal-LM tasks share: the base of a task that owns a tokenizer (`CausalLMTask`), the base of one scored
+by generating text (`GenerativeTask`), and a task's own or a pretrained model's tokenizer."""
 
 from __future__ import annotations
 
+from abc import abstractmethod
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from .base import TaskAdapter
+from .base import Example, TaskAdapter, check_one_per_row
 
 
 class CausalLMTask(TaskAdapter):
@@ -37,6 +35,40 @@ class CausalLMTask(TaskAdapter):
     def save_artifacts(self, model_dir: str | Path) -> None:
         """The tokenizer, next to the trained model (``AutoTokenizer.from_pretrained(model_dir)``)."""
         self.tokenizer.save_pretrained(str(model_dir))
+
+
+class GenerativeTask(CausalLMTask):
+    """A causal-LM task scored by generating text at each loop count rather than from one trajectory (the evaluation
+    recognises it by this class, `implicit_hf.eval.run.sweep`, and runs its one generate loop,
+    `implicit_hf.eval.generative.complete`).
+
+    It declares what that loop and the scoring need: `prompt` (the text to continue) and `expected` (the answer
+    text) of a row, ``max_new_tokens`` and ``use_cache`` (of ``model.generate``), `lipschitz_pairs` (the prompt
+    pairs of the text Lipschitz probe); `compute_metrics` scores the generated texts against the expected ones
+    with the task's metric module.
+    """
+
+    max_new_tokens: int = 1  # enough new tokens for the longest answer (and its [EOS])
+    use_cache: bool = True  # generate with the KV cache
+
+    def prompt(self, example: Example) -> str:
+        """The text the model is asked to continue (the row's ``prompt``)."""
+        return example["prompt"]
+
+    def expected(self, example: Example) -> str:
+        """The text the model should write after `prompt` (the row's ``completion``)."""
+        return example["completion"]
+
+    @abstractmethod
+    def lipschitz_pairs(self) -> list[dict[str, Any]]:
+        """The prompt pairs ``{"prompt_a", "prompt_b"}`` of the text Lipschitz probe (two different prompts each)."""
+
+    def compute_metrics(self, predictions: list[str], examples: list[Example]) -> dict[str, float]:
+        """The task's metric module on the generated texts against `expected`, means over rows."""
+        check_one_per_row(predictions, examples)
+        return self.load_metric().compute(
+            predictions=[str(p) for p in predictions], references=[self.expected(example) for example in examples]
+        )
 
 
 # The special tokens of a task's own tokenizer (`word_level_tokenizer`), first in its vocabulary.
@@ -89,38 +121,3 @@ def pretrained_tokenizer(path: str):
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
-
-
-@torch.no_grad()
-def greedy_completions(
-    model: torch.nn.Module,
-    tokenizer,
-    prompts: list[str],
-    num_loops: int,
-    batch_size: int = 64,
-    tol: float | None = None,
-    max_new_tokens: int = 1,
-    use_cache: bool = True,
-) -> list[str]:
-    """The text ``model.generate(..., num_loops=num_loops, do_sample=False)`` writes after each prompt: left-padded
-    batches of ``batch_size`` (``tokenizer`` pads on the left), at most ``max_new_tokens`` new tokens, halting
-    at ``tol`` when given (``None``: the model's own setting), the KV cache as ``use_cache`` says."""
-    device = next(model.parameters()).device
-    texts = []
-    for start in range(0, len(prompts), batch_size):
-        batch = tokenizer(prompts[start : start + batch_size], padding=True, return_tensors="pt")
-        batch = {k: v.to(device) for k, v in batch.items() if k in ("input_ids", "attention_mask")}
-        extra = {} if tol is None else {"tol": tol}
-        output = model.generate(
-            **batch,
-            num_loops=num_loops,
-            do_sample=False,
-            max_new_tokens=max_new_tokens,
-            use_cache=use_cache,
-            pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            **extra,
-        )
-        new = output[:, batch["input_ids"].shape[1] :].cpu()
-        texts.extend(tokenizer.batch_decode(new, skip_special_tokens=True))
-    return texts

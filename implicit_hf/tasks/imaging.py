@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 from ..checks import Positive, at_least, number
-from .base import Example, TaskAdapter, check_one_per_row, single_threaded
+from .base import Example, TaskAdapter, check_one_per_row, row_generators, single_threaded
 
 PIXEL_MEAN = 0.5  # model inputs and targets are (pixel - PIXEL_MEAN) / PIXEL_SCALE, O(1) on natural images
 PIXEL_SCALE = 0.25
@@ -326,18 +326,16 @@ class DeblurTask(TaskAdapter):
 
     # ------------------------------------------------------------------ perturbations
 
-    def perturb(self, examples: list[Example], eps: float, seed: int) -> tuple[list[Example], torch.Tensor]:
+    def perturb_rows(self, examples: list[Example], eps: float, seed: int) -> tuple[list[Example], torch.Tensor]:
         """Rows with observation ``y + A δx`` and target ``x + δx``, ``δx`` along the blur's top singular vectors.
 
         ``δx`` is a random combination of the `PERTURB_MODES` Fourier modes with the largest
         ``|H|``, scaled so that the input perturbation ``δ = A δx`` has norm exactly ``eps`` (in
         pixel units, as the decoded predictions). Deterministic in ``(examples, eps, seed)``.
         """
-        if not eps >= 0:
-            raise ValueError(f"eps must be >= 0; got {eps!r}")
         transfer = self.operator.transfer
         modes = np.argsort(-np.abs(transfer), axis=None, kind="stable")[:PERTURB_MODES]
-        generators = [np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(len(examples))]
+        generators = row_generators(seed, len(examples))
         perturbed = []
         for k, (example, rng) in enumerate(zip(examples, generators, strict=True)):
             spectrum = np.zeros(transfer.shape, dtype=np.complex128)

@@ -53,7 +53,7 @@ import torch
 from scipy.optimize import linprog
 
 from ..checks import Fraction, at_least
-from .base import Example, TaskAdapter, check_one_per_row, list_feature
+from .base import Example, TaskAdapter, check_one_per_row, list_feature, row_generators
 
 B_SCALE = 1.0  # b ~ U(-1, 1) already
 C_SCALE = 0.01  # c ~ 0.01 U(-1, 1): c / C_SCALE ~ U(-1, 1)
@@ -246,7 +246,7 @@ class LinearProgramTask(TaskAdapter):
 
     # ------------------------------------------------------------------ perturbations
 
-    def perturb(self, examples: list[Example], eps: float, seed: int) -> tuple[list[Example], torch.Tensor]:
+    def perturb_rows(self, examples: list[Example], eps: float, seed: int) -> tuple[list[Example], torch.Tensor]:
         """Rows with Gaussian noise ``δ`` of norm exactly ``eps`` on (nonzeros of A, b, c, l, u), re-solved.
 
         ``δ`` is drawn in the raw units of the rows (the same units as ``||y(x+δ) - y(x)||`` of
@@ -254,9 +254,7 @@ class LinearProgramTask(TaskAdapter):
         infeasible perturbed LP is redrawn, up to 100 times per row, then `RuntimeError`.
         Deterministic in ``(examples, eps, seed)``.
         """
-        if not eps >= 0:
-            raise ValueError(f"eps must be >= 0; got {eps!r}")
-        generators = [np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(len(examples))]
+        generators = row_generators(seed, len(examples))
         perturbed = []
         for k, (example, rng) in enumerate(zip(examples, generators, strict=True)):
             p = _arrays(example)

@@ -1,16 +1,20 @@
-"""Models for tasks: the model classes of each task head, loading a trained checkpoint, and finding the task
-it was trained on again. Used by training (``init_from``), evaluation and the command line.
+"""Models for tasks: the model classes of each task head (`HEADS`), whether a checkpoint fits a task
+(`check_fits`), building and loading a model for a task, and finding the task a checkpoint was trained on again
+(`task_for_model`). Used by training (``init_from``), evaluation and the command line.
 """
 
 from __future__ import annotations
 
 import importlib
 import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
+import transformers
 
+from .. import modeling
 from .base import TASK_FILE, TaskAdapter, get_task
 
 
@@ -36,10 +40,38 @@ def missing_head(architectures: list[str], head: str) -> str | None:
     return expected if expected and architectures and expected not in architectures else None
 
 
+def check_fits(task: TaskAdapter, config: Mapping[str, Any]) -> list[str]:
+    """Why an implicit checkpoint whose ``config.json`` holds ``config`` does not fit ``task``: empty when it fits.
+
+    A wrong head is the one reason given when there is one (the task needs a {head} model); otherwise each input
+    size and the attention causality must equal the task's (`TaskAdapter.model_config`), the number of labels too
+    for a task that is not a causal LM, and the vocabulary must cover the task's.
+    """
+    architectures = config.get("architectures") or []
+    expected = missing_head(architectures, task.head)
+    if expected:
+        return [f"the task needs a {task.head} model ({expected}), the checkpoint is {', '.join(architectures)}"]
+    needs = task.model_config()
+    has = {
+        "input_features": config.get("input_features", 0),
+        "edge_features": config.get("edge_features", 0),
+        "feedback_features": config.get("feedback_features", 0),
+        "is_causal": config.get("is_causal", True),
+    }
+    if task.head != "causal_lm":
+        has["num_labels"] = len(config["id2label"]) if config.get("id2label") else config.get("num_labels", 2)
+    problems = [
+        f"{key}: task needs {needs[key]!r}, checkpoint has {value!r}"
+        for key, value in has.items()
+        if key in needs and needs[key] != value
+    ]
+    if "vocab_size" in needs and config.get("vocab_size", 0) < needs["vocab_size"]:
+        problems.append(f"vocab_size: task needs >= {needs['vocab_size']}, checkpoint has {config.get('vocab_size')}")
+    return problems
+
+
 def build_model(task: TaskAdapter, **config_overrides: Any):
     """A fresh implicit model with the head and input sizes ``task`` needs, plus ``config_overrides``."""
-    from .. import modeling
-
     fixed = task.model_config()
     clashes = {k: (v, fixed[k]) for k, v in config_overrides.items() if k in fixed and fixed[k] != v}
     if clashes:
@@ -56,11 +88,8 @@ def load_model(model_dir: str | Path, head: str, device: str | torch.device = "c
 
     A checkpoint that cannot be loaded is an ``OSError`` naming it, as transformers reports an unreadable
     config.json: also a setting its config.json or generation_config.json holds that the model's checks refuse
-    (e.g. a loop count past the bound it was saved under)."""
-    import transformers
-
-    from .. import modeling  # noqa: F401  (importing it registers the implicit model type with the Auto classes)
-
+    (e.g. a loop count past the bound it was saved under); importing `implicit_hf.modeling` registered the
+    implicit model type with the Auto classes."""
     if head not in HEADS:
         raise ValueError(f"unknown task head {head!r}; expected one of {sorted(HEADS)}")
     try:
@@ -87,13 +116,6 @@ def recorded_task(model_dir: str | Path) -> dict[str, Any] | None:
     return record
 
 
-def resolve_task(name: str | TaskAdapter, task_kwargs: dict[str, Any] | None = None) -> TaskAdapter:
-    """A task adapter instance: ``name`` itself, or the task registered (or built in) as ``name`` (`get_task`)."""
-    if isinstance(name, TaskAdapter):
-        return name
-    return get_task(name, **dict(task_kwargs or {}))
-
-
 def task_for_model(
     model_dir: str | Path, task_name: str | TaskAdapter | None, task_kwargs: dict[str, Any] | None
 ) -> tuple[TaskAdapter, dict[str, Any]]:
@@ -117,4 +139,5 @@ def task_for_model(
         if task_kwargs is None:
             task_kwargs = record.get("task_kwargs") or {}
     task_kwargs = dict(task_kwargs or {})
-    return resolve_task(task_name, task_kwargs), task_kwargs
+    task = task_name if isinstance(task_name, TaskAdapter) else get_task(task_name, **task_kwargs)
+    return task, task_kwargs

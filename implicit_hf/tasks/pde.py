@@ -85,7 +85,7 @@ import numpy as np
 import torch
 
 from ..checks import at_least
-from .base import Example, TaskAdapter, check_one_per_row, list_feature, single_threaded
+from .base import Example, TaskAdapter, check_one_per_row, list_feature, row_generators, single_threaded
 
 NU = 0.02  # viscosity ν
 DRAG = 0.1  # linear drag α
@@ -253,7 +253,7 @@ class NavierStokesTask(TaskAdapter):
 
     # ------------------------------------------------------------------ perturbations
 
-    def perturb(self, examples: list[Example], eps: float, seed: int) -> tuple[list[Example], torch.Tensor]:
+    def perturb_rows(self, examples: list[Example], eps: float, seed: int) -> tuple[list[Example], torch.Tensor]:
         """Rows whose forcing changes by a random smooth field ``δ`` of grid L2 norm ``eps``, re-solved.
 
         ``δ`` is drawn like a forcing (modes ``1 <= |k| <= 3``) and scaled to ``||δ|| = eps`` over the
@@ -261,13 +261,9 @@ class NavierStokesTask(TaskAdapter):
         to a residual below 1e-12. Deterministic in ``(examples, eps, seed)``; `RuntimeError` if a
         perturbed problem does not converge (use a smaller ``eps``).
         """
-        if not eps >= 0:
-            raise ValueError(f"eps must be >= 0; got {eps!r}")
-        if not examples:
-            return [], torch.zeros(0, dtype=torch.float64)
         forcing = torch.stack([self._field(example, "forcing", k) for k, example in enumerate(examples)])
         vorticity = torch.stack([self._field(example, "vorticity", k) for k, example in enumerate(examples)])
-        generators = [np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(len(examples))]
+        generators = row_generators(seed, len(examples))
         delta = torch.cat([random_forcing(rng, 1, self.grid_size, rms=1.0) for rng in generators])
         delta *= eps / torch.linalg.vector_norm(delta, dim=(-2, -1), keepdim=True)
         with single_threaded():

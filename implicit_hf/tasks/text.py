@@ -151,15 +151,14 @@ class TextTask(TaskAdapter):
         check_one_per_row(predictions, examples)
         return self.load_metric().compute(predictions=[p.tolist() for p in predictions])
 
-    def perturb(self, examples: list[Example], eps: float, seed: int) -> tuple[list[Example], torch.Tensor]:
+    def perturb_rows(self, examples: list[Example], eps: float, seed: int) -> tuple[list[Example], torch.Tensor]:
         """One token of each row's first half replaced by another token id; ``||δ|| = 1`` (0 when ``eps == 0``)."""
         rng = np.random.default_rng(seed)
         vocab = len(self.tokenizer)
         perturbed = []
         for example in examples:
             ids = list(example["input_ids"])
-            if eps > 0:
-                position = int(rng.integers(0, max(1, len(ids) // 2)))
-                ids[position] = int((ids[position] + rng.integers(1, vocab)) % vocab)
+            position = int(rng.integers(0, max(1, len(ids) // 2)))
+            ids[position] = int((ids[position] + rng.integers(1, vocab)) % vocab)
             perturbed.append({**example, "input_ids": ids})
-        return perturbed, torch.full((len(examples),), 1.0 if eps > 0 else 0.0)
+        return perturbed, torch.ones(len(examples))

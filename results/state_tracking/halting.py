@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from implicit_hf.eval.generative import recorded_loop_steps
+from implicit_hf.eval.generative import greedy_completions, recorded_loop_steps
 from implicit_hf.tasks.models import load_model, task_for_model
 
 MAX_LOOPS = 128
@@ -21,7 +21,9 @@ def answers_at(model, task, rows, loops: int, tol: float | None) -> dict:
     prompts = [task.prompt(row) for row in rows]
     began = time.perf_counter()
     with recorded_loop_steps(model) as steps:
-        texts = task.complete(model, prompts, loops, batch_size=100, tol=tol if tol is not None else 0)
+        texts = greedy_completions(
+            model, task.tokenizer, prompts, loops, batch_size=100, tol=tol if tol is not None else 0
+        )
     seconds = time.perf_counter() - began
     correct = [text.strip() == row["completion"].strip() for text, row in zip(texts, rows, strict=True)]
     per_answer = torch.cat(steps).double()

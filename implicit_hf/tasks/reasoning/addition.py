@@ -61,7 +61,7 @@ import numpy as np
 import torch
 
 from ...checks import Fraction, at_least
-from ..base import Example, TaskAdapter, check_one_per_row, list_feature
+from ..base import Example, TaskAdapter, check_one_per_row, list_feature, row_generators
 
 PAD = 0
 END = 101
@@ -192,14 +192,10 @@ class AdditionTask(TaskAdapter):
 
     # ------------------------------------------------------------------ perturbations
 
-    def perturb(self, examples: list[Example], eps: float, seed: int) -> tuple[list[Example], torch.Tensor]:
+    def perturb_rows(self, examples: list[Example], eps: float, seed: int) -> tuple[list[Example], torch.Tensor]:
         """Rows with one random digit of ``a`` or ``b`` replaced by another digit, sum recomputed;
         ``||δ|| = 1`` per row (``eps = 0``: rows unchanged, ``||δ|| = 0``)."""
-        if not eps >= 0:
-            raise ValueError(f"eps must be >= 0; got {eps!r}")
-        if eps == 0:
-            return [dict(example) for example in examples], torch.zeros(len(examples), dtype=torch.float64)
-        generators = [np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(len(examples))]
+        generators = row_generators(seed, len(examples))
         perturbed = []
         for example, rng in zip(examples, generators, strict=True):
             a, b = list(example["a"]), list(example["b"])

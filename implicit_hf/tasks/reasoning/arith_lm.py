@@ -27,11 +27,11 @@ Training and evaluation
 -----------------------
 ``encode`` gives ``[BOS] prompt completion [EOS]`` right-padded (training batches), with ``labels``
 equal to the input ids except ``-100`` on ``[BOS]``, the prompt and the padding: the loss is on the
-completion and its ``[EOS]`` only. The task is *generative* (``generative = True``): the evaluation
-harness scores it by `complete`, which runs ``model.generate(..., num_loops=K, do_sample=False)`` on
-the left-padded prompts once per loop count ``K`` (generation cannot reuse one trajectory), and
-`compute_metrics` scores the generated text: ``answer_accuracy`` (headline: the last number written
-is the answer) and ``exact_match`` (every running total right).
+completion and its ``[EOS]`` only. The task is *generative* (a `GenerativeTask`): the evaluation
+harness scores it by generating (``implicit_hf.eval.generative.complete``: ``model.generate(..., num_loops=K,
+do_sample=False)`` on the left-padded prompts, up to ``max_new_tokens``) once per loop count ``K``
+(generation cannot reuse one trajectory), and `compute_metrics` scores the generated text:
+``answer_accuracy`` (headline: the last number written is the answer) and ``exact_match`` (every running total right).
 
 Perturbation (the text Lipschitz probe of the paper's LLM case): `perturb` replaces ``round(eps)``
 (at least 1) operands by other values (totals kept >= 0), so the prompts differ by that many words;
@@ -50,9 +50,9 @@ import numpy as np
 import torch
 
 from ...checks import at_least
-from ..base import Example, check_one_per_row, list_feature, split_rng
+from ..base import Example, list_feature, row_generators, split_rng
 from ..edit_distance import word_edit_distance
-from ..generation import EOS_ID, PAD_ID, CausalLMTask, greedy_completions, word_level_tokenizer
+from ..generation import EOS_ID, PAD_ID, GenerativeTask, word_level_tokenizer
 
 CHARACTERS = "0123456789+-= "
 PAIRS_FILE = Path(__file__).parent / "data" / "arith_pairs.jsonl"
@@ -70,13 +70,12 @@ def arith_tokenizer():
     )
 
 
-class ArithLMTask(CausalLMTask):
+class ArithLMTask(GenerativeTask):
     """Write the running totals of a chain of additions and subtractions, as a causal language model."""
 
     name = "arith_lm"
     quality_metric = "answer_accuracy"
     higher_is_better = True
-    generative = True
     metric_name = "arith_lm_metrics"
 
     def __init__(
@@ -180,44 +179,12 @@ class ArithLMTask(CausalLMTask):
             texts.append(self.tokenizer.decode(tokens, skip_special_tokens=True))
         return texts
 
-    def complete(
-        self,
-        model: torch.nn.Module,
-        prompts: list[str],
-        num_loops: int,
-        batch_size: int = 64,
-        tol: float | None = None,
-    ) -> list[str]:
-        """Greedy completions of ``prompts`` by ``model.generate(..., num_loops=num_loops, do_sample=False)``,
-        left-padded batches of ``batch_size``, the KV cache as ``use_cache`` says; the new text only."""
-        return greedy_completions(
-            model, self.tokenizer, prompts, num_loops, batch_size, tol, self.max_new_tokens, self.use_cache
-        )
-
-    def prompt(self, example: Example) -> str:
-        """The text the model is asked to continue."""
-        return example["prompt"]
-
-    # ------------------------------------------------------------------ metrics
-
-    def compute_metrics(self, predictions: list[str], examples: list[Example]) -> dict[str, float]:
-        """``answer_accuracy`` (headline: the last number written is the answer) and ``exact_match`` (the
-        whole completion), means over problems."""
-        check_one_per_row(predictions, examples)
-        return self.load_metric().compute(
-            predictions=[str(p) for p in predictions], references=[example["completion"] for example in examples]
-        )
-
     # ------------------------------------------------------------------ perturbations
 
-    def perturb(self, examples: list[Example], eps: float, seed: int) -> tuple[list[Example], torch.Tensor]:
+    def perturb_rows(self, examples: list[Example], eps: float, seed: int) -> tuple[list[Example], torch.Tensor]:
         """Rows with ``max(1, round(eps))`` operands replaced by other values (running totals kept >= 0),
         completion recomputed; ``||δ||`` = word-level edit distance of the prompts (``eps = 0``: unchanged)."""
-        if not eps >= 0:
-            raise ValueError(f"eps must be >= 0; got {eps!r}")
-        if eps == 0:
-            return [dict(example) for example in examples], torch.zeros(len(examples), dtype=torch.float64)
-        generators = [np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(len(examples))]
+        generators = row_generators(seed, len(examples))
         perturbed, norms = [], []
         for example, rng in zip(examples, generators, strict=True):
             operands, ops = list(example["operands"]), list(example["ops"])

@@ -59,7 +59,7 @@ import numpy as np
 import torch
 
 from ...checks import Allowed, Positive
-from ..base import Example, TaskAdapter, check_one_per_row, list_feature
+from ..base import Example, TaskAdapter, check_one_per_row, list_feature, row_generators
 
 PAD, WALL, OPEN, START, GOAL = 0, 1, 2, 3, 4
 VOCAB_SIZE = 5
@@ -191,14 +191,10 @@ class MazeTask(TaskAdapter):
 
     # ------------------------------------------------------------------ perturbations
 
-    def perturb(self, examples: list[Example], eps: float, seed: int) -> tuple[list[Example], torch.Tensor]:
+    def perturb_rows(self, examples: list[Example], eps: float, seed: int) -> tuple[list[Example], torch.Tensor]:
         """Rows with one random interior wall square between two cells opened, path recomputed by BFS;
         ``||δ|| = 1`` per row (``eps = 0``: rows unchanged, ``||δ|| = 0``)."""
-        if not eps >= 0:
-            raise ValueError(f"eps must be >= 0; got {eps!r}")
-        if eps == 0:
-            return [dict(example) for example in examples], torch.zeros(len(examples), dtype=torch.float64)
-        generators = [np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(len(examples))]
+        generators = row_generators(seed, len(examples))
         perturbed, norms = [], []
         for k, (example, rng) in enumerate(zip(examples, generators, strict=True)):
             grid = [list(row) for row in example["grid"]]

@@ -46,10 +46,10 @@ must write every answer digit as one token that does not merge with the name bef
 Either is saved next to a trained model. Every question of a training row is the tokens the
 tokenizer gives ``prompt + answer`` after the assignments' tokens, so training sees exactly the
 tokens a model is asked at evaluation. The task is
-generative: `complete` generates the answer token with ``model.generate(..., num_loops=K)``
-(halting with ``tol``), and the local metric (``metrics/multihop_metrics.py``) scores
-``exact_match``. `lipschitz_pairs` gives prompt pairs that differ by one token (a chain's first
-digit; in the asked chain for every other pair) for the text Lipschitz probe. The
+generative (a `GenerativeTask`): the evaluation generates the answer token with ``model.generate(...,
+num_loops=K)`` (``implicit_hf.eval.generative.complete``; halting with ``tol``), and the local metric
+(``metrics/multihop_metrics.py``) scores ``exact_match``. `lipschitz_pairs` gives prompt pairs that differ by
+one token (a chain's first digit; in the asked chain for every other pair) for the text Lipschitz probe. The
 lm-evaluation-harness tasks ``multihop_hops{k}`` (``tasks/reasoning/lm_eval_tasks/``) score the
 same prompts as a 10-way choice of the answer digit; `write_lm_eval_data` writes their data files.
 """
@@ -65,8 +65,8 @@ import numpy as np
 import torch
 
 from ...checks import Allowed, CountRange, at_least, check_count_range
-from ..base import Example, check_one_per_row, list_feature, split_rng
-from ..generation import CausalLMTask, greedy_completions, pretrained_tokenizer, word_level_tokenizer
+from ..base import Example, list_feature, row_generators, split_rng
+from ..generation import GenerativeTask, pretrained_tokenizer, word_level_tokenizer
 from .lm_eval_tasks.documents import LM_EVAL_DIR as LM_EVAL_DIR  # where `implicit-hf lm-eval-data` points lm-eval
 from .lm_eval_tasks.documents import shipped_counts, write_documents
 
@@ -102,13 +102,12 @@ def digit_token_ids(tokenizer) -> list[int]:
     return ids
 
 
-class MultiHopTask(CausalLMTask):
+class MultiHopTask(GenerativeTask):
     """Answer ``?x`` after a list of chained assignments: ``hops`` serial lookups, no intermediate text."""
 
     name = "multihop"
     quality_metric = "exact_match"
     higher_is_better = True
-    generative = True
     metric_name = "multihop_metrics"
 
     def __init__(
@@ -274,41 +273,12 @@ class MultiHopTask(CausalLMTask):
             texts.append(DIGITS[int(scores.argmax())])
         return texts
 
-    def complete(
-        self,
-        model: torch.nn.Module,
-        prompts: list[str],
-        num_loops: int,
-        batch_size: int = 64,
-        tol: float | None = None,
-    ) -> list[str]:
-        """The answer token ``model.generate(..., num_loops=num_loops, do_sample=False)`` writes after each
-        prompt (left-padded batches of ``batch_size``; halting with ``tol``)."""
-        return greedy_completions(model, self.tokenizer, prompts, num_loops, batch_size, tol, 1, self.use_cache)
-
-    def prompt(self, example: Example) -> str:
-        """The text the model is asked to continue: the assignments and the first question."""
-        return example["prompt"]
-
-    # ------------------------------------------------------------------ metrics
-
-    def compute_metrics(self, predictions: list[str], examples: list[Example]) -> dict[str, float]:
-        """``exact_match`` of the answer (the generated text, stripped, equals the answer digit)."""
-        check_one_per_row(predictions, examples)
-        return self.load_metric().compute(
-            predictions=[str(p) for p in predictions], references=[example["completion"] for example in examples]
-        )
-
     # ------------------------------------------------------------------ perturbations
 
-    def perturb(self, examples: list[Example], eps: float, seed: int) -> tuple[list[Example], torch.Tensor]:
+    def perturb_rows(self, examples: list[Example], eps: float, seed: int) -> tuple[list[Example], torch.Tensor]:
         """Rows with ``max(1, round(eps))`` chains' first digits changed (answers recomputed); ``||δ||`` = the
         number of changed tokens (``eps = 0``: unchanged)."""
-        if not eps >= 0:
-            raise ValueError(f"eps must be >= 0; got {eps!r}")
-        if eps == 0:
-            return [dict(example) for example in examples], torch.zeros(len(examples), dtype=torch.float64)
-        generators = [np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(len(examples))]
+        generators = row_generators(seed, len(examples))
         perturbed, norms = [], []
         for example, rng in zip(examples, generators, strict=True):
             roots = first_digits(example["statements"])

@@ -38,8 +38,9 @@ Scoring
 Not generative: one trajectory run scores every loop count (``decode`` reads the logits at the labelled
 positions: the predicted state index at every update for ``dense`` and the answer last; -1 where the
 argmax is no state at all). The local metric (``metrics/state_tracking_metrics.py``) gives ``exact_match``
-(the answer) and ``position_accuracy`` (every labelled position). `complete` generates the answer with
-``model.generate`` (halting with ``tol``: the loops spent per answer). `perturb` changes updates (the
+(the answer) and ``position_accuracy`` (every labelled position). `prompt` is the text a model answers by
+``model.generate`` (``implicit_hf.eval.generative.greedy_completions``; halting with ``tol``: the loops spent per
+answer). `perturb` changes updates (the
 Lipschitz probe: predicted-state indices against the number of updates changed). The lm-evaluation-harness
 tasks ``state_tracking_steps{k}`` (``lm_eval_tasks/``) score the same prompts as a choice among the states;
 `write_lm_eval_data` writes their data files.
@@ -57,8 +58,8 @@ import numpy as np
 import torch
 
 from ...checks import Allowed, CountRange, check_count_range
-from ..base import Example, check_one_per_row, list_feature
-from ..generation import CausalLMTask, greedy_completions, pretrained_tokenizer, word_level_tokenizer
+from ..base import Example, check_one_per_row, list_feature, row_generators
+from ..generation import CausalLMTask, pretrained_tokenizer, word_level_tokenizer
 from .lm_eval_tasks.documents import LM_EVAL_DIR as LM_EVAL_DIR  # where `implicit-hf lm-eval-data` points lm-eval
 from .lm_eval_tasks.documents import shipped_counts, write_documents
 
@@ -299,18 +300,6 @@ class StateTrackingTask(CausalLMTask):
         labels = inputs["labels"].cpu()
         return [predicted[k, (labels[k] != -100).nonzero().flatten() - 1] for k in range(logits.shape[0])]
 
-    def complete(
-        self,
-        model: torch.nn.Module,
-        prompts: list[str],
-        num_loops: int,
-        batch_size: int = 64,
-        tol: float | None = None,
-    ) -> list[str]:
-        """The answer token ``model.generate(..., num_loops=num_loops, do_sample=False)`` writes after each
-        prompt (left-padded batches; halting with ``tol``)."""
-        return greedy_completions(model, self.tokenizer, prompts, num_loops, batch_size, tol)
-
     def prompt(self, example: Example) -> str:
         """The text the model is asked to continue: the start, the updates and the question."""
         return example["prompt"]
@@ -329,14 +318,10 @@ class StateTrackingTask(CausalLMTask):
 
     # ------------------------------------------------------------------ perturbations
 
-    def perturb(self, examples: list[Example], eps: float, seed: int) -> tuple[list[Example], torch.Tensor]:
+    def perturb_rows(self, examples: list[Example], eps: float, seed: int) -> tuple[list[Example], torch.Tensor]:
         """Rows with ``max(1, round(eps))`` updates replaced by other updates (states recomputed); ``||δ||`` = the
         number of updates changed (``eps = 0``: unchanged)."""
-        if not eps >= 0:
-            raise ValueError(f"eps must be >= 0; got {eps!r}")
-        if eps == 0:
-            return [dict(example) for example in examples], torch.zeros(len(examples), dtype=torch.float64)
-        generators = [np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(len(examples))]
+        generators = row_generators(seed, len(examples))
         count = len(self.group.updates)
         perturbed, norms = [], []
         for example, rng in zip(examples, generators, strict=True):

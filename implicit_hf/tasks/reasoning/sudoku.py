@@ -59,7 +59,7 @@ import numpy as np
 import torch
 
 from ...checks import Allowed, Positive
-from ..base import Example, TaskAdapter, check_one_per_row, list_feature
+from ..base import Example, TaskAdapter, check_one_per_row, list_feature, row_generators
 
 CELLS = 81
 ALL = (1 << 9) - 1  # candidate bitmask: bit d-1 <-> digit d
@@ -360,7 +360,7 @@ class SudokuTask(TaskAdapter):
 
     # ------------------------------------------------------------------ perturbations
 
-    def perturb(self, examples: list[Example], eps: float, seed: int) -> tuple[list[Example], torch.Tensor]:
+    def perturb_rows(self, examples: list[Example], eps: float, seed: int) -> tuple[list[Example], torch.Tensor]:
         """Each row with ONE random given blanked; ``||δ|| = 1`` per row (one input token changed).
 
         Discrete inputs have no small perturbation: ``eps`` must be > 0 and is otherwise unused
@@ -368,13 +368,7 @@ class SudokuTask(TaskAdapter):
         solutions; the stored solution still agrees with every remaining given, so it is kept as the
         target. ``givens`` and ``needs_search`` are updated. Deterministic in ``(examples, seed)``.
         """
-        if not eps >= 0:
-            raise ValueError(f"eps must be >= 0; got {eps!r}")
-        if not examples:
-            return [], torch.zeros(0, dtype=torch.float64)
-        if eps == 0:
-            return [dict(example) for example in examples], torch.zeros(len(examples), dtype=torch.float64)
-        generators = [np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(len(examples))]
+        generators = row_generators(seed, len(examples))
         perturbed = []
         for k, (example, rng) in enumerate(zip(examples, generators, strict=True)):
             puzzle = list(example["puzzle"])
