@@ -25,7 +25,7 @@ def settings(result: dict) -> str:
     left out), and the shift's initialisation where it was not the identity."""
     import dataclasses
 
-    from implicit_hf.recipe import parse_args
+    from implicit_hf.training.recipe import parse_args
 
     objects = result["train_config"]["task_kwargs"].get("objects") or 3
     current = parse_args([str(ROOT / f"configs/recipes/state_tracking_s{objects}_implicit.yaml")])
