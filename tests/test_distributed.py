@@ -16,7 +16,7 @@ import yaml
 
 from implicit_hf.modeling.convert import convert_checkpoint
 from implicit_hf.training import distributed
-from implicit_hf.training import loop as train_mod
+from implicit_hf.training.checkpoints import CHECKPOINT_MARKER
 from tests.test_train import (
     ROOT,
     free_port,
@@ -133,7 +133,7 @@ def test_fsdp_killed_run_resumes_bit_identical(fsdp_run, tmp_path):
         stderr=subprocess.PIPE,
         start_new_session=True,  # the launcher and its two workers: killed together
     )
-    kill_after(process, out / "checkpoints" / "step_3" / train_mod.CHECKPOINT_MARKER, timeout_s=300, group=True)
+    kill_after(process, out / "checkpoints" / "step_3" / CHECKPOINT_MARKER, timeout_s=300, group=True)
     assert not (out / "model").exists()
 
     done = launch(tmp_path, "fsdp", recipe, "--resume")

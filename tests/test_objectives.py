@@ -34,6 +34,7 @@ from implicit_hf.modeling import ImplicitConfig, ImplicitForCausalLM
 from implicit_hf.modeling.convert import convert_checkpoint
 from implicit_hf.modeling.penalties import fixed_point_penalties
 from implicit_hf.training import loop as train_mod
+from implicit_hf.training.checkpoints import CHECKPOINT_MARKER
 from implicit_hf.training.objective import distillation_loss
 from implicit_hf.training.schedule import LoopSchedule
 
@@ -442,7 +443,7 @@ def test_killed_run_with_every_stabiliser_resumes_bit_identical(tmp_path):
     env = subprocess_env(tmp_path)
     command = [sys.executable, "-m", "implicit_hf.training", str(recipe), "--task_kwargs.delay", "0.1"]
     process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    marker = out / "checkpoints" / "step_3" / train_mod.CHECKPOINT_MARKER
+    marker = out / "checkpoints" / "step_3" / CHECKPOINT_MARKER
     deadline = time.monotonic() + 120
     while not marker.exists():
         assert process.poll() is None, process.stderr.read().decode()[-4000:]

@@ -22,6 +22,7 @@ import yaml
 from safetensors.torch import load_file
 
 from implicit_hf.training import loop as train_mod
+from implicit_hf.training.checkpoints import CHECKPOINT_MARKER, find_checkpoints
 from implicit_hf.training.schedule import LoopSchedule
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -225,7 +226,7 @@ def test_killed_run_resumes_bit_identical(uninterrupted, tmp_path):
     # a slow collate_fn (0.1 s per micro-batch) keeps the run busy long after the step-3 checkpoint
     command = [sys.executable, "-m", "implicit_hf.training", str(recipe), "--task_kwargs.delay", "0.1"]
     process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    kill_after(process, out / "checkpoints" / "step_3" / train_mod.CHECKPOINT_MARKER, timeout_s=120)
+    kill_after(process, out / "checkpoints" / "step_3" / CHECKPOINT_MARKER, timeout_s=120)
     assert process.returncode == -signal.SIGKILL
     assert not (out / "model").exists() and not (out / "metrics.json").exists()  # killed mid-run
 
@@ -248,7 +249,7 @@ def test_killed_run_resumes_bit_identical(uninterrupted, tmp_path):
     # the log is cut back to the checkpoint and continued: same steps, same loop counts, same losses
     assert log_records(out) == log_records(reference_out)
     # only the newest keep_checkpoints checkpoints are kept
-    assert [step for step, _ in train_mod.find_checkpoints(out)] == [12, 15]
+    assert [step for step, _ in find_checkpoints(out)] == [12, 15]
 
 
 GROUPED = {
@@ -271,7 +272,7 @@ def test_killed_run_grouped_by_difficulty_resumes_bit_identical(tmp_path):
     env = subprocess_env(tmp_path)
     command = [sys.executable, "-m", "implicit_hf.training", str(recipe), "--task_kwargs.delay", "0.1"]
     process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    kill_after(process, out / "checkpoints" / "step_3" / train_mod.CHECKPOINT_MARKER, timeout_s=120)
+    kill_after(process, out / "checkpoints" / "step_3" / CHECKPOINT_MARKER, timeout_s=120)
     done = subprocess.run(
         [sys.executable, "-m", "implicit_hf.training", str(recipe), "--resume"], cwd=ROOT, env=env,
         capture_output=True, text=True,
@@ -414,7 +415,7 @@ def test_overrides_and_yaml_quirks(tmp_path):
 def test_existing_checkpoints_need_resume(tmp_path, capsys):
     out = tmp_path / "out"
     (out / "checkpoints" / "step_2").mkdir(parents=True)
-    (out / "checkpoints" / "step_2" / train_mod.CHECKPOINT_MARKER).write_text("{}")
+    (out / "checkpoints" / "step_2" / CHECKPOINT_MARKER).write_text("{}")
     recipe = write_recipe(tmp_path, "again", output_dir=str(out))
     with pytest.raises(SystemExit):
         run_in_process(tmp_path, recipe)
