@@ -93,8 +93,8 @@ def test_ramp_raises_the_mean_from_min():
     ],
 )
 def test_bad_schedules_are_refused(fields, message):
-    with pytest.raises(ValueError, match=message):
-        LoopSchedule.from_dict(fields)
+    with pytest.raises(train_mod.RecipeError, match="recipe key 'loop_schedule': .*" + message):
+        train_mod.TrainConfig(task="x", loop_schedule=fields)
 
 
 # --------------------------------------------------------------------------------------------------
