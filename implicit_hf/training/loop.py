@@ -108,13 +108,7 @@ def train(config: TrainConfig) -> TrainResult:
     # -- model, optimizer, schedule --------------------------------------------------------------------
     model = sharding.shard(initial_model(config, task, model_config))
     optimizer = make_optimizer(model, config)
-    lr_scheduler = get_scheduler(
-        config.lr_scheduler,
-        optimizer,
-        num_warmup_steps=config.warmup_steps,
-        num_training_steps=config.max_steps,
-        scheduler_specific_kwargs=config.lr_scheduler_kwargs,
-    )
+    lr_scheduler = make_scheduler(optimizer, config)
     model, optimizer, train_loader, lr_scheduler = sharding.prepare(model, optimizer, train_loader, lr_scheduler)
 
     # -- resume: weights, optimizer, schedule, scaler and RNG states; the data position follows --------
@@ -128,9 +122,7 @@ def train(config: TrainConfig) -> TrainResult:
     objective = objective_of(config, accelerator.device)
     stats = TrainingStats()
     started = time.perf_counter()
-    progress = tqdm(
-        total=config.max_steps, initial=start_step, disable=not accelerator.is_local_main_process, desc="train"
-    )
+    progress = progress_bar(config, accelerator, start_step)
     for step in range(start_step, config.max_steps):
         for micro_batch in range(config.gradient_accumulation_steps):
             batch, num_loops = with_loop_count(next(batches), config, model_config, step, micro_batch)
@@ -177,13 +169,7 @@ def train(config: TrainConfig) -> TrainResult:
     state_bytes = sharding.state_bytes()
     unwrapped = save_final_model(sharding, config, task, model_config)
     metrics = {
-        "step": config.max_steps,
-        "num_processes": accelerator.num_processes,
-        "distributed_type": str(accelerator.distributed_type),
-        "sharding": sharding.name,
-        "state_bytes_per_process": state_bytes,
-        "mixed_precision": accelerator.mixed_precision,
-        "global_batch": global_batch,
+        **run_layout(config, sharding, state_bytes, global_batch),
         "resumed_from": resumed_from,
         "train_loss": last.get("train/loss", math.nan),
         **final_eval,
@@ -307,6 +293,17 @@ def make_optimizer(model: Any, config: TrainConfig) -> torch.optim.Optimizer:
     )
 
 
+def make_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig) -> Any:
+    """The recipe's learning-rate schedule, in optimizer steps."""
+    return get_scheduler(
+        config.lr_scheduler,
+        optimizer,
+        num_warmup_steps=config.warmup_steps,
+        num_training_steps=config.max_steps,
+        scheduler_specific_kwargs=config.lr_scheduler_kwargs,
+    )
+
+
 def objective_of(config: TrainConfig, device: torch.device) -> Objective:
     """The training objective of the recipe (the teacher, if any, loaded frozen on ``device``)."""
     return Objective(
@@ -350,6 +347,12 @@ def start_run_files(
         )
     accelerator.init_trackers("train", config=_flat_hparams(config))
     return run_log, last
+
+
+def progress_bar(config: TrainConfig, accelerator: Accelerator, start_step: int) -> tqdm:
+    """The steps' progress bar, on the local main process only."""
+    disable = not accelerator.is_local_main_process
+    return tqdm(total=config.max_steps, initial=start_step, disable=disable, desc="train")
 
 
 def _flat_hparams(config: TrainConfig) -> dict[str, Any]:
@@ -436,6 +439,20 @@ def save_final_model(sharding: Sharding, config: TrainConfig, task: TaskAdapter,
             state_dict=state_dict,
         )
     return unwrapped
+
+
+def run_layout(config: TrainConfig, sharding: Sharding, state_bytes: int, global_batch: int) -> dict[str, Any]:
+    """The metrics that say how the run was laid out: steps, processes, sharding, precision, batch."""
+    accelerator = sharding.accelerator
+    return {
+        "step": config.max_steps,
+        "num_processes": accelerator.num_processes,
+        "distributed_type": str(accelerator.distributed_type),
+        "sharding": sharding.name,
+        "state_bytes_per_process": state_bytes,
+        "mixed_precision": accelerator.mixed_precision,
+        "global_batch": global_batch,
+    }
 
 
 def write_run_record(config: TrainConfig, task: TaskAdapter, metrics: dict[str, Any], global_batch: int) -> None:
