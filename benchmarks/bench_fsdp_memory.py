@@ -66,7 +66,7 @@ def train(config: str, folder: Path) -> dict:
         "--num_processes",
         "2",
         "-m",
-        "implicit_hf.train",
+        "implicit_hf.training",
         str(recipe),
     ]
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)

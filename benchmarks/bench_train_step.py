@@ -26,7 +26,7 @@ from _common import environment, median, resolve_device, seed_everything, synchr
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from implicit_hf import ImplicitConfig, ImplicitForCausalLM
-from implicit_hf.objective import Objective
+from implicit_hf.training.objective import Objective
 
 MODES = ("unroll", "truncated", "jfb", "phantom", "ift")
 

@@ -204,7 +204,7 @@ def multi_gpu(device) -> dict:
             path.write_text(yaml.safe_dump({**recipe, "output_dir": str(Path(tmp) / config)}))
             command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
                        str(ROOT / "configs" / "accelerate" / f"{config}.yaml"), "--num_processes", "2",
-                       "-m", "implicit_hf.train", str(path)]  # fmt: skip
+                       "-m", "implicit_hf.training", str(path)]  # fmt: skip
             done = subprocess.run(command, cwd=ROOT, env=dict(os.environ), capture_output=True, text=True)
             results[config] = {"returncode": done.returncode, "stderr_tail": done.stderr[-1500:]}
             if done.returncode == 0:

@@ -197,7 +197,8 @@ def demo_recipe() -> Path:
 def demo(out: Path, max_steps: int | None = None) -> dict:
     """Train a small implicit model on linear programs, sweep loop counts, write results and plots."""
     from .eval.harness import run_eval
-    from .train import parse_args, train
+    from .training.loop import train
+    from .training.recipe import parse_args
 
     started = time.perf_counter()
     overrides = ["--output_dir", str(out / "train"), "--overwrite_output_dir", "true"]
@@ -242,9 +243,10 @@ def _zero_prediction_error(config) -> float:
 
 def train_command(rest: list[str]) -> Any:
     """``implicit-hf train RECIPE.yaml [--key value ...] [--resume]`` (recipe errors: `RecipeError`)."""
-    from . import train as training
+    from .training.loop import train
+    from .training.recipe import parse_args
 
-    return training.train(training.parse_args(rest))
+    return train(parse_args(rest))
 
 
 def eval_command(args: argparse.Namespace) -> dict[str, Any]:
@@ -395,11 +397,11 @@ def main(argv: list[str] | None = None) -> None:
         subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
         subparsers.choices[command].error(f"unrecognized arguments: {' '.join(rest)}")
     if command == "train" and (not rest or rest[0] in ("-h", "--help")):
-        from .train import usage
+        from .training.recipe import usage
 
         print(usage("implicit-hf train"))
         raise SystemExit(0 if rest else 2)
-    from .train import RecipeError
+    from .training.recipe import RecipeError
 
     try:
         if command == "train":

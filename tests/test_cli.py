@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import yaml
 
-from implicit_hf import train as train_mod
 from implicit_hf.cli import build_parser, demo_recipe, main
 from implicit_hf.tasks import BUILTIN_TASK_MODULES
+from implicit_hf.training import loop as train_mod
 
 
 @pytest.fixture(autouse=True)
@@ -120,7 +120,7 @@ def test_help_imports_neither_torch_nor_transformers(command):
 
 
 def test_importing_the_package_imports_neither_torch_nor_transformers():
-    code = "import sys, implicit_hf, implicit_hf.cli, implicit_hf.tasks, implicit_hf.train\n"
+    code = "import sys, implicit_hf, implicit_hf.cli, implicit_hf.tasks, implicit_hf.training.recipe\n"
     code += "print('torch' in sys.modules, 'transformers' in sys.modules)"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     assert done.stdout.split() == ["False", "False"]
@@ -138,7 +138,7 @@ def test_the_package_still_registers_the_auto_classes():
 
 
 def test_train_help_names_the_command_and_every_recipe_key(capsys):
-    from implicit_hf.train import TrainConfig
+    from implicit_hf.training.recipe import TrainConfig
 
     with pytest.raises(SystemExit) as exit_info:
         main(["train", "--help"])

@@ -14,9 +14,9 @@ import pytest
 import torch
 import yaml
 
-from implicit_hf import distributed
-from implicit_hf import train as train_mod
 from implicit_hf.modeling.convert import convert_checkpoint
+from implicit_hf.training import distributed
+from implicit_hf.training.checkpoints import CHECKPOINT_MARKER
 from tests.test_train import (
     ROOT,
     free_port,
@@ -34,7 +34,7 @@ FSDP = {
     "per_device_batch_size": 4,
     "gradient_accumulation_steps": 2,
     "train_size": 36,  # 4.5 optimizer steps of 2 x 2 x 4 rows per epoch: resuming lands mid-epoch
-    "random_loops": [1, 4],
+    "loop_schedule": {"distribution": "uniform", "min": 1, "max": 4},
     "max_steps": 10,
     "checkpoint_every": 3,
     "keep_checkpoints": 2,
@@ -55,7 +55,7 @@ def launch_command(config: str, recipe: Path, *args: str) -> list[str]:
         "--main_process_port",
         str(free_port()),
         "-m",
-        "implicit_hf.train",
+        "implicit_hf.training",
         str(recipe),
         *args,
     ]
@@ -133,7 +133,7 @@ def test_fsdp_killed_run_resumes_bit_identical(fsdp_run, tmp_path):
         stderr=subprocess.PIPE,
         start_new_session=True,  # the launcher and its two workers: killed together
     )
-    kill_after(process, out / "checkpoints" / "step_3" / train_mod.CHECKPOINT_MARKER, timeout_s=300, group=True)
+    kill_after(process, out / "checkpoints" / "step_3" / CHECKPOINT_MARKER, timeout_s=300, group=True)
     assert not (out / "model").exists()
 
     done = launch(tmp_path, "fsdp", recipe, "--resume")

@@ -9,7 +9,6 @@ import torch
 from skimage.metrics import structural_similarity
 from transformers import AutoModelForTokenClassification
 
-from implicit_hf import train as train_mod
 from implicit_hf.eval import sweep
 from implicit_hf.modeling.configuration_implicit import GRADIENTS
 from implicit_hf.tasks import get_task
@@ -25,6 +24,8 @@ from implicit_hf.tasks.imaging import (
     unpatchify,
 )
 from implicit_hf.tasks.models import build_model
+from implicit_hf.training import loop as train_mod
+from implicit_hf.training.recipe import config_from_dict
 
 SIZE = 16  # 16 x 16 crops: 16 tokens of 4 x 4 pixels
 TINY_MODEL = dict(hidden_size=32, num_attention_heads=4, num_prelude_layers=0, num_core_layers=1, num_coda_layers=0)
@@ -289,7 +290,7 @@ def test_feedback_model_save_load_round_trip(task, rows, tmp_path):
 
 def test_tiny_training_run_lowers_the_loss_and_sweeps(tmp_path, monkeypatch):
     monkeypatch.setenv("IMPLICIT_HF_CACHE", str(tmp_path / "cache"))
-    config = train_mod.config_from_dict(
+    config = config_from_dict(
         {
             "task": "deblur",
             "task_kwargs": {"image_size": SIZE},

@@ -30,26 +30,28 @@ from test_train import (
     write_recipe,
 )
 
-from implicit_hf import train as train_mod
-from implicit_hf.loop_schedule import LoopSchedule
 from implicit_hf.modeling import ImplicitConfig, ImplicitForCausalLM
 from implicit_hf.modeling.convert import convert_checkpoint
 from implicit_hf.modeling.penalties import fixed_point_penalties
-from implicit_hf.objective import distillation_loss
+from implicit_hf.training import loop as train_mod
+from implicit_hf.training.checkpoints import CHECKPOINT_MARKER
+from implicit_hf.training.objective import distillation_loss
+from implicit_hf.training.schedule import LoopSchedule
 
 # --------------------------------------------------------------------------------------------------
 # Loop schedules
 
 
 def test_uniform_schedule_draws_what_random_loops_drew():
-    """``random_loops: [lo, hi]`` is the uniform schedule, draw for draw (old runs stay reproducible)."""
+    """The uniform schedule draws what the former ``random_loops: [lo, hi]`` drew, draw for draw (recipes migrated
+    from it stay reproducible)."""
     import random
 
     schedule = LoopSchedule("uniform", min=2, max=9)
     expected = [random.Random(f"random_loops/5/{step}").randint(2, 9) for step in range(200)]
     assert [schedule.sample(5, step) for step in range(200)] == expected
-    config = train_mod.TrainConfig(task="x", random_loops=[2, 9], seed=5)
-    assert train_mod.loop_schedule_of(config) == schedule
+    config = train_mod.TrainConfig(task="x", loop_schedule={"min": 2, "max": 9}, seed=5)
+    assert config.loop_schedule == schedule
 
 
 def test_poisson_lognormal_schedule_is_heavy_tailed_clipped_and_deterministic():
@@ -91,8 +93,8 @@ def test_ramp_raises_the_mean_from_min():
     ],
 )
 def test_bad_schedules_are_refused(fields, message):
-    with pytest.raises(ValueError, match=message):
-        LoopSchedule.from_dict(fields)
+    with pytest.raises(train_mod.RecipeError, match="recipe key 'loop_schedule': .*" + message):
+        train_mod.TrainConfig(task="x", loop_schedule=fields)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -226,7 +228,7 @@ def test_a_penalty_lowers_what_it_penalises(plain_run, tmp_path, field, name, we
 def test_deep_supervision_averages_the_task_loss_over_those_iterations():
     """The objective's task loss (and its gradient) is the mean of the losses of separate runs at each count;
     counts at or past the step's loop count are skipped."""
-    from implicit_hf.objective import Objective
+    from implicit_hf.training.objective import Objective
 
     objective = Objective(deep_supervision=(1, 3, 6))
     assert objective.forward_kwargs(6) == {"return_trajectory": [1, 3]}
@@ -353,7 +355,8 @@ def other_vocabulary_teacher(root, same_size: bool):
         (lambda tmp: {"teacher": "T", "distill": {"alpha": 0.5}}, "unknown entries \\['alpha'\\]"),
         (lambda tmp: {"loop_schedule": {"distribution": "zipf"}}, "'loop_schedule': .*distribution must be one of"),
         (lambda tmp: {"loop_schedule": {"min": 9, "max": 2}}, "'loop_schedule': .*min <= max"),
-        (lambda tmp: {"random_loops": [1, 2], "loop_schedule": {"max": 2}}, "exclude each other"),
+        (lambda tmp: {"loop_schedule": {"min": 0}}, "'loop_schedule': loop_schedule.min must be an integer >= 1"),
+        (lambda tmp: {"loop_schedule": {"mean": 2}}, "'loop_schedule': .*mean applies to poisson_lognormal only"),
         (lambda tmp: {"jacobian_penalty": -0.1}, "'jacobian_penalty' must be a weight >= 0"),
         (lambda tmp: {"fixed_point_penalty": -1}, "'fixed_point_penalty' must be a weight >= 0"),
         (lambda tmp: {"deep_supervision": [0, 2]}, "'deep_supervision' must list distinct loop counts >= 1"),
@@ -398,7 +401,7 @@ def test_all_features_on_two_processes_match_one(tmp_path, retrofit):
     command = [
         sys.executable, "-m", "accelerate.commands.launch", "--config_file",
         str(ROOT / "configs" / "accelerate" / "ddp.yaml"), "--num_processes", "2", "--main_process_port",
-        str(free_port()), "-m", "implicit_hf.train", str(ddp),
+        str(free_port()), "-m", "implicit_hf.training", str(ddp),
     ]  # fmt: skip
     done = subprocess.run(
         command, cwd=ROOT, env=subprocess_env(tmp_path / "ddp", ACCELERATE_USE_CPU="true"),
@@ -438,9 +441,9 @@ def test_killed_run_with_every_stabiliser_resumes_bit_identical(tmp_path):
     out = tmp_path / "out"
     recipe = write_recipe(tmp_path, "resume", output_dir=str(out), **RESUME_FEATURES)
     env = subprocess_env(tmp_path)
-    command = [sys.executable, "-m", "implicit_hf.train", str(recipe), "--task_kwargs.delay", "0.1"]
+    command = [sys.executable, "-m", "implicit_hf.training", str(recipe), "--task_kwargs.delay", "0.1"]
     process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    marker = out / "checkpoints" / "step_3" / train_mod.CHECKPOINT_MARKER
+    marker = out / "checkpoints" / "step_3" / CHECKPOINT_MARKER
     deadline = time.monotonic() + 120
     while not marker.exists():
         assert process.poll() is None, process.stderr.read().decode()[-4000:]
@@ -450,7 +453,7 @@ def test_killed_run_with_every_stabiliser_resumes_bit_identical(tmp_path):
     process.wait()
     process.stderr.close()
     done = subprocess.run(
-        [sys.executable, "-m", "implicit_hf.train", str(recipe), "--resume"], cwd=ROOT, env=env,
+        [sys.executable, "-m", "implicit_hf.training", str(recipe), "--resume"], cwd=ROOT, env=env,
         capture_output=True, text=True,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-4000:]

@@ -59,7 +59,7 @@ def test_the_readme_has_code_blocks():
 
 def test_every_readme_block_runs_or_parses(workdir):
     from implicit_hf.cli import build_parser
-    from implicit_hf.train import parse_args
+    from implicit_hf.training.recipe import parse_args
 
     for kind, code, line in readme_blocks():
         where = f"README.md block at line {line}"

@@ -21,9 +21,9 @@ import torch
 import yaml
 from test_train import log_records, run_in_process, weights
 
-from implicit_hf import checkpoints
-from implicit_hf import train as train_mod
-from implicit_hf.checkpoints import CHECKPOINT_MARKER
+from implicit_hf.training import checkpoints
+from implicit_hf.training import loop as train_mod
+from implicit_hf.training.checkpoints import CHECKPOINT_MARKER
 
 RECIPE = {
     "task": "train_toy",
@@ -44,7 +44,7 @@ RECIPE = {
     "learning_rate": 3e-3,
     "lr_scheduler": "cosine",
     "warmup_steps": 1,
-    "random_loops": [1, 3],
+    "loop_schedule": {"distribution": "uniform", "min": 1, "max": 3},
     "max_steps": 6,
     "checkpoint_every": 2,
     "keep_checkpoints": 0,  # all of step_2, step_4, step_6: the damaged newest has older ones behind it

@@ -21,7 +21,9 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from implicit_hf import train as train_mod
+from implicit_hf.training import loop as train_mod
+from implicit_hf.training.checkpoints import CHECKPOINT_MARKER, find_checkpoints
+from implicit_hf.training.schedule import LoopSchedule
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_MODEL = {
@@ -74,7 +76,7 @@ def subprocess_env(tmp: Path, **extra: str) -> dict[str, str]:
 
 
 def run_in_process(tmp: Path, recipe: Path, *args: str) -> train_mod.TrainResult:
-    """`implicit_hf.train.main` in this process, with the same cache and thread settings as the subprocesses."""
+    """`implicit_hf.training.loop.main` in this process, with the same cache and thread settings as the subprocesses."""
     threads = torch.get_num_threads()
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("IMPLICIT_HF_CACHE", str(tmp / "cache"))
@@ -143,7 +145,7 @@ def test_two_processes_match_one_process(single_run, tmp_path):
         "--main_process_port",
         str(free_port()),
         "-m",
-        "implicit_hf.train",
+        "implicit_hf.training",
         str(recipe),
     ]
     # ACCELERATE_USE_CPU: the MULTI_GPU launch starts CPU processes (gloo) on a machine without GPUs
@@ -199,7 +201,7 @@ RESUME = {
     "gradient_accumulation_steps": 2,
     "per_device_batch_size": 4,
     "train_size": 36,  # 9 micro-batches of 4 per epoch: epochs end mid-step, and resuming lands mid-epoch
-    "random_loops": [1, 4],
+    "loop_schedule": {"distribution": "uniform", "min": 1, "max": 4},
     "max_steps": 16,
     "checkpoint_every": 3,
     "keep_checkpoints": 2,
@@ -222,14 +224,14 @@ def test_killed_run_resumes_bit_identical(uninterrupted, tmp_path):
     recipe = write_recipe(tmp_path, "resume", output_dir=str(out), **RESUME)
     env = subprocess_env(tmp_path)
     # a slow collate_fn (0.1 s per micro-batch) keeps the run busy long after the step-3 checkpoint
-    command = [sys.executable, "-m", "implicit_hf.train", str(recipe), "--task_kwargs.delay", "0.1"]
+    command = [sys.executable, "-m", "implicit_hf.training", str(recipe), "--task_kwargs.delay", "0.1"]
     process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    kill_after(process, out / "checkpoints" / "step_3" / train_mod.CHECKPOINT_MARKER, timeout_s=120)
+    kill_after(process, out / "checkpoints" / "step_3" / CHECKPOINT_MARKER, timeout_s=120)
     assert process.returncode == -signal.SIGKILL
     assert not (out / "model").exists() and not (out / "metrics.json").exists()  # killed mid-run
 
     done = subprocess.run(
-        [sys.executable, "-m", "implicit_hf.train", str(recipe), "--resume"],
+        [sys.executable, "-m", "implicit_hf.training", str(recipe), "--resume"],
         cwd=ROOT,
         env=env,
         capture_output=True,
@@ -247,12 +249,11 @@ def test_killed_run_resumes_bit_identical(uninterrupted, tmp_path):
     # the log is cut back to the checkpoint and continued: same steps, same loop counts, same losses
     assert log_records(out) == log_records(reference_out)
     # only the newest keep_checkpoints checkpoints are kept
-    assert [step for step, _ in train_mod.find_checkpoints(out)] == [12, 15]
+    assert [step for step, _ in find_checkpoints(out)] == [12, 15]
 
 
 GROUPED = {
     **RESUME,
-    "random_loops": None,
     "loop_schedule": {"distribution": "above_difficulty", "min": 1, "max": 64},
     "group_by_difficulty": True,
 }
@@ -269,11 +270,11 @@ def test_killed_run_grouped_by_difficulty_resumes_bit_identical(tmp_path):
     out = tmp_path / "out"
     recipe = write_recipe(tmp_path, "resume", output_dir=str(out), **GROUPED)
     env = subprocess_env(tmp_path)
-    command = [sys.executable, "-m", "implicit_hf.train", str(recipe), "--task_kwargs.delay", "0.1"]
+    command = [sys.executable, "-m", "implicit_hf.training", str(recipe), "--task_kwargs.delay", "0.1"]
     process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    kill_after(process, out / "checkpoints" / "step_3" / train_mod.CHECKPOINT_MARKER, timeout_s=120)
+    kill_after(process, out / "checkpoints" / "step_3" / CHECKPOINT_MARKER, timeout_s=120)
     done = subprocess.run(
-        [sys.executable, "-m", "implicit_hf.train", str(recipe), "--resume"], cwd=ROOT, env=env,
+        [sys.executable, "-m", "implicit_hf.training", str(recipe), "--resume"], cwd=ROOT, env=env,
         capture_output=True, text=True,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-4000:]
@@ -285,7 +286,7 @@ def test_killed_run_grouped_by_difficulty_resumes_bit_identical(tmp_path):
 
 
 def test_batches_grouped_by_difficulty():
-    from implicit_hf.difficulty import GroupedByDifficulty
+    from implicit_hf.training.difficulty import GroupedByDifficulty
 
     levels = [1, 2, 3, 1, 2, 3, 1, 2, 1, 1, 3]  # 5 rows of level 1, 3 of level 2, 3 of level 3
     sampler = GroupedByDifficulty(levels, batch_size=2, seed=0)
@@ -315,7 +316,7 @@ def test_difficulty_settings_need_a_task_that_rates_its_rows(tmp_path):
 def test_random_loops_are_logged_and_reproducible(uninterrupted):
     out, result = uninterrupted
     config = train_mod.TrainConfig(**json.loads((out / "train_config.json").read_text()))
-    schedule = train_mod.loop_schedule_of(config)
+    schedule = config.loop_schedule
     expected = [schedule.sample(config.seed, step) for step in range(RESUME["max_steps"])]
     assert expected == [schedule.sample(config.seed, step) for step in range(RESUME["max_steps"])]
     assert set(expected) == {1, 2, 3, 4}  # sampled over the whole [min, max] range
@@ -336,7 +337,8 @@ BAD_RECIPES = [
     ({"task": "no_such_task"}, "no_such_task"),
     ({"task_kwargs": {"colour": "red"}}, "task_kwargs"),
     ({"task_kwargs": {"seq_len": "long"}}, "task_kwargs"),
-    ({"random_loops": [4, 2]}, "random_loops"),
+    ({"loop_schedule": {"min": 4, "max": 2}}, "loop_schedule"),
+    ({"random_loops": [1, 4]}, "random_loops"),  # the former key: unknown now
     ({"mixed_precision": "fp8"}, "mixed_precision"),
 ]
 
@@ -368,7 +370,7 @@ def test_bad_recipe_exit_code_on_the_command_line(tmp_path):
     out = tmp_path / "out"
     recipe = write_recipe(tmp_path, "bad", output_dir=str(out), learning_rate="fast")
     done = subprocess.run(
-        [sys.executable, "-m", "implicit_hf.train", str(recipe)],
+        [sys.executable, "-m", "implicit_hf.training", str(recipe)],
         cwd=ROOT,
         env=subprocess_env(tmp_path),
         capture_output=True,
@@ -386,8 +388,8 @@ def test_overrides_and_yaml_quirks(tmp_path):
     config = train_mod.parse_args(
         [
             str(recipe),
-            "--random_loops",
-            "[2, 5]",
+            "--loop_schedule",
+            "{min: 2, max: 5}",
             "--model.num_loops",
             "6",
             "--resume",
@@ -397,13 +399,13 @@ def test_overrides_and_yaml_quirks(tmp_path):
         ]
     )
     assert config.learning_rate == 1e-4 and config.weight_decay == 2e-2
-    assert config.random_loops == [2, 5] and config.resume and config.seed == 7
+    assert config.loop_schedule == LoopSchedule("uniform", min=2, max=5) and config.resume and config.seed == 7
     assert config.model == {"tol": 1e-3, "num_loops": 6}
     # a mapping key set to null is its default, none: a recipe's loop schedule switched off from the command line
     recipe.write_text(
         "task: train_toy\ntask_module: tests.toy_task\nloop_schedule: {distribution: uniform, min: 1, max: 3}\n"
     )
-    assert train_mod.parse_args([str(recipe), "--loop_schedule", "null"]).loop_schedule == {}
+    assert train_mod.parse_args([str(recipe), "--loop_schedule", "null"]).loop_schedule is None
     with pytest.raises(
         ValueError, match=r"'loop_schedule' must be a mapping with string keys \(or null: none\); got 3"
     ):
@@ -413,7 +415,7 @@ def test_overrides_and_yaml_quirks(tmp_path):
 def test_existing_checkpoints_need_resume(tmp_path, capsys):
     out = tmp_path / "out"
     (out / "checkpoints" / "step_2").mkdir(parents=True)
-    (out / "checkpoints" / "step_2" / train_mod.CHECKPOINT_MARKER).write_text("{}")
+    (out / "checkpoints" / "step_2" / CHECKPOINT_MARKER).write_text("{}")
     recipe = write_recipe(tmp_path, "again", output_dir=str(out))
     with pytest.raises(SystemExit):
         run_in_process(tmp_path, recipe)
@@ -430,7 +432,7 @@ def test_accelerate_configs_are_valid(monkeypatch):
     expected = {"ddp": "MULTI_GPU", "fsdp": "FSDP", "deepspeed_zero2": "DEEPSPEED"}
     for name, kind in expected.items():
         path = ROOT / "configs" / "accelerate" / f"{name}.yaml"
-        args = launch_command_parser().parse_args(["--config_file", str(path), "-m", "implicit_hf.train", "r.yaml"])
+        args = launch_command_parser().parse_args(["--config_file", str(path), "-m", "implicit_hf.training", "r.yaml"])
         args, defaults, _ = _validate_launch_command(args)
         assert defaults.distributed_type == DistributedType(kind)
         if name == "deepspeed_zero2":

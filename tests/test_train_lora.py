@@ -8,8 +8,8 @@ import yaml
 from safetensors.torch import load_file
 from test_convert import character_tokenizer, tiny_source
 
-from implicit_hf import train as train_mod
 from implicit_hf.modeling.convert import convert_checkpoint
+from implicit_hf.training import loop as train_mod
 
 RECIPE = {
     "task": "text",

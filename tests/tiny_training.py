@@ -1,4 +1,4 @@
-"""A tiny training run of a task through the real training loop (recipe file -> `implicit_hf.train.main`).
+"""A tiny training run of a task through the real training loop (recipe file -> `implicit_hf.training.loop.main`).
 
 The task tests call `train_tiny` and assert on the losses it returns; data is generated into a fresh
 ``IMPLICIT_HF_CACHE`` under the test's ``tmp_path``.
@@ -8,7 +8,7 @@ import json
 
 import yaml
 
-from implicit_hf import train as train_mod
+from implicit_hf.training import loop as train_mod
 
 TINY_MODEL = {
     "hidden_size": 32,

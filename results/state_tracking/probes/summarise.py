@@ -25,11 +25,17 @@ def settings(result: dict) -> str:
     left out), and the shift's initialisation where it was not the identity."""
     import dataclasses
 
-    from implicit_hf.recipe import parse_args
+    from implicit_hf.training.recipe import parse_args
 
     objects = result["train_config"]["task_kwargs"].get("objects") or 3
     current = parse_args([str(ROOT / f"configs/recipes/state_tracking_s{objects}_implicit.yaml")])
-    mine, base = flat(result["train_config"]), flat(dataclasses.asdict(current))
+    base = dataclasses.asdict(current)
+    if current.loop_schedule is not None:  # as a recipe writes it: the distribution and the fields set otherwise
+        defaults = {spec.name: spec.default for spec in dataclasses.fields(current.loop_schedule)}
+        base["loop_schedule"] = {
+            k: v for k, v in base["loop_schedule"].items() if k == "distribution" or v != defaults[k]
+        }
+    mine, base = flat(result["train_config"]), flat(base)
     ignored = ("output_dir", "overwrite_output_dir", "resume", "checkpoint_every", "eval_every")
     changed = [
         f"{key}={mine.get(key)}"

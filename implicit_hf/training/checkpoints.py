@@ -19,15 +19,22 @@ global batch or sharding. A marker vouches only for a checkpoint that holds what
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
 import shutil
 import typing
+import zipfile
 from pathlib import Path
 from typing import Any
 
-from .distributed import SHARDED_DIR, LaunchPlan, load_sharded, save_sharded
+from accelerate.utils import DistributedType, id_tensor_storage, load
+from accelerate.utils.constants import OPTIMIZER_NAME, RNG_STATE_NAME, SAFE_WEIGHTS_NAME, SCALER_NAME, SCHEDULER_NAME
+from safetensors import safe_open
+from torch.distributed.checkpoint import FileSystemReader
+
+from .distributed import SHARDED_DIR, Sharding
 from .recipe import RecipeError, TrainConfig
 
 if typing.TYPE_CHECKING:
@@ -50,6 +57,11 @@ class DamagedCheckpoint(ValueError):
 # ----------------------------------------------------------------------------------------------------
 
 
+def model_keys(config: TrainConfig) -> dict[str, Any]:
+    """The recipe keys that shape the model, as JSON values (nested settings as mappings)."""
+    return {key: value for key, value in dataclasses.asdict(config).items() if key in MODEL_KEYS}
+
+
 def find_checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
     """``(step, path)`` of the checkpoints with a completion marker, oldest first (not yet checked)."""
     found = []
@@ -60,10 +72,10 @@ def find_checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
 
 
 def save_checkpoint(
-    accelerator: Accelerator, config: TrainConfig, step: int, global_batch: int, sharded: tuple | None = None
+    accelerator: Accelerator, config: TrainConfig, step: int, global_batch: int, sharding: Sharding
 ) -> Path:
     """``accelerator.save_state`` into ``checkpoints/step_N`` (plus, for FSDP on CPU processes, the
-    ``sharded=(model, optimizer)`` shards), every file flushed, then the marker by an atomic rename, then
+    model and optimizer shards: `Sharding.save`), every file flushed, then the marker by an atomic rename, then
     the checkpoints past ``keep_checkpoints`` removed; collective."""
     output_dir = Path(config.output_dir)
     path = output_dir / "checkpoints" / f"step_{step}"
@@ -71,8 +83,7 @@ def save_checkpoint(
         remove_checkpoint(path)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(path))
-    if sharded is not None:
-        save_sharded(*sharded, path / SHARDED_DIR)
+    sharding.save(path / SHARDED_DIR)
     accelerator.wait_for_everyone()  # every process has written its part (RNG states are per process)
     if accelerator.is_main_process:
         files = sorted(file for file in path.rglob("*") if file.is_file())
@@ -82,7 +93,7 @@ def save_checkpoint(
             "step": step,
             "global_batch": global_batch,
             "num_processes": accelerator.num_processes,
-            "recipe": {key: getattr(config, key) for key in MODEL_KEYS},
+            "recipe": model_keys(config),
             "files": {file.relative_to(path).as_posix(): file.stat().st_size for file in files},
         }
         temporary = path / f"{CHECKPOINT_MARKER}.tmp"
@@ -126,12 +137,11 @@ def resume_from_checkpoint(
     config: TrainConfig,
     accelerator: Accelerator,
     model: Any,
-    plan: LaunchPlan,
+    sharding: Sharding,
     global_batch: int,
-    sharded: tuple | None,
 ) -> int | None:
     """With ``resume``: load the newest good checkpoint into the prepared ``model`` and the accelerator's
-    optimizer, schedule, scaler and RNG states (the ``sharded=(model, optimizer)`` shards for FSDP on CPU
+    optimizer, schedule, scaler and RNG states (the model and optimizer shards for FSDP on CPU
     processes) and return its step; None without ``resume``. Damaged checkpoints are skipped with a warning
     (and removed once an older one is loaded: the resumed run writes those steps again); a `RecipeError` when
     none is good, or when the good one is past ``max_steps`` or was written with another model, global batch or
@@ -154,10 +164,9 @@ def resume_from_checkpoint(
             f"({'; '.join(problems) or f'none has its completion marker {CHECKPOINT_MARKER}'}): start afresh with "
             "--overwrite_output_dir true, or choose another output_dir"
         )
-    check_resumable(path, saved, config, model, plan, global_batch)
+    check_resumable(path, saved, config, model, sharding.on_cpu, global_batch)
     accelerator.load_state(str(path))
-    if sharded is not None:
-        load_sharded(*sharded, path / SHARDED_DIR)
+    sharding.load(path / SHARDED_DIR)
     accelerator.wait_for_everyone()  # every process has loaded before any folder goes
     if accelerator.is_main_process:  # a save the killed run was still writing, and the damaged ones skipped
         for stale in (output_dir / "checkpoints").glob("step_*"):
@@ -170,21 +179,12 @@ def resume_from_checkpoint(
 
 
 def written_files(accelerator: Accelerator, sharded: bool) -> tuple[str, ...]:
-    """The files ``accelerator.save_state`` (and `save_sharded`) always write into a checkpoint of this run's
+    """The files ``accelerator.save_state`` (and `Sharding.save`) always write into a checkpoint of this run's
     accelerator: the model weights and optimizer (or, ``sharded`` for FSDP on CPU processes, the sharded states'
     index), the schedule, the gradient scaler (fp16) and every process's RNG states. A marker that does not list
     one of them does not vouch for the checkpoint (accelerate would load the RNG states of a missing file silently
     as none). Under accelerate's FSDP or DeepSpeed the weights and optimizer are in their own layouts: not
     required here."""
-    from accelerate.utils import DistributedType
-    from accelerate.utils.constants import (
-        OPTIMIZER_NAME,
-        RNG_STATE_NAME,
-        SAFE_WEIGHTS_NAME,
-        SCALER_NAME,
-        SCHEDULER_NAME,
-    )
-
     names = [f"{RNG_STATE_NAME}_{index}.pkl" for index in range(accelerator.num_processes)]
     if sharded:
         names.append(f"{SHARDED_DIR}/.metadata")
@@ -235,27 +235,19 @@ def check_file(file: Path, name: str, size: int | None) -> None:
         raise DamagedCheckpoint(f"{name}: empty")
     try:
         if file.suffix == ".safetensors":
-            from safetensors import safe_open
-
             with safe_open(file, framework="pt"):  # the header, and the data it describes against the length
                 pass
         elif file.suffix in _PICKLED:
-            import zipfile
-
-            from accelerate.utils import load
-
             zipfile.ZipFile(file).close()  # torch.save writes a zip archive: its directory is at the end
             load(file, map_location="cpu", mmap=True)  # as accelerate's load_state does, the tensors mapped
         elif file.name == ".metadata":  # torch.distributed.checkpoint's index of the shards
-            from torch.distributed.checkpoint import FileSystemReader
-
             FileSystemReader(file.parent).read_metadata()
     except Exception as err:  # whatever the reader raises: the file is damaged
         raise DamagedCheckpoint(f"{name}: not loadable ({_first_line(err)})") from None
 
 
 def check_resumable(
-    path: Path, saved: dict[str, Any], config: TrainConfig, model: Any, plan: LaunchPlan, global_batch: int
+    path: Path, saved: dict[str, Any], config: TrainConfig, model: Any, sharded: bool, global_batch: int
 ) -> None:
     """Raise `RecipeError` when the checked checkpoint at ``path`` (its marker ``saved``) is past ``max_steps`` or
     was written with another global batch, sharding or model than this run's.
@@ -273,9 +265,9 @@ def check_resumable(
             f"cannot resume {str(path)!r}: it was trained with a global batch of {saved['global_batch']}, "
             f"this run has {global_batch} (per_device_batch_size x gradient_accumulation_steps x processes)"
         )
-    if (path / SHARDED_DIR).is_dir() != plan.shard_on_cpu:
+    if (path / SHARDED_DIR).is_dir() != sharded:
         fsdp, other = "with FSDP on CPU processes (sharded)", "without it"
-        written, now = (other, fsdp) if plan.shard_on_cpu else (fsdp, other)
+        written, now = (other, fsdp) if sharded else (fsdp, other)
         raise RecipeError(
             f"cannot resume {str(path)!r}: it was written {written}, this run is {now}: resume with the "
             "accelerate config and processes that wrote it"
@@ -284,7 +276,7 @@ def check_resumable(
     differences = [] if shapes is None else shape_differences(shapes, model.state_dict())
     if differences:
         before = _flat(saved.get("recipe", {}))
-        now = _flat(json.loads(json.dumps({key: getattr(config, key) for key in MODEL_KEYS})))
+        now = _flat(model_keys(config))
         keys = sorted(before.keys() | now.keys()) if before else []  # a marker older than the recipe record: none
         changed = [f"{key} {before.get(key)!r} -> {now.get(key)!r}" for key in keys if before.get(key) != now.get(key)]
         since = f"; recipe keys changed since it was written: {', '.join(changed)}" if changed else ""
@@ -299,16 +291,10 @@ def check_resumable(
 def saved_shapes(path: Path) -> dict[str, tuple[int, ...]] | None:
     """The names and shapes of the model weights in the checkpoint at ``path``: accelerate's safetensors file,
     or the model entries of the sharded states; None for another layout (accelerate's FSDP, DeepSpeed)."""
-    from accelerate.utils.constants import SAFE_WEIGHTS_NAME
-
     if (path / SAFE_WEIGHTS_NAME).is_file():
-        from safetensors import safe_open
-
         with safe_open(path / SAFE_WEIGHTS_NAME, framework="pt") as weights:
             return {name: tuple(weights.get_slice(name).get_shape()) for name in weights.keys()}  # noqa: SIM118
     if (path / SHARDED_DIR / ".metadata").is_file():
-        from torch.distributed.checkpoint import FileSystemReader
-
         entries = FileSystemReader(path / SHARDED_DIR).read_metadata().state_dict_metadata
         return {
             name.removeprefix("model."): tuple(entry.size)
@@ -340,8 +326,6 @@ def shape_differences(saved: dict[str, tuple[int, ...]], state_dict: dict[str, A
 
 def _storage(tensor: Any) -> tuple:
     """Which storage ``tensor`` (a DTensor: its local shard) views: tied weights share one."""
-    from accelerate.utils import id_tensor_storage
-
     return id_tensor_storage(tensor.to_local() if hasattr(tensor, "to_local") else tensor)
 
 

@@ -2,7 +2,7 @@
 collate function that hands the loop a batch's difficulty with its inputs.
 
 A task rates a row with ``task.difficulty(example)`` (e.g. the number of state-tracking steps). A loop
-schedule tied to it (``above_difficulty``, `implicit_hf.loop_schedule`) draws each batch's loop count above
+schedule tied to it (``above_difficulty``, `implicit_hf.training.schedule`) draws each batch's loop count above
 the batch's difficulty; with ``group_by_difficulty`` every batch is one difficulty, so short problems are
 trained at short loop counts and long ones at long counts (as transformers' ``group_by_length`` groups by
 length, but exactly).
@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .tasks.base import TaskAdapter
+from ..tasks.base import TaskAdapter
 
 
 class GroupedByDifficulty(torch.utils.data.Sampler[int]):

@@ -13,7 +13,7 @@ stays bounded) is what lets it keep improving, then stay stable, past its traini
   has difficulty ``d`` (the task's `difficulty`, e.g. the number of state-tracking steps), clipped to
   ``[min, max]``: always a few loops more than the row needs, never a fixed depth per length.
   ``extra = 1`` draws ``d + U[1, d + 1]``; ``extra = 0`` ties the count to the difficulty (``d + 1``).
-  With `group_by_difficulty` batches (the recipe key), every batch is one difficulty.
+  With ``group_by_difficulty`` batches (the recipe key), every batch is one difficulty.
 
 ``ramp_steps`` raises the mean linearly from ``min`` to ``mean`` over the first ``ramp_steps`` steps
 (for ``uniform``, the upper end rises from ``min`` to ``max``), so early training is shallow and cheap.
@@ -31,10 +31,9 @@ from typing import Any
 
 import numpy as np
 
-from .loop_counts import check_loop_bound
+from ..loop_counts import check_loop_bound
 
 DISTRIBUTIONS = ("uniform", "poisson_lognormal", "above_difficulty")
-FIELDS = ("distribution", "mean", "sigma", "min", "max", "ramp_steps", "extra")
 
 
 @dataclass(frozen=True)
@@ -84,14 +83,6 @@ class LoopSchedule:
         """Whether a draw needs the batch's difficulty (`sample`'s ``difficulty``)."""
         return self.distribution == "above_difficulty"
 
-    @classmethod
-    def from_dict(cls, fields: dict[str, Any]) -> LoopSchedule:
-        """A schedule from a recipe mapping; unknown keys are refused, naming the allowed ones."""
-        unknown = sorted(set(fields) - set(FIELDS))
-        if unknown:
-            raise ValueError(f"loop_schedule: unknown entries {unknown}; allowed: {list(FIELDS)}")
-        return cls(**fields)
-
     def current_mean(self, step: int) -> float:
         """The mean loop count at ``step`` (after the ramp: ``mean``, or ``(min + max) / 2`` for uniform)."""
         target = self.mean if self.distribution == "poisson_lognormal" else (self.min + self.max) / 2
@@ -113,6 +104,7 @@ class LoopSchedule:
             return min(max(difficulty + draw, self.min), self.max)
         if self.distribution == "uniform":
             high = self.min + round((self.max - self.min) * self._ramp(step))
+            # seeded as the former ``random_loops`` key was, so its runs draw the same counts
             return random.Random(f"random_loops/{seed}/{step}").randint(self.min, high)
         rng = np.random.default_rng([seed, step, 0x100B5])
         mean = self.current_mean(step)

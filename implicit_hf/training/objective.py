@@ -23,8 +23,7 @@ from typing import Any
 
 import torch
 from torch.nn import functional as F
-
-DISTILL_FIELDS = ("weight", "temperature")
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 
 @dataclass
@@ -103,8 +102,6 @@ def distillation_loss(
 def check_teacher(path: str | Path, vocab_size: int, tokenizer: Any = None) -> None:
     """Refuse a teacher that is not a causal-LM checkpoint or whose vocabulary differs from the student's
     (``vocab_size``, and the tokenizers' vocabularies when both have one), without loading its weights."""
-    from transformers import AutoConfig, AutoTokenizer
-
     path = Path(path)
     if not (path / "config.json").is_file():
         raise ValueError(f"teacher {str(path)!r} is not a checkpoint directory (no config.json)")
@@ -128,7 +125,5 @@ def check_teacher(path: str | Path, vocab_size: int, tokenizer: Any = None) -> N
 
 def load_teacher(path: str | Path, device: torch.device) -> torch.nn.Module:
     """The teacher: ``AutoModelForCausalLM.from_pretrained(path)``, frozen, in eval mode, on ``device``."""
-    from transformers import AutoModelForCausalLM
-
     teacher = AutoModelForCausalLM.from_pretrained(str(path)).to(device).eval()
     return teacher.requires_grad_(False)
