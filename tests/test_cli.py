@@ -99,10 +99,11 @@ def test_train_subcommand_reports_a_bad_recipe(tmp_path, capsys):
 # ------------------------------------------------------------------------------- parse first, import after
 
 HELP_CHECK = """
-import runpy, sys
+import sys
+import implicit_hf_command  # the console script's module
 sys.argv = ["implicit-hf", *sys.argv[1:], "--help"]
 try:
-    runpy.run_module("implicit_hf.cli", run_name="__main__")
+    implicit_hf_command.main()
 except SystemExit as exit:
     code = exit.code
 print("EXIT", code, "torch" in sys.modules, "transformers" in sys.modules)
@@ -119,11 +120,21 @@ def test_help_imports_neither_torch_nor_transformers(command):
     assert f"usage: {' '.join(['implicit-hf', *command])}" in done.stdout
 
 
-def test_importing_the_package_imports_neither_torch_nor_transformers():
-    code = "import sys, implicit_hf, implicit_hf.cli, implicit_hf.tasks, implicit_hf.training.recipe\n"
+def test_the_command_imports_the_package_without_the_model_code():
+    code = "import os, sys; os.environ['IMPLICIT_HF_DEFER_MODELING'] = '1'\n"
+    code += "import implicit_hf, implicit_hf.cli, implicit_hf.training.recipe\n"
     code += "print('torch' in sys.modules, 'transformers' in sys.modules)"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     assert done.stdout.split() == ["False", "False"]
+
+
+def test_the_console_script_registers_the_auto_classes_when_a_command_needs_the_model(tmp_path):
+    """Deferred, the model code (and the registration with it) is imported by the first command that needs it."""
+    command = ["demo", "--out", str(tmp_path / "demo"), "--max-steps", "2"]
+    code = "import sys, implicit_hf_command; sys.argv[1:] = " + repr(command) + "; implicit_hf_command.main()"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (tmp_path / "demo" / "eval" / "results.json").is_file()
 
 
 def test_the_package_still_registers_the_auto_classes():
