@@ -19,12 +19,27 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Collection
+from typing import Any
 
 import torch
 
 from .solvers import FixedPointMap, SolverStats, get_solver, picard
 
 logger = logging.getLogger(__name__)
+
+GRADIENTS = ("unroll", "truncated", "jfb", "phantom", "ift")
+
+
+def gradient_options(config: Any) -> dict[str, Any]:
+    """An `ImplicitConfig`'s gradient-mode settings (``gradient``, ``gradient_steps``, ``phantom_tau``,
+    ``ift_max_iter``, ``ift_tol``) as `fixed_point` keywords."""
+    return {
+        "gradient": config.gradient,
+        "steps": config.gradient_steps,
+        "tau": config.phantom_tau,
+        "backward_max_iter": config.ift_max_iter,
+        "backward_tol": config.ift_tol,
+    }
 
 
 def fixed_point(
@@ -39,34 +54,35 @@ def fixed_point(
     tau: float = 0.5,
     backward_max_iter: int | None = None,
     backward_tol: float = 1e-5,
-    keep: Collection[int] = (),
+    trajectory_loops: Collection[int] = (),
     **solver_options,
 ) -> tuple[torch.Tensor, SolverStats]:
-    """Solve ``z = f(z)`` from ``z0`` with ``solver`` and attach gradients according to ``gradient``;
-    ``keep``: evaluation counts (over the whole solve) whose states ``stats.states`` holds."""
+    """Solve ``z = f(z)`` from ``z0`` with ``solver`` (given ``solver_options``, its own keywords) and attach
+    gradients according to ``gradient``; ``trajectory_loops``: evaluation counts (over the whole solve) whose
+    states ``stats.states`` holds (the solver's ``keep``)."""
     solve = get_solver(solver)
     if not torch.is_grad_enabled() or gradient == "unroll":
-        return solve(f, z0, max_iter, tol, keep=keep, **solver_options)
+        return solve(f, z0, max_iter, tol, keep=trajectory_loops, **solver_options)
     if gradient in ("truncated", "phantom"):
         differentiable_steps = min(steps, max_iter)
     elif gradient in ("jfb", "ift"):
         differentiable_steps = 1
     else:
-        raise ValueError(f"gradient must be one of 'unroll', 'truncated', 'jfb', 'phantom', 'ift'; got {gradient!r}")
+        raise ValueError(f"gradient must be one of {', '.join(map(repr, GRADIENTS))}; got {gradient!r}")
 
     z, stats = z0, None  # a solve without autograd below detaches; otherwise z0 stays in the graph
     if max_iter > differentiable_steps:
         with torch.no_grad():
-            z, stats = solve(f, z, max_iter - differentiable_steps, tol, keep=keep, **solver_options)
+            z, stats = solve(f, z, max_iter - differentiable_steps, tol, keep=trajectory_loops, **solver_options)
     ran = 0 if stats is None else len(stats.rel_residual)  # evaluations before the differentiable tail
-    tail_keep = [count - ran for count in keep if count > ran]
+    tail_loops = [count - ran for count in trajectory_loops if count > ran]
     if gradient == "ift":
         z, tail = _implicit_step(f, z, solve, backward_max_iter or max_iter, backward_tol, solver_options)
-        if keep:
-            tail.states = {1: z} if 1 in tail_keep else {}
+        if trajectory_loops:
+            tail.states = {1: z} if 1 in tail_loops else {}
     else:
         damping = tau if gradient == "phantom" else 1.0
-        z, tail = picard(f, z, differentiable_steps, None, damping=damping, keep=tail_keep)
+        z, tail = picard(f, z, differentiable_steps, None, damping=damping, keep=tail_loops)
     return z, tail if stats is None else merge_stats(stats, tail, tol)
 
 
