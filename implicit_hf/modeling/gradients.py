@@ -54,15 +54,15 @@ def fixed_point(
     tau: float = 0.5,
     backward_max_iter: int | None = None,
     backward_tol: float = 1e-5,
-    trajectory_loops: Collection[int] = (),
+    keep: Collection[int] = (),
     **solver_options,
 ) -> tuple[torch.Tensor, SolverStats]:
     """Solve ``z = f(z)`` from ``z0`` with ``solver`` (given ``solver_options``, its own keywords) and attach
-    gradients according to ``gradient``; ``trajectory_loops``: evaluation counts (over the whole solve) whose
-    states ``stats.states`` holds (the solver's ``keep``)."""
+    gradients according to ``gradient``; ``keep``: evaluation counts (over the whole solve) whose states
+    ``stats.states`` holds, passed to the solver as its ``keep``."""
     solve = get_solver(solver)
     if not torch.is_grad_enabled() or gradient == "unroll":
-        return solve(f, z0, max_iter, tol, keep=trajectory_loops, **solver_options)
+        return solve(f, z0, max_iter, tol, keep=keep, **solver_options)
     if gradient in ("truncated", "phantom"):
         differentiable_steps = min(steps, max_iter)
     elif gradient in ("jfb", "ift"):
@@ -73,16 +73,16 @@ def fixed_point(
     z, stats = z0, None  # a solve without autograd below detaches; otherwise z0 stays in the graph
     if max_iter > differentiable_steps:
         with torch.no_grad():
-            z, stats = solve(f, z, max_iter - differentiable_steps, tol, keep=trajectory_loops, **solver_options)
+            z, stats = solve(f, z, max_iter - differentiable_steps, tol, keep=keep, **solver_options)
     ran = 0 if stats is None else len(stats.rel_residual)  # evaluations before the differentiable tail
-    tail_loops = [count - ran for count in trajectory_loops if count > ran]
+    tail_keep = [count - ran for count in keep if count > ran]
     if gradient == "ift":
         z, tail = _implicit_step(f, z, solve, backward_max_iter or max_iter, backward_tol, solver_options)
-        if trajectory_loops:
-            tail.states = {1: z} if 1 in tail_loops else {}
+        if keep:
+            tail.states = {1: z} if 1 in tail_keep else {}
     else:
         damping = tau if gradient == "phantom" else 1.0
-        z, tail = picard(f, z, differentiable_steps, None, damping=damping, keep=tail_loops)
+        z, tail = picard(f, z, differentiable_steps, None, damping=damping, keep=tail_keep)
     return z, tail if stats is None else merge_stats(stats, tail, tol)
 
 

@@ -386,7 +386,7 @@ class ImplicitModel(ImplicitPreTrainedModel):
             solver=solver,
             max_iter=num_loops,
             tol=tol,
-            trajectory_loops=range(1, num_loops + 1) if keep_every_loop else trajectory_loops or (),
+            keep=range(1, num_loops + 1) if keep_every_loop else trajectory_loops or (),
             **gradient_options(config),
             **config.options_for(solver),
         )
