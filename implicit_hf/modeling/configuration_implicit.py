@@ -237,8 +237,9 @@ def setting(rule: Rule, default: Any = None, *, default_factory: Any = MISSING) 
 
 
 def _names_refused_fields(cls: type) -> type:
-    """Report a value a rule refuses as a ``ValueError`` naming the field (``@strict`` wraps it in its own
-    error type, which callers catching ``ValueError`` would miss), and store numpy numbers as Python ones."""
+    """Report a value a rule refuses as a ``ValueError`` naming the field, and a ``ValueError`` of a validator as
+    itself (``@strict`` wraps both in its own error type, which callers catching ``ValueError`` would miss); store
+    numpy numbers as Python ones."""
     strict_setattr, strict_init = cls.__setattr__, cls.__init__
 
     def __setattr__(self, key: str, value: Any) -> None:
@@ -247,6 +248,8 @@ def _names_refused_fields(cls: type) -> type:
         except StrictDataclassFieldValidationError as err:
             if isinstance(err.__cause__, RefusedValue):
                 raise ValueError(f"{key} {err.__cause__}") from None
+            if isinstance(err.__cause__, ValueError):  # e.g. a bad IMPLICIT_HF_MAX_LOOPS, which names itself
+                raise err.__cause__ from None
             raise
 
     @functools.wraps(strict_init)
@@ -254,8 +257,8 @@ def _names_refused_fields(cls: type) -> type:
         try:
             strict_init(self, **kwargs)
         except StrictDataclassClassValidationError as err:
-            if isinstance(err.__cause__, RefusedValue):
-                raise ValueError(str(err.__cause__)) from None
+            if isinstance(err.__cause__, ValueError):
+                raise err.__cause__ from None
             raise
 
     cls.__setattr__, cls.__init__ = __setattr__, __init__
