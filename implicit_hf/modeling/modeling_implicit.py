@@ -458,6 +458,34 @@ class ImplicitModel(ImplicitPreTrainedModel):
         return torch.zeros_like(injected)
 
 
+def head_output(
+    outputs: ImplicitModelOutput,
+    project: Callable[[torch.Tensor], torch.Tensor],
+    loss_of: Callable[[torch.Tensor], torch.Tensor] | None,
+    keep_cache: bool = True,
+) -> ImplicitHeadOutput:
+    """A head's output: ``project`` of the fixed point and of each trajectory entry and, with ``loss_of`` (given
+    labels), the loss of each (``trajectory_loss``: deep supervision)."""
+    logits = project(outputs.last_hidden_state)
+    trajectory = None if outputs.trajectory is None else tuple(project(h) for h in outputs.trajectory)
+    loss = trajectory_loss = None
+    if loss_of is not None:
+        loss = loss_of(logits)
+        if trajectory is not None:
+            trajectory_loss = torch.stack([loss_of(x) for x in trajectory])
+    return ImplicitHeadOutput(
+        loss=loss,
+        logits=logits,
+        loop_stats=outputs.loop_stats,
+        trajectory=trajectory,
+        trajectory_loss=trajectory_loss,
+        penalties=outputs.penalties,
+        cache=outputs.cache if keep_cache else None,
+        hidden_states=outputs.hidden_states,
+        attentions=outputs.attentions,
+    )
+
+
 # What a misspelt forward keyword is compared with: the model's own arguments, the heads' and the passed-through ones.
 FORWARD_KEYWORDS = (
     (set(inspect.signature(ImplicitModel.forward).parameters) - {"self", "kwargs"})
@@ -520,30 +548,11 @@ class ImplicitForCausalLM(LoopSettingsGenerationMixin, ImplicitPreTrainedModel, 
             **kwargs,
         )
         keep = slice(-logits_to_keep, None) if logits_to_keep else slice(None)
-        logits = self.lm_head(outputs.last_hidden_state[:, keep])
-        trajectory = None
-        if outputs.trajectory is not None:
-            trajectory = tuple(self.lm_head(h[:, keep]) for h in outputs.trajectory)
-        loss = trajectory_loss = None
-        if labels is not None:
 
-            def loss_of(x: torch.Tensor) -> torch.Tensor:
-                return self.loss_function(logits=x, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        def loss_of(logits: torch.Tensor) -> torch.Tensor:
+            return self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
 
-            loss = loss_of(logits)
-            if trajectory is not None:
-                trajectory_loss = torch.stack([loss_of(x) for x in trajectory])
-        return ImplicitHeadOutput(
-            loss=loss,
-            logits=logits,
-            loop_stats=outputs.loop_stats,
-            trajectory=trajectory,
-            trajectory_loss=trajectory_loss,
-            penalties=outputs.penalties,
-            cache=outputs.cache,
-            hidden_states=outputs.hidden_states,
-            attentions=outputs.attentions,
-        )
+        return head_output(outputs, lambda h: self.lm_head(h[:, keep]), loss_of if labels is not None else None)
 
 
 class ImplicitForTokenClassification(ImplicitPreTrainedModel):
@@ -603,25 +612,8 @@ class ImplicitForTokenClassification(ImplicitPreTrainedModel):
             penalties=penalties,
             **kwargs,
         )
-        logits = self.score(outputs.last_hidden_state)
-        trajectory = None
-        if outputs.trajectory is not None:
-            trajectory = tuple(self.score(h) for h in outputs.trajectory)
-        loss = trajectory_loss = None
-        if labels is not None:
-            loss = self._loss(logits, labels, attention_mask)
-            if trajectory is not None:
-                trajectory_loss = torch.stack([self._loss(x, labels, attention_mask) for x in trajectory])
-        return ImplicitHeadOutput(
-            loss=loss,
-            logits=logits,
-            loop_stats=outputs.loop_stats,
-            trajectory=trajectory,
-            trajectory_loss=trajectory_loss,
-            penalties=outputs.penalties,
-            hidden_states=outputs.hidden_states,
-            attentions=outputs.attentions,
-        )
+        loss_of = None if labels is None else lambda logits: self._loss(logits, labels, attention_mask)
+        return head_output(outputs, self.score, loss_of, keep_cache=False)
 
     def _loss(self, logits: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
         if self.config.problem_type == "regression":
