@@ -348,19 +348,19 @@ class ImplicitModel(ImplicitPreTrainedModel):
         cache: a transformers ``DynamicCache`` from an earlier call (``past_key_values``, its former name,
             is accepted with a deprecation warning, as in transformers' own models).
         """
+        config = self.config
         refuse_unknown_keywords(f"{type(self).__name__}.forward()", set(kwargs) - PASSED_THROUGH, FORWARD_KEYWORDS)
-        if kwargs.get("output_attentions") and self.config._attn_implementation != "eager":
+        if kwargs.get("output_attentions") and config._attn_implementation != "eager":
             raise ValueError(
-                f"output_attentions=True needs eager attention; this model uses {self.config._attn_implementation!r} "
+                f"output_attentions=True needs eager attention; this model uses {config._attn_implementation!r} "
                 "(load it with attn_implementation='eager')"
             )
         output_hidden_states = kwargs.pop("output_hidden_states", None)
         if output_hidden_states is None:
-            output_hidden_states = self.config.output_hidden_states
+            output_hidden_states = config.output_hidden_states
         return_trajectory, trajectory_loops = trajectory_request(return_trajectory, trajectory_loops)
         cache = self._cache_for(use_cache, cache, return_trajectory)
         penalties = check_penalties(penalties)
-        config = self.config
         check_inputs(
             config, input_ids, inputs_embeds, input_features, edge_features, loop_feedback, penalties, cache is not None
         )
