@@ -246,11 +246,10 @@ def _names_refused_fields(cls: type) -> type:
         try:
             strict_setattr(self, key, plain(value))
         except StrictDataclassFieldValidationError as err:
-            if isinstance(err.__cause__, RefusedValue):
-                raise ValueError(f"{key} {err.__cause__}") from None
-            if isinstance(err.__cause__, ValueError):  # e.g. a bad IMPLICIT_HF_MAX_LOOPS, which names itself
-                raise err.__cause__ from None
-            raise
+            cause = err.__cause__  # a ValueError not of a rule (a bad IMPLICIT_HF_MAX_LOOPS) names itself
+            if not isinstance(cause, ValueError):
+                raise
+            raise ValueError(f"{key} {cause}") if isinstance(cause, RefusedValue) else cause from None
 
     @functools.wraps(strict_init)
     def __init__(self, **kwargs: Any) -> None:

@@ -486,8 +486,6 @@ def register_solver(name: str, solve: Solver) -> None:
     """Make ``solve`` available as ``solver=name`` (config, forward, generate). It has the signature of the
     solvers here, ``solve(f, z0, max_iter, tol=None, *, keep=(), **options)``; its keyword-only options are what
     ``config.solver_options[name]`` may set."""
-    if not isinstance(name, str) or not name:
-        raise ValueError(f"a solver's name must be a non-empty string; got {name!r}")
     if "keep" not in inspect.signature(solve).parameters:
         raise ValueError(f"solver {name!r} must take the keyword argument keep (the evaluation counts to keep)")
     SOLVERS[name] = solve
@@ -509,13 +507,11 @@ def options_of(name: str) -> dict[str, Any]:
 def check_solver_options(options: Any) -> None:
     """Refuse ``options`` unless it maps solver names to the options each takes (`options_of`): a
     ``ValueError`` naming the first wrong entry. The values are checked by the solver when it runs."""
-    if not isinstance(options, Mapping):
-        raise ValueError(f"solver_options must be a mapping of solver names to their options; got {options!r}")
+    if not isinstance(options, Mapping) or not all(isinstance(given, Mapping) for given in options.values()):
+        raise ValueError(f"solver_options must map solver names to mappings of their options; got {options!r}")
     for name, given in options.items():
         if name not in SOLVERS:
             raise ValueError(f"solver_options names no solver {name!r}; solvers: {', '.join(SOLVERS)}")
-        if not isinstance(given, Mapping):
-            raise ValueError(f"solver_options must map {name!r} to a mapping of option names; got {given!r}")
         known = options_of(name)
         for option in given:
             if option not in known:
