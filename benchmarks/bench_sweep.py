@@ -3,7 +3,7 @@
 Same model, same rows, eval mode, ``torch.no_grad``, Picard with no tolerance (exactly K iterations):
 
 * sweep: `implicit_hf.eval.sweep` over a set of loop counts up to ``K``, i.e. one ``num_loops=K,
-  return_trajectory=counts`` forward per batch (only the scored counts go through coda and head), the
+  trajectory_loops=counts`` forward per batch (only the scored counts go through coda and head), the
   task's ``decode`` and ``compute_metrics`` for each count (Lipschitz probe off: it is a second run of
   the same kind, timed once with ``--probe``). Two count sets: ``doubling`` = 1, 2, 4, ..., K (the
   harness's usual ``--loops 1,2,4,8,16,32,64``; the headline) and ``all`` = every count 1..K;
@@ -187,7 +187,7 @@ def main(argv: list[str] | None = None) -> dict:
         "benchmark": f"sweep over loop counts 1..{args.loops} from one trajectory vs a plain {args.loops}-loop forward",
         "setup": {
             "sweep": "implicit_hf.eval.sweep(loops=counts, perturb_eps=None): one num_loops=K "
-            "return_trajectory=counts forward per batch, decode + compute_metrics for each count; "
+            "trajectory_loops=counts forward per batch, decode + compute_metrics for each count; "
             "counts doubling = 1,2,4..K (headline), all = 1..K",
             "sweep_with_probe": "the same plus the Lipschitz probe (task.perturb and a second trajectory run); "
             "timed once, first split only, with --probe",

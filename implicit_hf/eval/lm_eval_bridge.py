@@ -67,7 +67,7 @@ def _loop_sweep_lm_class():
 
         ``loop_count`` chooses which count's scores the loglikelihood methods return and the count that
         generation runs at. The first request for a batch of contexts runs the model once at
-        ``max(loops)`` with ``return_trajectory=loops`` and lm-eval's own scoring code once per count on
+        ``max(loops)`` with ``trajectory_loops=loops`` and lm-eval's own scoring code once per count on
         those logits; the scores of every count are kept, so evaluating the same requests at the other
         counts costs no model call.
         """
@@ -99,7 +99,13 @@ def _loop_sweep_lm_class():
                     enabled=self.mixed_precision_dtype is not None,
                 )
                 with torch.no_grad(), autocast:
-                    out = self.model(inps, num_loops=max(self.loops), return_trajectory=self.loops, use_cache=False)
+                    out = self.model(
+                        inps,
+                        num_loops=max(self.loops),
+                        return_trajectory=True,
+                        trajectory_loops=self.loops,
+                        use_cache=False,
+                    )
                 self._trajectory = (inps, dict(zip(self.loops, out.trajectory, strict=True)))
             return self._trajectory[1][self._scoring]
 

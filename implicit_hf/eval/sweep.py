@@ -1,6 +1,6 @@
 """Loop-count sweep: score an implicit model at many loop counts from one trajectory run.
 
-For each batch the model runs once with ``num_loops=max(loops)`` and ``return_trajectory=loops``;
+For each batch the model runs once with ``num_loops=max(loops)`` and ``trajectory_loops=loops``;
 the head output after iteration ``t`` is exactly what a separate run with ``num_loops=t`` returns
 (the solvers are deterministic and the trajectory holds the state each of them would return), so
 one run scores every requested loop count ``t``:
@@ -180,7 +180,12 @@ def _trajectory_pass(
         began = time.perf_counter()
         if implicit:
             out = model(
-                **model_inputs, num_loops=max_loops, tol=tol, return_trajectory=loops, **feedback_kwargs(task, inputs)
+                **model_inputs,
+                num_loops=max_loops,
+                tol=tol,
+                return_trajectory=True,
+                trajectory_loops=loops,
+                **feedback_kwargs(task, inputs),
             )
             trajectory, stats = out.trajectory, out.loop_stats
             del out

@@ -26,7 +26,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora import LoraLayer
 
 from ..modeling import ImplicitModel
-from ..modeling.configuration_implicit import check_integer, check_loop_count, real_number
+from ..modeling.configuration_implicit import check, check_integer, check_loop_count, number
 
 LINEAR_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 LAYER_GROUPS = ("prelude", "core", "coda")
@@ -67,8 +67,8 @@ def lora_config(
 ) -> LoraConfig:
     """A `LoraConfig` on the linear layers of the given layer groups (``alpha`` defaults to ``2 r``)."""
     r = check_integer("lora r", r)
-    alpha = real_number("> 0", lambda value: value > 0, allow_none=True)("lora alpha", alpha)
-    dropout = real_number("in [0, 1)", lambda value: 0 <= value < 1)("lora dropout", dropout)
+    alpha = check("lora alpha", alpha, number("> 0", lambda value: value > 0, allow_none=True))
+    dropout = check("lora dropout", dropout, number("in [0, 1)", lambda value: 0 <= value < 1))
     return LoraConfig(
         r=r,
         lora_alpha=alpha if alpha is not None else 2 * r,

@@ -15,7 +15,7 @@ from .modeling_implicit import (
     ImplicitModelOutput,
     ImplicitPreTrainedModel,
 )
-from .solvers import SolverStats, anderson, broyden, get_solver, picard
+from .solvers import SolverStats, anderson, broyden, get_solver, picard, register_solver
 
 __all__ = [
     "ImplicitConfig",
@@ -33,6 +33,7 @@ __all__ = [
     "get_solver",
     "picard",
     "register_auto_classes",
+    "register_solver",
 ]
 
 

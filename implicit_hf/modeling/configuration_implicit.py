@@ -1,26 +1,38 @@
-"""Configuration of implicit (looped, weight-tied) transformers."""
+"""Configuration of implicit (looped, weight-tied) transformers: a transformers 5 ``@strict`` dataclass config.
+
+Every field is declared once, typed, with the rule it must pass (`validated_field`); the rule runs wherever the
+field is set (the constructor, ``from_pretrained(dir, field=...)``, ``config.field = value``) and a refused
+value is a ``ValueError`` naming the field and what it allows. The annotations are strings here (``from
+__future__ import annotations``), so ``@strict``'s own type check leaves them to the rules, which also take
+numpy integers (stored as ``int``) and give this package's messages.
+"""
 
 from __future__ import annotations
 
 import difflib
+import functools
 import math
 import numbers
 import os
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import MISSING
 from typing import Any
 
-from transformers import PretrainedConfig
+from huggingface_hub.dataclasses import strict, validated_field
+from huggingface_hub.errors import StrictDataclassClassValidationError, StrictDataclassFieldValidationError
+from transformers import PreTrainedConfig
+
+from .gradients import GRADIENTS
+from .solvers import SOLVERS, check_solver_options, options_of
 
 INJECTIONS = ("add", "linear")
 STATE_INITS = ("zeros", "prelude", "normal")
-SOLVER_NAMES = ("picard", "anderson", "broyden")
-GRADIENTS = ("unroll", "truncated", "jfb", "phantom", "ift")
 POSITION_ENCODINGS = ("rope", "none")
 MAX_LOOP_SHIFT = 4  # the widest causal convolution of the loop's token shift (config.loop_shift)
 # The bound on every loop count (`max_loops`): config.num_loops and the other iteration counts, forward/generate
-# (num_loops=...), a generation config's num_loops, return_trajectory's counts and ``--loops``. A count past it is a
-# typo or a hang (1e10 loops never finish; a KV cache holds one slot per loop and core layer), not a setting: 4096 is
-# 20x the largest count this project runs (200) and far beyond a fixed-point solver's usual budget (tens of
+# (num_loops=...), a generation config's num_loops, trajectory_loops and ``--loops``. A count past it is a typo or
+# a hang (1e10 loops never finish; a KV cache holds one slot per loop and core layer), not a setting: 4096 is 20x
+# the largest count this project runs (200) and far beyond a fixed-point solver's usual budget (tens of
 # iterations). The environment variable IMPLICIT_HF_MAX_LOOPS raises it.
 DEFAULT_MAX_LOOPS = 4096
 
@@ -33,15 +45,21 @@ AUTO_MAP = {
     "AutoModelForTokenClassification": "modeling_implicit.ImplicitForTokenClassification",
 }
 
+# Solver settings of configs written before `solver_options`: each key loads (and sets) these solver options.
+LEGACY_SOLVER_KEYS = {
+    "damping": (("picard", "damping"), ("anderson", "damping")),
+    "anderson_memory": (("anderson", "memory"),),
+}
+
 # Loop settings that own no weights: they can change on a trained or converted checkpoint (e.g. the
 # training loop's init_from) without touching its parameters.
 RUNTIME_LOOP_FIELDS = (
     "num_loops",
     "num_loops_train",
     "solver",
+    "solver_options",
+    *LEGACY_SOLVER_KEYS,
     "tol",
-    "damping",
-    "anderson_memory",
     "gradient",
     "gradient_steps",
     "phantom_tau",
@@ -53,7 +71,7 @@ RUNTIME_LOOP_FIELDS = (
 PER_CALL_LOOP_FIELDS = ("num_loops", "tol", "solver")
 # Where a config loaded by ``from_pretrained(dir, num_loops=7)`` (what lm-eval's ``--model_args ...,num_loops=7``
 # does) records which of `PER_CALL_LOOP_FIELDS` were given as keyword arguments: they win over the checkpoint's
-# generation_config.json (`ImplicitForCausalLM.adjust_generation_fn`). Never saved; the model drops it once loaded.
+# generation_config.json (`ImplicitForCausalLM.adjust_generation_fn`, which drops it). Never saved.
 LOOP_KEYWORDS = "_loop_keywords"
 _LOOP_FIELDS = (
     "num_prelude_layers",
@@ -72,7 +90,186 @@ _LOOP_FIELDS = (
 )
 
 
-class ImplicitConfig(PretrainedConfig):
+# ----------------------------------------------------------------------------------------------- rules
+# A rule takes a value and raises `RefusedValue` saying what is allowed ("must be ...; got ..."); the config
+# (and `check`) put the name of the field or argument in front.
+
+Rule = Callable[[Any], None]
+
+
+class RefusedValue(ValueError):
+    """A value a rule refuses; the message says what is allowed, without the name it was given under."""
+
+
+def _is_integer(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def integer(minimum: int = 1, allow_none: bool = False) -> Rule:
+    """Integers (Python or numpy, not bools) ``>= minimum``."""
+
+    def rule(value: Any) -> None:
+        if not (value is None and allow_none) and (not _is_integer(value) or value < minimum):
+            raise RefusedValue(f"must be an integer >= {minimum}; got {value!r}")
+
+    return rule
+
+
+def integer_in(low: int, high: int) -> Rule:
+    """Integers in ``[low, high]``."""
+
+    def rule(value: Any) -> None:
+        if not _is_integer(value) or not low <= value <= high:
+            raise RefusedValue(f"must be an integer in [{low}, {high}]; got {value!r}")
+
+    return rule
+
+
+def loop_count(allow_none: bool = False) -> Rule:
+    """Integers in ``[1, max_loops()]``: the error names the bound and how to raise it."""
+    at_least_one = integer(1, allow_none)
+
+    def rule(value: Any) -> None:
+        at_least_one(value)
+        bound = max_loops()
+        if value is not None and value > bound:
+            raise RefusedValue(
+                f"must be at most {bound}, the bound on loop counts (set the environment variable "
+                f"IMPLICIT_HF_MAX_LOOPS to raise it); got {value}"
+            )
+
+    return rule
+
+
+def number(bounds: str, within: Callable[[float], bool], allow_none: bool = False) -> Rule:
+    """Finite real numbers with ``within(value)`` true (NaN and infinities never pass: a tolerance of ``inf``
+    would halt every loop at once); ``bounds`` says it in words."""
+
+    def rule(value: Any) -> None:
+        if value is None and allow_none:
+            return
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+            ok = False
+        else:
+            ok = within(value)
+        if not ok:
+            allowed = f"None or a number {bounds}" if allow_none else f"a number {bounds}"
+            raise RefusedValue(f"must be {allowed}; got {value!r}")
+
+    return rule
+
+
+def one_of(allowed: Iterable[str]) -> Rule:
+    """One of ``allowed`` (read at every check: `SOLVERS` grows with `register_solver`)."""
+
+    def rule(value: Any) -> None:
+        if value not in allowed:
+            raise RefusedValue(f"must be one of {', '.join(repr(a) for a in allowed)}; got {value!r}")
+
+    return rule
+
+
+def boolean(value: Any) -> None:
+    if not isinstance(value, bool):
+        raise RefusedValue(f"must be True or False, got {value!r}")
+
+
+def string(value: Any) -> None:
+    if not isinstance(value, str):
+        raise RefusedValue(f"must be a string; got {value!r}")
+
+
+def solver_options_rule(value: Any) -> None:
+    try:
+        check_solver_options(value)
+    except ValueError as err:
+        raise RefusedValue(str(err).removeprefix("solver_options ")) from None
+
+
+def plain(value: Any) -> Any:
+    """A numpy number as the Python ``int`` / ``float`` it equals (so config.json can hold it); else ``value``."""
+    if isinstance(value, numbers.Integral) and not isinstance(value, (int, bool)):
+        return int(value)
+    if isinstance(value, numbers.Real) and not isinstance(value, (int, float)):
+        return float(value)
+    return value
+
+
+def check(name: str, value: Any, rule: Rule) -> Any:
+    """``value`` (numpy numbers as Python ones) if ``rule`` takes it; otherwise a ``ValueError`` naming ``name``."""
+    try:
+        rule(value)
+    except RefusedValue as err:
+        raise ValueError(f"{name} {err}") from None
+    return plain(value)
+
+
+def check_integer(name: str, value: Any, minimum: int = 1) -> int:
+    """``value`` as an ``int`` if it is an integral number (Python or numpy, not a bool) ``>= minimum``;
+    otherwise a ``ValueError`` naming ``name`` and what it allows. (`implicit_hf.checks` has the same check for
+    the pure-Python modules: these files are copied beside checkpoints and import nothing from ``implicit_hf``.)"""
+    return check(name, value, integer(minimum))
+
+
+def check_loop_count(name: str, value: Any) -> int:
+    """``value`` as an ``int`` if it is an integer in ``[1, max_loops()]``; otherwise a ``ValueError`` naming
+    ``name``, the bound and how to raise it."""
+    return check(name, value, loop_count())
+
+
+def max_loops() -> int:
+    """The bound on loop counts: the environment variable ``IMPLICIT_HF_MAX_LOOPS`` if set (read at every check,
+    so setting it in a running process takes effect), else `DEFAULT_MAX_LOOPS`. ``implicit_hf.loop_counts`` keeps
+    a copy (it may not import this package, which imports torch); a test checks the two agree."""
+    given = os.environ.get("IMPLICIT_HF_MAX_LOOPS")
+    if given is None:
+        return DEFAULT_MAX_LOOPS
+    if not given.strip().isdigit() or int(given) < 1:
+        raise ValueError(f"the environment variable IMPLICIT_HF_MAX_LOOPS must be an integer >= 1; got {given!r}")
+    return int(given)
+
+
+def setting(rule: Rule, default: Any = None, *, default_factory: Any = MISSING) -> Any:
+    """A config field checked by ``rule`` whenever it is set."""
+    if default_factory is not MISSING:
+        return validated_field(rule, default_factory=default_factory)
+    return validated_field(rule, default=default)
+
+
+def _names_refused_fields(cls: type) -> type:
+    """Report a value a rule refuses as a ``ValueError`` naming the field, and a ``ValueError`` of a validator as
+    itself (``@strict`` wraps both in its own error type, which callers catching ``ValueError`` would miss); store
+    numpy numbers as Python ones."""
+    strict_setattr, strict_init = cls.__setattr__, cls.__init__
+
+    def __setattr__(self, key: str, value: Any) -> None:
+        try:
+            strict_setattr(self, key, plain(value))
+        except StrictDataclassFieldValidationError as err:
+            cause = err.__cause__  # a ValueError not of a rule (a bad IMPLICIT_HF_MAX_LOOPS) names itself
+            if not isinstance(cause, ValueError):
+                raise
+            raise ValueError(f"{key} {cause}") if isinstance(cause, RefusedValue) else cause from None
+
+    @functools.wraps(strict_init)
+    def __init__(self, **kwargs: Any) -> None:
+        try:
+            strict_init(self, **kwargs)
+        except StrictDataclassClassValidationError as err:
+            if isinstance(err.__cause__, ValueError):
+                raise err.__cause__ from None
+            raise
+
+    cls.__setattr__, cls.__init__ = __setattr__, __init__
+    return cls
+
+
+# ----------------------------------------------------------------------------------------------- the config
+
+
+@_names_refused_fields
+@strict
+class ImplicitConfig(PreTrainedConfig):
     r"""Configuration of an implicit model: a Llama-family decoder split into prelude, core and coda.
 
     ``prelude`` layers run once on the input, the ``core`` block (``num_core_layers`` weight-tied
@@ -117,8 +314,12 @@ class ImplicitConfig(PretrainedConfig):
         num_loops / num_loops_train: default iteration counts at inference and in training mode
             (``num_loops_train=None`` uses ``num_loops``); ``forward(num_loops=K)`` overrides both. Every
             loop count is at most `max_loops` (4096; the environment variable ``IMPLICIT_HF_MAX_LOOPS`` raises it).
-        solver: ``"picard"`` (plain looping, optional ``damping``), ``"anderson"`` (history of
-            ``anderson_memory``) or ``"broyden"``.
+        solver: a name in `solvers.SOLVERS`: ``"picard"`` (plain looping), ``"anderson"``, ``"broyden"``, or one
+            added with `solvers.register_solver`.
+        solver_options: each solver's own keyword arguments, by solver name, e.g. ``{"picard": {"damping":
+            0.5}, "anderson": {"memory": 3}, "broyden": {"memory": 8}}``; a solver not named runs with its
+            defaults. The keys ``damping`` and ``anderson_memory`` of older configs load into it
+            (`LEGACY_SOLVER_KEYS`) and can still be read and set.
         tol: relative-residual tolerance for per-sample halting; ``None`` runs exactly the loop
             count.
         gradient: backward mode: ``"unroll"`` (backprop through every iteration), ``"truncated"``
@@ -136,110 +337,79 @@ class ImplicitConfig(PretrainedConfig):
     model_type = "implicit"
     keys_to_ignore_at_inference = ["past_key_values"]
 
-    def __init__(
-        self,
-        vocab_size: int = 32000,
-        hidden_size: int = 512,
-        intermediate_size: int | None = None,
-        num_attention_heads: int = 8,
-        num_key_value_heads: int | None = None,
-        head_dim: int | None = None,
-        hidden_act: str = "silu",
-        max_position_embeddings: int = 2048,
-        initializer_range: float = 0.02,
-        rms_norm_eps: float = 1e-6,
-        rope_parameters: dict[str, Any] | None = None,
-        attention_bias: bool = False,
-        attention_dropout: float = 0.0,
-        mlp_bias: bool = False,
-        use_cache: bool = True,
-        tie_word_embeddings: bool = False,
-        pad_token_id: int | None = None,
-        bos_token_id: int | None = None,
-        eos_token_id: int | list[int] | None = None,
-        input_features: int = 0,
-        edge_features: int = 0,
-        feedback_features: int = 0,
-        num_prelude_layers: int = 2,
-        num_core_layers: int = 4,
-        num_coda_layers: int = 2,
-        injection: str = "add",
-        state_init: str = "zeros",
-        state_init_std: float = 1.0,
-        core_norm: bool = True,
-        injection_norm: bool = True,
-        loop_shift: int = 0,
-        position_encoding: str = "rope",
-        num_loops: int = 8,
-        num_loops_train: int | None = None,
-        solver: str = "picard",
-        tol: float | None = None,
-        damping: float = 1.0,
-        anderson_memory: int = 5,
-        gradient: str = "jfb",
-        gradient_steps: int = 4,
-        phantom_tau: float = 0.5,
-        ift_max_iter: int | None = None,
-        ift_tol: float = 1e-5,
-        is_causal: bool = True,
-        **kwargs: Any,
-    ):
+    # architecture (checked so a recipe's "64" fails here, naming the field, not deep inside torch)
+    vocab_size: int = setting(integer(1), 32000)
+    hidden_size: int = setting(integer(1), 512)
+    intermediate_size: int | None = setting(integer(1, allow_none=True))  # None: Llama's SwiGLU width
+    num_attention_heads: int = setting(integer(1), 8)
+    num_key_value_heads: int | None = setting(integer(1, allow_none=True))  # None: num_attention_heads
+    head_dim: int | None = setting(integer(1, allow_none=True))  # None: hidden_size / num_attention_heads
+    hidden_act: str = setting(string, "silu")
+    max_position_embeddings: int = setting(integer(1), 2048)
+    initializer_range: float = setting(number(">= 0", lambda value: value >= 0), 0.02)
+    rms_norm_eps: float = setting(number("> 0", lambda value: value > 0), 1e-6)
+    rope_parameters: dict | None = None
+    attention_bias: bool = setting(boolean, False)
+    attention_dropout: float = setting(number("in [0, 1)", lambda value: 0 <= value < 1), 0.0)
+    mlp_bias: bool = setting(boolean, False)
+    use_cache: bool = True
+    tie_word_embeddings: bool = False
+    pad_token_id: int | None = None
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+    # inputs
+    input_features: int = setting(integer(0), 0)
+    edge_features: int = setting(integer(0), 0)
+    feedback_features: int = setting(integer(0), 0)
+    # layout of the loop
+    num_prelude_layers: int = setting(integer(0), 2)
+    num_core_layers: int = setting(integer(1), 4)
+    num_coda_layers: int = setting(integer(0), 2)
+    injection: str = setting(one_of(INJECTIONS), "add")
+    state_init: str = setting(one_of(STATE_INITS), "zeros")
+    state_init_std: float = setting(number("> 0", lambda value: value > 0), 1.0)
+    core_norm: bool = setting(boolean, True)
+    injection_norm: bool = setting(boolean, True)
+    loop_shift: int = setting(integer_in(0, MAX_LOOP_SHIFT), 0)
+    position_encoding: str = setting(one_of(POSITION_ENCODINGS), "rope")
+    # running the loop
+    num_loops: int = setting(loop_count(), 8)
+    num_loops_train: int | None = setting(loop_count(allow_none=True))
+    solver: str = setting(one_of(SOLVERS), "picard")
+    solver_options: dict[str, dict[str, Any]] = setting(solver_options_rule, default_factory=dict)
+    tol: float | None = setting(number("> 0", lambda value: value > 0, allow_none=True))
+    gradient: str = setting(one_of(GRADIENTS), "jfb")
+    gradient_steps: int = setting(loop_count(), 4)
+    phantom_tau: float = setting(number("in (0, 1]", lambda value: 0 < value <= 1), 0.5)
+    ift_max_iter: int | None = setting(loop_count(allow_none=True))
+    ift_tol: float = setting(number("> 0", lambda value: value > 0), 1e-5)
+    is_causal: bool = setting(boolean, True)
+
+    def __post_init__(self, **kwargs: Any) -> None:
         _refuse_misspelt_loop_fields(kwargs)
         kwargs.pop("num_hidden_layers", None)  # derived from the layer split
-        self.vocab_size = vocab_size
-        self.hidden_size = hidden_size
-        self.intermediate_size = intermediate_size or _swiglu_width(hidden_size)
-        self.num_attention_heads = num_attention_heads
-        self.num_key_value_heads = num_key_value_heads or num_attention_heads
-        if head_dim is None and num_attention_heads and hidden_size % num_attention_heads:
-            raise ValueError(
-                f"hidden_size ({hidden_size}) must be a multiple of num_attention_heads ({num_attention_heads}) "
-                "unless head_dim is given"
-            )
-        self.head_dim = head_dim or (hidden_size // num_attention_heads if num_attention_heads else None)
-        self.hidden_act = hidden_act
-        self.max_position_embeddings = max_position_embeddings
-        self.initializer_range = initializer_range
-        self.rms_norm_eps = rms_norm_eps
-        self.rope_parameters = rope_parameters
-        self.attention_bias = attention_bias
-        self.attention_dropout = attention_dropout
-        self.mlp_bias = mlp_bias
-        self.use_cache = use_cache
-        self.input_features = input_features
-        self.edge_features = edge_features
-        self.feedback_features = feedback_features
-        self.num_prelude_layers = num_prelude_layers
-        self.num_core_layers = num_core_layers
-        self.num_coda_layers = num_coda_layers
-        self.injection = injection
-        self.state_init = state_init
-        self.state_init_std = state_init_std
-        self.core_norm = core_norm
-        self.injection_norm = injection_norm
-        self.loop_shift = loop_shift
-        self.position_encoding = position_encoding
-        self.num_loops = num_loops
-        self.num_loops_train = num_loops_train
-        self.solver = solver
-        self.tol = tol
-        self.damping = damping
-        self.anderson_memory = anderson_memory
-        self.gradient = gradient
-        self.gradient_steps = gradient_steps
-        self.phantom_tau = phantom_tau
-        self.ift_max_iter = ift_max_iter
-        self.ift_tol = ift_tol
-        self.is_causal = is_causal
         kwargs.setdefault("auto_map", dict(AUTO_MAP))
-        super().__init__(
-            pad_token_id=pad_token_id,
-            bos_token_id=bos_token_id,
-            eos_token_id=eos_token_id,
-            tie_word_embeddings=tie_word_embeddings,
-            **kwargs,
-        )
-        self.validate_loop_settings()
+        if self.head_dim is None:
+            if self.hidden_size % self.num_attention_heads:
+                raise ValueError(
+                    f"hidden_size ({self.hidden_size}) must be a multiple of num_attention_heads "
+                    f"({self.num_attention_heads}) unless head_dim is given"
+                )
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.intermediate_size is None:
+            self.intermediate_size = 32 * math.ceil(8 * self.hidden_size / 3 / 32)  # Llama's SwiGLU width
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        super().__post_init__(**kwargs)  # sets the remaining keys, LEGACY_SOLVER_KEYS through their properties
+
+    def validate_loop_settings(self) -> None:
+        """The constraints between fields (each field is checked whenever it is set); ``@strict`` runs it when
+        a config is made."""
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise RefusedValue(
+                f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
+                f"num_key_value_heads ({self.num_key_value_heads})"
+            )
 
     @property
     def num_hidden_layers(self) -> int:
@@ -251,194 +421,53 @@ class ImplicitConfig(PretrainedConfig):
         """Iterations used in training mode when a forward call does not say."""
         return self.num_loops_train if self.num_loops_train is not None else self.num_loops
 
+    def options_for(self, solver: str) -> dict[str, Any]:
+        """The keyword arguments ``solver`` runs with: its entry of ``solver_options`` (none: its defaults)."""
+        return self.solver_options.get(solver, {})
+
     @classmethod
     def from_dict(cls, config_dict: dict[str, Any], **kwargs: Any) -> ImplicitConfig:
-        # from_pretrained(dir, num_loop=3) arrives here: refuse a misspelt loop field as __init__ does
-        _refuse_misspelt_loop_fields({key: value for key, value in kwargs.items() if key not in _LOOP_FIELDS})
+        # from_pretrained(dir, num_loop=3) arrives here: refuse a misspelt loop field as the constructor does
+        _refuse_misspelt_loop_fields(kwargs)
         loaded = super().from_dict(config_dict, **kwargs)
         given = tuple(name for name in PER_CALL_LOOP_FIELDS if name in kwargs)
         if given:  # from_pretrained(dir, num_loops=7): see LOOP_KEYWORDS
-            setattr(loaded[0] if isinstance(loaded, tuple) else loaded, LOOP_KEYWORDS, given)
+            (loaded[0] if isinstance(loaded, tuple) else loaded).__dict__[LOOP_KEYWORDS] = given
         return loaded
 
     def _remove_keys_not_serialized(self, d: dict[str, Any]) -> None:
         super()._remove_keys_not_serialized(d)
         d.pop(LOOP_KEYWORDS, None)
 
-    def __setattr__(self, key: str, value: Any) -> None:
-        # Every checked field is checked where it is set: in __init__, by from_pretrained(dir, field=...)
-        # (transformers sets config attributes from keyword arguments) and by `config.field = value`.
-        check = _FIELD_CHECKS.get(key)
-        super().__setattr__(key, value if check is None else check(key, value))
 
-    def validate_loop_settings(self) -> None:
-        """Raise ``ValueError`` naming the first invalid field and what it allows (each field is also checked
-        when it is set; this re-checks them all and the constraints between fields)."""
-        for name in _FIELD_CHECKS:
-            setattr(self, name, getattr(self, name))
-        if self.num_attention_heads % self.num_key_value_heads:
-            raise ValueError(
-                f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
-                f"num_key_value_heads ({self.num_key_value_heads})"
-            )
+def _legacy_solver_key(key: str, rule: Rule) -> property:
+    """``config.<key>`` of an older config (`LEGACY_SOLVER_KEYS`): setting it checks the value as the key was
+    checked and writes it into ``solver_options``; reading it gives the first solver's option it maps to."""
+    targets = LEGACY_SOLVER_KEYS[key]
 
+    def get(self: ImplicitConfig) -> Any:
+        solver, option = targets[0]
+        return self.options_for(solver).get(option, options_of(solver)[option])
 
-def _swiglu_width(hidden_size: int) -> int:
-    """Llama's SwiGLU width: 8/3 of the hidden size, rounded up to a multiple of 32."""
-    return 32 * math.ceil(8 * hidden_size / 3 / 32)
+    def set_(self: ImplicitConfig, value: Any) -> None:
+        value = check(key, value, rule)
+        options = {name: dict(given) for name, given in self.solver_options.items()}
+        for solver, option in targets:
+            options.setdefault(solver, {})[option] = value
+        self.solver_options = options
+
+    return property(get, set_, doc=f"``{key}`` of configs written before solver_options: {targets}.")
 
 
-def check_integer(name: str, value: Any, minimum: int = 1) -> int:
-    """``value`` as an ``int`` if it is an integral number (Python or numpy, not a bool) ``>= minimum``;
-    otherwise a ``ValueError`` naming ``name`` and what it allows."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}; got {value!r}")
-    return int(value)
-
-
-def max_loops() -> int:
-    """The bound on loop counts: the environment variable ``IMPLICIT_HF_MAX_LOOPS`` if set (read at every check,
-    so setting it in a running process takes effect), else `DEFAULT_MAX_LOOPS`. ``implicit_hf.loop_counts`` keeps
-    a copy (it may not import this package, which imports torch); a test checks the two agree."""
-    given = os.environ.get("IMPLICIT_HF_MAX_LOOPS")
-    if given is None:
-        return DEFAULT_MAX_LOOPS
-    if not given.strip().isdigit() or int(given) < 1:
-        raise ValueError(f"the environment variable IMPLICIT_HF_MAX_LOOPS must be an integer >= 1; got {given!r}")
-    return int(given)
-
-
-def check_loop_count(name: str, value: Any) -> int:
-    """``value`` as an ``int`` if it is an integer in ``[1, max_loops()]``; otherwise a ``ValueError`` naming
-    ``name``, the bound and how to raise it."""
-    value = check_integer(name, value)
-    bound = max_loops()
-    if value > bound:
-        raise ValueError(
-            f"{name} must be at most {bound}, the bound on loop counts (set the environment variable "
-            f"IMPLICIT_HF_MAX_LOOPS to raise it); got {value}"
-        )
-    return value
-
-
-def _choice(allowed: tuple[str, ...]):
-    def check(name: str, value: Any) -> str:
-        if value not in allowed:
-            raise ValueError(f"{name} must be one of {', '.join(repr(a) for a in allowed)}; got {value!r}")
-        return value
-
-    return check
-
-
-def _integer(minimum: int, allow_none: bool = False):
-    def check(name: str, value: Any) -> int | None:
-        return None if value is None and allow_none else check_integer(name, value, minimum)
-
-    return check
-
-
-def real_number(bounds: str, within: Callable[[float], bool], allow_none: bool = False):
-    """A check for a finite real number with ``within(value)`` true (NaN and infinities never pass: a tolerance of
-    ``inf`` would halt every loop at once); ``bounds`` says it in words."""
-
-    def check(name: str, value: Any) -> float | None:
-        if value is None and allow_none:
-            return None
-        if (
-            isinstance(value, bool)
-            or not isinstance(value, numbers.Real)
-            or not math.isfinite(value)
-            or not within(value)
-        ):
-            allowed = f"None or a number {bounds}" if allow_none else f"a number {bounds}"
-            raise ValueError(f"{name} must be {allowed}; got {value!r}")
-        return value if isinstance(value, (int, float)) else float(value)
-
-    return check
-
-
-def _loop_count(allow_none: bool = False):
-    def check(name: str, value: Any) -> int | None:
-        return None if value is None and allow_none else check_loop_count(name, value)
-
-    return check
-
-
-def _integer_in(low: int, high: int):
-    def check(name: str, value: Any) -> int:
-        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not low <= value <= high:
-            raise ValueError(f"{name} must be an integer in [{low}, {high}]; got {value!r}")
-        return int(value)
-
-    return check
-
-
-def _positive(allow_none: bool = False):
-    return real_number("> 0", lambda value: value > 0, allow_none)
-
-
-def _boolean(name: str, value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise ValueError(f"{name} must be True or False, got {value!r}")
-    return value
-
-
-def _string(name: str, value: Any) -> str:
-    if not isinstance(value, str):
-        raise ValueError(f"{name} must be a string; got {value!r}")
-    return value
-
-
-# The fields ImplicitConfig checks whenever they are set, and how.
-_FIELD_CHECKS = {
-    # architecture (checked so a recipe's "64" fails here, naming the field, not deep inside torch)
-    "vocab_size": _integer(1),
-    "intermediate_size": _integer(1),
-    "head_dim": _integer(1, allow_none=True),
-    "max_position_embeddings": _integer(1),
-    "initializer_range": real_number(">= 0", lambda value: value >= 0),
-    "rms_norm_eps": _positive(),
-    "attention_dropout": real_number("in [0, 1)", lambda value: 0 <= value < 1),
-    "attention_bias": _boolean,
-    "mlp_bias": _boolean,
-    "hidden_act": _string,
-    # loop and layout
-    "injection": _choice(INJECTIONS),
-    "state_init": _choice(STATE_INITS),
-    "solver": _choice(SOLVER_NAMES),
-    "gradient": _choice(GRADIENTS),
-    "hidden_size": _integer(1),
-    "num_attention_heads": _integer(1),
-    "num_key_value_heads": _integer(1),
-    "input_features": _integer(0),
-    "edge_features": _integer(0),
-    "feedback_features": _integer(0),
-    "num_prelude_layers": _integer(0),
-    "num_core_layers": _integer(1),
-    "num_coda_layers": _integer(0),
-    "loop_shift": _integer_in(0, MAX_LOOP_SHIFT),
-    "position_encoding": _choice(POSITION_ENCODINGS),
-    "num_loops": _loop_count(),
-    "num_loops_train": _loop_count(allow_none=True),
-    "anderson_memory": _integer(1),
-    "gradient_steps": _loop_count(),
-    "ift_max_iter": _loop_count(allow_none=True),
-    "tol": _positive(allow_none=True),
-    "ift_tol": _positive(),
-    "state_init_std": _positive(),
-    "damping": real_number("in (0, 1]", lambda value: 0 < value <= 1),
-    "phantom_tau": real_number("in (0, 1]", lambda value: 0 < value <= 1),
-    "core_norm": _boolean,
-    "injection_norm": _boolean,
-    "is_causal": _boolean,
-}
+ImplicitConfig.damping = _legacy_solver_key("damping", number("in (0, 1]", lambda value: 0 < value <= 1))
+ImplicitConfig.anderson_memory = _legacy_solver_key("anderson_memory", integer(1))
 
 
 # A per-call setting is checked as the config checks the field, except that a call's tol may be 0 (no halting).
-_PER_CALL_CHECKS = {
-    "num_loops": _FIELD_CHECKS["num_loops"],
-    "tol": real_number(">= 0 (0: no halting in this call)", lambda value: value >= 0, allow_none=True),
-    "solver": _FIELD_CHECKS["solver"],
+_PER_CALL_RULES = {
+    "num_loops": loop_count(),
+    "tol": number(">= 0 (0: no halting in this call)", lambda value: value >= 0, allow_none=True),
+    "solver": one_of(SOLVERS),
 }
 
 
@@ -446,7 +475,7 @@ def check_per_call_loop_setting(name: str, value: Any, where: str = "") -> Any:
     """``value`` of the per-call loop setting ``name`` (`PER_CALL_LOOP_FIELDS`), checked as the config checks the
     field (a ``tol`` of 0 turns halting off for the call); ``None`` ("not given") passes. ``where`` prefixes the
     name in the error, e.g. ``"generation_config."`` or a file."""
-    return None if value is None else _PER_CALL_CHECKS[name](f"{where}{name}", value)
+    return None if value is None else check(f"{where}{name}", value, _PER_CALL_RULES[name])
 
 
 def per_call_loop_settings(entries: Mapping[str, Any], where: str) -> dict[str, Any]:
@@ -482,9 +511,12 @@ def refuse_unknown_keywords(where: str, unknown: Iterable[str], known: Iterable[
     raise TypeError(f"{where} got an unexpected keyword argument {unknown[0]!r}; {hint}")
 
 
-def _refuse_misspelt_loop_fields(kwargs: dict[str, Any]) -> None:
+def _refuse_misspelt_loop_fields(kwargs: Mapping[str, Any]) -> None:
     """Refuse keywords that look like a misspelt loop field instead of storing them unused."""
     for key in kwargs:
-        match = difflib.get_close_matches(key, _LOOP_FIELDS, n=1, cutoff=0.85)
+        match = key not in _LOOP_FIELDS and difflib.get_close_matches(key, _LOOP_FIELDS, n=1, cutoff=0.85)
         if match:
             raise ValueError(f"unknown ImplicitConfig field {key!r}; did you mean {match[0]!r}?")
+
+
+__all__ = ["ImplicitConfig"]

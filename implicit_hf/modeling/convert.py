@@ -39,7 +39,7 @@ from typing import Any
 import torch
 from safetensors import SafetensorError
 
-from .configuration_implicit import ImplicitConfig, real_number
+from .configuration_implicit import ImplicitConfig, check, number
 from .model_card import write_model_card
 
 logger = logging.getLogger(__name__)
@@ -199,7 +199,7 @@ def implicit_config_from(
 
 def _contracting_settings(state_weight: float, loop_settings: dict[str, Any]) -> dict[str, Any]:
     """The loop settings ``state_weight`` implies (linear injection, prelude state), refusing conflicting ones."""
-    real_number("in [0, 1)", lambda value: 0 <= value < 1)("state_weight", state_weight)
+    check("state_weight", state_weight, number("in [0, 1)", lambda value: 0 <= value < 1))
     implied = {"injection": "linear", "state_init": "prelude"}
     for key, value in implied.items():
         if loop_settings.get(key, value) != value:

@@ -19,12 +19,27 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Collection
+from typing import Any
 
 import torch
 
 from .solvers import FixedPointMap, SolverStats, get_solver, picard
 
 logger = logging.getLogger(__name__)
+
+GRADIENTS = ("unroll", "truncated", "jfb", "phantom", "ift")
+
+
+def gradient_options(config: Any) -> dict[str, Any]:
+    """An `ImplicitConfig`'s gradient-mode settings (``gradient``, ``gradient_steps``, ``phantom_tau``,
+    ``ift_max_iter``, ``ift_tol``) as `fixed_point` keywords."""
+    return {
+        "gradient": config.gradient,
+        "steps": config.gradient_steps,
+        "tau": config.phantom_tau,
+        "backward_max_iter": config.ift_max_iter,
+        "backward_tol": config.ift_tol,
+    }
 
 
 def fixed_point(
@@ -42,8 +57,9 @@ def fixed_point(
     keep: Collection[int] = (),
     **solver_options,
 ) -> tuple[torch.Tensor, SolverStats]:
-    """Solve ``z = f(z)`` from ``z0`` with ``solver`` and attach gradients according to ``gradient``;
-    ``keep``: evaluation counts (over the whole solve) whose states ``stats.states`` holds."""
+    """Solve ``z = f(z)`` from ``z0`` with ``solver`` (given ``solver_options``, its own keywords) and attach
+    gradients according to ``gradient``; ``keep``: evaluation counts (over the whole solve) whose states
+    ``stats.states`` holds, passed to the solver as its ``keep``."""
     solve = get_solver(solver)
     if not torch.is_grad_enabled() or gradient == "unroll":
         return solve(f, z0, max_iter, tol, keep=keep, **solver_options)
@@ -52,7 +68,7 @@ def fixed_point(
     elif gradient in ("jfb", "ift"):
         differentiable_steps = 1
     else:
-        raise ValueError(f"gradient must be one of 'unroll', 'truncated', 'jfb', 'phantom', 'ift'; got {gradient!r}")
+        raise ValueError(f"gradient must be one of {', '.join(map(repr, GRADIENTS))}; got {gradient!r}")
 
     z, stats = z0, None  # a solve without autograd below detaches; otherwise z0 stays in the graph
     if max_iter > differentiable_steps:

@@ -1,6 +1,7 @@
 """Batched fixed-point solvers with per-sample stopping and honest statistics.
 
-Every solver has the signature ``solve(f, z0, max_iter, tol=None, **opts) -> (z, SolverStats)``:
+Every solver has the signature ``solve(f, z0, max_iter, tol=None, *, keep=(), **options) -> (z, SolverStats)``,
+its options keyword-only (``damping``, ``memory``, ...: what `ImplicitConfig.solver_options` holds per solver):
 
 * ``f(z, index)`` evaluates the map on the rows ``index`` of the batch (``z`` holds exactly those
   rows). Solvers only evaluate samples that are still running, so samples that stopped cost no
@@ -28,17 +29,22 @@ A non-finite value or a residual that grows ``divergence_factor`` times above th
 sample has reached marks that sample as diverged: it stops, keeps its last finite state, and is
 flagged in ``SolverStats.diverged``. Anderson and Broyden never raise on a singular system: the
 affected samples take a damped Picard step instead, counted in ``SolverStats.fallbacks``.
+
+`SOLVERS` is where solver names are declared: the config's ``solver`` and a forward's ``solver=`` take its
+keys, and `register_solver` adds one.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Collection
+import difflib
+import inspect
+import numbers
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
-
-from .configuration_implicit import check_integer
 
 FixedPointMap = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -191,10 +197,17 @@ def _scatter_rows(full: torch.Tensor, index: torch.Tensor, rows: torch.Tensor, k
     return full.index_copy(0, index[keep], rows[keep])
 
 
+def _check_count(name: str, value: Any) -> int:
+    """``value`` as an ``int`` if it is an integer (Python or numpy, not a bool) >= 1."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{name} must be an integer >= 1; got {value!r}")
+    return int(value)
+
+
 def _check_common(name: str, z0: torch.Tensor, max_iter: int, tol: float | None) -> None:
     if z0.dim() < 1 or z0.shape[0] == 0:
         raise ValueError(f"{name}: z0 must be a batched tensor (B, ...) with B >= 1, got shape {tuple(z0.shape)}")
-    check_integer(f"{name}: max_iter", max_iter)
+    _check_count(f"{name}: max_iter", max_iter)
     if tol is not None and not tol > 0:
         raise ValueError(f"{name}: tol must be None (fixed iteration count) or > 0, got {tol!r}")
 
@@ -250,7 +263,7 @@ def anderson(
     image ``f(x)`` of its lowest-residual iterate.
     """
     _check_common("anderson", z0, max_iter, tol)
-    memory = check_integer("anderson: memory", memory)
+    memory = _check_count("anderson: memory", memory)
     if not 0 < damping <= 1:
         raise ValueError(f"anderson: damping must be in (0, 1], got {damping!r}")
     if not restart_factor > 1:
@@ -374,7 +387,7 @@ def broyden(
     half-precision state); the iterates handed to ``f`` are cast back to the state's dtype.
     """
     _check_common("broyden", z0, max_iter, tol)
-    memory = check_integer("broyden: memory", memory)
+    memory = _check_count("broyden: memory", memory)
     if not restart_factor > 1:
         raise ValueError(f"broyden: restart_factor must be > 1, got {restart_factor!r}")
     progress = _Progress(z0, "broyden", tol, divergence_factor, keep)
@@ -463,15 +476,45 @@ def _inverse_jacobian_apply_transposed(us: torch.Tensor, vs: torch.Tensor, x: to
         return -x + torch.einsum("bmd,bm->bd", vs, torch.einsum("bmd,bd->bm", us, x))
 
 
-SOLVERS: dict[str, Callable[..., tuple[torch.Tensor, SolverStats]]] = {
-    "picard": picard,
-    "anderson": anderson,
-    "broyden": broyden,
-}
+Solver = Callable[..., tuple[torch.Tensor, SolverStats]]
+
+# The solvers by name, in the order error messages list them.
+SOLVERS: dict[str, Solver] = {"picard": picard, "anderson": anderson, "broyden": broyden}
 
 
-def get_solver(name: str) -> Callable[..., tuple[torch.Tensor, SolverStats]]:
+def register_solver(name: str, solve: Solver) -> None:
+    """Make ``solve`` available as ``solver=name`` (config, forward, generate). It has the signature of the
+    solvers here, ``solve(f, z0, max_iter, tol=None, *, keep=(), **options)``; its keyword-only options are what
+    ``config.solver_options[name]`` may set."""
+    if "keep" not in inspect.signature(solve).parameters:
+        raise ValueError(f"solver {name!r} must take the keyword argument keep (the evaluation counts to keep)")
+    SOLVERS[name] = solve
+
+
+def get_solver(name: str) -> Solver:
     """The solver registered under ``name``; a clear error listing the choices otherwise."""
     if name not in SOLVERS:
         raise ValueError(f"solver must be one of {sorted(SOLVERS)}, got {name!r}")
     return SOLVERS[name]
+
+
+def options_of(name: str) -> dict[str, Any]:
+    """The options solver ``name`` takes (its keyword-only arguments other than ``keep``) and their defaults."""
+    parameters = inspect.signature(SOLVERS[name]).parameters.values()
+    return {p.name: p.default for p in parameters if p.kind is p.KEYWORD_ONLY and p.name != "keep"}
+
+
+def check_solver_options(options: Any) -> None:
+    """Refuse ``options`` unless it maps solver names to the options each takes (`options_of`): a
+    ``ValueError`` naming the first wrong entry. The values are checked by the solver when it runs."""
+    if not isinstance(options, Mapping) or not all(isinstance(given, Mapping) for given in options.values()):
+        raise ValueError(f"solver_options must map solver names to mappings of their options; got {options!r}")
+    for name, given in options.items():
+        if name not in SOLVERS:
+            raise ValueError(f"solver_options names no solver {name!r}; solvers: {', '.join(SOLVERS)}")
+        known = options_of(name)
+        for option in given:
+            if option not in known:
+                close = difflib.get_close_matches(str(option), known, n=1)
+                hint = f"did you mean {close[0]!r}?" if close else f"it takes: {', '.join(known)}"
+                raise ValueError(f"solver_options gives {name!r} the option {option!r}, which it does not take; {hint}")

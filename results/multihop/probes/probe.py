@@ -218,7 +218,8 @@ def evaluate():
                     attention_mask=am,
                     position_ids=pos,
                     num_loops=max(eval_loops),
-                    return_trajectory=eval_loops,
+                    return_trajectory=True,
+                    trajectory_loops=eval_loops,
                     use_cache=False,
                 )
                 res[h] = [
