@@ -47,7 +47,7 @@ class Objective:
         kwargs: dict[str, Any] = {}
         counts = [count for count in self.deep_supervision if count < num_loops]
         if counts:
-            kwargs["return_trajectory"] = counts
+            kwargs["return_trajectory"], kwargs["trajectory_loops"] = True, counts
         if self.penalty_weights:
             kwargs["penalties"] = tuple(self.penalty_weights)
         return kwargs
