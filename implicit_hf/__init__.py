@@ -35,6 +35,7 @@ _MODELING_EXPORTS = (
     "fixed_point",
     "get_solver",
     "picard",
+    "register_solver",
 )
 
 __all__ = [*_MODELING_EXPORTS, "__version__"]

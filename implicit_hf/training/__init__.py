@@ -6,6 +6,6 @@
 `objective.py` is the loss, `stats.py` what the loop logs, `checkpoints.py` saves and resumes, `distributed.py`
 spreads the model over processes (`Sharding`), `difficulty.py` batches rows by difficulty.
 
-Importing this package (or `recipe`) imports neither torch nor transformers, so ``implicit-hf train --help``
-stays fast; import `implicit_hf.training.loop` to train.
+`recipe` itself imports neither torch nor transformers, so ``implicit-hf train --help`` (which imports the package
+with the model code deferred, `implicit_hf_command`) stays fast; import `implicit_hf.training.loop` to train.
 """
