@@ -48,16 +48,15 @@ import zlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
+import datasets
+import evaluate
 import numpy as np
 import torch
 
 from ..checks import TaskSettingError, check_arguments, check_integer
 from . import BUILTIN_TASK_MODULES  # built-in task -> its module (in the package __init__: listing needs no torch)
-
-if TYPE_CHECKING:
-    import datasets
 
 Example = dict[str, Any]
 
@@ -113,8 +112,6 @@ class TaskAdapter(ABC):
         gives a prefix of a larger one (when `generate` draws row after row) and different splits never share
         draws. ``n = 0`` gives an empty set, neither generated nor cached.
         """
-        import datasets
-
         check_size_and_seed(n, seed)
         features = self.features()
         if n == 0:  # nothing to generate or cache (datasets cannot load an empty saved set back)
@@ -230,8 +227,6 @@ def get_task(name: str, **kwargs: Any) -> TaskAdapter:
 @functools.cache
 def load_local_metric(name: str):
     """The local `evaluate` module ``tasks/metrics/{name}.py``, loaded by path (offline) once per process."""
-    import evaluate
-
     return evaluate.load(str(Path(__file__).parent / "metrics" / f"{name}.py"))
 
 
@@ -253,8 +248,6 @@ def split_rng(split: str, seed: int) -> np.random.Generator:
 
 def list_feature(feature: Any) -> Any:
     """The ``datasets`` feature of a list of ``feature``: ``datasets.List`` from datasets 4 on, ``Sequence`` before."""
-    import datasets
-
     return (getattr(datasets, "List", None) or datasets.Sequence)(feature)
 
 
@@ -264,8 +257,6 @@ def cached_dataset(path: Path, build: Callable[[], Any]):
     The new data set is written next to ``path`` and renamed into place, so a concurrent reader never
     sees half of it; when another process finishes the same data set first, its copy is kept.
     """
-    import datasets
-
     if path.exists():
         return datasets.load_from_disk(str(path))
     data = build()

@@ -34,8 +34,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
+import datasets
 import numpy as np
 import torch
+from skimage import color, data, util
 
 from ..checks import Positive, at_least, number
 from .base import Example, TaskAdapter, check_one_per_row, row_generators, single_threaded
@@ -169,8 +171,6 @@ def unpatchify(tokens: torch.Tensor, patch: int) -> torch.Tensor:
 @functools.cache
 def load_image(name: str) -> np.ndarray:
     """The bundled scikit-image sample ``name`` (a `skimage.data` function) as grey float64 in ``[0, 1]``."""
-    from skimage import color, data, util
-
     image = getattr(data, name)()
     if image.ndim == 3:
         image = color.rgb2gray(image)
@@ -238,8 +238,6 @@ class DeblurTask(TaskAdapter):
 
     def features(self):
         """``image`` and ``observation`` (``S x S`` float32) and ``source`` (the skimage image)."""
-        import datasets
-
         image = datasets.Array2D(shape=(self.image_size, self.image_size), dtype="float32")
         return datasets.Features({"image": image, "observation": image, "source": datasets.Value("string")})
 

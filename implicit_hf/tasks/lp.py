@@ -48,6 +48,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any
 
+import datasets
 import numpy as np
 import torch
 from scipy.optimize import linprog
@@ -129,8 +130,6 @@ class LinearProgramTask(TaskAdapter):
     def features(self):
         """The rows of `_row`: the LP (``A``, ``b``, ``c``, ``lower``, ``upper``, ``is_equality``), its ``solution``
         and ``objective``."""
-        import datasets
-
         vector = list_feature(datasets.Value("float64"))
         return datasets.Features(
             {

@@ -81,6 +81,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
+import datasets
 import numpy as np
 import torch
 
@@ -159,8 +160,6 @@ class NavierStokesTask(TaskAdapter):
     def features(self):
         """The ``forcing`` and steady ``vorticity`` fields, the final ``residual``, the ``steps`` taken and the
         ``nonlinearity`` (see the module docstring)."""
-        import datasets
-
         field = list_feature(list_feature(datasets.Value("float64")))
         return datasets.Features(
             {

@@ -57,6 +57,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any
 
+import datasets
 import numpy as np
 import torch
 
@@ -114,8 +115,6 @@ class AdditionTask(TaskAdapter):
 
     def features(self):
         """The rows of `make_row`: ``digits``, ``a``, ``b``, ``sum``, ``carry_chain``, ``propagate_run``."""
-        import datasets
-
         digits = list_feature(datasets.Value("int8"))
         return datasets.Features(
             {

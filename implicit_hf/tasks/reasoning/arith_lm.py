@@ -46,8 +46,10 @@ import json
 from pathlib import Path
 from typing import Annotated, Any
 
+import datasets
 import numpy as np
 import torch
+from tokenizers import Regex, decoders, pre_tokenizers
 
 from ...checks import at_least
 from ..base import Example, list_feature, row_generators, split_rng
@@ -60,8 +62,6 @@ PAIRS_FILE = Path(__file__).parent / "data" / "arith_pairs.jsonl"
 
 def arith_tokenizer():
     """The character-level tokenizer of the task (`PreTrainedTokenizerFast`, left padding)."""
-    from tokenizers import Regex, decoders, pre_tokenizers
-
     return word_level_tokenizer(
         CHARACTERS,
         pre_tokenizers.Split(Regex("."), behavior="isolated"),  # one token per character
@@ -112,8 +112,6 @@ class ArithLMTask(GenerativeTask):
 
     def features(self):
         """The rows of `make_row`: ``prompt``, ``completion``, ``answer``, ``operands``, ``ops``, ``terms``."""
-        import datasets
-
         return datasets.Features(
             {
                 "prompt": datasets.Value("string"),

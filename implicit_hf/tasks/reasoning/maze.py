@@ -55,6 +55,7 @@ from collections import deque
 from pathlib import Path
 from typing import Annotated, Any
 
+import datasets
 import numpy as np
 import torch
 
@@ -107,8 +108,6 @@ class MazeTask(TaskAdapter):
 
     def features(self):
         """The rows of `make_row`: ``size``, ``grid``, ``path``, ``path_length``."""
-        import datasets
-
         square = list_feature(list_feature(datasets.Value("int8")))
         return datasets.Features(
             {

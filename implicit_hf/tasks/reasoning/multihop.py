@@ -61,8 +61,10 @@ import string
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
+import datasets
 import numpy as np
 import torch
+from tokenizers import Regex, decoders, pre_tokenizers
 
 from ...checks import Allowed, CountRange, at_least, check_count_range
 from ..base import Example, list_feature, row_generators, split_rng
@@ -80,8 +82,6 @@ Questions = Literal["all", "last"]
 
 def multihop_tokenizer():
     """The task's word-level tokenizer: every name, digit and symbol one token; spaces dropped; left padding."""
-    from tokenizers import Regex, decoders, pre_tokenizers
-
     return word_level_tokenizer(
         (*DIGITS, *SYMBOLS, *NAMES),
         pre_tokenizers.Sequence(
@@ -152,8 +152,6 @@ class MultiHopTask(GenerativeTask):
     def features(self):
         """The rows of `make_row`: ``prompt``, ``completion``, ``answer``, ``hops``, ``statements``, ``questions``,
         ``answers``."""
-        import datasets
-
         return datasets.Features(
             {
                 "prompt": datasets.Value("string"),

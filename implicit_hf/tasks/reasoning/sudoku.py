@@ -55,6 +55,7 @@ import functools
 from pathlib import Path
 from typing import Annotated, Any
 
+import datasets
 import numpy as np
 import torch
 
@@ -299,8 +300,6 @@ class SudokuTask(TaskAdapter):
 
     def features(self):
         """The rows of `make_puzzle`: ``puzzle``, ``solution``, ``givens``, ``needs_search``."""
-        import datasets
-
         return datasets.Features(
             {
                 "puzzle": list_feature(datasets.Value("int8")),

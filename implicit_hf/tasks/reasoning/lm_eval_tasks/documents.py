@@ -12,12 +12,11 @@ import json
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
+
+import datasets
 
 from implicit_hf.tasks.base import check_size_and_seed, default_cache_dir
-
-if TYPE_CHECKING:
-    import datasets
 
 LM_EVAL_DIR = Path(__file__).parent  # the shipped task YAMLs (``--include_path``)
 
@@ -32,8 +31,6 @@ def default_data_dir(task: str) -> Path:
 def load_documents(task: str, name: str, data_dir: str | None) -> datasets.DatasetDict:
     """``{"test": Dataset}`` of ``name.jsonl`` in ``data_dir`` (or `default_data_dir`); a missing file names the
     command that writes it."""
-    import datasets
-
     path = (Path(data_dir) if data_dir else default_data_dir(task)) / f"{name}.jsonl"
     if not path.is_file():
         raise FileNotFoundError(
