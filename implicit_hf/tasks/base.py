@@ -79,9 +79,22 @@ def checked_settings(init: Callable[..., None]) -> Callable[..., None]:
     return checked
 
 
+def given_rows(encode: Callable[..., dict[str, torch.Tensor]]) -> Callable[..., dict[str, torch.Tensor]]:
+    """A task's ``encode`` that refuses an empty list of rows first: a batch holds at least one row, whatever the
+    task (checked here once for every task rather than in each)."""
+
+    @functools.wraps(encode)
+    def checked(self: TaskAdapter, examples: list[Example]) -> dict[str, torch.Tensor]:
+        if not examples:
+            raise ValueError("encode needs at least one example")
+        return encode(self, examples)
+
+    return checked
+
+
 class TaskAdapter(ABC):
-    """Base class of every task; subclasses register themselves in `TASKS` by ``name``, and their constructors
-    check their settings (`checked_settings`)."""
+    """Base class of every task; subclasses register themselves in `TASKS` by ``name``, their constructors
+    check their settings (`checked_settings`) and their ``encode`` refuses an empty list of rows (`given_rows`)."""
 
     name: ClassVar[str]
     head: ClassVar[str]  # "token_regression" | "token_classification" | "causal_lm"
@@ -97,6 +110,8 @@ class TaskAdapter(ABC):
         super().__init_subclass__(**kwargs)
         if "__init__" in cls.__dict__:
             cls.__init__ = checked_settings(cls.__init__)
+        if "encode" in cls.__dict__ and not getattr(cls.encode, "__isabstractmethod__", False):
+            cls.encode = given_rows(cls.encode)
         if "name" in cls.__dict__:
             TASKS[cls.name] = cls
 
@@ -147,7 +162,8 @@ class TaskAdapter(ABC):
 
     @abstractmethod
     def encode(self, examples: list[Example]) -> dict[str, torch.Tensor]:
-        """Model inputs and ``labels`` for a list of rows (the data loader's ``collate_fn``)."""
+        """Model inputs and ``labels`` for a list of at least one row (the data loader's ``collate_fn``; an empty
+        list is refused before a task's own ``encode`` runs, `given_rows`)."""
 
     @abstractmethod
     def decode(self, logits: torch.Tensor, inputs: dict[str, torch.Tensor]) -> list[torch.Tensor]:

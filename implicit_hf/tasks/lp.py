@@ -174,8 +174,6 @@ class LinearProgramTask(TaskAdapter):
         ``attention_mask (B, T)``, ``position_ids (B, T)`` (long, zeros) and, when every row has a
         ``solution``, ``labels (B, T, 1)`` (``y / 10`` at variables, NaN elsewhere).
         """
-        if not examples:
-            raise ValueError("encode needs at least one example")
         problems = [_arrays(example) for example in examples]
         lengths = [p["A"].shape[0] + p["A"].shape[1] for p in problems]
         batch, length = len(problems), max(lengths)

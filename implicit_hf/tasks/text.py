@@ -133,8 +133,6 @@ class TextTask(TaskAdapter):
     # ------------------------------------------------------------------ encode / decode
 
     def encode(self, examples: list[Example]) -> dict[str, torch.Tensor]:
-        if not examples:
-            raise ValueError("encode needs at least one example")
         input_ids = torch.tensor([example["input_ids"] for example in examples], dtype=torch.long)
         return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": input_ids.clone()}
 

@@ -51,7 +51,7 @@ import numpy as np
 import torch
 from tokenizers import Regex, decoders, pre_tokenizers
 
-from ...checks import at_least
+from ...checks import at_least, not_above
 from ..base import Example, list_feature, row_generators, split_rng
 from ..edit_distance import word_edit_distance
 from ..generation import EOS_ID, PAD_ID, GenerativeTask, word_level_tokenizer
@@ -81,15 +81,13 @@ class ArithLMTask(GenerativeTask):
     def __init__(
         self,
         cache_dir: str | Path | None = None,
-        min_terms: Annotated[int, at_least(2)] = 2,
+        min_terms: Annotated[int, at_least(2), not_above("max_terms")] = 2,
         max_terms: Annotated[int, at_least(2)] = 3,
         max_operand: Annotated[int, at_least(1)] = 29,
         use_cache: bool = True,
         pairs_file: str | Path | None = None,
     ):
         super().__init__(cache_dir)
-        if min_terms > max_terms:
-            raise ValueError(f"min_terms ({min_terms}) must be <= max_terms ({max_terms})")
         self.min_terms, self.max_terms, self.max_operand = int(min_terms), int(max_terms), int(max_operand)
         self.use_cache = use_cache
         self.pairs_file = Path(pairs_file) if pairs_file is not None else PAIRS_FILE
@@ -132,8 +130,6 @@ class ArithLMTask(GenerativeTask):
     def encode(self, examples: list[Example]) -> dict[str, torch.Tensor]:
         """``[BOS] prompt completion [EOS]`` right-padded: ``input_ids``, ``attention_mask`` and, when every
         row has its ``completion``, ``labels`` (-100 on [BOS], the prompt and the padding)."""
-        if not examples:
-            raise ValueError("encode needs at least one example")
         with_labels = all(example.get("completion") is not None for example in examples)
         sequences, prompt_lengths = [], []
         for example in examples:

@@ -203,8 +203,6 @@ class MultiHopTask(GenerativeTask):
         """Training rows: the assignments, then every question with its answer, each question hidden from the
         others (a 4-D boolean ``attention_mask`` ``(B, 1, T, T)`` and ``position_ids``), ``labels`` on the answer
         digits only. Rows without ``answers`` are encoded as their prompt (2-D mask, no labels)."""
-        if not examples:
-            raise ValueError("encode needs at least one example")
         if not all(example.get("answers") for example in examples):
             prompts = self.tokenizer([example["prompt"] for example in examples], padding=True, return_tensors="pt")
             return {"input_ids": prompts["input_ids"], "attention_mask": prompts["attention_mask"]}

@@ -271,8 +271,6 @@ class StateTrackingTask(CausalLMTask):
     def encode(self, examples: list[Example]) -> dict[str, torch.Tensor]:
         """``prompt + completion`` right-padded, with ``labels`` one position after every update's last token
         (the state it leads to; ``dense``) and on the answer token; -100 elsewhere."""
-        if not examples:
-            raise ValueError("encode needs at least one example")
         encoded = [self.label_positions(example) for example in examples]
         length = max(len(tokens) for tokens, _ in encoded)
         input_ids = torch.full((len(examples), length), self.tokenizer.pad_token_id, dtype=torch.long)
