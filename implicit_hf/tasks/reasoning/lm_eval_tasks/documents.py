@@ -16,7 +16,8 @@ from typing import Any
 
 import datasets
 
-from implicit_hf.tasks.base import check_size_and_seed, default_cache_dir
+from implicit_hf.checks import check_integer
+from implicit_hf.tasks.base import default_cache_dir
 
 LM_EVAL_DIR = Path(__file__).parent  # the shipped task YAMLs (``--include_path``)
 
@@ -64,9 +65,8 @@ def write_documents(
         raise ValueError(
             f"no lm-eval task for {count_name} {unknown}; the package ships {prefix}{{k}} for k in {shipped}"
         )
-    check_size_and_seed(n, seed)
-    if n == 0:
-        raise ValueError("n must be >= 1: an lm-eval task needs at least one document")
+    check_integer("n", n, minimum=1)  # an lm-eval task needs at least one document
+    check_integer("seed", seed, minimum=0)
     if count_name in task_kwargs:
         raise ValueError(f"{count_name} is given by the counts, not by task_kwargs")
     out = Path(out_dir)
