@@ -7,9 +7,9 @@ stay generic:
   with ``datasets`` (``save_to_disk``) under ``cache_dir``; nothing is downloaded. It is written once,
   here: a task gives ``dataset_path(split, n, seed)`` (where the set is cached), ``features()`` (its
   ``datasets.Features``) and ``generate(rng, n, split)`` (its ``n`` rows, drawn from ``rng``).
-* ``encode(examples)`` turns a list of dataset rows into model inputs (``input_ids`` or
-  ``input_features``, ``attention_mask``, optional ``edge_features`` / ``position_ids``) plus
-  ``labels``; it is the ``collate_fn`` of the training data loader.
+* ``encode(examples)`` turns a list of dataset rows (at least one: `given_rows` refuses an empty list for every
+  task) into model inputs (``input_ids`` or ``input_features``, ``attention_mask``, optional ``edge_features`` /
+  ``position_ids``) plus ``labels``; it is the ``collate_fn`` of the training data loader.
 * ``decode(logits, inputs)`` turns head outputs back into one prediction per sample in the
   domain's own form (an LP solution vector, an image, a field, a grid).
 * ``compute_metrics(predictions, examples)`` scores predictions with the task's local ``evaluate``
