@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from .loop_counts import DEFAULT_MAX_LOOPS, LoopCounts, parse_loops
+from .tasks import BUILTIN_TASK_MODULES  # the names of the built-in tasks: importing it imports no torch
 
 DEFAULT_LOOPS = "1,2,4,8,16,32,64"
 LM_EVAL_LOOPS = "1,2,4,8,16"
@@ -119,8 +120,6 @@ class OptionParser(argparse.ArgumentParser):
 
 def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The ``implicit-hf eval`` options (also `implicit_hf.eval.harness.add_arguments`)."""
-    from .tasks import BUILTIN_TASK_MODULES
-
     tasks = ", ".join(sorted(BUILTIN_TASK_MODULES))
     parser.add_argument("--model", required=True, help="checkpoint folder (save_pretrained)")
     parser.add_argument(

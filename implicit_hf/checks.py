@@ -7,7 +7,8 @@ A task's settings are the arguments of its constructor, checked against their an
 `check_arguments` (`implicit_hf.tasks.base.TaskAdapter` does it for every task): a ``bool`` must be a bool
 (the string ``'false'`` is not one), an ``int`` an integer, a ``float`` a finite number, a ``str`` a string,
 a ``Literal[...]`` one of its values, and ``Annotated[T, Allowed(...)]`` a ``T`` that passes the test of
-`Allowed` (`at_least`, `number`, `Fraction`, `Positive`, `CountRange`).
+`Allowed` (`at_least`, `number`, `Fraction`, `Positive`, `CountRange`); ``Annotated[T, Relation(...)]`` relates a
+setting to another one of the same constructor (`not_above`, `multiple_of`).
 """
 
 from __future__ import annotations
@@ -49,6 +50,27 @@ def number(bounds: str, within: Callable[[float], bool]) -> Allowed:
     return Allowed(f"a number {bounds}", within)
 
 
+@dataclass(frozen=True)
+class Relation:
+    """``Annotated`` metadata of a setting that must stand in a relation to the setting ``other`` of the same
+    constructor, defaults included: ``holds(value, other_value)``, in ``words`` (the error says "``name``
+    (value) must be ``words`` ``other`` (other value)")."""
+
+    words: str
+    other: str
+    holds: Callable[[Any, Any], bool]
+
+
+def not_above(other: str) -> Relation:
+    """A setting ``<=`` the setting ``other``: ``min_digits: Annotated[int, at_least(1), not_above("digits")]``."""
+    return Relation("<=", other, lambda value, bound: value <= bound)
+
+
+def multiple_of(other: str) -> Relation:
+    """A setting that the setting ``other`` divides: ``Annotated[int, at_least(1), multiple_of("patch_size")]``."""
+    return Relation("a multiple of", other, lambda value, divisor: value % divisor == 0)
+
+
 def _is_count_range(value: int | list[int]) -> bool:
     if isinstance(value, (list, tuple)):
         return len(value) == 2 and min(value) >= 1
@@ -73,7 +95,8 @@ def check_setting(name: str, value: Any, hint: Any) -> None:
 def check_arguments(function: Callable[..., Any], args: tuple, kwargs: dict[str, Any]) -> None:
     """Refuse, with a ``ValueError`` naming the argument, a call ``function(*args, **kwargs)`` (a method, ``self``
     not in ``args``) with an unknown keyword (suggesting the closest known one) or an argument that is not of its
-    annotation (`check_setting`). Arguments left at their defaults are not checked."""
+    annotation (`check_setting`), or whose arguments, defaults included, break a `Relation` of an annotation.
+    Arguments left at their defaults are not checked against their own annotations."""
     signature = inspect.signature(function)
     parameters = list(signature.parameters.values())[1:]  # after self
     if not any(parameter.kind is parameter.VAR_KEYWORD for parameter in parameters):
@@ -92,12 +115,29 @@ def check_arguments(function: Callable[..., Any], args: tuple, kwargs: dict[str,
         kind = signature.parameters[name].kind
         if name in hints and kind not in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD):
             check_setting(name, value, hints[name])
+    bound.apply_defaults()
+    for name, relation in _relations(function):
+        value, other = bound.arguments[name], bound.arguments[relation.other]
+        if not relation.holds(value, other):
+            raise ValueError(f"{name} ({value}) must be {relation.words} {relation.other} ({other})")
 
 
 @functools.cache
 def _annotations(function: Callable[..., Any]) -> dict[str, Any]:
     """``function``'s resolved annotations, ``Annotated`` kept (resolving them evaluates strings: done once)."""
     return typing.get_type_hints(function, include_extras=True)
+
+
+@functools.cache
+def _relations(function: Callable[..., Any]) -> list[tuple[str, Relation]]:
+    """``(setting, relation)`` for every `Relation` in the annotations of ``function``'s arguments."""
+    return [
+        (name, meta)
+        for name, hint in _annotations(function).items()
+        if typing.get_origin(hint) is Annotated
+        for meta in hint.__metadata__
+        if isinstance(meta, Relation)
+    ]
 
 
 def _fits(value: Any, hint: Any) -> bool:

@@ -15,6 +15,9 @@ its largest count instead of one pass per count. Generation (``generate_until``)
 trajectory and runs once per count. It writes ``results.json``, ``results.csv``, one
 quality-vs-loops plot per task metric and, for a metric several tasks share (e.g. ``acc`` of
 ``multihop_hops4``, ``multihop_hops8``, ...), one plot with a line per task.
+
+This module imports ``lm_eval`` (the optional extra ``implicit-hf[lm-eval]``): nothing imports it with the package,
+and ``implicit-hf lm-eval`` checks that lm_eval is installed before importing it.
 """
 
 from __future__ import annotations
@@ -29,7 +32,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import lm_eval
 import torch
+from lm_eval.models.huggingface import HFLM
+from lm_eval.tasks import TaskManager
 
 from ..arguments import UsageError, add_lm_eval_arguments
 from ..loop_counts import LoopCounts, normalise_loops
@@ -57,82 +63,75 @@ def _metrics(task_results: dict[str, Any]) -> tuple[dict[str, float], dict[str, 
     return metrics, stderr
 
 
-def _loop_sweep_lm_class():
-    """`LoopSweepLM`, defined on first use so that importing this module does not import lm_eval (an optional
-    dependency)."""
-    from lm_eval.models.huggingface import HFLM
+class LoopSweepLM(HFLM):
+    """An `HFLM` that scores loglikelihood requests at every count of ``loops`` from one trajectory per batch.
 
-    class LoopSweepLM(HFLM):
-        """An `HFLM` that scores loglikelihood requests at every count of ``loops`` from one trajectory per batch.
+    ``loop_count`` chooses which count's scores the loglikelihood methods return and the count that
+    generation runs at. The first request for a batch of contexts runs the model once at
+    ``max(loops)`` with ``trajectory_loops=loops`` and lm-eval's own scoring code once per count on
+    those logits; the scores of every count are kept, so evaluating the same requests at the other
+    counts costs no model call.
+    """
 
-        ``loop_count`` chooses which count's scores the loglikelihood methods return and the count that
-        generation runs at. The first request for a batch of contexts runs the model once at
-        ``max(loops)`` with ``trajectory_loops=loops`` and lm-eval's own scoring code once per count on
-        those logits; the scores of every count are kept, so evaluating the same requests at the other
-        counts costs no model call.
-        """
+    def __init__(self, loops: LoopCounts, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.loops = loops
+        self._scores: dict[tuple, dict[int, tuple[float, bool]]] = {}
+        self._scoring: int | None = None  # the count whose logits _model_call returns while scoring
+        self._trajectory: tuple[torch.Tensor, dict[int, torch.Tensor]] | None = None
+        self.loop_count = self.loops[-1]
 
-        def __init__(self, loops: LoopCounts, **kwargs: Any):
-            super().__init__(**kwargs)
-            self.loops = loops
-            self._scores: dict[tuple, dict[int, tuple[float, bool]]] = {}
-            self._scoring: int | None = None  # the count whose logits _model_call returns while scoring
-            self._trajectory: tuple[torch.Tensor, dict[int, torch.Tensor]] | None = None
-            self.loop_count = self.loops[-1]
+    @property
+    def loop_count(self) -> int:
+        return self.model.config.num_loops
 
-        @property
-        def loop_count(self) -> int:
-            return self.model.config.num_loops
+    @loop_count.setter
+    def loop_count(self, count: int) -> None:
+        """Score and generate at ``count``, one of ``loops``."""
+        _set_loop_count(self.model, count)  # what generate_until runs at
 
-        @loop_count.setter
-        def loop_count(self, count: int) -> None:
-            """Score and generate at ``count``, one of ``loops``."""
-            _set_loop_count(self.model, count)  # what generate_until runs at
-
-        def _model_call(self, inps: torch.Tensor, attn_mask=None, labels=None) -> torch.Tensor:
-            if self._scoring is None:
-                return super()._model_call(inps, attn_mask, labels)
-            if self._trajectory is None or not torch.equal(self._trajectory[0], inps):
-                autocast = torch.autocast(
-                    device_type=self.device.type,
-                    dtype=self.mixed_precision_dtype,
-                    enabled=self.mixed_precision_dtype is not None,
+    def _model_call(self, inps: torch.Tensor, attn_mask=None, labels=None) -> torch.Tensor:
+        if self._scoring is None:
+            return super()._model_call(inps, attn_mask, labels)
+        if self._trajectory is None or not torch.equal(self._trajectory[0], inps):
+            autocast = torch.autocast(
+                device_type=self.device.type,
+                dtype=self.mixed_precision_dtype,
+                enabled=self.mixed_precision_dtype is not None,
+            )
+            with torch.no_grad(), autocast:
+                out = self.model(
+                    inps,
+                    num_loops=max(self.loops),
+                    return_trajectory=True,
+                    trajectory_loops=self.loops,
+                    use_cache=False,
                 )
-                with torch.no_grad(), autocast:
-                    out = self.model(
-                        inps,
-                        num_loops=max(self.loops),
-                        return_trajectory=True,
-                        trajectory_loops=self.loops,
-                        use_cache=False,
-                    )
-                self._trajectory = (inps, dict(zip(self.loops, out.trajectory, strict=True)))
-            return self._trajectory[1][self._scoring]
+            self._trajectory = (inps, dict(zip(self.loops, out.trajectory, strict=True)))
+        return self._trajectory[1][self._scoring]
 
-        def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
-            """Requests already scored at every count (by their text) are answered without tokenizing them again."""
-            texts = [tuple(request.args) for request in requests]
-            if all(text in self._scores for text in texts):
-                return [self._scores[text][self.loop_count] for text in texts]
-            return super().loglikelihood(requests, disable_tqdm=disable_tqdm)
+    def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
+        """Requests already scored at every count (by their text) are answered without tokenizing them again."""
+        texts = [tuple(request.args) for request in requests]
+        if all(text in self._scores for text in texts):
+            return [self._scores[text][self.loop_count] for text in texts]
+        return super().loglikelihood(requests, disable_tqdm=disable_tqdm)
 
-        def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs: int | None = None):
-            key = _request_key
-            todo = [request for request in requests if key(request) not in self._scores]
-            batch = self.batch_size if isinstance(self.batch_size, int) else (override_bs or 1)
-            for chunk in _context_chunks(todo, batch):
-                for count in self.loops:
-                    self._scoring = count
-                    try:
-                        scores = super()._loglikelihood_tokens(chunk, disable_tqdm=True, override_bs=batch)
-                    finally:
-                        self._scoring = None
-                    for request, score in zip(chunk, scores, strict=True):
-                        self._scores.setdefault(key(request), {})[count] = score
-                self._trajectory = None
-            return [self._scores[key(request)][self.loop_count] for request in requests]
-
-    return LoopSweepLM
+    def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs: int | None = None):
+        key = _request_key
+        todo = [request for request in requests if key(request) not in self._scores]
+        batch = self.batch_size if isinstance(self.batch_size, int) else (override_bs or 1)
+        for chunk in _context_chunks(todo, batch):
+            for count in self.loops:
+                self._scoring = count
+                try:
+                    scores = super()._loglikelihood_tokens(chunk, disable_tqdm=True, override_bs=batch)
+                finally:
+                    self._scoring = None
+                for request, score in zip(chunk, scores, strict=True):
+                    self._scores.setdefault(key(request), {})[count] = score
+            self._trajectory = None
+        return [self._scores[key(request)][self.loop_count] for request in requests]
 
 
 def _set_loop_count(model: Any, count: int) -> None:
@@ -204,10 +203,6 @@ def lm_eval_sweep(
     ships, seconds); by default one is built from ``include_path`` and ``metadata``. Unknown task names
     (`check_task_names`) and a model folder without a tokenizer are refused before the model is loaded.
     """
-    import lm_eval
-    from lm_eval.models.huggingface import HFLM
-    from lm_eval.tasks import TaskManager
-
     loops = normalise_loops(loops)
     if task_manager is None:
         task_manager = TaskManager(include_path=str(include_path) if include_path else None, metadata=metadata)
@@ -215,7 +210,7 @@ def lm_eval_sweep(
     tokenizer = load_tokenizer(model_dir, "model")
     model = load_model(model_dir, "causal_lm", device)
     settings = {"pretrained": model, "tokenizer": tokenizer, "batch_size": batch_size, "device": device}
-    lm = _loop_sweep_lm_class()(loops, **settings) if share_trajectory else None
+    lm = LoopSweepLM(loops, **settings) if share_trajectory else None
     runs = []
     for count in loops:
         if share_trajectory:

@@ -7,9 +7,9 @@ stay generic:
   with ``datasets`` (``save_to_disk``) under ``cache_dir``; nothing is downloaded. It is written once,
   here: a task gives ``dataset_path(split, n, seed)`` (where the set is cached), ``features()`` (its
   ``datasets.Features``) and ``generate(rng, n, split)`` (its ``n`` rows, drawn from ``rng``).
-* ``encode(examples)`` turns a list of dataset rows into model inputs (``input_ids`` or
-  ``input_features``, ``attention_mask``, optional ``edge_features`` / ``position_ids``) plus
-  ``labels``; it is the ``collate_fn`` of the training data loader.
+* ``encode(examples)`` turns a list of dataset rows (at least one: `given_rows` refuses an empty list for every
+  task) into model inputs (``input_ids`` or ``input_features``, ``attention_mask``, optional ``edge_features`` /
+  ``position_ids``) plus ``labels``; it is the ``collate_fn`` of the training data loader.
 * ``decode(logits, inputs)`` turns head outputs back into one prediction per sample in the
   domain's own form (an LP solution vector, an image, a field, a grid).
 * ``compute_metrics(predictions, examples)`` scores predictions with the task's local ``evaluate``
@@ -48,16 +48,15 @@ import zlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
+import datasets
+import evaluate
 import numpy as np
 import torch
 
 from ..checks import TaskSettingError, check_arguments, check_integer
 from . import BUILTIN_TASK_MODULES  # built-in task -> its module (in the package __init__: listing needs no torch)
-
-if TYPE_CHECKING:
-    import datasets
 
 Example = dict[str, Any]
 
@@ -80,9 +79,22 @@ def checked_settings(init: Callable[..., None]) -> Callable[..., None]:
     return checked
 
 
+def given_rows(encode: Callable[..., dict[str, torch.Tensor]]) -> Callable[..., dict[str, torch.Tensor]]:
+    """A task's ``encode`` that refuses an empty list of rows first: a batch holds at least one row, whatever the
+    task (checked here once for every task rather than in each)."""
+
+    @functools.wraps(encode)
+    def checked(self: TaskAdapter, examples: list[Example]) -> dict[str, torch.Tensor]:
+        if not examples:
+            raise ValueError("encode needs at least one example")
+        return encode(self, examples)
+
+    return checked
+
+
 class TaskAdapter(ABC):
-    """Base class of every task; subclasses register themselves in `TASKS` by ``name``, and their constructors
-    check their settings (`checked_settings`)."""
+    """Base class of every task; subclasses register themselves in `TASKS` by ``name``, their constructors
+    check their settings (`checked_settings`) and their ``encode`` refuses an empty list of rows (`given_rows`)."""
 
     name: ClassVar[str]
     head: ClassVar[str]  # "token_regression" | "token_classification" | "causal_lm"
@@ -98,6 +110,8 @@ class TaskAdapter(ABC):
         super().__init_subclass__(**kwargs)
         if "__init__" in cls.__dict__:
             cls.__init__ = checked_settings(cls.__init__)
+        if "encode" in cls.__dict__ and not getattr(cls.encode, "__isabstractmethod__", False):
+            cls.encode = given_rows(cls.encode)
         if "name" in cls.__dict__:
             TASKS[cls.name] = cls
 
@@ -113,8 +127,6 @@ class TaskAdapter(ABC):
         gives a prefix of a larger one (when `generate` draws row after row) and different splits never share
         draws. ``n = 0`` gives an empty set, neither generated nor cached.
         """
-        import datasets
-
         check_size_and_seed(n, seed)
         features = self.features()
         if n == 0:  # nothing to generate or cache (datasets cannot load an empty saved set back)
@@ -150,7 +162,8 @@ class TaskAdapter(ABC):
 
     @abstractmethod
     def encode(self, examples: list[Example]) -> dict[str, torch.Tensor]:
-        """Model inputs and ``labels`` for a list of rows (the data loader's ``collate_fn``)."""
+        """Model inputs and ``labels`` for a list of at least one row (the data loader's ``collate_fn``; an empty
+        list is refused before a task's own ``encode`` runs, `given_rows`)."""
 
     @abstractmethod
     def decode(self, logits: torch.Tensor, inputs: dict[str, torch.Tensor]) -> list[torch.Tensor]:
@@ -230,8 +243,6 @@ def get_task(name: str, **kwargs: Any) -> TaskAdapter:
 @functools.cache
 def load_local_metric(name: str):
     """The local `evaluate` module ``tasks/metrics/{name}.py``, loaded by path (offline) once per process."""
-    import evaluate
-
     return evaluate.load(str(Path(__file__).parent / "metrics" / f"{name}.py"))
 
 
@@ -253,8 +264,6 @@ def split_rng(split: str, seed: int) -> np.random.Generator:
 
 def list_feature(feature: Any) -> Any:
     """The ``datasets`` feature of a list of ``feature``: ``datasets.List`` from datasets 4 on, ``Sequence`` before."""
-    import datasets
-
     return (getattr(datasets, "List", None) or datasets.Sequence)(feature)
 
 
@@ -264,8 +273,6 @@ def cached_dataset(path: Path, build: Callable[[], Any]):
     The new data set is written next to ``path`` and renamed into place, so a concurrent reader never
     sees half of it; when another process finishes the same data set first, its copy is kept.
     """
-    import datasets
-
     if path.exists():
         return datasets.load_from_disk(str(path))
     data = build()

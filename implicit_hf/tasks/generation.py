@@ -8,6 +8,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from tokenizers import Tokenizer, models, processors
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
 from .base import Example, TaskAdapter, check_one_per_row
 
 
@@ -82,9 +85,6 @@ def word_level_tokenizer(
     """A task's own tokenizer (`PreTrainedTokenizerFast`): `SPECIAL_TOKENS`, then one id per entry of ``words``
     (anything else is ``[UNK]``), pieces cut by ``pre_tokenizer`` (and ``normalizer``) and joined by ``decoder``
     (``tokenizers`` components), ``[BOS]`` before every text, left padding (generation)."""
-    from tokenizers import Tokenizer, models, processors
-    from transformers import PreTrainedTokenizerFast
-
     vocab = {token: i for i, token in enumerate((*SPECIAL_TOKENS, *words))}
     tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     if normalizer is not None:
@@ -106,8 +106,6 @@ def word_level_tokenizer(
 def load_tokenizer(path: str | Path, name: str = "tokenizer", **kwargs: Any):
     """``AutoTokenizer.from_pretrained(path, **kwargs)``, or an ``OSError`` naming the setting ``name`` and ``path``
     when ``path`` holds no usable tokenizer (transformers says so with an ``OSError`` or a ``ValueError``)."""
-    from transformers import AutoTokenizer
-
     try:
         return AutoTokenizer.from_pretrained(str(path), **kwargs)
     except (OSError, ValueError) as err:

@@ -34,10 +34,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
+import datasets
 import numpy as np
 import torch
+from skimage import color, data, util
 
-from ..checks import Positive, at_least, number
+from ..checks import Positive, at_least, multiple_of, number
 from .base import Example, TaskAdapter, check_one_per_row, row_generators, single_threaded
 
 PIXEL_MEAN = 0.5  # model inputs and targets are (pixel - PIXEL_MEAN) / PIXEL_SCALE, O(1) on natural images
@@ -169,8 +171,6 @@ def unpatchify(tokens: torch.Tensor, patch: int) -> torch.Tensor:
 @functools.cache
 def load_image(name: str) -> np.ndarray:
     """The bundled scikit-image sample ``name`` (a `skimage.data` function) as grey float64 in ``[0, 1]``."""
-    from skimage import color, data, util
-
     image = getattr(data, name)()
     if image.ndim == 3:
         image = color.rgb2gray(image)
@@ -189,7 +189,7 @@ class DeblurTask(TaskAdapter):
     def __init__(
         self,
         cache_dir: str | Path | None = None,
-        image_size: Annotated[int, at_least(1)] = 32,
+        image_size: Annotated[int, at_least(1), multiple_of("patch_size")] = 32,
         patch_size: Annotated[int, at_least(1)] = 4,
         blur: Blur = "gaussian",
         blur_sigma: Positive = 1.5,
@@ -199,8 +199,6 @@ class DeblurTask(TaskAdapter):
         prior: Prior = "gradient",
     ):
         super().__init__(cache_dir)
-        if image_size % patch_size:
-            raise ValueError(f"image_size ({image_size}) must be a multiple of patch_size ({patch_size})")
         self.image_size = int(image_size)
         self.patch_size = int(patch_size)
         self.blur = blur
@@ -238,8 +236,6 @@ class DeblurTask(TaskAdapter):
 
     def features(self):
         """``image`` and ``observation`` (``S x S`` float32) and ``source`` (the skimage image)."""
-        import datasets
-
         image = datasets.Array2D(shape=(self.image_size, self.image_size), dtype="float32")
         return datasets.Features({"image": image, "observation": image, "source": datasets.Value("string")})
 
@@ -268,8 +264,6 @@ class DeblurTask(TaskAdapter):
     def encode(self, examples: list[Example]) -> dict[str, torch.Tensor]:
         """``input_features (B, T, F)``, ``attention_mask (B, T)`` and, when every row has an ``image``,
         ``labels (B, T, patch²)`` (see the module docstring for the layout)."""
-        if not examples:
-            raise ValueError("encode needs at least one example")
         observations = torch.from_numpy(np.stack([self._pixels(e, "observation", k) for k, e in enumerate(examples)]))
         tokens = [patchify(_normalise(observations), self.patch_size)]
         if self.prior != "none":

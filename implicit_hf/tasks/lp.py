@@ -48,6 +48,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any
 
+import datasets
 import numpy as np
 import torch
 from scipy.optimize import linprog
@@ -129,8 +130,6 @@ class LinearProgramTask(TaskAdapter):
     def features(self):
         """The rows of `_row`: the LP (``A``, ``b``, ``c``, ``lower``, ``upper``, ``is_equality``), its ``solution``
         and ``objective``."""
-        import datasets
-
         vector = list_feature(datasets.Value("float64"))
         return datasets.Features(
             {
@@ -175,8 +174,6 @@ class LinearProgramTask(TaskAdapter):
         ``attention_mask (B, T)``, ``position_ids (B, T)`` (long, zeros) and, when every row has a
         ``solution``, ``labels (B, T, 1)`` (``y / 10`` at variables, NaN elsewhere).
         """
-        if not examples:
-            raise ValueError("encode needs at least one example")
         problems = [_arrays(example) for example in examples]
         lengths = [p["A"].shape[0] + p["A"].shape[1] for p in problems]
         batch, length = len(problems), max(lengths)

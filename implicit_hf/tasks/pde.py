@@ -81,10 +81,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
+import datasets
 import numpy as np
 import torch
 
-from ..checks import at_least
+from ..checks import at_least, multiple_of
 from .base import Example, TaskAdapter, check_one_per_row, list_feature, row_generators, single_threaded
 
 NU = 0.02  # viscosity ν
@@ -117,7 +118,7 @@ class NavierStokesTask(TaskAdapter):
     def __init__(
         self,
         cache_dir: str | Path | None = None,
-        grid_size: Annotated[int, at_least(1)] = 32,
+        grid_size: Annotated[int, at_least(1), multiple_of("patch_size")] = 32,
         patch_size: Annotated[int, at_least(1)] = 4,
     ):
         super().__init__(cache_dir)
@@ -126,8 +127,6 @@ class NavierStokesTask(TaskAdapter):
                 f"grid_size must be > {3 * FORCING_MAX_WAVENUMBER} so the forcing modes (|k| <= "
                 f"{FORCING_MAX_WAVENUMBER}) lie inside the dealiased band |k| < grid_size/3; got {grid_size}"
             )
-        if grid_size % patch_size:
-            raise ValueError(f"grid_size ({grid_size}) must be a multiple of patch_size ({patch_size})")
         self.grid_size = int(grid_size)
         self.patch_size = int(patch_size)
 
@@ -159,8 +158,6 @@ class NavierStokesTask(TaskAdapter):
     def features(self):
         """The ``forcing`` and steady ``vorticity`` fields, the final ``residual``, the ``steps`` taken and the
         ``nonlinearity`` (see the module docstring)."""
-        import datasets
-
         field = list_feature(list_feature(datasets.Value("float64")))
         return datasets.Features(
             {
@@ -197,8 +194,6 @@ class NavierStokesTask(TaskAdapter):
         Returns ``input_features (B, T, F)`` (float32), ``attention_mask (B, T)`` (ones),
         ``position_ids (B, T)`` (the token index) and, when every row has its ``vorticity``, ``labels (B, T, patch²)``.
         """
-        if not examples:
-            raise ValueError("encode needs at least one example")
         forcing = torch.stack([self._field(example, "forcing", k) for k, example in enumerate(examples)])
         batch = forcing.shape[0]
         coords = self._coordinate_features().expand(batch, -1, -1)

@@ -24,10 +24,14 @@ from __future__ import annotations
 
 import zlib
 from pathlib import Path
+from pydoc_data.topics import topics
 from typing import Annotated, Any
 
+import datasets
 import numpy as np
 import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
 
 from ..checks import Fraction, at_least
 from .base import Example, TaskAdapter, check_one_per_row, list_feature
@@ -40,8 +44,6 @@ def corpus_text(corpus: str) -> str:
     """The corpus's text: ``"pydoc"`` (CPython's bundled reference topics) or a UTF-8 file's contents; a
     ``ValueError`` naming ``corpus`` for anything else."""
     if corpus == "pydoc":
-        from pydoc_data.topics import topics
-
         return "\n\n".join(topics[name] for name in sorted(topics))
     path = Path(corpus)
     if not path.is_file():
@@ -54,9 +56,6 @@ def corpus_text(corpus: str) -> str:
 
 def character_tokenizer(text: str):
     """A character-level tokenizer of the characters of ``text`` (sorted), plus ``<pad>``, ``<unk>``, ``<eos>``."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
     specials = ["<pad>", "<unk>", "<eos>"]
     vocab = {token: i for i, token in enumerate(specials + sorted(set(text)))}
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
@@ -113,8 +112,6 @@ class TextTask(TaskAdapter):
 
     def features(self):
         """``input_ids``: one window of ``seq_len`` token ids."""
-        import datasets
-
         return datasets.Features({"input_ids": list_feature(datasets.Value("int32"))})
 
     def generate(self, rng: np.random.Generator, n: int, split: str) -> list[Example]:
@@ -136,8 +133,6 @@ class TextTask(TaskAdapter):
     # ------------------------------------------------------------------ encode / decode
 
     def encode(self, examples: list[Example]) -> dict[str, torch.Tensor]:
-        if not examples:
-            raise ValueError("encode needs at least one example")
         input_ids = torch.tensor([example["input_ids"] for example in examples], dtype=torch.long)
         return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": input_ids.clone()}
 

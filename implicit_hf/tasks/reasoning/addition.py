@@ -57,10 +57,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any
 
+import datasets
 import numpy as np
 import torch
 
-from ...checks import Fraction, at_least
+from ...checks import Fraction, at_least, not_above
 from ..base import Example, TaskAdapter, check_one_per_row, list_feature, row_generators
 
 PAD = 0
@@ -85,12 +86,10 @@ class AdditionTask(TaskAdapter):
         self,
         cache_dir: str | Path | None = None,
         digits: Annotated[int, at_least(1)] = 8,
-        min_digits: Annotated[int, at_least(1)] = 1,
+        min_digits: Annotated[int, at_least(1), not_above("digits")] = 1,
         chain_fraction: Fraction = 0.5,
     ):
         super().__init__(cache_dir)
-        if min_digits > digits:
-            raise ValueError(f"min_digits ({min_digits}) must be <= digits ({digits})")
         self.digits = int(digits)
         self.min_digits = int(min_digits)
         self.chain_fraction = float(chain_fraction)
@@ -114,8 +113,6 @@ class AdditionTask(TaskAdapter):
 
     def features(self):
         """The rows of `make_row`: ``digits``, ``a``, ``b``, ``sum``, ``carry_chain``, ``propagate_run``."""
-        import datasets
-
         digits = list_feature(datasets.Value("int8"))
         return datasets.Features(
             {
@@ -137,8 +134,6 @@ class AdditionTask(TaskAdapter):
     def encode(self, examples: list[Example]) -> dict[str, torch.Tensor]:
         """``input_ids``, ``attention_mask``, ``position_ids`` (zeros) ``(B, T_max)``, ``edge_features``
         ``(B, T_max, T_max, 4)`` and, when every row has its ``sum``, ``labels`` (padding: PAD / 0 / -100)."""
-        if not examples:
-            raise ValueError("encode needs at least one example")
         tokens = []
         for k, example in enumerate(examples):
             a, b = np.asarray(example["a"], dtype=np.int64), np.asarray(example["b"], dtype=np.int64)

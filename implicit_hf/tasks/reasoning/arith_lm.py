@@ -46,10 +46,12 @@ import json
 from pathlib import Path
 from typing import Annotated, Any
 
+import datasets
 import numpy as np
 import torch
+from tokenizers import Regex, decoders, pre_tokenizers
 
-from ...checks import at_least
+from ...checks import at_least, not_above
 from ..base import Example, list_feature, row_generators, split_rng
 from ..edit_distance import word_edit_distance
 from ..generation import EOS_ID, PAD_ID, GenerativeTask, word_level_tokenizer
@@ -60,8 +62,6 @@ PAIRS_FILE = Path(__file__).parent / "data" / "arith_pairs.jsonl"
 
 def arith_tokenizer():
     """The character-level tokenizer of the task (`PreTrainedTokenizerFast`, left padding)."""
-    from tokenizers import Regex, decoders, pre_tokenizers
-
     return word_level_tokenizer(
         CHARACTERS,
         pre_tokenizers.Split(Regex("."), behavior="isolated"),  # one token per character
@@ -81,15 +81,13 @@ class ArithLMTask(GenerativeTask):
     def __init__(
         self,
         cache_dir: str | Path | None = None,
-        min_terms: Annotated[int, at_least(2)] = 2,
+        min_terms: Annotated[int, at_least(2), not_above("max_terms")] = 2,
         max_terms: Annotated[int, at_least(2)] = 3,
         max_operand: Annotated[int, at_least(1)] = 29,
         use_cache: bool = True,
         pairs_file: str | Path | None = None,
     ):
         super().__init__(cache_dir)
-        if min_terms > max_terms:
-            raise ValueError(f"min_terms ({min_terms}) must be <= max_terms ({max_terms})")
         self.min_terms, self.max_terms, self.max_operand = int(min_terms), int(max_terms), int(max_operand)
         self.use_cache = use_cache
         self.pairs_file = Path(pairs_file) if pairs_file is not None else PAIRS_FILE
@@ -112,8 +110,6 @@ class ArithLMTask(GenerativeTask):
 
     def features(self):
         """The rows of `make_row`: ``prompt``, ``completion``, ``answer``, ``operands``, ``ops``, ``terms``."""
-        import datasets
-
         return datasets.Features(
             {
                 "prompt": datasets.Value("string"),
@@ -134,8 +130,6 @@ class ArithLMTask(GenerativeTask):
     def encode(self, examples: list[Example]) -> dict[str, torch.Tensor]:
         """``[BOS] prompt completion [EOS]`` right-padded: ``input_ids``, ``attention_mask`` and, when every
         row has its ``completion``, ``labels`` (-100 on [BOS], the prompt and the padding)."""
-        if not examples:
-            raise ValueError("encode needs at least one example")
         with_labels = all(example.get("completion") is not None for example in examples)
         sequences, prompt_lengths = [], []
         for example in examples:

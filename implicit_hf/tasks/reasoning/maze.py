@@ -55,6 +55,7 @@ from collections import deque
 from pathlib import Path
 from typing import Annotated, Any
 
+import datasets
 import numpy as np
 import torch
 
@@ -107,8 +108,6 @@ class MazeTask(TaskAdapter):
 
     def features(self):
         """The rows of `make_row`: ``size``, ``grid``, ``path``, ``path_length``."""
-        import datasets
-
         square = list_feature(list_feature(datasets.Value("int8")))
         return datasets.Features(
             {
@@ -129,8 +128,6 @@ class MazeTask(TaskAdapter):
         """``input_ids``, ``attention_mask``, ``position_ids`` ``(B, T_max)``, with ``relations`` the
         ``edge_features (B, T_max, T_max, 6)``, and, when every row has its ``path``, ``labels``
         (padding: ``PAD`` / 0 / -100 / no relation)."""
-        if not examples:
-            raise ValueError("encode needs at least one example")
         grids = [np.asarray(example["grid"], dtype=np.int64) for example in examples]
         for k, grid in enumerate(grids):
             if grid.ndim != 2 or grid.shape[0] != grid.shape[1]:

@@ -61,8 +61,10 @@ import string
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
+import datasets
 import numpy as np
 import torch
+from tokenizers import Regex, decoders, pre_tokenizers
 
 from ...checks import Allowed, CountRange, at_least, check_count_range
 from ..base import Example, list_feature, row_generators, split_rng
@@ -80,8 +82,6 @@ Questions = Literal["all", "last"]
 
 def multihop_tokenizer():
     """The task's word-level tokenizer: every name, digit and symbol one token; spaces dropped; left padding."""
-    from tokenizers import Regex, decoders, pre_tokenizers
-
     return word_level_tokenizer(
         (*DIGITS, *SYMBOLS, *NAMES),
         pre_tokenizers.Sequence(
@@ -152,8 +152,6 @@ class MultiHopTask(GenerativeTask):
     def features(self):
         """The rows of `make_row`: ``prompt``, ``completion``, ``answer``, ``hops``, ``statements``, ``questions``,
         ``answers``."""
-        import datasets
-
         return datasets.Features(
             {
                 "prompt": datasets.Value("string"),
@@ -205,8 +203,6 @@ class MultiHopTask(GenerativeTask):
         """Training rows: the assignments, then every question with its answer, each question hidden from the
         others (a 4-D boolean ``attention_mask`` ``(B, 1, T, T)`` and ``position_ids``), ``labels`` on the answer
         digits only. Rows without ``answers`` are encoded as their prompt (2-D mask, no labels)."""
-        if not examples:
-            raise ValueError("encode needs at least one example")
         if not all(example.get("answers") for example in examples):
             prompts = self.tokenizer([example["prompt"] for example in examples], padding=True, return_tensors="pt")
             return {"input_ids": prompts["input_ids"], "attention_mask": prompts["attention_mask"]}

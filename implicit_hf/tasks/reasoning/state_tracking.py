@@ -54,8 +54,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
+import datasets
 import numpy as np
 import torch
+from tokenizers import Regex, decoders, normalizers, pre_tokenizers
 
 from ...checks import Allowed, CountRange, check_count_range
 from ..base import Example, check_one_per_row, list_feature, row_generators
@@ -119,8 +121,6 @@ ALL_GROUPS = [Group("symmetric", n) for n in OBJECTS] + [Group("cyclic", m) for 
 def state_tracking_tokenizer():
     """The task's word-level tokenizer: every statement (``ball: B.``, ``swap A C.``, ``add two.``), question
     and answer of every group one token, the same vocabulary for all settings; left padding."""
-    from tokenizers import Regex, decoders, normalizers, pre_tokenizers
-
     words: dict[str, None] = {}  # ordered, without repeats
     for group in ALL_GROUPS:
         for text in (
@@ -220,8 +220,6 @@ class StateTrackingTask(CausalLMTask):
 
     def features(self):
         """The rows of `make_row`."""
-        import datasets
-
         return datasets.Features(
             {
                 "prompt": datasets.Value("string"),
@@ -273,8 +271,6 @@ class StateTrackingTask(CausalLMTask):
     def encode(self, examples: list[Example]) -> dict[str, torch.Tensor]:
         """``prompt + completion`` right-padded, with ``labels`` one position after every update's last token
         (the state it leads to; ``dense``) and on the answer token; -100 elsewhere."""
-        if not examples:
-            raise ValueError("encode needs at least one example")
         encoded = [self.label_positions(example) for example in examples]
         length = max(len(tokens) for tokens, _ in encoded)
         input_ids = torch.full((len(examples), length), self.tokenizer.pad_token_id, dtype=torch.long)

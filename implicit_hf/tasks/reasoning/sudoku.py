@@ -55,6 +55,7 @@ import functools
 from pathlib import Path
 from typing import Annotated, Any
 
+import datasets
 import numpy as np
 import torch
 
@@ -299,8 +300,6 @@ class SudokuTask(TaskAdapter):
 
     def features(self):
         """The rows of `make_puzzle`: ``puzzle``, ``solution``, ``givens``, ``needs_search``."""
-        import datasets
-
         return datasets.Features(
             {
                 "puzzle": list_feature(datasets.Value("int8")),
@@ -320,8 +319,6 @@ class SudokuTask(TaskAdapter):
         """``input_ids (B, 81)`` (0 blank, 1-9 given), ``attention_mask``, ``position_ids``, with ``relations``
         ``edge_features (B, 81, 81, 4)``, and, when every row has its ``solution``, ``labels (B, 81)`` =
         solution digit - 1 on every cell."""
-        if not examples:
-            raise ValueError("encode needs at least one example")
         puzzles = torch.stack([_cells(example, "puzzle", k, low=0) for k, example in enumerate(examples)])
         batch = puzzles.shape[0]
         encoded = {

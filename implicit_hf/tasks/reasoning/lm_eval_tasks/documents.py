@@ -12,12 +12,12 @@ import json
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from implicit_hf.tasks.base import check_size_and_seed, default_cache_dir
+import datasets
 
-if TYPE_CHECKING:
-    import datasets
+from implicit_hf.checks import check_integer
+from implicit_hf.tasks.base import default_cache_dir
 
 LM_EVAL_DIR = Path(__file__).parent  # the shipped task YAMLs (``--include_path``)
 
@@ -32,8 +32,6 @@ def default_data_dir(task: str) -> Path:
 def load_documents(task: str, name: str, data_dir: str | None) -> datasets.DatasetDict:
     """``{"test": Dataset}`` of ``name.jsonl`` in ``data_dir`` (or `default_data_dir`); a missing file names the
     command that writes it."""
-    import datasets
-
     path = (Path(data_dir) if data_dir else default_data_dir(task)) / f"{name}.jsonl"
     if not path.is_file():
         raise FileNotFoundError(
@@ -67,9 +65,8 @@ def write_documents(
         raise ValueError(
             f"no lm-eval task for {count_name} {unknown}; the package ships {prefix}{{k}} for k in {shipped}"
         )
-    check_size_and_seed(n, seed)
-    if n == 0:
-        raise ValueError("n must be >= 1: an lm-eval task needs at least one document")
+    check_integer("n", n, minimum=1)  # an lm-eval task needs at least one document
+    check_integer("seed", seed, minimum=0)
     if count_name in task_kwargs:
         raise ValueError(f"{count_name} is given by the counts, not by task_kwargs")
     out = Path(out_dir)
