@@ -15,9 +15,9 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
@@ -168,22 +168,14 @@ class ImplicitPreTrainedModel(PreTrainedModel):
     _supports_attention_backend = True
     _can_record_outputs = {"attentions": LlamaAttention}  # transformers' capture_outputs hooks collect them
 
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
-        """transformers' ``from_pretrained``; a weights file that cannot be read is reported by its path."""
-        from safetensors import SafetensorError, safe_open
-
+    @staticmethod
+    def _load_pretrained_model(model, state_dict, checkpoint_files, *args, **kwargs):
+        """transformers' reading of the weights files at ``from_pretrained`` (the hook it calls through the model
+        class); a file that cannot be read is an ``OSError`` naming it (safetensors' own error names no file)."""
         try:
-            return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+            return PreTrainedModel._load_pretrained_model(model, state_dict, checkpoint_files, *args, **kwargs)
         except SafetensorError as err:
-            unreadable = []
-            for path in sorted(Path(str(pretrained_model_name_or_path)).glob("*.safetensors")):
-                try:
-                    with safe_open(path, framework="pt"):
-                        pass
-                except SafetensorError:
-                    unreadable.append(str(path))
-            where = ", ".join(unreadable) or f"a safetensors file of {pretrained_model_name_or_path}"
+            where = ", ".join(path for path in checkpoint_files or () if not _readable(path)) or "a weights file"
             raise OSError(f"cannot read the weights in {where} (truncated or corrupted?): {err}") from err
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -196,6 +188,15 @@ class ImplicitPreTrainedModel(PreTrainedModel):
             taps[0] = 1.0
             init.copy_(module.taps, taps)
             init.copy_(module.proj.weight, torch.eye(self.config.hidden_size, dtype=module.proj.weight.dtype))
+
+
+def _readable(path: str) -> bool:
+    """Whether safetensors can open the file ``path`` (its header is whole)."""
+    try:
+        with safe_open(path, framework="pt"):
+            return True
+    except SafetensorError:
+        return False
 
 
 class CoreMap:
@@ -362,7 +363,15 @@ class ImplicitModel(ImplicitPreTrainedModel):
         cache = self._cache_for(use_cache, cache, return_trajectory)
         penalties = check_penalties(penalties)
         check_inputs(
-            config, input_ids, inputs_embeds, input_features, edge_features, loop_feedback, penalties, cache is not None
+            config,
+            input_ids,
+            inputs_embeds,
+            input_features,
+            edge_features,
+            loop_feedback,
+            penalties,
+            return_trajectory,
+            cache is not None,
         )
         past = cache.get_seq_length() if cache is not None else 0
         check_input_shapes(
@@ -422,8 +431,6 @@ class ImplicitModel(ImplicitPreTrainedModel):
             return None
         if not self.config.is_causal:
             raise ValueError("use_cache needs a causal model (config.is_causal=True); this one attends both ways")
-        if return_trajectory:
-            raise ValueError("return_trajectory cannot be combined with a KV cache: call with use_cache=False")
         return DynamicCache() if cache is None else cache  # its slots are created on first use
 
     def _loop_settings(self, num_loops: int | None, tol: float | None, solver: str | None) -> tuple:
