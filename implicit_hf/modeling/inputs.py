@@ -39,20 +39,14 @@ def check_inputs(
     input_features: torch.Tensor | None,
     edge_features: torch.Tensor | None,
     loop_feedback: Callable[[torch.Tensor], torch.Tensor] | None,
-    penalties: Sequence[str],
-    return_trajectory: bool,
-    cached: bool,
 ) -> None:
-    """Refuse inputs a model of ``config`` was not built for, or that cannot go together (``cached``: this call
-    uses a KV cache)."""
+    """Refuse inputs a model of ``config`` was not built for, or that cannot go together."""
     arguments = {
         "input_ids": input_ids,
         "inputs_embeds": inputs_embeds,
         "input_features": input_features,
         "edge_features": edge_features,
         "loop_feedback": loop_feedback,
-        "penalties": penalties or None,
-        "return_trajectory": return_trajectory or None,
     }
     given = [name for name in ("input_ids", "inputs_embeds", "input_features") if arguments[name] is not None]
     if len(given) != 1:
@@ -67,8 +61,12 @@ def check_inputs(
             f"this model was built with config.feedback_features={config.feedback_features} and needs "
             "loop_feedback, the function giving its in-loop features (for a task: task.loop_feedback(inputs))"
         )
+
+
+def refuse_with_a_cache(**arguments: Any) -> None:
+    """A ``ValueError`` naming the first of ``arguments`` (`_NOT_WITH_A_CACHE`) given to a call that uses a KV cache."""
     for name, reason in _NOT_WITH_A_CACHE.items():
-        if cached and arguments[name] is not None:
+        if arguments[name]:
             raise ValueError(f"{name} {reason} and cannot use a KV cache: call with use_cache=False")
 
 

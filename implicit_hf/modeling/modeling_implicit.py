@@ -42,7 +42,7 @@ from .configuration_implicit import (
 )
 from .generation import LoopSettingsGenerationMixin
 from .gradients import fixed_point, gradient_options
-from .inputs import check_input_shapes, check_inputs, refuse_token_ids, trajectory_request
+from .inputs import check_input_shapes, check_inputs, refuse_token_ids, refuse_with_a_cache, trajectory_request
 from .layer_inputs import LayerInputs, rows_of
 from .penalties import check_penalties, fixed_point_penalties
 from .solvers import SolverStats
@@ -360,19 +360,9 @@ class ImplicitModel(ImplicitPreTrainedModel):
         if output_hidden_states is None:
             output_hidden_states = config.output_hidden_states
         return_trajectory, trajectory_loops = trajectory_request(return_trajectory, trajectory_loops)
-        cache = self._cache_for(use_cache, cache, return_trajectory)
         penalties = check_penalties(penalties)
-        check_inputs(
-            config,
-            input_ids,
-            inputs_embeds,
-            input_features,
-            edge_features,
-            loop_feedback,
-            penalties,
-            return_trajectory,
-            cache is not None,
-        )
+        cache = self._cache_for(use_cache, cache, return_trajectory, penalties, loop_feedback)
+        check_inputs(config, input_ids, inputs_embeds, input_features, edge_features, loop_feedback)
         past = cache.get_seq_length() if cache is not None else 0
         check_input_shapes(
             config, input_ids, inputs_embeds, input_features, attention_mask, position_ids, edge_features, past
@@ -419,8 +409,9 @@ class ImplicitModel(ImplicitPreTrainedModel):
             hidden_states=(hidden, prelude_output, *states_run, last_hidden_state) if output_hidden_states else None,
         )
 
-    def _cache_for(self, use_cache: bool | None, cache: Cache | None, return_trajectory: bool) -> Cache | None:
-        """The KV cache of this call: by default one where it serves (causal inference without trajectories)."""
+    def _cache_for(self, use_cache, cache, return_trajectory, penalties, loop_feedback) -> Cache | None:
+        """The KV cache of this call: by default one where it serves (causal inference without trajectories); a
+        cache asked for where it cannot serve is refused."""
         if use_cache is not None and not isinstance(use_cache, bool):
             raise ValueError(f"use_cache must be True, False or None (the default); got {use_cache!r}")
         if use_cache is None:
@@ -431,6 +422,7 @@ class ImplicitModel(ImplicitPreTrainedModel):
             return None
         if not self.config.is_causal:
             raise ValueError("use_cache needs a causal model (config.is_causal=True); this one attends both ways")
+        refuse_with_a_cache(return_trajectory=return_trajectory, penalties=penalties, loop_feedback=loop_feedback)
         return DynamicCache() if cache is None else cache  # its slots are created on first use
 
     def _loop_settings(self, num_loops: int | None, tol: float | None, solver: str | None) -> tuple:
