@@ -28,20 +28,21 @@ PENALTIES = ("jacobian", "fixed_point")
 
 
 def check_penalties(names: Sequence[str]) -> tuple[str, ...]:
-    """``names`` as a tuple, or a ``ValueError`` saying what is allowed (a bare name, not a list of them, is refused
-    too)."""
-    bare = isinstance(names, str) or not isinstance(names, Iterable)
-    listed = () if bare else tuple(names)
-    if bare or not set(listed) <= set(PENALTIES):
+    """``names`` as a tuple, or ``ValueError`` naming an unknown penalty (or a bare name, not a list of them)."""
+    if isinstance(names, str) or not isinstance(names, Iterable):
         raise ValueError(
             f"penalties must be a list or tuple of names from {PENALTIES} (e.g. ['jacobian']); got {names!r}"
         )
-    return listed
+    names = tuple(names)
+    unknown = [name for name in names if name not in PENALTIES]
+    if unknown:
+        raise ValueError(f"penalties must be a subset of {PENALTIES}; got {list(names)!r}")
+    return names
 
 
 def fixed_point_penalties(f: FixedPointMap, z: torch.Tensor, names: Sequence[str]) -> dict[str, torch.Tensor]:
-    """The penalties ``names`` (checked: `check_penalties`) of the map ``f`` (the solvers' ``f(z, index)``) at the
-    iterate ``z``."""
+    """The penalties ``names`` of the map ``f`` (the solvers' ``f(z, index)``) at the iterate ``z``."""
+    names = check_penalties(names)
     penalties, differentiable = {}, torch.is_grad_enabled()
     # The Jacobian needs a graph even when measured under torch.no_grad, and a double backward through
     # attention, which only sdpa's math kernel has (the fused CPU and CUDA kernels have no second derivative).
