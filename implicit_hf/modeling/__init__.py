@@ -4,7 +4,10 @@ Importing this package registers ``model_type="implicit"`` with transformers' Au
 (`register_auto_classes`).
 """
 
-from .configuration_implicit import ImplicitConfig
+import transformers
+
+from . import modeling_implicit
+from .configuration_implicit import AUTO_MAP, HEADS, MODEL_CLASSES, ImplicitConfig
 from .gradients import fixed_point
 from .modeling_implicit import (
     ImplicitForCausalLM,
@@ -18,6 +21,7 @@ from .modeling_implicit import (
 from .solvers import SolverStats, anderson, broyden, get_solver, picard, register_solver
 
 __all__ = [
+    "HEADS",
     "ImplicitConfig",
     "ImplicitForCausalLM",
     "ImplicitForTokenClassification",
@@ -38,20 +42,15 @@ __all__ = [
 
 
 def register_auto_classes() -> None:
-    """Register ``model_type="implicit"`` with transformers' Auto classes and mark every class for ``auto_map``
-    (so saved checkpoints also load with ``trust_remote_code=True``); idempotent."""
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForTokenClassification
-
-    AutoConfig.register(ImplicitConfig.model_type, ImplicitConfig, exist_ok=True)
-    AutoModel.register(ImplicitConfig, ImplicitModel, exist_ok=True)
-    AutoModelForCausalLM.register(ImplicitConfig, ImplicitForCausalLM, exist_ok=True)
-    AutoModelForTokenClassification.register(ImplicitConfig, ImplicitForTokenClassification, exist_ok=True)
-
+    """Register ``model_type="implicit"`` with transformers' Auto classes (each loads the class `AUTO_MAP` names) and
+    mark every class for ``auto_map`` (so saved checkpoints also load with ``trust_remote_code=True``); idempotent."""
+    transformers.AutoConfig.register(ImplicitConfig.model_type, ImplicitConfig, exist_ok=True)
     ImplicitConfig.register_for_auto_class()
-    ImplicitModel.register_for_auto_class("AutoModel")
-    ImplicitForCausalLM.register_for_auto_class("AutoModelForCausalLM")
-    ImplicitForTokenClassification.register_for_auto_class("AutoModelForTokenClassification")
-    ImplicitForTokenRegression.register_for_auto_class("AutoModelForTokenClassification")
+    for head in MODEL_CLASSES:
+        model_class = getattr(modeling_implicit, head.model_class)
+        if AUTO_MAP[head.auto_class] == f"modeling_implicit.{head.model_class}":
+            getattr(transformers, head.auto_class).register(ImplicitConfig, model_class, exist_ok=True)
+        model_class.register_for_auto_class(head.auto_class)
 
 
 register_auto_classes()

@@ -12,37 +12,69 @@ from __future__ import annotations
 import difflib
 import functools
 import math
-import numbers
-import os
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import MISSING
-from typing import Any
+from typing import Any, NamedTuple
 
 from huggingface_hub.dataclasses import strict, validated_field
-from huggingface_hub.errors import StrictDataclassClassValidationError, StrictDataclassFieldValidationError
+from huggingface_hub.errors import (
+    StrictDataclassClassValidationError,
+    StrictDataclassError,
+    StrictDataclassFieldValidationError,
+)
 from transformers import PreTrainedConfig
 
 from .gradients import GRADIENTS
-from .solvers import SOLVERS, check_solver_options, options_of
+from .rules import (
+    DEFAULT_MAX_LOOPS,
+    RefusedValue,
+    Rule,
+    check,
+    check_integer,
+    check_loop_count,
+    instance_of,
+    integer,
+    loop_count,
+    max_loops,
+    number,
+    one_of,
+    plain,
+)
+from .solvers import ARGUMENT_RULES, SOLVERS, check_solver_options, options_of
 
 INJECTIONS = ("add", "linear")
 STATE_INITS = ("zeros", "prelude", "normal")
 POSITION_ENCODINGS = ("rope", "none")
 MAX_LOOP_SHIFT = 4  # the widest causal convolution of the loop's token shift (config.loop_shift)
-# The bound on every loop count (`max_loops`): config.num_loops and the other iteration counts, forward/generate
-# (num_loops=...), a generation config's num_loops, trajectory_loops and ``--loops``. A count past it is a typo or
-# a hang (1e10 loops never finish; a KV cache holds one slot per loop and core layer), not a setting: 4096 is 20x
-# the largest count this project runs (200) and far beyond a fixed-point solver's usual budget (tens of
-# iterations). The environment variable IMPLICIT_HF_MAX_LOOPS raises it.
-DEFAULT_MAX_LOOPS = 4096
 
-# What `save_pretrained` writes into config.json so `trust_remote_code=True` can load every head
-# in a process that cannot import implicit_hf (the code files are copied next to the weights).
+
+class Head(NamedTuple):
+    """A model class of ``modeling_implicit``, the transformers Auto class that loads its checkpoints and the hub's
+    pipeline tag for it (``None``: none fits)."""
+
+    model_class: str
+    auto_class: str
+    pipeline_tag: str | None = None
+
+
+# The model classes: the one table that config.json's auto_map (`AUTO_MAP`), the Auto registrations
+# (``register_auto_classes``), model cards and the task heads (``implicit_hf.tasks.models``) derive from.
+BASE_MODEL = Head("ImplicitModel", "AutoModel")
+HEADS: dict[str, Head] = {  # by task head (a task's ``head``)
+    "causal_lm": Head("ImplicitForCausalLM", "AutoModelForCausalLM", "text-generation"),
+    "token_classification": Head(
+        "ImplicitForTokenClassification", "AutoModelForTokenClassification", "token-classification"
+    ),
+    "token_regression": Head("ImplicitForTokenRegression", "AutoModelForTokenClassification"),
+}
+MODEL_CLASSES = (BASE_MODEL, *HEADS.values())
+# What `save_pretrained` writes into config.json so `trust_remote_code=True` can load every head in a process that
+# cannot import implicit_hf (the code files are copied next to the weights). An Auto class two classes share loads
+# the first (reversed: the first written last): token regression is token classification with
+# ``problem_type="regression"``.
 AUTO_MAP = {
     "AutoConfig": "configuration_implicit.ImplicitConfig",
-    "AutoModel": "modeling_implicit.ImplicitModel",
-    "AutoModelForCausalLM": "modeling_implicit.ImplicitForCausalLM",
-    "AutoModelForTokenClassification": "modeling_implicit.ImplicitForTokenClassification",
+    **{head.auto_class: f"modeling_implicit.{head.model_class}" for head in reversed(MODEL_CLASSES)},
 }
 
 # Solver settings of configs written before `solver_options`: each key loads (and sets) these solver options.
@@ -90,145 +122,6 @@ _LOOP_FIELDS = (
 )
 
 
-# ----------------------------------------------------------------------------------------------- rules
-# A rule takes a value and raises `RefusedValue` saying what is allowed ("must be ...; got ..."); the config
-# (and `check`) put the name of the field or argument in front.
-
-Rule = Callable[[Any], None]
-
-
-class RefusedValue(ValueError):
-    """A value a rule refuses; the message says what is allowed, without the name it was given under."""
-
-
-def _is_integer(value: Any) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
-def integer(minimum: int = 1, allow_none: bool = False) -> Rule:
-    """Integers (Python or numpy, not bools) ``>= minimum``."""
-
-    def rule(value: Any) -> None:
-        if not (value is None and allow_none) and (not _is_integer(value) or value < minimum):
-            raise RefusedValue(f"must be an integer >= {minimum}; got {value!r}")
-
-    return rule
-
-
-def integer_in(low: int, high: int) -> Rule:
-    """Integers in ``[low, high]``."""
-
-    def rule(value: Any) -> None:
-        if not _is_integer(value) or not low <= value <= high:
-            raise RefusedValue(f"must be an integer in [{low}, {high}]; got {value!r}")
-
-    return rule
-
-
-def loop_count(allow_none: bool = False) -> Rule:
-    """Integers in ``[1, max_loops()]``: the error names the bound and how to raise it."""
-    at_least_one = integer(1, allow_none)
-
-    def rule(value: Any) -> None:
-        at_least_one(value)
-        bound = max_loops()
-        if value is not None and value > bound:
-            raise RefusedValue(
-                f"must be at most {bound}, the bound on loop counts (set the environment variable "
-                f"IMPLICIT_HF_MAX_LOOPS to raise it); got {value}"
-            )
-
-    return rule
-
-
-def number(bounds: str, within: Callable[[float], bool], allow_none: bool = False) -> Rule:
-    """Finite real numbers with ``within(value)`` true (NaN and infinities never pass: a tolerance of ``inf``
-    would halt every loop at once); ``bounds`` says it in words."""
-
-    def rule(value: Any) -> None:
-        if value is None and allow_none:
-            return
-        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
-            ok = False
-        else:
-            ok = within(value)
-        if not ok:
-            allowed = f"None or a number {bounds}" if allow_none else f"a number {bounds}"
-            raise RefusedValue(f"must be {allowed}; got {value!r}")
-
-    return rule
-
-
-def one_of(allowed: Iterable[str]) -> Rule:
-    """One of ``allowed`` (read at every check: `SOLVERS` grows with `register_solver`)."""
-
-    def rule(value: Any) -> None:
-        if value not in allowed:
-            raise RefusedValue(f"must be one of {', '.join(repr(a) for a in allowed)}; got {value!r}")
-
-    return rule
-
-
-def boolean(value: Any) -> None:
-    if not isinstance(value, bool):
-        raise RefusedValue(f"must be True or False, got {value!r}")
-
-
-def string(value: Any) -> None:
-    if not isinstance(value, str):
-        raise RefusedValue(f"must be a string; got {value!r}")
-
-
-def solver_options_rule(value: Any) -> None:
-    try:
-        check_solver_options(value)
-    except ValueError as err:
-        raise RefusedValue(str(err).removeprefix("solver_options ")) from None
-
-
-def plain(value: Any) -> Any:
-    """A numpy number as the Python ``int`` / ``float`` it equals (so config.json can hold it); else ``value``."""
-    if isinstance(value, numbers.Integral) and not isinstance(value, (int, bool)):
-        return int(value)
-    if isinstance(value, numbers.Real) and not isinstance(value, (int, float)):
-        return float(value)
-    return value
-
-
-def check(name: str, value: Any, rule: Rule) -> Any:
-    """``value`` (numpy numbers as Python ones) if ``rule`` takes it; otherwise a ``ValueError`` naming ``name``."""
-    try:
-        rule(value)
-    except RefusedValue as err:
-        raise ValueError(f"{name} {err}") from None
-    return plain(value)
-
-
-def check_integer(name: str, value: Any, minimum: int = 1) -> int:
-    """``value`` as an ``int`` if it is an integral number (Python or numpy, not a bool) ``>= minimum``;
-    otherwise a ``ValueError`` naming ``name`` and what it allows. (`implicit_hf.checks` has the same check for
-    the pure-Python modules: these files are copied beside checkpoints and import nothing from ``implicit_hf``.)"""
-    return check(name, value, integer(minimum))
-
-
-def check_loop_count(name: str, value: Any) -> int:
-    """``value`` as an ``int`` if it is an integer in ``[1, max_loops()]``; otherwise a ``ValueError`` naming
-    ``name``, the bound and how to raise it."""
-    return check(name, value, loop_count())
-
-
-def max_loops() -> int:
-    """The bound on loop counts: the environment variable ``IMPLICIT_HF_MAX_LOOPS`` if set (read at every check,
-    so setting it in a running process takes effect), else `DEFAULT_MAX_LOOPS`. ``implicit_hf.loop_counts`` keeps
-    a copy (it may not import this package, which imports torch); a test checks the two agree."""
-    given = os.environ.get("IMPLICIT_HF_MAX_LOOPS")
-    if given is None:
-        return DEFAULT_MAX_LOOPS
-    if not given.strip().isdigit() or int(given) < 1:
-        raise ValueError(f"the environment variable IMPLICIT_HF_MAX_LOOPS must be an integer >= 1; got {given!r}")
-    return int(given)
-
-
 def setting(rule: Rule, default: Any = None, *, default_factory: Any = MISSING) -> Any:
     """A config field checked by ``rule`` whenever it is set."""
     if default_factory is not MISSING:
@@ -236,29 +129,32 @@ def setting(rule: Rule, default: Any = None, *, default_factory: Any = MISSING) 
     return validated_field(rule, default=default)
 
 
+def _unwrapped(err: StrictDataclassError, key: str = "") -> Exception:
+    """What a caller sees of ``err``, the error type ``@strict`` wraps refusals in (which callers catching
+    ``ValueError`` would miss): a rule's refusal of field ``key`` as a ``ValueError`` naming it, another
+    ``ValueError`` (a validator's, a bad IMPLICIT_HF_MAX_LOOPS) as itself, anything else as ``err``."""
+    cause = err.__cause__
+    if isinstance(cause, RefusedValue) and key:
+        return ValueError(f"{key} {cause}")
+    return cause if isinstance(cause, ValueError) else err
+
+
 def _names_refused_fields(cls: type) -> type:
-    """Report a value a rule refuses as a ``ValueError`` naming the field, and a ``ValueError`` of a validator as
-    itself (``@strict`` wraps both in its own error type, which callers catching ``ValueError`` would miss); store
-    numpy numbers as Python ones."""
+    """Report the refusals of ``@strict`` as `_unwrapped` errors; store numpy numbers as Python ones."""
     strict_setattr, strict_init = cls.__setattr__, cls.__init__
 
     def __setattr__(self, key: str, value: Any) -> None:
         try:
             strict_setattr(self, key, plain(value))
         except StrictDataclassFieldValidationError as err:
-            cause = err.__cause__  # a ValueError not of a rule (a bad IMPLICIT_HF_MAX_LOOPS) names itself
-            if not isinstance(cause, ValueError):
-                raise
-            raise ValueError(f"{key} {cause}") if isinstance(cause, RefusedValue) else cause from None
+            raise _unwrapped(err, key) from None
 
     @functools.wraps(strict_init)
     def __init__(self, **kwargs: Any) -> None:
         try:
             strict_init(self, **kwargs)
         except StrictDataclassClassValidationError as err:
-            if isinstance(err.__cause__, ValueError):
-                raise err.__cause__ from None
-            raise
+            raise _unwrapped(err) from None
 
     cls.__setattr__, cls.__init__ = __setattr__, __init__
     return cls
@@ -344,14 +240,14 @@ class ImplicitConfig(PreTrainedConfig):
     num_attention_heads: int = setting(integer(1), 8)
     num_key_value_heads: int | None = setting(integer(1, allow_none=True))  # None: num_attention_heads
     head_dim: int | None = setting(integer(1, allow_none=True))  # None: hidden_size / num_attention_heads
-    hidden_act: str = setting(string, "silu")
+    hidden_act: str = setting(instance_of(str, "a string"), "silu")
     max_position_embeddings: int = setting(integer(1), 2048)
     initializer_range: float = setting(number(">= 0", lambda value: value >= 0), 0.02)
     rms_norm_eps: float = setting(number("> 0", lambda value: value > 0), 1e-6)
     rope_parameters: dict | None = None
-    attention_bias: bool = setting(boolean, False)
+    attention_bias: bool = setting(instance_of(bool, "True or False"), False)
     attention_dropout: float = setting(number("in [0, 1)", lambda value: 0 <= value < 1), 0.0)
-    mlp_bias: bool = setting(boolean, False)
+    mlp_bias: bool = setting(instance_of(bool, "True or False"), False)
     use_cache: bool = True
     tie_word_embeddings: bool = False
     pad_token_id: int | None = None
@@ -368,22 +264,22 @@ class ImplicitConfig(PreTrainedConfig):
     injection: str = setting(one_of(INJECTIONS), "add")
     state_init: str = setting(one_of(STATE_INITS), "zeros")
     state_init_std: float = setting(number("> 0", lambda value: value > 0), 1.0)
-    core_norm: bool = setting(boolean, True)
-    injection_norm: bool = setting(boolean, True)
-    loop_shift: int = setting(integer_in(0, MAX_LOOP_SHIFT), 0)
+    core_norm: bool = setting(instance_of(bool, "True or False"), True)
+    injection_norm: bool = setting(instance_of(bool, "True or False"), True)
+    loop_shift: int = setting(integer(0, MAX_LOOP_SHIFT), 0)
     position_encoding: str = setting(one_of(POSITION_ENCODINGS), "rope")
     # running the loop
     num_loops: int = setting(loop_count(), 8)
     num_loops_train: int | None = setting(loop_count(allow_none=True))
     solver: str = setting(one_of(SOLVERS), "picard")
-    solver_options: dict[str, dict[str, Any]] = setting(solver_options_rule, default_factory=dict)
+    solver_options: dict[str, dict[str, Any]] = setting(check_solver_options, default_factory=dict)
     tol: float | None = setting(number("> 0", lambda value: value > 0, allow_none=True))
     gradient: str = setting(one_of(GRADIENTS), "jfb")
     gradient_steps: int = setting(loop_count(), 4)
     phantom_tau: float = setting(number("in (0, 1]", lambda value: 0 < value <= 1), 0.5)
     ift_max_iter: int | None = setting(loop_count(allow_none=True))
     ift_tol: float = setting(number("> 0", lambda value: value > 0), 1e-5)
-    is_causal: bool = setting(boolean, True)
+    is_causal: bool = setting(instance_of(bool, "True or False"), True)
 
     def __post_init__(self, **kwargs: Any) -> None:
         _refuse_misspelt_loop_fields(kwargs)
@@ -406,7 +302,7 @@ class ImplicitConfig(PreTrainedConfig):
         """The constraints between fields (each field is checked whenever it is set); ``@strict`` runs it when
         a config is made."""
         if self.num_attention_heads % self.num_key_value_heads:
-            raise RefusedValue(
+            raise ValueError(
                 f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
                 f"num_key_value_heads ({self.num_key_value_heads})"
             )
@@ -440,10 +336,12 @@ class ImplicitConfig(PreTrainedConfig):
         d.pop(LOOP_KEYWORDS, None)
 
 
-def _legacy_solver_key(key: str, rule: Rule) -> property:
-    """``config.<key>`` of an older config (`LEGACY_SOLVER_KEYS`): setting it checks the value as the key was
-    checked and writes it into ``solver_options``; reading it gives the first solver's option it maps to."""
+def _legacy_solver_key(key: str) -> property:
+    """``config.<key>`` of an older config (`LEGACY_SOLVER_KEYS`): setting it checks the value by the rule of the
+    solver option it maps to (named ``key``) and writes it into ``solver_options``; reading it gives the first
+    solver's option it maps to."""
     targets = LEGACY_SOLVER_KEYS[key]
+    rule = ARGUMENT_RULES[targets[0][1]]
 
     def get(self: ImplicitConfig) -> Any:
         solver, option = targets[0]
@@ -459,8 +357,8 @@ def _legacy_solver_key(key: str, rule: Rule) -> property:
     return property(get, set_, doc=f"``{key}`` of configs written before solver_options: {targets}.")
 
 
-ImplicitConfig.damping = _legacy_solver_key("damping", number("in (0, 1]", lambda value: 0 < value <= 1))
-ImplicitConfig.anderson_memory = _legacy_solver_key("anderson_memory", integer(1))
+ImplicitConfig.damping = _legacy_solver_key("damping")
+ImplicitConfig.anderson_memory = _legacy_solver_key("anderson_memory")
 
 
 # A per-call setting is checked as the config checks the field, except that a call's tol may be 0 (no halting).
@@ -493,10 +391,7 @@ def per_call_loop_settings(entries: Mapping[str, Any], where: str) -> dict[str, 
                 f"{where}{key} cannot be set per call (only {', '.join(PER_CALL_LOOP_FIELDS)} can): it is a model "
                 f"setting, set it on the model's config (config.{key})"
             )
-        else:
-            match = difflib.get_close_matches(key, _LOOP_FIELDS, n=1, cutoff=0.85)
-            if match:
-                raise ValueError(f"{where}{key} is not a loop setting; did you mean {match[0]!r}?")
+    _refuse_misspelt_loop_fields(entries, lambda key: f"{where}{key} is not a loop setting")
     return settings
 
 
@@ -511,12 +406,24 @@ def refuse_unknown_keywords(where: str, unknown: Iterable[str], known: Iterable[
     raise TypeError(f"{where} got an unexpected keyword argument {unknown[0]!r}; {hint}")
 
 
-def _refuse_misspelt_loop_fields(kwargs: Mapping[str, Any]) -> None:
-    """Refuse keywords that look like a misspelt loop field instead of storing them unused."""
-    for key in kwargs:
+def _refuse_misspelt_loop_fields(
+    keys: Iterable[str], what: Callable[[str], str] = lambda key: f"unknown ImplicitConfig field {key!r}"
+) -> None:
+    """Refuse keys that look like a misspelt loop field instead of storing or ignoring them unused: a ``ValueError``
+    saying ``what(key)`` and the field meant."""
+    for key in keys:
         match = key not in _LOOP_FIELDS and difflib.get_close_matches(key, _LOOP_FIELDS, n=1, cutoff=0.85)
         if match:
-            raise ValueError(f"unknown ImplicitConfig field {key!r}; did you mean {match[0]!r}?")
+            raise ValueError(f"{what(key)}; did you mean {match[0]!r}?")
 
 
-__all__ = ["ImplicitConfig"]
+# The config and the rules its fields are checked by (from `rules`), which the package checks other settings with.
+__all__ = [
+    "DEFAULT_MAX_LOOPS",
+    "ImplicitConfig",
+    "check",
+    "check_integer",
+    "check_loop_count",
+    "max_loops",
+    "number",
+]

@@ -25,7 +25,6 @@ computes the source's layers, and later ones contract towards a fixed point at a
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import pickle
@@ -38,9 +37,13 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from .configuration_implicit import ImplicitConfig, check, number
+from .configuration_implicit import ImplicitConfig
+from .generation import read_generation_config
 from .model_card import write_model_card
+from .modeling_implicit import ImplicitForCausalLM
+from .rules import check, number
 
 logger = logging.getLogger(__name__)
 
@@ -106,12 +109,13 @@ def plan_layers(
         coda = list(range(max(core) + 1, num_layers)) if keep_all_layers else []
     prelude, coda = list(prelude), list(coda)
     for name, layers in (("prelude_layers", prelude), ("core_layers", core), ("coda_layers", coda)):
-        if any(not 0 <= i < num_layers for i in layers):
+        increasing = layers == sorted(set(layers))
+        if not increasing or any(not 0 <= i < num_layers for i in layers):
+            shown = format_layers(layers) if increasing else layers
             raise ValueError(
-                f"{name} {format_layers(layers)} must lie in 0-{num_layers - 1} (the source has {num_layers} layers)"
+                f"{name} {shown} must lie in 0-{num_layers - 1} (the source has {num_layers} layers) and be "
+                "increasing, without repeats"
             )
-        if layers != sorted(set(layers)):
-            raise ValueError(f"{name} {layers} must be increasing, without repeats")
     order = prelude + core + coda
     if order != sorted(set(order)):
         raise ValueError(
@@ -240,8 +244,6 @@ def convert_model(
 def _with_source_weights(config: ImplicitConfig, source_model: torch.nn.Module):
     """The `ImplicitForCausalLM` of ``config`` (from `implicit_config_from`) with ``source_model``'s weights in the
     places ``config.conversion`` names."""
-    from .modeling_implicit import ImplicitForCausalLM
-
     plan = config.conversion
     dtype = next(source_model.parameters()).dtype
     model = ImplicitForCausalLM(config).to(dtype)
@@ -259,18 +261,18 @@ def _with_source_weights(config: ImplicitConfig, source_model: torch.nn.Module):
                 if key.startswith(prefix):
                     state[f"model.{group}.{position}.{key[len(prefix) :]}"] = value
     missing, unexpected = model.load_state_dict(state, strict=False)
-    if unexpected:
-        raise ValueError(f"source weights without a place in the implicit model: {sorted(unexpected)[:8]}")
     # What the source has no counterpart for keeps its initialisation: the injection (z + e), the
     # optional norms (ones), the tied head, and Qwen2's absent output-projection bias (set to zero).
+    fresh = ("model.injection", "model.core_norm", "model.injection_norm", "model.loop_shift", "lm_head.weight")
+    without_source = [key for key in missing if not key.startswith(fresh) and not key.endswith("o_proj.bias")]
+    if unexpected or without_source:
+        raise ValueError(
+            f"the source's weights do not fit the implicit model: source weights without a place in it "
+            f"{sorted(unexpected)[:8]}, weights of it the source has none for {without_source[:8]}"
+        )
     for key in missing:
         if key.endswith("o_proj.bias"):
             model.get_parameter(key).data.zero_()
-        elif not (
-            key.startswith(("model.injection", "model.core_norm", "model.injection_norm", "model.loop_shift"))
-            or key == "lm_head.weight"
-        ):
-            raise ValueError(f"the source model has no weight for {key!r}")
     state_weight = plan["state_weight"]
     if state_weight is not None:
         eye = torch.eye(config.hidden_size, dtype=dtype)
@@ -289,8 +291,6 @@ def to_llama(model: torch.nn.Module):
     must be those of a plain stack). Used to train an explicit Llama baseline by the training loop of implicit
     models, then score it as any transformers model.
     """
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     config = model.config
     plain = {**PASS_THROUGH_SETTINGS, "loop_shift": 0, "input_features": 0, "edge_features": 0, "feedback_features": 0}
     differing = {key: getattr(config, key) for key, value in plain.items() if getattr(config, key) != value}
@@ -356,8 +356,6 @@ def convert_checkpoint(
     and moved into place (`_move_into_place`), so a failure leaves no ``output_dir`` behind; into an existing
     ``output_dir`` it replaces every file of an earlier checkpoint (`CHECKPOINT_FILES`) and keeps other files.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
     if gguf_file:
         gguf_file = gguf_name(source, gguf_file)
     load_kwargs = {"gguf_file": gguf_file} if gguf_file else {}
@@ -380,10 +378,7 @@ def convert_checkpoint(
         )
     generation_config = Path(source) / "generation_config.json"
     if generation_config.is_file():
-        try:
-            json.loads(generation_config.read_text())
-        except ValueError as err:
-            raise OSError(f"{str(generation_config)!r} is not valid JSON: {err}") from err
+        read_generation_config(generation_config)
     files = sorted(path.name for pattern in ("*.safetensors", "*.bin") for path in Path(source).glob(pattern))
     weights = f"weights ({', '.join(files)})" if files and not gguf_file else "weights"
     source_model = _read_source(weights, name, AutoModelForCausalLM.from_pretrained, str(source), **load_kwargs)

@@ -11,17 +11,13 @@ from __future__ import annotations
 
 import functools
 import json
+from pathlib import Path
 from typing import Any
 
 from transformers import GenerationConfig
 from transformers.utils import GENERATION_CONFIG_NAME, cached_file
 
-from .configuration_implicit import (
-    LOOP_KEYWORDS,
-    PER_CALL_LOOP_FIELDS,
-    check_per_call_loop_setting,
-    per_call_loop_settings,
-)
+from .configuration_implicit import LOOP_KEYWORDS, PER_CALL_LOOP_FIELDS, per_call_loop_settings
 from .inputs import check_prompt
 
 # What `from_pretrained` hands `adjust_generation_fn` to find a checkpoint's files (transformers' download_kwargs).
@@ -82,11 +78,9 @@ class LoopSettingsGenerationMixin:
 
     def _prepare_generation_config(self, generation_config, **kwargs):
         # transformers would absorb loop settings into the generation config (they are custom entries of it)
-        # and never pass them to forward: take them out, explicit arguments first, then the config's. Both are
-        # checked here, once per generate call, naming the setting.
-        explicit = {
-            name: check_per_call_loop_setting(name, kwargs.pop(name)) for name in PER_CALL_LOOP_FIELDS if name in kwargs
-        }
+        # and never pass them to forward: take them out, explicit arguments first, then the config's. The config's
+        # are checked here, once per generate call, named as its entries; forward checks the arguments.
+        explicit = {name: kwargs.pop(name) for name in PER_CALL_LOOP_FIELDS if name in kwargs}
         generation_config, model_kwargs = super()._prepare_generation_config(generation_config, **kwargs)
         configured = per_call_loop_settings(custom_entries(generation_config), "generation_config.")
         for name in PER_CALL_LOOP_FIELDS:
@@ -113,11 +107,17 @@ def _saved_generation_entries(pretrained_model_name_or_path, kwargs: dict) -> tu
     )
     if not found:
         return {}, ""
+    return read_generation_config(found), f"{found}: "
+
+
+def read_generation_config(path: str | Path) -> dict[str, Any]:
+    """The entries of the generation_config.json at ``path``; an ``OSError`` naming it when it is not valid JSON or
+    not a JSON object."""
     try:
-        with open(found, encoding="utf-8") as file:
+        with open(path, encoding="utf-8") as file:
             entries = json.load(file)
     except ValueError as err:  # not JSON (a truncated file), or not UTF-8
-        raise OSError(f"{str(found)!r} is not valid JSON: {err}") from err
+        raise OSError(f"{str(path)!r} is not valid JSON: {err}") from err
     if not isinstance(entries, dict):
-        raise OSError(f"{str(found)!r} must hold a JSON object (a generation config); got {entries!r:.40}")
-    return entries, f"{found}: "
+        raise OSError(f"{str(path)!r} must hold a JSON object (a generation config); got {entries!r:.40}")
+    return entries

@@ -10,11 +10,26 @@ from typing import Any
 
 import torch
 
-from .configuration_implicit import ImplicitConfig, check_integer, check_loop_count
+from .configuration_implicit import ImplicitConfig
+from .rules import check_integer, check_loop_count
 
 
 def describe(x: torch.Tensor) -> str:
     return f"shape {tuple(x.shape)}, dtype {x.dtype}"
+
+
+# Inputs a model takes only when built for them: the argument -> the config field that must be > 0.
+_BUILT_FOR = {
+    "input_features": "input_features",
+    "edge_features": "edge_features",
+    "loop_feedback": "feedback_features",
+}
+# Arguments a call with a KV cache cannot take, and why.
+_NOT_WITH_A_CACHE = {
+    "return_trajectory": "decodes the state of several loops through the coda",
+    "penalties": "are a training objective",
+    "loop_feedback": "runs the coda inside the loop",
+}
 
 
 def check_inputs(
@@ -24,39 +39,35 @@ def check_inputs(
     input_features: torch.Tensor | None,
     edge_features: torch.Tensor | None,
     loop_feedback: Callable[[torch.Tensor], torch.Tensor] | None,
-    penalties: Sequence[str],
-    cached: bool,
 ) -> None:
-    """Refuse inputs a model of ``config`` was not built for, or that cannot go together (``cached``: this call
-    uses a KV cache)."""
-    if cached and penalties:
-        raise ValueError("penalties are a training objective and cannot use a KV cache: call with use_cache=False")
-    given = [
-        name
-        for name, value in (
-            ("input_ids", input_ids),
-            ("inputs_embeds", inputs_embeds),
-            ("input_features", input_features),
-        )
-        if value is not None
-    ]
+    """Refuse inputs a model of ``config`` was not built for, or that cannot go together."""
+    arguments = {
+        "input_ids": input_ids,
+        "inputs_embeds": inputs_embeds,
+        "input_features": input_features,
+        "edge_features": edge_features,
+        "loop_feedback": loop_feedback,
+    }
+    given = [name for name in ("input_ids", "inputs_embeds", "input_features") if arguments[name] is not None]
     if len(given) != 1:
         raise ValueError(f"pass exactly one of input_ids, inputs_embeds or input_features; got {given or 'none'}")
-    if input_features is not None and not config.input_features:
-        raise ValueError("input_features needs a model built with config.input_features > 0")
+    for name, field in _BUILT_FOR.items():
+        if arguments[name] is not None and not getattr(config, field):
+            raise ValueError(f"{name} needs a model built with config.{field} > 0")
     if input_ids is not None and config.input_features:
         raise ValueError("this model takes input_features (config.input_features > 0), not input_ids")
-    if edge_features is not None and not config.edge_features:
-        raise ValueError("edge_features needs a model built with config.edge_features > 0")
     if loop_feedback is None and config.feedback_features:
         raise ValueError(
             f"this model was built with config.feedback_features={config.feedback_features} and needs "
             "loop_feedback, the function giving its in-loop features (for a task: task.loop_feedback(inputs))"
         )
-    if loop_feedback is not None and not config.feedback_features:
-        raise ValueError("loop_feedback needs a model built with config.feedback_features > 0")
-    if loop_feedback is not None and cached:
-        raise ValueError("loop_feedback runs the coda inside the loop and cannot use a KV cache: use_cache=False")
+
+
+def refuse_with_a_cache(**arguments: Any) -> None:
+    """A ``ValueError`` naming the first of ``arguments`` (`_NOT_WITH_A_CACHE`) given to a call that uses a KV cache."""
+    for name, reason in _NOT_WITH_A_CACHE.items():
+        if arguments[name]:
+            raise ValueError(f"{name} {reason} and cannot use a KV cache: call with use_cache=False")
 
 
 def check_input_shapes(
@@ -73,16 +84,11 @@ def check_input_shapes(
     the error names the argument, its shape and the shape it needs."""
     if input_ids is not None:
         name, given = "input_ids", input_ids
-        if input_ids.ndim != 2 or input_ids.dtype.is_floating_point or input_ids.dtype == torch.bool:
-            raise ValueError(f"input_ids must be integer token ids of shape (batch, length); got {describe(input_ids)}")
+    elif inputs_embeds is not None:
+        name, given = "inputs_embeds", inputs_embeds
     else:
-        name, given = (
-            ("inputs_embeds", inputs_embeds) if inputs_embeds is not None else ("input_features", input_features)
-        )
-        width = config.hidden_size if inputs_embeds is not None else config.input_features
-        if given.ndim != 3 or given.shape[-1] != width:
-            raise ValueError(f"{name} must have shape (batch, length, {width}); got {describe(given)}")
-    refuse_no_tokens(name, given)
+        name, given = "input_features", input_features
+    check_sequence_input(name, given, config)
     batch, length = given.shape[:2]
     total = past + length
     context = f"{name} {tuple(given.shape)}" + (f" after {past} cached tokens" if past else "")
@@ -123,24 +129,29 @@ def refuse_token_ids(input_ids: torch.Tensor, vocab_size: int) -> None:
             raise ValueError(f"input_ids holds token id {bad}, outside the vocabulary [0, {vocab_size})")
 
 
-def refuse_no_tokens(name: str, inputs: torch.Tensor) -> None:
-    """A ``ValueError`` naming ``name`` when ``inputs`` ``(batch, length, ...)`` has no sequence or length 0 (an empty
-    batch or prompt, which would otherwise fail deep inside attention or generate)."""
-    if inputs.ndim >= 2 and not inputs.shape[0]:
+def check_sequence_input(name: str, inputs: torch.Tensor, config: ImplicitConfig) -> None:
+    """``inputs``, given as ``name`` (``input_ids``, ``inputs_embeds`` or ``input_features``), checked from its shape
+    and dtype: integer token ids ``(batch, length)`` or vectors ``(batch, length, width)`` of the config's width, with
+    at least one sequence and one token (an empty batch or prompt would otherwise fail deep inside attention or
+    generate)."""
+    if name == "input_ids":
+        if inputs.ndim != 2 or inputs.dtype.is_floating_point or inputs.dtype == torch.bool:
+            raise ValueError(f"input_ids must be integer token ids of shape (batch, length); got {describe(inputs)}")
+    else:
+        width = config.hidden_size if name == "inputs_embeds" else config.input_features
+        if inputs.ndim != 3 or inputs.shape[-1] != width:
+            raise ValueError(f"{name} must have shape (batch, length, {width}); got {describe(inputs)}")
+    if not inputs.shape[0]:
         raise ValueError(f"{name} holds no sequences ({describe(inputs)}): give a batch of at least one sequence")
-    if inputs.ndim >= 2 and not inputs.shape[1]:
+    if not inputs.shape[1]:
         raise ValueError(f"{name} has no tokens ({describe(inputs)}): give at least one token per sequence")
 
 
 def check_prompt(name: str, inputs: Any, config: ImplicitConfig) -> None:
-    """What ``generate`` needs of its prompt before transformers indexes it, checked once per call: ``input_ids``
-    ``(batch, length)`` of ids in the vocabulary or ``inputs_embeds`` ``(batch, length, hidden_size)``, with at
-    least one sequence and token (`check_input_shapes` checks the rest at every forward pass)."""
-    if name == "input_ids" and inputs.ndim != 2:
-        raise ValueError(f"input_ids must be integer token ids of shape (batch, length); got {describe(inputs)}")
-    if name == "inputs_embeds" and inputs.ndim != 3:
-        raise ValueError(f"inputs_embeds must have shape (batch, length, {config.hidden_size}); got {describe(inputs)}")
-    refuse_no_tokens(name, inputs)
+    """What ``generate`` needs of its prompt before transformers indexes it, checked once per call: the checks of
+    `check_sequence_input` and token ids in the vocabulary (`check_input_shapes` checks the rest at every forward
+    pass)."""
+    check_sequence_input(name, inputs, config)
     if name == "input_ids":
         refuse_token_ids(inputs, config.vocab_size)
 
@@ -150,14 +161,12 @@ def trajectory_request(
 ) -> tuple[bool, tuple[int, ...] | None]:
     """A forward's ``(return_trajectory, trajectory_loops)`` checked, with a list given as ``return_trajectory``
     (its older form) taken as the ``trajectory_loops``."""
+    if trajectory_loops is not None and return_trajectory is not True:  # False, or the counts given twice
+        raise ValueError("trajectory_loops needs return_trajectory=True")
     if not isinstance(return_trajectory, bool):
-        if trajectory_loops is not None:
-            raise ValueError("give the loop counts once: return_trajectory=True, trajectory_loops=[...]")
         return True, _loop_list("return_trajectory", "True, False or a non-empty list", return_trajectory)
     if trajectory_loops is None:
         return return_trajectory, None
-    if not return_trajectory:
-        raise ValueError("trajectory_loops needs return_trajectory=True")
     return True, _loop_list("trajectory_loops", "a non-empty list", trajectory_loops)
 
 

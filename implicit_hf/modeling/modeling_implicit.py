@@ -15,9 +15,9 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
@@ -42,7 +42,7 @@ from .configuration_implicit import (
 )
 from .generation import LoopSettingsGenerationMixin
 from .gradients import fixed_point, gradient_options
-from .inputs import check_input_shapes, check_inputs, refuse_token_ids, trajectory_request
+from .inputs import check_input_shapes, check_inputs, refuse_token_ids, refuse_with_a_cache, trajectory_request
 from .layer_inputs import LayerInputs, rows_of
 from .penalties import check_penalties, fixed_point_penalties
 from .solvers import SolverStats
@@ -168,22 +168,14 @@ class ImplicitPreTrainedModel(PreTrainedModel):
     _supports_attention_backend = True
     _can_record_outputs = {"attentions": LlamaAttention}  # transformers' capture_outputs hooks collect them
 
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
-        """transformers' ``from_pretrained``; a weights file that cannot be read is reported by its path."""
-        from safetensors import SafetensorError, safe_open
-
+    @staticmethod
+    def _load_pretrained_model(model, state_dict, checkpoint_files, *args, **kwargs):
+        """transformers' reading of the weights files at ``from_pretrained`` (the hook it calls through the model
+        class); a file that cannot be read is an ``OSError`` naming it (safetensors' own error names no file)."""
         try:
-            return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+            return PreTrainedModel._load_pretrained_model(model, state_dict, checkpoint_files, *args, **kwargs)
         except SafetensorError as err:
-            unreadable = []
-            for path in sorted(Path(str(pretrained_model_name_or_path)).glob("*.safetensors")):
-                try:
-                    with safe_open(path, framework="pt"):
-                        pass
-                except SafetensorError:
-                    unreadable.append(str(path))
-            where = ", ".join(unreadable) or f"a safetensors file of {pretrained_model_name_or_path}"
+            where = ", ".join(path for path in checkpoint_files or () if not _readable(path)) or "a weights file"
             raise OSError(f"cannot read the weights in {where} (truncated or corrupted?): {err}") from err
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -196,6 +188,15 @@ class ImplicitPreTrainedModel(PreTrainedModel):
             taps[0] = 1.0
             init.copy_(module.taps, taps)
             init.copy_(module.proj.weight, torch.eye(self.config.hidden_size, dtype=module.proj.weight.dtype))
+
+
+def _readable(path: str) -> bool:
+    """Whether safetensors can open the file ``path`` (its header is whole)."""
+    try:
+        with safe_open(path, framework="pt"):
+            return True
+    except SafetensorError:
+        return False
 
 
 class CoreMap:
@@ -359,11 +360,9 @@ class ImplicitModel(ImplicitPreTrainedModel):
         if output_hidden_states is None:
             output_hidden_states = config.output_hidden_states
         return_trajectory, trajectory_loops = trajectory_request(return_trajectory, trajectory_loops)
-        cache = self._cache_for(use_cache, cache, return_trajectory)
         penalties = check_penalties(penalties)
-        check_inputs(
-            config, input_ids, inputs_embeds, input_features, edge_features, loop_feedback, penalties, cache is not None
-        )
+        cache = self._cache_for(use_cache, cache, return_trajectory, penalties, loop_feedback)
+        check_inputs(config, input_ids, inputs_embeds, input_features, edge_features, loop_feedback)
         past = cache.get_seq_length() if cache is not None else 0
         check_input_shapes(
             config, input_ids, inputs_embeds, input_features, attention_mask, position_ids, edge_features, past
@@ -410,8 +409,9 @@ class ImplicitModel(ImplicitPreTrainedModel):
             hidden_states=(hidden, prelude_output, *states_run, last_hidden_state) if output_hidden_states else None,
         )
 
-    def _cache_for(self, use_cache: bool | None, cache: Cache | None, return_trajectory: bool) -> Cache | None:
-        """The KV cache of this call: by default one where it serves (causal inference without trajectories)."""
+    def _cache_for(self, use_cache, cache, return_trajectory, penalties, loop_feedback) -> Cache | None:
+        """The KV cache of this call: by default one where it serves (causal inference without trajectories); a
+        cache asked for where it cannot serve is refused."""
         if use_cache is not None and not isinstance(use_cache, bool):
             raise ValueError(f"use_cache must be True, False or None (the default); got {use_cache!r}")
         if use_cache is None:
@@ -422,8 +422,7 @@ class ImplicitModel(ImplicitPreTrainedModel):
             return None
         if not self.config.is_causal:
             raise ValueError("use_cache needs a causal model (config.is_causal=True); this one attends both ways")
-        if return_trajectory:
-            raise ValueError("return_trajectory cannot be combined with a KV cache: call with use_cache=False")
+        refuse_with_a_cache(return_trajectory=return_trajectory, penalties=penalties, loop_feedback=loop_feedback)
         return DynamicCache() if cache is None else cache  # its slots are created on first use
 
     def _loop_settings(self, num_loops: int | None, tol: float | None, solver: str | None) -> tuple:

@@ -39,12 +39,13 @@ from __future__ import annotations
 import contextlib
 import difflib
 import inspect
-import numbers
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+from .rules import Rule, check, integer, number
 
 FixedPointMap = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -108,8 +109,6 @@ class _Progress:
     """Book-keeping shared by the solvers: which samples still run, residual traces, flags."""
 
     def __init__(self, z0: torch.Tensor, name: str, tol: float | None, divergence_factor: float, keep: Collection[int]):
-        if not divergence_factor > 1:
-            raise ValueError(f"{name}: divergence_factor must be > 1, got {divergence_factor!r}")
         batch = z0.shape[0]
         device = z0.device
         self.name = name
@@ -197,19 +196,30 @@ def _scatter_rows(full: torch.Tensor, index: torch.Tensor, rows: torch.Tensor, k
     return full.index_copy(0, index[keep], rows[keep])
 
 
-def _check_count(name: str, value: Any) -> int:
-    """``value`` as an ``int`` if it is an integer (Python or numpy, not a bool) >= 1."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise ValueError(f"{name} must be an integer >= 1; got {value!r}")
-    return int(value)
+# What each argument of the solvers allows: one table for all of them (their options share these names), enforced
+# by `check_arguments` when a solver is called and when ``config.solver_options`` is set.
+ARGUMENT_RULES: dict[str, Rule] = {
+    "max_iter": integer(1),
+    "tol": number("> 0", lambda value: value > 0, allow_none=True),
+    "damping": number("in (0, 1]", lambda value: 0 < value <= 1),
+    "memory": integer(1),
+    "regularization": number(">= 0", lambda value: value >= 0),
+    "restart_factor": number("> 1", lambda value: value > 1),
+    "divergence_factor": number("> 1", lambda value: value > 1),
+}
 
 
-def _check_common(name: str, z0: torch.Tensor, max_iter: int, tol: float | None) -> None:
+def check_arguments(where: str, arguments: Mapping[str, Any]) -> None:
+    """Refuse an argument that its rule in `ARGUMENT_RULES` does not take: a ``ValueError`` naming ``where``, the
+    argument and what it allows (arguments the table does not know, a registered solver's own, pass)."""
+    for name, value in arguments.items():
+        if name in ARGUMENT_RULES:
+            check(f"{where}: {name}", value, ARGUMENT_RULES[name])
+
+
+def _check_batch(name: str, z0: torch.Tensor) -> None:
     if z0.dim() < 1 or z0.shape[0] == 0:
         raise ValueError(f"{name}: z0 must be a batched tensor (B, ...) with B >= 1, got shape {tuple(z0.shape)}")
-    _check_count(f"{name}: max_iter", max_iter)
-    if tol is not None and not tol > 0:
-        raise ValueError(f"{name}: tol must be None (fixed iteration count) or > 0, got {tol!r}")
 
 
 def picard(
@@ -223,9 +233,8 @@ def picard(
     keep: Collection[int] = (),
 ) -> tuple[torch.Tensor, SolverStats]:
     """Fixed-point iteration ``z <- z + damping * (f(z) - z)`` (plain looping when ``damping=1``)."""
-    _check_common("picard", z0, max_iter, tol)
-    if not 0 < damping <= 1:
-        raise ValueError(f"picard: damping must be in (0, 1], got {damping!r}")
+    _check_batch("picard", z0)
+    check_arguments("picard", dict(max_iter=max_iter, tol=tol, damping=damping, divergence_factor=divergence_factor))
     progress = _Progress(z0, "picard", tol, divergence_factor, keep)
     z = z0
     for _ in range(max_iter):
@@ -262,14 +271,20 @@ def anderson(
     Picard step from its best iterate (counted in ``stats.fallbacks``). Returns, per sample, the
     image ``f(x)`` of its lowest-residual iterate.
     """
-    _check_common("anderson", z0, max_iter, tol)
-    memory = _check_count("anderson: memory", memory)
-    if not 0 < damping <= 1:
-        raise ValueError(f"anderson: damping must be in (0, 1], got {damping!r}")
-    if not restart_factor > 1:
-        raise ValueError(f"anderson: restart_factor must be > 1, got {restart_factor!r}")
-    if not regularization >= 0:
-        raise ValueError(f"anderson: regularization must be >= 0, got {regularization!r}")
+    _check_batch("anderson", z0)
+    check_arguments(
+        "anderson",
+        dict(
+            max_iter=max_iter,
+            tol=tol,
+            memory=memory,
+            damping=damping,
+            regularization=regularization,
+            restart_factor=restart_factor,
+            divergence_factor=divergence_factor,
+        ),
+    )
+    memory = int(memory)
     progress = _Progress(z0, "anderson", tol, divergence_factor, keep)
     batch, shape = z0.shape[0], z0.shape
     x_next = z0.reshape(batch, -1)  # next point to evaluate, per sample
@@ -386,10 +401,18 @@ def broyden(
     lowest-residual iterate. Residuals, updates and steps are kept in ``_work_dtype`` (float32 for a
     half-precision state); the iterates handed to ``f`` are cast back to the state's dtype.
     """
-    _check_common("broyden", z0, max_iter, tol)
-    memory = _check_count("broyden: memory", memory)
-    if not restart_factor > 1:
-        raise ValueError(f"broyden: restart_factor must be > 1, got {restart_factor!r}")
+    _check_batch("broyden", z0)
+    check_arguments(
+        "broyden",
+        dict(
+            max_iter=max_iter,
+            tol=tol,
+            memory=memory,
+            restart_factor=restart_factor,
+            divergence_factor=divergence_factor,
+        ),
+    )
+    memory = int(memory)
     progress = _Progress(z0, "broyden", tol, divergence_factor, keep)
     batch, shape = z0.shape[0], z0.shape
     x = z0.reshape(batch, -1)
@@ -505,8 +528,9 @@ def options_of(name: str) -> dict[str, Any]:
 
 
 def check_solver_options(options: Any) -> None:
-    """Refuse ``options`` unless it maps solver names to the options each takes (`options_of`): a
-    ``ValueError`` naming the first wrong entry. The values are checked by the solver when it runs."""
+    """Refuse ``options`` unless it maps solver names to the options each takes (`options_of`), with values
+    `ARGUMENT_RULES` allows: a ``ValueError`` naming the first wrong entry. (`ImplicitConfig.solver_options`' rule:
+    options are checked here, where they enter, and reach the solver checked.)"""
     if not isinstance(options, Mapping) or not all(isinstance(given, Mapping) for given in options.values()):
         raise ValueError(f"solver_options must map solver names to mappings of their options; got {options!r}")
     for name, given in options.items():
@@ -518,3 +542,4 @@ def check_solver_options(options: Any) -> None:
                 close = difflib.get_close_matches(str(option), known, n=1)
                 hint = f"did you mean {close[0]!r}?" if close else f"it takes: {', '.join(known)}"
                 raise ValueError(f"solver_options gives {name!r} the option {option!r}, which it does not take; {hint}")
+        check_arguments(f"solver_options[{name!r}]", given)
