@@ -9,7 +9,7 @@ import importlib
 import json
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 import transformers
@@ -17,20 +17,8 @@ import transformers
 from .. import modeling
 from .base import TASK_FILE, TaskAdapter, get_task
 
-
-class Head(NamedTuple):
-    """The model classes of a task head."""
-
-    model_class: str  # the class a checkpoint for the head is saved as (config.json "architectures")
-    auto_class: str  # the transformers Auto class that loads such a checkpoint
-
-
-# A task's ``head`` -> its model classes.
-HEADS: dict[str, Head] = {
-    "causal_lm": Head("ImplicitForCausalLM", "AutoModelForCausalLM"),
-    "token_classification": Head("ImplicitForTokenClassification", "AutoModelForTokenClassification"),
-    "token_regression": Head("ImplicitForTokenRegression", "AutoModelForTokenClassification"),
-}
+# A task's ``head`` -> its model classes (the one table, in the model code).
+HEADS = modeling.HEADS
 
 
 def missing_head(architectures: list[str], head: str) -> str | None:
