@@ -1,6 +1,6 @@
-"""``implicit-hf convert``: the source path, the GGUF file name, the output folder and the layer split are checked,
-then `implicit_hf.modeling.convert.convert_checkpoint` checks the source's model type and the split against its
-config before any weight is read."""
+"""``implicit-hf convert``: the source path, the GGUF file name, the output folder, the source's
+model type and the layer split are checked before any weight is read (`implicit_hf.modeling.convert.convert_checkpoint` checks
+the split against the source's config)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import argparse
 from pathlib import Path
 
 from ..arguments import UsageError
-from ..modeling.convert import convert_checkpoint, parse_layers
-from .edge import check_model_path, check_output_folder
+from ..modeling.convert import SUPPORTED_MODEL_TYPES, convert_checkpoint, parse_layers
+from .edge import check_model_path, check_output_folder, saved_config
 
 
 def run(args: argparse.Namespace) -> None:
@@ -18,6 +18,13 @@ def run(args: argparse.Namespace) -> None:
     if args.gguf_file is not None and Path(source).is_dir() and not (Path(source) / args.gguf_file).is_file():
         raise UsageError(f"--gguf-file {args.gguf_file!r} is not a file in {source!r}")
     check_output_folder(args.output, "output")
+    if args.gguf_file is None and (Path(source) / "config.json").is_file():
+        model_type = saved_config(source, "source").get("model_type")
+        if model_type not in SUPPORTED_MODEL_TYPES:  # a type transformers does not know fails in AutoConfig
+            raise UsageError(
+                f"source {source!r} is a {model_type!r} model (config.json model_type); convert takes "
+                f"{', '.join(SUPPORTED_MODEL_TYPES)}"
+            )
     layers = {}
     for part in ("prelude", "core", "coda"):
         try:
@@ -39,8 +46,8 @@ def run(args: argparse.Namespace) -> None:
             state_weight=args.state_weight,
             loop_shift=args.loop_shift,
         )
-    except ValueError as err:  # the model type, a layer split that does not fit the source, loop settings, ...
-        raise UsageError(f"source {source!r}: {err}") from err
+    except ValueError as err:  # the layer split does not fit the source, conflicting loop settings, ...
+        raise UsageError(str(err)) from err
     conversion = model.config.conversion
     print(
         f"[convert] {conversion['source']} ({conversion['source_model_type']}, {conversion['source_num_layers']} "
