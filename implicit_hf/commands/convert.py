@@ -1,5 +1,5 @@
-"""``implicit-hf convert``: the source path, the GGUF file name, the output folder, the source's
-model type and the layer split are checked before any weight is read (`implicit_hf.modeling.convert.convert_checkpoint` checks
+"""``implicit-hf convert``: the source path, the GGUF file name, the output folder, the source's model type and
+the layer split are checked before any weight is read (`implicit_hf.modeling.convert.convert_checkpoint` checks
 the split against the source's config)."""
 
 from __future__ import annotations
