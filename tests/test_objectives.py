@@ -231,7 +231,7 @@ def test_deep_supervision_averages_the_task_loss_over_those_iterations():
     from implicit_hf.training.objective import Objective
 
     objective = Objective(deep_supervision=(1, 3, 6))
-    assert objective.forward_kwargs(6) == {"return_trajectory": [1, 3]}
+    assert objective.forward_kwargs(6) == {"return_trajectory": True, "trajectory_loops": [1, 3]}
     assert objective.forward_kwargs(1) == {}
     ids = torch.randint(0, 40, (2, 7), generator=torch.Generator().manual_seed(2))
     batch = {"input_ids": ids, "labels": ids}
