@@ -9,17 +9,17 @@ from pathlib import Path
 
 from ..arguments import UsageError
 from ..modeling.convert import SUPPORTED_MODEL_TYPES, convert_checkpoint, parse_layers
-from .edge import check_model_path, check_output_folder, saved_config
+from . import edge
 
 
 def run(args: argparse.Namespace) -> None:
     """Convert ``args.source`` into an implicit checkpoint in ``args.output`` and print the layer split."""
-    source = check_model_path(args.source, "source", needs_config=args.gguf_file is None)
+    source = edge.check_model_path(args.source, "source", needs_config=args.gguf_file is None)
     if args.gguf_file is not None and Path(source).is_dir() and not (Path(source) / args.gguf_file).is_file():
         raise UsageError(f"--gguf-file {args.gguf_file!r} is not a file in {source!r}")
-    check_output_folder(args.output, "output")
+    edge.check_output_folder(args.output, "output")
     if args.gguf_file is None and (Path(source) / "config.json").is_file():
-        model_type = saved_config(source, "source").get("model_type")
+        model_type = edge.saved_config(source, "source").get("model_type")
         if model_type not in SUPPORTED_MODEL_TYPES:  # a type transformers does not know fails in AutoConfig
             raise UsageError(
                 f"source {source!r} is a {model_type!r} model (config.json model_type); convert takes "

@@ -11,7 +11,7 @@ from typing import Any
 from ..arguments import UsageError
 from ..eval import lm_eval_bridge
 from ..tasks.models import HEADS
-from .edge import check_device, check_model_path, check_output_folder, saved_config
+from . import edge
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -21,12 +21,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             f"--tasks {args.tasks!r} names no task: give comma-separated lm-evaluation-harness task names "
             "(arc_easy,hellaswag)"
         )
-    model = check_model_path(args.model, "--model")
+    model = edge.check_model_path(args.model, "--model")
     if args.include_path is not None and not Path(args.include_path).is_dir():
         raise UsageError(f"--include-path {args.include_path!r} is not a folder")
-    check_output_folder(args.out, "--out")
-    check_device(args.device)
-    saved = saved_config(model, "--model")
+    edge.check_output_folder(args.out, "--out")
+    edge.check_device(args.device)
+    saved = edge.saved_config(model, "--model")
     if saved.get("model_type") != "implicit" or HEADS["causal_lm"].model_class not in (
         saved.get("architectures") or []
     ):
