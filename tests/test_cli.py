@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 import yaml
 
-from implicit_hf.cli import build_parser, demo_recipe, main
+from implicit_hf.cli import build_parser, main
+from implicit_hf.commands.demo import demo_recipe
 from implicit_hf.tasks import BUILTIN_TASK_MODULES
 from implicit_hf.training import loop as train_mod
 
@@ -216,7 +217,7 @@ def test_a_missing_model_path_is_named_and_not_looked_up_on_the_hub(command, tmp
     def no_hub(*args, **kwargs):
         raise AssertionError("the hub was asked about a local path")
 
-    monkeypatch.setattr("implicit_hf.cli._saved_config", no_hub)
+    monkeypatch.setattr("implicit_hf.commands.edge.saved_config", no_hub)
     for missing in (str(tmp_path / "runs" / "model"), "./no-such-model", "~/no-such-model", "outputs_x/a/b"):
         argv = {
             "eval": ["eval", "--model", missing, "--task", "lp", "--out", str(tmp_path / "out")],

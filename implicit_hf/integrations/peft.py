@@ -24,9 +24,11 @@ from typing import Any
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora import LoraLayer
+from peft.utils import ModulesToSaveWrapper
 
 from ..modeling import ImplicitModel
 from ..modeling.configuration_implicit import check, check_integer, check_loop_count, number
+from ..modeling.convert import convert_model, plan_layers
 
 LINEAR_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 LAYER_GROUPS = ("prelude", "core", "coda")
@@ -45,6 +47,8 @@ __all__ = [
     "loop_adapter_names",
     "relaxed_recursion",
     "target_modules",
+    "unmatched_modules_to_save",
+    "with_adapters",
 ]
 
 
@@ -76,6 +80,17 @@ def lora_config(
         target_modules=target_modules(parts, modules),
         **kwargs,
     )
+
+
+def with_adapters(model: torch.nn.Module, lora_kwargs: dict[str, Any]) -> PeftModel:
+    """``model`` wrapped by peft with LoRA adapters built by `lora_config` from ``lora_kwargs``: only they train."""
+    return get_peft_model(model, lora_config(**lora_kwargs))
+
+
+def unmatched_modules_to_save(model: torch.nn.Module, names: Sequence[str]) -> list[str]:
+    """The ``modules_to_save`` ``names`` that match no module peft wrapped in ``model`` (peft ignores them)."""
+    wrapped = [name for name, module in model.named_modules() if isinstance(module, ModulesToSaveWrapper)]
+    return [name for name in names if not any(path.split(".")[-1] == name for path in wrapped)]
 
 
 def loop_adapter_names(num_loops: int) -> list[str]:
@@ -239,8 +254,6 @@ def relaxed_recursion(
     ``k`` stands exactly where block ``k`` stood in the source stack: the blocks follow the source's layer
     order without overlap (`check_core_blocks`), the prelude before them and the coda after them.
     """
-    from ..modeling.convert import convert_model, plan_layers
-
     num_layers = source_model.config.num_hidden_layers
     blocks = check_core_blocks(core_blocks, num_layers)
     # the prelude and coda against every block, not only the tied one (which convert_model checks them against)

@@ -66,7 +66,7 @@ from .checkpoints import resume_from_checkpoint, save_checkpoint
 from .difficulty import GroupedByDifficulty, WithDifficulty, difficulties
 from .distributed import LaunchError, Sharding
 from .objective import Objective, load_teacher
-from .preflight import check_modules_to_save, check_output_dir, check_recipe, resolve_task
+from .preflight import check_modules_to_save, check_output_dir, check_recipe, lora_integration, task_from_recipe
 from .recipe import RecipeError, TrainConfig, parse_args, usage
 from .schedule import LoopSchedule
 from .stats import RunLog, TrainingStats, evaluate_loss
@@ -89,7 +89,7 @@ class TrainResult:
 def train(config: TrainConfig) -> TrainResult:
     """Train as ``config`` says; the final metrics are also written to ``output_dir/metrics.json``."""
     # -- everything that can be wrong with the recipe fails here, before any process trains -----------
-    task = resolve_task(config)
+    task = task_from_recipe(config)
     model_config = check_recipe(config, task)
     check_output_dir(config)
 
@@ -272,12 +272,8 @@ def initial_model(config: TrainConfig, task: TaskAdapter, model_config: Implicit
 
 
 def with_lora(model: Any, config: TrainConfig) -> Any:
-    """``model`` wrapped by peft with the recipe's ``lora`` adapters (peft is optional: imported here)."""
-    from peft import get_peft_model
-
-    from ..integrations.peft import lora_config
-
-    model = get_peft_model(model, lora_config(**config.lora.peft_kwargs()))
+    """``model`` wrapped by peft with the recipe's ``lora`` adapters (peft is optional: `lora_integration`)."""
+    model = lora_integration().with_adapters(model, config.lora.peft_kwargs())
     check_modules_to_save(model, config.lora.modules_to_save or [])
     return model
 

@@ -14,6 +14,7 @@ import difflib
 import importlib
 import json
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import torch
@@ -27,7 +28,7 @@ from ..modeling import ImplicitConfig
 from ..modeling.configuration_implicit import RUNTIME_LOOP_FIELDS
 from ..tasks.base import TASKS, TaskAdapter, get_task
 from ..tasks.generation import load_tokenizer
-from ..tasks.models import missing_head
+from ..tasks.models import check_fits, missing_head
 from .checkpoints import CHECKPOINT_MARKER, find_checkpoints
 from .objective import check_teacher
 from .recipe import RecipeError, TrainConfig
@@ -35,7 +36,7 @@ from .recipe import RecipeError, TrainConfig
 WEIGHT_FILES = (SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME, WEIGHTS_NAME, WEIGHTS_INDEX_NAME)
 
 
-def resolve_task(config: TrainConfig) -> TaskAdapter:
+def task_from_recipe(config: TrainConfig) -> TaskAdapter:
     """The recipe's task adapter (imports ``task_module`` first so a custom task registers)."""
     if config.task_module:
         try:
@@ -115,14 +116,6 @@ def _init_from_config(config: TrainConfig, task: TaskAdapter) -> ImplicitConfig:
             f"recipe key 'model': with init_from, only loop settings that own no weights can change "
             f"({', '.join(RUNTIME_LOOP_FIELDS)}); got {structural}"
         )
-    mismatched = {
-        k: (v, getattr(saved, k, None)) for k, v in task.model_config().items() if getattr(saved, k, None) != v
-    }
-    if mismatched:
-        details = ", ".join(
-            f"{k}: task needs {need!r}, checkpoint has {has!r}" for k, (need, has) in mismatched.items()
-        )
-        raise RecipeError(f"recipe key 'init_from': the checkpoint does not fit task {task.name!r}: {details}")
     try:
         for key, value in config.model.items():
             setattr(saved, key, value)
@@ -133,7 +126,8 @@ def _init_from_config(config: TrainConfig, task: TaskAdapter) -> ImplicitConfig:
 
 
 def _check_init_from_files(path: Path, task: TaskAdapter) -> None:
-    """``init_from`` must be a folder holding an implicit checkpoint of the task's head with readable weights: a
+    """``init_from`` must be a folder holding an implicit checkpoint that fits the task (its head, its input sizes
+    and a vocabulary covering the task's: `check_fits`, as ``implicit-hf eval`` asks) with readable weights: a
     Llama checkpoint, say, would pass every other check and fail at the first training step."""
     where = f"recipe key 'init_from': {str(path)!r}"
     if not (path / "config.json").is_file():
@@ -158,6 +152,9 @@ def _check_init_from_files(path: Path, task: TaskAdapter) -> None:
         raise RecipeError(
             f"{where} is {', '.join(architectures)}; task {task.name!r} needs a {task.head} model ({expected})"
         )
+    problems = check_fits(task, saved)
+    if problems:
+        raise RecipeError(f"{where}: the checkpoint does not fit task {task.name!r}: {'; '.join(problems)}")
     if not any((path / name).is_file() for name in WEIGHT_FILES):
         raise RecipeError(f"{where} has no weights (none of {', '.join(WEIGHT_FILES)})")
     for weights in sorted(path.glob("*.safetensors")):
@@ -186,16 +183,22 @@ def _check_teacher_fits(config: TrainConfig, task: TaskAdapter, vocab_size: int)
         raise RecipeError(f"recipe key 'teacher': {err}") from err
 
 
+def lora_integration() -> ModuleType:
+    """`implicit_hf.integrations.peft`, imported when a recipe asks for ``lora``: peft is an optional extra, so
+    this is the one place training imports it; without peft a `RecipeError` says how to install it."""
+    try:
+        from ..integrations import peft
+    except ImportError as err:
+        raise RecipeError(f"recipe key 'lora' needs peft (pip install 'implicit-hf[peft]'): {err}") from err
+    return peft
+
+
 def _check_lora(config: TrainConfig) -> None:
     """An invalid ``lora`` (bad rank, dropout or layer groups) fails before training; it needs peft."""
     if config.lora is None:
         return
     try:
-        from ..integrations.peft import lora_config  # peft is an optional dependency
-
-        lora_config(**config.lora.peft_kwargs())
-    except ImportError as err:
-        raise RecipeError(f"recipe key 'lora' needs peft (pip install 'implicit-hf[peft]'): {err}") from err
+        lora_integration().lora_config(**config.lora.peft_kwargs())
     except (TypeError, ValueError) as err:
         raise RecipeError(f"recipe key 'lora': {err}") from err
 
@@ -242,14 +245,10 @@ def check_output_dir(config: TrainConfig) -> None:
 def check_modules_to_save(model: Any, names: list[str]) -> None:
     """peft ignores a ``lora.modules_to_save`` name that matches no module of ``model`` (peft-wrapped); refuse it
     instead. The one recipe check that needs the built model, so it runs when training builds it."""
-    from peft.utils import ModulesToSaveWrapper
-
-    from ..integrations.peft import implicit_model_of
-
-    wrapped = [name for name, module in model.named_modules() if isinstance(module, ModulesToSaveWrapper)]
-    unmatched = [name for name in names if not any(path.split(".")[-1] == name for path in wrapped)]
+    peft = lora_integration()
+    unmatched = peft.unmatched_modules_to_save(model, names)
     if unmatched:
-        implicit = implicit_model_of(model)
+        implicit = peft.implicit_model_of(model)
         present = [name for name, child in implicit.named_children() if type(child).__name__ != "ModuleList"]
         raise RecipeError(
             f"recipe key 'lora': modules_to_save {unmatched} match no module of this model; "

@@ -1,0 +1,24 @@
+"""``implicit-hf eval``: the model, baselines, output folder, device and task are checked, then
+`implicit_hf.eval.harness.run_from_args` sweeps the loop counts."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from ..eval.harness import run_from_args
+from .edge import check_device, check_model_path, check_output_folder, check_task_fits, task_of
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Check every option that names a path, a device or a task before a model is loaded; then sweep."""
+    model = check_model_path(args.model, "--model")
+    baselines = [check_model_path(path, "--baseline") for path in args.baseline]
+    check_output_folder(args.out, "--out")
+    check_device(args.device)
+    task, task_kwargs = task_of(model, args.task, args.task_kwargs)
+    check_task_fits(model, task, "--model")
+    for baseline in baselines:
+        check_task_fits(baseline, task, "--baseline", explicit=True)
+    resolved = {"model": model, "baseline": baselines, "task": task, "task_kwargs": task_kwargs}
+    return run_from_args(argparse.Namespace(**{**vars(args), **resolved}))
