@@ -1,5 +1,5 @@
-"""The tests' tiny models, built in one place: a few thousand parameters, milliseconds on a CPU, and the same
-weights for the same seed.
+"""The tests' tiny models, built in one place: tens of thousands of parameters, milliseconds on a CPU, and the
+same weights for the same seed.
 
 `conftest.py` hands each builder to tests and fixtures as a fixture of the same name. Code that runs while a test
 file is imported (a parametrize table, a file's own sizes bound once with `functools.partial`) imports the
