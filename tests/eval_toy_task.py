@@ -99,10 +99,8 @@ class EvalToyTask(TaskAdapter):
 
 
 def toy_model(task: EvalToyTask | None = None, seed: int = 0, **overrides):
-    """The tiny implicit model the tests use (untrained, deterministic in ``seed``)."""
-    from implicit_hf.tasks.models import build_model
+    """The tiny implicit model the tests use (untrained, deterministic in ``seed``): `tiny_task_model` at the
+    config's default of eight loops."""
+    from tiny_models import tiny_task_model
 
-    torch.manual_seed(seed)
-    settings = dict(hidden_size=32, num_attention_heads=4, num_prelude_layers=1, num_core_layers=1, num_coda_layers=1)
-    settings.update(overrides)
-    return build_model(task or EvalToyTask(), **settings).eval()
+    return tiny_task_model(task or EvalToyTask(), seed, **{"num_loops": 8, **overrides})

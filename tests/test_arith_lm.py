@@ -15,7 +15,6 @@ from implicit_hf.eval.generative import complete, text_lipschitz_probe
 from implicit_hf.tasks import get_task
 from implicit_hf.tasks.edit_distance import word_edit_distance
 from implicit_hf.tasks.generation import BOS_ID, EOS_ID, PAD_ID
-from implicit_hf.tasks.models import build_model
 from implicit_hf.tasks.reasoning import arith_lm
 from implicit_hf.tasks.reasoning.arith_lm import ArithLMTask
 
@@ -36,11 +35,8 @@ def rows(task):
 
 
 @pytest.fixture(scope="module")
-def tiny_model(task):
-    torch.manual_seed(0)
-    return build_model(
-        task, hidden_size=32, num_attention_heads=4, num_prelude_layers=1, num_core_layers=1, num_coda_layers=1
-    ).eval()
+def tiny_model(task, tiny_task_model):
+    return tiny_task_model(task, num_loops=8)  # the config's default
 
 
 def test_registered_and_model_config(task):

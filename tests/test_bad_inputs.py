@@ -26,11 +26,12 @@ import pytest
 import test_resume_damaged as resume
 import torch
 import yaml
-from test_convert import character_tokenizer, tiny_source
+from test_convert import character_tokenizer
 from test_train import ROOT
+from tiny_models import TINY_VOCAB, tiny_causal_lm, tiny_config, tiny_source
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-from implicit_hf import ImplicitConfig, ImplicitForCausalLM, loop_counts
+from implicit_hf import ImplicitForCausalLM, loop_counts
 from implicit_hf.checks import TaskSettingError
 from implicit_hf.cli import main
 from implicit_hf.integrations.peft import add_loop_adapters, load_loop_adapters, relaxed_recursion
@@ -41,7 +42,7 @@ from implicit_hf.tasks.base import get_task
 from implicit_hf.tasks.reasoning import arith_lm
 from implicit_hf.training.recipe import RecipeError, config_from_dict, parse_args
 
-VOCAB = 61
+VOCAB = TINY_VOCAB
 TOKENS = len(character_tokenizer())
 BOUND = configuration_implicit.DEFAULT_MAX_LOOPS
 OVER = rf"must be at most {BOUND}, the bound on loop counts \(set the environment variable IMPLICIT_HF_MAX_LOOPS"
@@ -50,23 +51,9 @@ OVER = rf"must be at most {BOUND}, the bound on loop counts \(set the environmen
 shared, reference = resume.shared, resume.reference
 
 
-def tiny_config(**overrides) -> ImplicitConfig:
-    settings = dict(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        num_attention_heads=4,
-        num_prelude_layers=1,
-        num_core_layers=1,
-        num_coda_layers=1,
-        num_loops=2,
-    )
-    return ImplicitConfig(**{**settings, **overrides})
-
-
 @pytest.fixture(scope="module")
 def model() -> ImplicitForCausalLM:
-    torch.manual_seed(0)
-    return ImplicitForCausalLM(tiny_config()).eval()
+    return tiny_causal_lm()
 
 
 @pytest.fixture(scope="module")

@@ -204,9 +204,10 @@ def run_main(capsys, *argv: str) -> str:
 
 
 def implicit_config(folder, architecture: str, **fields):
-    from implicit_hf import ImplicitConfig
+    """A checkpoint folder that holds only the config.json of a tiny ``architecture`` with ``fields``."""
+    from tiny_models import tiny_config
 
-    config = ImplicitConfig(hidden_size=32, num_attention_heads=4, **fields)
+    config = tiny_config(**fields)
     config.architectures = [architecture]
     config.save_pretrained(folder)
     return folder

@@ -6,58 +6,19 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import (
-    AutoModelForCausalLM,
-    AutoTokenizer,
-    LlamaConfig,
-    LlamaForCausalLM,
-    MistralConfig,
-    MistralForCausalLM,
-    PreTrainedTokenizerFast,
-    Qwen2Config,
-    Qwen2ForCausalLM,
-)
+from tiny_models import SOURCE_ARCHITECTURES, tiny_source
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM, PreTrainedTokenizerFast
 
 import implicit_hf  # noqa: F401  (registers the Auto classes)
 from implicit_hf.modeling.convert import convert_checkpoint, convert_model, parse_layers
 from implicit_hf.tasks.text import character_tokenizer as text_character_tokenizer
-
-ARCHITECTURES = {
-    "llama": (LlamaConfig, LlamaForCausalLM),
-    "qwen2": (Qwen2Config, Qwen2ForCausalLM),
-    "mistral": (MistralConfig, MistralForCausalLM),
-}
-
-
-def tiny_source(model_type: str, seed: int = 0, **overrides):
-    config_class, model_class = ARCHITECTURES[model_type]
-    settings = dict(
-        vocab_size=101,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=5,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        tie_word_embeddings=False,
-    )
-    if model_type == "mistral":
-        settings["sliding_window"] = None
-    settings.update(overrides)
-    torch.manual_seed(seed)
-    model = model_class(config_class(**settings)).eval()
-    with torch.no_grad():  # random (not zero) biases, so a dropped bias would show
-        for name, parameter in model.named_parameters():
-            if name.endswith("bias"):
-                parameter.normal_(0, 0.1)
-    return model
 
 
 def tokens(batch=2, length=11, seed=0):
     return torch.randint(0, 101, (batch, length), generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.mark.parametrize("model_type", sorted(ARCHITECTURES))
+@pytest.mark.parametrize("model_type", sorted(SOURCE_ARCHITECTURES))
 @pytest.mark.parametrize("injection", ["add", "linear"])
 def test_converted_model_equals_its_source_when_no_layer_is_dropped(model_type, injection):
     source = tiny_source(model_type)
@@ -272,17 +233,14 @@ def test_convert_command_line(tmp_path, capsys):
     assert "implicit-hf convert: error: --core: layer range '3-1' runs backwards" in capsys.readouterr().err
 
 
-def test_an_implicit_model_that_runs_its_layers_once_is_a_llama(tmp_path):
-    from implicit_hf import ImplicitConfig, ImplicitForCausalLM
+def test_an_implicit_model_that_runs_its_layers_once_is_a_llama(tmp_path, tiny_causal_lm):
     from implicit_hf.modeling.convert import to_llama
 
     settings = dict(
-        vocab_size=101, hidden_size=32, num_attention_heads=4, num_key_value_heads=2, num_prelude_layers=1,
-        num_core_layers=2, num_coda_layers=1, num_loops=1, injection="add", state_init="zeros", core_norm=False,
-        injection_norm=False,
+        vocab_size=101, num_key_value_heads=2, num_core_layers=2, num_loops=1, injection="add", state_init="zeros",
+        core_norm=False, injection_norm=False,
     )  # fmt: skip
-    torch.manual_seed(0)
-    model = ImplicitForCausalLM(ImplicitConfig(**settings)).eval()
+    model = tiny_causal_lm(**settings)
     llama = to_llama(model)
     assert type(llama) is LlamaForCausalLM and llama.config.num_hidden_layers == 4
     llama.save_pretrained(tmp_path)
@@ -293,6 +251,6 @@ def test_an_implicit_model_that_runs_its_layers_once_is_a_llama(tmp_path):
         torch.testing.assert_close(llama(tokens()).logits, expected, rtol=0, atol=1e-6)
         torch.testing.assert_close(loaded(tokens()).logits, expected, rtol=0, atol=1e-6)
     for field, value in (("num_loops", 2), ("core_norm", True), ("loop_shift", 1), ("state_init", "prelude")):
-        other = ImplicitForCausalLM(ImplicitConfig(**{**settings, field: value}))
+        other = tiny_causal_lm(**{**settings, field: value})
         with pytest.raises(ValueError, match=f"runs its layers once as a plain stack .*'{field}'"):
             to_llama(other)

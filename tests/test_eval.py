@@ -179,10 +179,8 @@ def test_sweep_refuses_bad_arguments(task, rows):
         sweep(model, task, rows, [1], perturb_eps=-1.0)
 
 
-def test_load_model_uses_the_task_head_auto_class(tmp_path):
-    torch.manual_seed(0)
-    config = ImplicitConfig(vocab_size=16, hidden_size=16, num_attention_heads=2, num_prelude_layers=0)
-    ImplicitForCausalLM(config).save_pretrained(tmp_path / "lm")
+def test_load_model_uses_the_task_head_auto_class(tmp_path, tiny_checkpoint):
+    tiny_checkpoint(tmp_path / "lm")
     assert isinstance(load_model(tmp_path / "lm", "causal_lm"), ImplicitForCausalLM)
     with pytest.raises(ValueError, match="unknown task head"):
         load_model(tmp_path / "lm", "image")

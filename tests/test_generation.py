@@ -1,31 +1,23 @@
 """Looped generation: per-(loop, core layer) KV cache, left-padded batches, halting that saves compute."""
 
+from functools import partial
+
 import pytest
 import torch
+from tiny_models import TINY_VOCAB, tiny_causal_lm
 from transformers import DynamicCache
 
-from implicit_hf import ImplicitConfig, ImplicitForCausalLM, ImplicitForTokenClassification
+from implicit_hf import ImplicitForCausalLM, ImplicitForTokenClassification
 
-VOCAB = 61
+VOCAB = TINY_VOCAB
 PAD = 0
 
 
-def causal_lm(seed: int = 0, **overrides) -> ImplicitForCausalLM:
-    settings = dict(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        num_prelude_layers=1,
-        num_core_layers=2,
-        num_coda_layers=1,
-        num_loops=4,
-        pad_token_id=PAD,
-        initializer_range=0.2,  # large weights: greedy outputs that vary from token to token
-    )
-    settings.update(overrides)
-    torch.manual_seed(seed)
-    return ImplicitForCausalLM(ImplicitConfig(**settings)).eval()
+# The generation tests' model (``causal_lm(seed=0, **overrides)``): grouped-query attention, two core layers,
+# four loops, and large weights, so that greedy outputs vary from token to token.
+causal_lm = partial(
+    tiny_causal_lm, num_key_value_heads=2, num_core_layers=2, num_loops=4, pad_token_id=PAD, initializer_range=0.2
+)
 
 
 def prompts(lengths, seed: int = 0) -> list[torch.Tensor]:
@@ -205,7 +197,7 @@ def test_halted_rows_leave_their_last_shift_states_in_later_loop_slots():
             assert torch.equal(cache.layers[shift_slot[loop]].keys[row], last)
 
 
-def test_cache_misuse_is_refused_with_a_clear_error():
+def test_cache_misuse_is_refused_with_a_clear_error(tiny_model_of):
     model = causal_lm()
     (prompt,) = prompts([4])
     with pytest.raises(ValueError, match="return_trajectory .* cannot use a KV cache"):
@@ -213,10 +205,7 @@ def test_cache_misuse_is_refused_with_a_clear_error():
     assert model(prompt[None], return_trajectory=True).cache is None  # no cache by default with a trajectory
     with pytest.raises(ValueError, match="DynamicCache"):
         model.generate(prompt[None], max_new_tokens=2, cache_implementation="static", pad_token_id=PAD)
-    torch.manual_seed(0)
-    grid_model = ImplicitForTokenClassification(
-        ImplicitConfig(vocab_size=VOCAB, hidden_size=32, num_attention_heads=4, num_labels=2, is_causal=False)
-    ).eval()
+    grid_model = tiny_model_of(ImplicitForTokenClassification, num_labels=2, is_causal=False)
     with pytest.raises(ValueError, match="use_cache needs a causal model"):
         grid_model.model(prompt[None], use_cache=True)
     assert grid_model.model(prompt[None]).cache is None

@@ -16,11 +16,13 @@ from __future__ import annotations
 import gc
 import logging
 import weakref
+from functools import partial
 
 import pytest
 import torch
+from tiny_models import tiny_model_of
 
-from implicit_hf import ImplicitConfig, ImplicitForCausalLM, ImplicitForTokenClassification
+from implicit_hf import ImplicitForCausalLM, ImplicitForTokenClassification
 from implicit_hf.modeling.gradients import fixed_point
 from implicit_hf.modeling.solvers import get_solver
 
@@ -243,8 +245,7 @@ def test_truncated_graph_grows_with_its_window_only():
 
 @pytest.mark.parametrize("mode", MODES)
 def test_model_graph_size_against_loop_count(mode):
-    torch.manual_seed(0)
-    model = ImplicitForCausalLM(_tiny_config(gradient=mode, gradient_steps=2, vocab_size=32)).train()
+    model = gradient_model(ImplicitForCausalLM, gradient=mode, gradient_steps=2, vocab_size=32).train()
     input_ids = torch.randint(0, 32, (2, 8), generator=torch.Generator().manual_seed(0))
     saved = [_saved_for_backward(lambda k=k: model(input_ids, num_loops=k).logits) for k in (3, 6, 12)]
     if mode == "unroll":
@@ -392,29 +393,18 @@ def test_ift_contractive_adjoint_logs_nothing(caplog):
 # --------------------------------------------------------------------------------------------------
 
 
-def _tiny_config(**overrides) -> ImplicitConfig:
-    settings = dict(
-        vocab_size=16,
-        hidden_size=32,
-        intermediate_size=64,
-        num_attention_heads=2,
-        num_prelude_layers=1,
-        num_core_layers=1,
-        num_coda_layers=1,
-        num_loops=3,
-        max_position_embeddings=64,
-    )
-    settings.update(overrides)
-    return ImplicitConfig(**settings)
+# The gradient tests' model (`tiny_model_of(model_class, seed=0, **overrides)`): two heads, a narrow MLP, 16 tokens.
+gradient_model = partial(
+    tiny_model_of, vocab_size=16, intermediate_size=64, num_attention_heads=2, num_loops=3, max_position_embeddings=64
+)
 
 
 def test_model_ift_gradient_matches_long_unroll():
     """End to end in float64: the equilibrium gradient of every parameter, prelude and head included."""
 
     def gradient(mode: str) -> torch.Tensor:
-        torch.manual_seed(0)
-        config = _tiny_config(gradient=mode, num_labels=4, num_loops=60, ift_tol=1e-10, ift_max_iter=200)
-        model = ImplicitForTokenClassification(config).double().train()
+        settings = dict(gradient=mode, num_labels=4, num_loops=60, ift_tol=1e-10, ift_max_iter=200)
+        model = gradient_model(ImplicitForTokenClassification, **settings).double().train()
         input_ids = torch.randint(0, 16, (2, 6), generator=torch.Generator().manual_seed(1))
         output = model(input_ids, labels=input_ids % 4)
         assert float(output.loop_stats.final_rel_residual.max()) < 1e-6  # at the fixed point
@@ -429,9 +419,7 @@ def test_model_ift_gradient_matches_long_unroll():
 
 @pytest.mark.parametrize("mode", MODES)
 def test_every_mode_trains_a_tiny_model(mode):
-    torch.manual_seed(0)
-    config = _tiny_config(gradient=mode, gradient_steps=2, num_labels=8)
-    model = ImplicitForTokenClassification(config).train()
+    model = gradient_model(ImplicitForTokenClassification, gradient=mode, gradient_steps=2, num_labels=8).train()
     # Per-token target that needs attention: (x_t + x_{t-1}) mod 8, a fixed batch.
     input_ids = torch.randint(0, 16, (8, 12), generator=torch.Generator().manual_seed(1))
     previous = torch.cat([torch.zeros_like(input_ids[:, :1]), input_ids[:, :-1]], dim=1)
@@ -455,8 +443,7 @@ def test_every_mode_trains_a_tiny_model(mode):
 
 
 def test_model_trajectory_with_ift_in_training_mode():
-    torch.manual_seed(0)
-    model = ImplicitForCausalLM(_tiny_config(gradient="ift")).train()
+    model = gradient_model(ImplicitForCausalLM, gradient="ift").train()
     input_ids = torch.randint(0, 16, (2, 5), generator=torch.Generator().manual_seed(0))
     output = model(input_ids, num_loops=4, return_trajectory=True)
     assert len(output.trajectory) == 4

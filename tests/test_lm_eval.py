@@ -9,7 +9,7 @@ lm_eval = pytest.importorskip("lm_eval", reason="lm_eval (lm-evaluation-harness)
 
 from test_convert import character_tokenizer  # noqa: E402
 
-from implicit_hf import ImplicitConfig, ImplicitForCausalLM  # noqa: E402
+from implicit_hf import ImplicitForCausalLM  # noqa: E402
 from implicit_hf.eval.lm_eval_bridge import lm_eval_sweep  # noqa: E402
 
 TASK_YAML = """\
@@ -29,24 +29,9 @@ metric_list:
 
 
 @pytest.fixture(scope="module")
-def checkpoint_and_task(tmp_path_factory):
+def checkpoint_and_task(tmp_path_factory, tiny_checkpoint):
     root = tmp_path_factory.mktemp("lm_eval")
-    tokenizer = character_tokenizer()
-    torch.manual_seed(0)
-    config = ImplicitConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        num_attention_heads=4,
-        num_prelude_layers=1,
-        num_core_layers=1,
-        num_coda_layers=1,
-        num_loops=2,
-        initializer_range=0.2,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
-    ImplicitForCausalLM(config).save_pretrained(root / "ckpt")
-    tokenizer.save_pretrained(root / "ckpt")
+    tiny_checkpoint(root / "ckpt", character_tokenizer(), initializer_range=0.2)
     tasks = root / "tasks"
     tasks.mkdir()
     with (tasks / "toy_sums.jsonl").open("w") as handle:

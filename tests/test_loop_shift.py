@@ -7,14 +7,14 @@ import torch
 from test_model import build, tokens
 from transformers import AutoModelForCausalLM
 
-from implicit_hf import ImplicitConfig, ImplicitForCausalLM, ImplicitForTokenClassification
+from implicit_hf import ImplicitForCausalLM, ImplicitForTokenClassification
 
 
 @pytest.mark.parametrize("value", [-1, 5, 1.5, "1", True, None])
-def test_loop_shift_must_be_an_integer_from_0_to_4(value):
+def test_loop_shift_must_be_an_integer_from_0_to_4(value, tiny_config):
     with pytest.raises(ValueError, match=r"loop_shift must be an integer in \[0, 4\]"):
-        ImplicitConfig(vocab_size=11, hidden_size=16, num_attention_heads=2, loop_shift=value)
-    config = ImplicitConfig(vocab_size=11, hidden_size=16, num_attention_heads=2)
+        tiny_config(loop_shift=value)
+    config = tiny_config()
     with pytest.raises(ValueError, match="loop_shift must be"):
         config.loop_shift = value
 

@@ -1,12 +1,14 @@
 """PEFT LoRA on implicit models: targeting by layer group, save/load, merge, one adapter per loop."""
 
+from functools import partial
+
 import pytest
 import torch
 from peft import PeftModel, get_peft_model
 from peft.tuners.lora import LoraLayer
-from test_convert import tiny_source, tokens
+from test_convert import tokens
+from tiny_models import tiny_causal_lm, tiny_source
 
-from implicit_hf import ImplicitConfig, ImplicitForCausalLM
 from implicit_hf.integrations.peft import (
     add_loop_adapters,
     implicit_model_of,
@@ -16,21 +18,8 @@ from implicit_hf.integrations.peft import (
     target_modules,
 )
 
-
-def tiny_model(seed=0, **overrides) -> ImplicitForCausalLM:
-    settings = dict(
-        vocab_size=101,
-        hidden_size=32,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        num_prelude_layers=1,
-        num_core_layers=2,
-        num_coda_layers=1,
-        num_loops=3,
-    )
-    settings.update(overrides)
-    torch.manual_seed(seed)
-    return ImplicitForCausalLM(ImplicitConfig(**settings)).eval()
+# The LoRA tests' model: grouped-query attention and two core layers, so that per-group targeting shows.
+tiny_model = partial(tiny_causal_lm, vocab_size=101, num_key_value_heads=2, num_core_layers=2, num_loops=3)
 
 
 def randomise_adapters(model, seed=1):

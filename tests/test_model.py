@@ -3,8 +3,10 @@
 import subprocess
 import sys
 import textwrap
+from functools import partial
 
 import pytest
+import tiny_models
 import torch
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForTokenClassification
 
@@ -17,28 +19,14 @@ from implicit_hf import (
     ImplicitModel,
 )
 
-
-def tiny_config(**overrides) -> ImplicitConfig:
-    settings = dict(
-        vocab_size=97,
-        hidden_size=32,
-        num_attention_heads=4,
-        num_prelude_layers=1,
-        num_core_layers=2,
-        num_coda_layers=1,
-        num_loops=6,
-    )
-    settings.update(overrides)
-    return ImplicitConfig(**settings)
+# The model tests' sizes: two core layers, six loops, a 97-token vocabulary.
+MODEL_SIZES = dict(vocab_size=97, num_core_layers=2, num_loops=6)
+tiny_config = partial(tiny_models.tiny_config, **MODEL_SIZES)
+build = partial(tiny_models.tiny_model_of, **MODEL_SIZES)  # build(model_class, seed=0, **overrides)
 
 
 def tokens(batch=3, length=12, vocab=97, seed=0):
     return torch.randint(0, vocab, (batch, length), generator=torch.Generator().manual_seed(seed))
-
-
-def build(model_class, seed=0, **overrides):
-    torch.manual_seed(seed)
-    return model_class(tiny_config(**overrides)).eval()
 
 
 def test_issue_example_runs_through_auto_classes():
@@ -474,8 +462,8 @@ def test_model_cards_have_metadata_provenance_and_a_usage_block_that_runs(tmp_pa
     assert (tmp_path / "ckpt" / "README.md").read_text() == "# my own card\n"
 
 
-def test_a_converted_models_card_names_its_base_model_without_a_local_path(tmp_path):
-    from test_convert import character_tokenizer, tiny_source
+def test_a_converted_models_card_names_its_base_model_without_a_local_path(tmp_path, tiny_source):
+    from test_convert import character_tokenizer
 
     from implicit_hf.modeling.convert import convert_checkpoint
 
@@ -488,20 +476,8 @@ def test_a_converted_models_card_names_its_base_model_without_a_local_path(tmp_p
     assert "Converted from `my-source`" in card and str(tmp_path) not in card
 
 
-def test_hidden_states_attentions_and_tuples_as_in_transformers():
-    from implicit_hf import ImplicitForCausalLM
-
-    torch.manual_seed(0)
-    config = ImplicitConfig(
-        vocab_size=61,
-        hidden_size=32,
-        num_attention_heads=4,
-        num_prelude_layers=1,
-        num_core_layers=2,
-        num_coda_layers=1,
-        num_loops=3,
-    )
-    model = ImplicitForCausalLM(config).eval()
+def test_hidden_states_attentions_and_tuples_as_in_transformers(tiny_causal_lm):
+    model = tiny_causal_lm(num_core_layers=2, num_loops=3)
     input_ids = torch.randint(0, 61, (2, 5))
     out = model(input_ids, output_hidden_states=True, use_cache=False)
     embeddings, prelude, *states, last = out.hidden_states

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from implicit_hf import ImplicitConfig, ImplicitForCausalLM
+from implicit_hf import ImplicitForCausalLM
 from implicit_hf.eval.generative import complete
 from implicit_hf.tasks.base import get_task
 from implicit_hf.tasks.generation import GenerativeTask
@@ -37,13 +37,8 @@ def rows(task):
 
 
 @pytest.fixture(scope="module")
-def tiny_model(task):
-    torch.manual_seed(0)
-    config = ImplicitConfig(
-        **task.model_config(), hidden_size=32, num_attention_heads=4, num_prelude_layers=1, num_core_layers=1,
-        num_coda_layers=1, num_loops=3, initializer_range=0.2,
-    )  # fmt: skip
-    return ImplicitForCausalLM(config).eval()
+def tiny_model(task, tiny_task_model):
+    return tiny_task_model(task, num_loops=3, initializer_range=0.2)
 
 
 def chains_of(statements: str) -> list[list[str]]:

@@ -14,11 +14,12 @@ import signal
 import subprocess
 import sys
 import time
+from functools import partial
 
 import numpy as np
 import pytest
 import torch
-from test_convert import character_tokenizer, tiny_source
+from test_convert import character_tokenizer
 from test_train import (
     BASE_RECIPE,
     ROOT,
@@ -29,8 +30,8 @@ from test_train import (
     weights,
     write_recipe,
 )
+from tiny_models import tiny_causal_lm, tiny_source
 
-from implicit_hf.modeling import ImplicitConfig, ImplicitForCausalLM
 from implicit_hf.modeling.convert import convert_checkpoint
 from implicit_hf.modeling.penalties import fixed_point_penalties
 from implicit_hf.training import loop as train_mod
@@ -128,13 +129,8 @@ def test_fixed_point_penalty_is_the_squared_relative_residual():
         fixed_point_penalties(f, z, ["spectral"])
 
 
-def tiny_lm(**overrides) -> ImplicitForCausalLM:
-    torch.manual_seed(0)
-    config = dict(
-        vocab_size=40, hidden_size=32, num_attention_heads=4, num_prelude_layers=1, num_core_layers=1,
-        num_coda_layers=1, num_loops=4, gradient="truncated", gradient_steps=2,
-    )  # fmt: skip
-    return ImplicitForCausalLM(ImplicitConfig(**{**config, **overrides}))
+# The penalty tests' model: 40 tokens, four loops, a two-step truncated gradient.
+tiny_lm = partial(tiny_causal_lm, vocab_size=40, num_loops=4, gradient="truncated", gradient_steps=2)
 
 
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])

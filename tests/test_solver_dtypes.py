@@ -6,33 +6,24 @@ least squares, Broyden's low-rank inverse) runs in float32 outside autocast.
 
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
 import torch
+from tiny_models import TINY_VOCAB, tiny_causal_lm
 
-from implicit_hf import ImplicitConfig, ImplicitForCausalLM
+from implicit_hf import ImplicitForCausalLM
 from implicit_hf.modeling.solvers import SOLVERS
 
-VOCAB = 61
+VOCAB = TINY_VOCAB
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # Relative logits error against the float32 solve allowed per dtype (measured: bfloat16 7e-3, float16 1e-3).
 LOGITS_TOLERANCE = {torch.float32: 1e-6, torch.bfloat16: 3e-2, torch.float16: 5e-3}
 SOLVER_NAMES = sorted(SOLVERS)
 
 
-def causal_lm(**overrides) -> ImplicitForCausalLM:
-    settings = dict(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        num_prelude_layers=1,
-        num_core_layers=2,
-        num_coda_layers=1,
-        num_loops=16,
-    )
-    settings.update(overrides)
-    torch.manual_seed(0)
-    return ImplicitForCausalLM(ImplicitConfig(**settings)).eval()
+# The dtype tests' model: 64 wide, grouped-query attention, two core layers, sixteen loops.
+causal_lm = partial(tiny_causal_lm, hidden_size=64, num_key_value_heads=2, num_core_layers=2, num_loops=16)
 
 
 def input_ids(batch: int = 2, length: int = 12) -> torch.Tensor:

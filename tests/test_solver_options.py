@@ -2,18 +2,17 @@
 ``register_solver``, ``trajectory_loops`` and a forward pass that reads no token id values."""
 
 import json
+from functools import partial
 
 import pytest
 import torch
+from tiny_models import tiny_causal_lm
 
-from implicit_hf.modeling import ImplicitConfig, ImplicitForCausalLM, register_solver
+from implicit_hf.modeling import ImplicitForCausalLM, register_solver
 from implicit_hf.modeling.solvers import SOLVERS, picard
 
-
-def tiny(**overrides) -> ImplicitForCausalLM:
-    torch.manual_seed(0)
-    settings = dict(vocab_size=50, hidden_size=32, num_attention_heads=4, num_prelude_layers=1, num_core_layers=1)
-    return ImplicitForCausalLM(ImplicitConfig(**{**settings, "num_coda_layers": 1, **overrides})).eval()
+# The solver tests' model: 50 tokens and the config's default of eight loops.
+tiny = partial(tiny_causal_lm, vocab_size=50, num_loops=8)
 
 
 IDS = torch.randint(0, 50, (2, 6), generator=torch.Generator().manual_seed(1))

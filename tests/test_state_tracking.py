@@ -34,13 +34,8 @@ def rows(task):
 
 
 @pytest.fixture(scope="module")
-def tiny_model(task):
-    torch.manual_seed(0)
-    config = ImplicitConfig(
-        **task.model_config(), hidden_size=32, num_attention_heads=4, num_prelude_layers=1, num_core_layers=1,
-        num_coda_layers=1, num_loops=3, loop_shift=1, initializer_range=0.2,
-    )  # fmt: skip
-    return ImplicitForCausalLM(config).eval()
+def tiny_model(task, tiny_task_model):
+    return tiny_task_model(task, num_loops=3, loop_shift=1, initializer_range=0.2)
 
 
 def replay(group: Group, start: int, updates: list[int]) -> list[int]:

@@ -6,7 +6,8 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
-from test_convert import character_tokenizer, tiny_source
+from test_convert import character_tokenizer
+from tiny_models import tiny_source
 
 from implicit_hf.modeling.convert import convert_checkpoint
 from implicit_hf.training import loop as train_mod

@@ -4,7 +4,7 @@ import torch
 from datasets import Dataset
 from transformers import Trainer, TrainingArguments
 
-from implicit_hf import ImplicitConfig, ImplicitForCausalLM
+from implicit_hf import ImplicitForCausalLM
 
 
 def counting_sequences(n: int, length: int = 16, vocab: int = 32, seed: int = 0) -> Dataset:
@@ -15,19 +15,8 @@ def counting_sequences(n: int, length: int = 16, vocab: int = 32, seed: int = 0)
     return Dataset.from_dict({"input_ids": ids.tolist(), "labels": ids.tolist()})
 
 
-def test_trainer_trains_and_evaluates_an_implicit_lm(tmp_path):
-    torch.manual_seed(0)
-    config = ImplicitConfig(
-        vocab_size=32,
-        hidden_size=32,
-        num_attention_heads=4,
-        num_prelude_layers=1,
-        num_core_layers=1,
-        num_coda_layers=1,
-        num_loops=4,
-        gradient="jfb",
-    )
-    model = ImplicitForCausalLM(config)
+def test_trainer_trains_and_evaluates_an_implicit_lm(tmp_path, tiny_causal_lm):
+    model = tiny_causal_lm(vocab_size=32, num_loops=4, gradient="jfb")
     args = TrainingArguments(
         output_dir=str(tmp_path),
         max_steps=60,
@@ -54,18 +43,13 @@ def test_trainer_trains_and_evaluates_an_implicit_lm(tmp_path):
     assert generated[0, 4:].tolist() == [9, 10, 11, 12]
 
 
-def test_trainer_takes_a_tasks_per_position_labels(tmp_path):
+def test_trainer_takes_a_tasks_per_position_labels(tmp_path, tiny_task_model):
     """state_tracking's labels are not the next input token (the state after every update): transformers.Trainer
     trains on them through the task's own encode as the data collator, with the model's causal-LM loss."""
     from implicit_hf.tasks.base import get_task
-    from implicit_hf.tasks.models import build_model
 
     task = get_task("state_tracking", cache_dir=tmp_path / "data", objects=3, steps=[1, 3])
-    torch.manual_seed(0)
-    model = build_model(
-        task, hidden_size=32, num_attention_heads=4, num_prelude_layers=1, num_core_layers=1, num_coda_layers=0,
-        loop_shift=1, num_loops=5, gradient="unroll",
-    )  # fmt: skip
+    model = tiny_task_model(task, num_coda_layers=0, loop_shift=1, num_loops=5, gradient="unroll")
     args = TrainingArguments(
         output_dir=str(tmp_path / "out"), max_steps=80, per_device_train_batch_size=32, per_device_eval_batch_size=64,
         learning_rate=3e-3, remove_unused_columns=False, save_strategy="no", report_to=[], use_cpu=True, seed=0,

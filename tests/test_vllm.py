@@ -15,8 +15,6 @@ import torch
 from test_convert import character_tokenizer
 from test_generation import left_pad
 
-from implicit_hf import ImplicitConfig, ImplicitForCausalLM
-
 ROOT = Path(__file__).resolve().parents[1]
 VLLM_PYTHON = Path(os.environ.get("IMPLICIT_HF_VLLM_PYTHON", ROOT / ".venv-vllm" / "bin" / "python"))
 PROMPTS = ["12+34=", "hello", "a", "the quick brown fox"]
@@ -27,31 +25,17 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def tiny_checkpoint(path: Path, **overrides) -> ImplicitForCausalLM:
-    """head_dim 64: vLLM's CPU attention refuses smaller heads."""
-    tokenizer = character_tokenizer()
-    settings = dict(
-        vocab_size=len(tokenizer),
-        hidden_size=128,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        head_dim=64,
-        num_prelude_layers=1,
-        num_core_layers=2,
-        num_coda_layers=1,
-        num_loops=2,
-        injection="linear",
-        initializer_range=0.1,
-        max_position_embeddings=256,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
-    settings.update(overrides)
-    torch.manual_seed(0)
-    model = ImplicitForCausalLM(ImplicitConfig(**settings)).eval()
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return model
+# The served checkpoint's sizes: head_dim 64, as vLLM's CPU attention refuses smaller heads.
+VLLM_SIZES = dict(
+    hidden_size=128,
+    num_attention_heads=2,
+    num_key_value_heads=1,
+    head_dim=64,
+    num_core_layers=2,
+    injection="linear",
+    initializer_range=0.1,
+    max_position_embeddings=256,
+)
 
 
 def hf_greedy(model, prompts: list[list[int]], loops: int, new_tokens: int) -> list[list[int]]:
@@ -88,8 +72,8 @@ def vllm_greedy(model_dir: Path, prompts, loops, new_tokens, workdir: Path) -> d
     return json.loads(result.read_text())
 
 
-def test_vllm_greedy_outputs_equal_hf_generate(tmp_path):
-    model = tiny_checkpoint(tmp_path / "ckpt")
+def test_vllm_greedy_outputs_equal_hf_generate(tmp_path, tiny_checkpoint):
+    model = tiny_checkpoint(tmp_path / "ckpt", character_tokenizer(), **VLLM_SIZES)
     tokenizer = character_tokenizer()
     prompts = [tokenizer(text).input_ids for text in PROMPTS]
     served = vllm_greedy(tmp_path / "ckpt", prompts, LOOPS, 8, tmp_path)
@@ -107,8 +91,8 @@ def test_vllm_greedy_outputs_equal_hf_generate(tmp_path):
         ({"position_encoding": "none"}, [2], "vLLM serves rotary position embeddings"),
     ],
 )
-def test_vllm_refuses_what_it_cannot_serve(tmp_path, overrides, loops, message):
-    tiny_checkpoint(tmp_path / "ckpt", **overrides)
+def test_vllm_refuses_what_it_cannot_serve(tmp_path, tiny_checkpoint, overrides, loops, message):
+    tiny_checkpoint(tmp_path / "ckpt", character_tokenizer(), **VLLM_SIZES, **overrides)
     request, result = tmp_path / "request.json", tmp_path / "result.json"
     request.write_text(json.dumps({"prompts": [[1, 2]], "max_new_tokens": 2, "loops": loops}))
     run = subprocess.run(
