@@ -15,14 +15,14 @@ import importlib
 import json
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import Annotated, Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from transformers import get_scheduler
+from transformers import SchedulerType, get_scheduler
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME
 
-from ..checks import TaskSettingError
+from ..checks import TaskSettingError, check_setting
 from ..local_paths import check_writable_folder
 from ..modeling import ImplicitConfig
 from ..modeling.configuration_implicit import RUNTIME_LOOP_FIELDS
@@ -30,10 +30,13 @@ from ..tasks.base import TASKS, TaskAdapter, get_task
 from ..tasks.generation import load_tokenizer
 from ..tasks.models import check_fits, missing_head
 from .checkpoints import CHECKPOINT_MARKER, find_checkpoints
+from .fields import choice
 from .objective import check_teacher
 from .recipe import RecipeError, TrainConfig
 
 WEIGHT_FILES = (SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME, WEIGHTS_NAME, WEIGHTS_INDEX_NAME)
+# the names transformers.get_scheduler knows, less those that need more than (optimizer, warmup, total steps) to step
+SCHEDULERS = tuple(s.value for s in SchedulerType if s.value not in ("reduce_lr_on_plateau", "greedy"))
 
 
 def task_from_recipe(config: TrainConfig) -> TaskAdapter:
@@ -204,9 +207,11 @@ def _check_lora(config: TrainConfig) -> None:
 
 
 def _check_scheduler(config: TrainConfig) -> None:
-    """Build the learning-rate schedule on a dummy optimizer so missing scheduler arguments fail early."""
+    """The learning-rate schedule must be one `SCHEDULERS` names, and is built on a dummy optimizer so that missing
+    scheduler arguments fail early."""
     dummy = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
     try:
+        check_setting("lr_scheduler", config.lr_scheduler, Annotated[str, choice(SCHEDULERS)])
         get_scheduler(
             config.lr_scheduler,
             dummy,
