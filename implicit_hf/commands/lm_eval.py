@@ -10,6 +10,7 @@ from typing import Any
 
 from ..arguments import UsageError
 from ..eval import lm_eval_bridge
+from ..eval.harness import resolve_device
 from ..tasks.models import HEADS
 from . import edge
 
@@ -25,7 +26,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.include_path is not None and not Path(args.include_path).is_dir():
         raise UsageError(f"--include-path {args.include_path!r} is not a folder")
     edge.check_output_folder(args.out, "--out")
-    edge.check_device(args.device)
+    resolve_device(args.device, "--device")
     saved = edge.saved_config(model, "--model")
     if saved.get("model_type") != "implicit" or HEADS["causal_lm"].model_class not in (
         saved.get("architectures") or []
