@@ -133,12 +133,10 @@ def _check_init_from_files(path: Path, task: TaskAdapter) -> None:
     and a vocabulary covering the task's: `check_fits`, as ``implicit-hf eval`` asks) with readable weights: a
     Llama checkpoint, say, would pass every other check and fail at the first training step."""
     where = f"recipe key 'init_from': {str(path)!r}"
-    if not (path / "config.json").is_file():
-        raise RecipeError(f"{where} is not a checkpoint directory (no config.json)")
     try:
         saved = json.loads((path / "config.json").read_text())
-    except (OSError, ValueError) as err:
-        raise RecipeError(f"{where}: config.json is not valid JSON: {err}") from err
+    except (OSError, ValueError) as err:  # no such file (not a checkpoint directory), unreadable, not JSON
+        raise RecipeError(f"{where} is not a checkpoint directory with a readable config.json: {err}") from err
     if not isinstance(saved, dict):
         raise RecipeError(
             f"{where}: config.json is not a model config (a JSON object of config fields); got {json.dumps(saved)[:40]}"
