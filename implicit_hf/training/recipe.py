@@ -251,9 +251,7 @@ def _settings(key: str, cls: type, value: Any) -> Any:
     """A nested settings object from its recipe mapping (None for an empty one); its own checks name ``key``."""
     if isinstance(value, cls):
         return value
-    if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
-        raise RecipeError(f"recipe key {key!r} must be {_TYPE_WORDS[dict]}; got {value!r}")
-    if not value:
+    if not _typed(key, value, dict[str, Any]):  # a mapping with string keys, or a RecipeError
         return None
     allowed = [spec.name for spec in dataclasses.fields(cls)]
     unknown = sorted(set(value) - set(allowed))
@@ -275,12 +273,10 @@ def parse_args(argv: list[str]) -> TrainConfig:
     if not argv or argv[0].startswith("-"):
         raise RecipeError("the first argument must be a recipe file: RECIPE.yaml [--key value ...] [--resume]")
     path = Path(argv[0])
-    if not path.is_file():
-        raise RecipeError(f"recipe file {str(path)!r} does not exist")
     try:
         recipe = load_yaml(path.read_text()) or {}
-    except ValueError as err:
-        raise RecipeError(f"recipe file {str(path)!r} is not valid YAML: {err}") from err
+    except (OSError, yaml.YAMLError) as err:  # no such file, unreadable, not YAML
+        raise RecipeError(f"recipe file {str(path)!r} cannot be read as YAML: {err}") from err
     if not isinstance(recipe, dict):
         raise RecipeError(f"recipe file {str(path)!r} must hold a mapping of TrainConfig fields")
     for key, value in _parse_overrides(argv[1:]):
@@ -315,7 +311,7 @@ def _parse_overrides(args: list[str]) -> list[tuple[str, Any]]:
             value, i = args[i], i + 1
         try:
             pairs.append((key, load_yaml(value) if value != "" else ""))
-        except ValueError as err:
+        except yaml.YAMLError as err:
             raise RecipeError(f"--{key}: {value!r} is not a YAML value: {err}") from err
     return pairs
 
@@ -332,11 +328,8 @@ _Loader.add_implicit_resolver(
 
 
 def load_yaml(text: str) -> Any:
-    """``yaml.safe_load``, except that ``1e-4`` is a float; a ``ValueError`` for text that is not YAML."""
-    try:
-        return yaml.load(text, Loader=_Loader)  # a SafeLoader: no arbitrary objects
-    except yaml.YAMLError as err:
-        raise ValueError(str(err)) from err
+    """``yaml.safe_load``, except that ``1e-4`` is a float (a ``yaml.YAMLError`` for text that is not YAML)."""
+    return yaml.load(text, Loader=_Loader)  # a SafeLoader: no arbitrary objects
 
 
 def _known_key(key: str) -> None:
