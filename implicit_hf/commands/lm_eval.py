@@ -9,7 +9,13 @@ from pathlib import Path
 from typing import Any
 
 from ..arguments import UsageError
-from ..eval import lm_eval_bridge
+
+# lm_eval_bridge imports lm-evaluation-harness, an optional extra: without it this command is refused on one line
+# (`implicit_hf.cli.main` reports the UsageError raised while the command module loads)
+if importlib.util.find_spec("lm_eval") is None:
+    raise UsageError("lm-eval needs lm-evaluation-harness: pip install 'implicit-hf[lm-eval]'")
+
+from ..eval import lm_eval_bridge  # noqa: E402
 from ..eval.harness import resolve_device
 from ..tasks.models import HEADS
 from . import edge
@@ -35,6 +41,4 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             f"--model {model!r} is not an implicit causal LM (model_type {saved.get('model_type')!r}, "
             f"architectures {saved.get('architectures')})"
         )
-    if importlib.util.find_spec("lm_eval") is None:
-        raise UsageError("lm-eval needs lm-evaluation-harness: pip install 'implicit-hf[lm-eval]'")
     return lm_eval_bridge.run_from_args(argparse.Namespace(**{**vars(args), "model": model}))
