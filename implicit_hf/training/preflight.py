@@ -10,6 +10,7 @@ makes sure ``output_dir`` can be written and holds no run the recipe would silen
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import json
 from pathlib import Path
@@ -84,8 +85,15 @@ def _check_difficulty(config: TrainConfig, task: TaskAdapter) -> None:
 
 
 def _fresh_model_config(config: TrainConfig, task: TaskAdapter) -> ImplicitConfig:
-    """``model`` with the sizes ``task`` fixes: clashes are refused here, unknown fields and invalid values by
-    `ImplicitConfig` (its message, after the key)."""
+    """``model`` with the sizes ``task`` fixes: unknown fields, clashes and invalid values are refused (ImplicitConfig
+    itself keeps unknown keyword arguments as extra attributes, as transformers configs do)."""
+    allowed = set(ImplicitConfig().to_dict()) | {"num_labels", "attn_implementation"}
+    allowed -= {"model_type", "transformers_version", "_name_or_path", "auto_map"}
+    for key in config.model:
+        if key not in allowed:
+            close = difflib.get_close_matches(key, sorted(allowed), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise RecipeError(f"recipe key 'model': unknown ImplicitConfig field {key!r}{hint}")
     fixed = task.model_config()
     clashes = {k: (v, fixed[k]) for k, v in config.model.items() if k in fixed and fixed[k] != v}
     if clashes:
