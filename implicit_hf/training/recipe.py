@@ -360,6 +360,12 @@ def usage(prog: str = "python -m implicit_hf.training") -> str:
     ]
     hints = typing.get_type_hints(TrainConfig)
     for spec in dataclasses.fields(TrainConfig):
-        kind = getattr(hints[spec.name], "__name__", str(hints[spec.name]))
-        lines.append(f"  {spec.name} ({kind}): {spec.metadata['help']}")
+        lines.append(f"  {spec.name} ({_type_name(hints[spec.name])}): {spec.metadata['help']}")
     return "\n".join(lines)
+
+
+def _type_name(hint: Any) -> str:
+    """``int``, ``int | None``, ``LoopSchedule | None``: a field's type as the help shows it."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return " | ".join(_type_name(arg) for arg in typing.get_args(hint))
+    return "None" if hint is type(None) else getattr(hint, "__name__", str(hint))
