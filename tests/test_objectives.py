@@ -355,7 +355,7 @@ def other_vocabulary_teacher(root, same_size: bool):
         (lambda tmp: {"loop_schedule": {"mean": 2}}, "'loop_schedule': .*mean applies to poisson_lognormal only"),
         (lambda tmp: {"jacobian_penalty": -0.1}, "'jacobian_penalty' must be a weight >= 0"),
         (lambda tmp: {"fixed_point_penalty": -1}, "'fixed_point_penalty' must be a weight >= 0"),
-        (lambda tmp: {"deep_supervision": [0, 2]}, "'deep_supervision' must list distinct loop counts >= 1"),
+        (lambda tmp: {"deep_supervision": [0, 2]}, "'deep_supervision' must be a list of distinct loop counts >= 1"),
     ],
 )
 def test_bad_objective_recipes_fail_before_training(tmp_path, retrofit, changes, message):

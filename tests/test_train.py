@@ -340,6 +340,7 @@ BAD_RECIPES = [
     ({"loop_schedule": {"min": 4, "max": 2}}, "loop_schedule"),
     ({"random_loops": [1, 4]}, "random_loops"),  # the former key: unknown now
     ({"mixed_precision": "fp8"}, "mixed_precision"),
+    ({"lr_scheduler": "reduce_lr_on_plateau"}, "lr_scheduler must be one of"),  # steps on a metric: refused
 ]
 
 

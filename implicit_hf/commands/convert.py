@@ -1,6 +1,6 @@
-"""``implicit-hf convert``: the source path, the GGUF file name, the output folder, the source's model type and
-the layer split are checked before any weight is read (`implicit_hf.modeling.convert.convert_checkpoint` checks
-the split against the source's config)."""
+"""``implicit-hf convert``: the source path, the output folder, the source's model type and the layer split are
+checked before any weight is read (`implicit_hf.modeling.convert.convert_checkpoint` checks the split against the
+source's config, and refuses a ``--gguf-file`` it cannot read, naming it, before it reads any weight)."""
 
 from __future__ import annotations
 
@@ -15,8 +15,6 @@ from . import edge
 def run(args: argparse.Namespace) -> None:
     """Convert ``args.source`` into an implicit checkpoint in ``args.output`` and print the layer split."""
     source = edge.check_model_path(args.source, "source", needs_config=args.gguf_file is None)
-    if args.gguf_file is not None and Path(source).is_dir() and not (Path(source) / args.gguf_file).is_file():
-        raise UsageError(f"--gguf-file {args.gguf_file!r} is not a file in {source!r}")
     edge.check_output_folder(args.output, "output")
     if args.gguf_file is None and (Path(source) / "config.json").is_file():
         model_type = edge.saved_config(source, "source").get("model_type")

@@ -1,5 +1,6 @@
-"""Checks at the edge of the commands: model and output paths, devices, tasks against models. Each refuses with a
-`UsageError` naming the option and the value, before anything is loaded."""
+"""Checks at the edge of the commands: model and output paths, tasks against models (``--device`` is checked by
+`implicit_hf.eval.harness.resolve_device`). Each refuses with a `UsageError` naming the option and the value,
+before anything is loaded."""
 
 from __future__ import annotations
 
@@ -7,7 +8,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-import torch
 from transformers import PretrainedConfig
 
 from ..arguments import UsageError
@@ -89,18 +89,6 @@ def check_task_fits(model: str, task: TaskAdapter, option: str = "--model", expl
         )
     if problems:
         raise UsageError(f"task {task.name!r} does not fit {option} {model!r}: {'; '.join(problems)}")
-
-
-def check_device(device: str | None, option: str = "--device") -> None:
-    """``device`` must be ``auto`` or a torch device that this machine has."""
-    if device in (None, "auto"):
-        return
-    try:
-        resolved = torch.device(device)
-    except (RuntimeError, ValueError) as err:
-        raise UsageError(f"{option} {device!r} is not a torch device: {err}") from err
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"{option} {device!r}: torch.cuda.is_available() is False on this machine")
 
 
 def task_of(model: str, task_name: str | None, task_kwargs: dict[str, Any] | None) -> tuple[TaskAdapter, dict]:

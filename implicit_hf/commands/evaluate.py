@@ -6,8 +6,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from ..eval.harness import run_from_args
-from .edge import check_device, check_model_path, check_output_folder, check_task_fits, task_of
+from ..eval.harness import resolve_device, run_from_args
+from .edge import check_model_path, check_output_folder, check_task_fits, task_of
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -15,7 +15,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     model = check_model_path(args.model, "--model")
     baselines = [check_model_path(path, "--baseline") for path in args.baseline]
     check_output_folder(args.out, "--out")
-    check_device(args.device)
+    resolve_device(args.device, "--device")
     task, task_kwargs = task_of(model, args.task, args.task_kwargs)
     check_task_fits(model, task, "--model")
     for baseline in baselines:

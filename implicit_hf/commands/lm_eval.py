@@ -9,7 +9,14 @@ from pathlib import Path
 from typing import Any
 
 from ..arguments import UsageError
-from ..eval import lm_eval_bridge
+
+# lm_eval_bridge imports lm-evaluation-harness, an optional extra: without it this command is refused on one line
+# (`implicit_hf.cli.main` reports the UsageError raised while the command module loads)
+if importlib.util.find_spec("lm_eval") is None:
+    raise UsageError("lm-eval needs lm-evaluation-harness: pip install 'implicit-hf[lm-eval]'")
+
+from ..eval import lm_eval_bridge  # noqa: E402
+from ..eval.harness import resolve_device
 from ..tasks.models import HEADS
 from . import edge
 
@@ -25,7 +32,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.include_path is not None and not Path(args.include_path).is_dir():
         raise UsageError(f"--include-path {args.include_path!r} is not a folder")
     edge.check_output_folder(args.out, "--out")
-    edge.check_device(args.device)
+    resolve_device(args.device, "--device")
     saved = edge.saved_config(model, "--model")
     if saved.get("model_type") != "implicit" or HEADS["causal_lm"].model_class not in (
         saved.get("architectures") or []
@@ -34,6 +41,4 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             f"--model {model!r} is not an implicit causal LM (model_type {saved.get('model_type')!r}, "
             f"architectures {saved.get('architectures')})"
         )
-    if importlib.util.find_spec("lm_eval") is None:
-        raise UsageError("lm-eval needs lm-evaluation-harness: pip install 'implicit-hf[lm-eval]'")
     return lm_eval_bridge.run_from_args(argparse.Namespace(**{**vars(args), "model": model}))

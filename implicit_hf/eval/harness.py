@@ -96,13 +96,18 @@ def write_csv(records: list[dict[str, Any]], path: str | Path) -> Path:
 # run_eval: checkpoint -> results.json, results.csv, plots
 
 
-def _resolve_device(device: str | None) -> torch.device:
-    """``device`` as a torch device; ``auto`` (or ``None``) is CUDA when available, else CPU."""
+def resolve_device(device: str | None, option: str = "device") -> torch.device:
+    """``device`` as a torch device; ``auto`` (or ``None``) is CUDA when available, else CPU. A name torch does not
+    know or a device this machine lacks is a `UsageError` naming ``option`` (the commands check ``--device`` with it
+    before anything is loaded)."""
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    resolved = torch.device(device)
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, ValueError) as err:
+        raise UsageError(f"{option} {device!r} is not a torch device: {err}") from err
     if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' was asked for but torch.cuda.is_available() is False")
+        raise UsageError(f"{option} {device!r}: torch.cuda.is_available() is False on this machine")
     return resolved
 
 
@@ -138,7 +143,7 @@ def run_eval(
     loops = normalise_loops(loops)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    torch_device = _resolve_device(device)
+    torch_device = resolve_device(device)
     task, task_kwargs = task_for_model(model_dir, task_name, task_kwargs)
     try:
         rows = as_rows(task.build_dataset("test", n, seed))

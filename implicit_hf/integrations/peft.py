@@ -179,23 +179,38 @@ def check_core_blocks(
             f"{name} must be a non-empty list of blocks (lists of source layer indices); got {core_blocks!r}"
         )
     length = len(blocks[0]) if block_length is None else block_length
+    reason = "one per core layer" if block_length is not None else f"as many as {name}[0]"
+    # what every block must be, in the order checked (a block of strings is not compared with layer indices)
+    rules = [
+        (lambda block: all(_is_index(i) for i in block), "must hold source layer indices (integers)"),
+        (
+            lambda block: all(0 <= i < num_layers for i in block),
+            f"must lie in 0-{num_layers - 1} (the source has {num_layers} layers)",
+        ),
+        (
+            lambda block: block and block == sorted(set(block)),
+            "must be a non-empty list of increasing layer indices, without repeats",
+        ),
+        (
+            lambda block: len(block) == length,
+            f"must have {length} layers ({reason}): every loop replaces the same tied block",
+        ),
+    ]
     for k, block in enumerate(blocks):
         where = f"{name}[{k}] {block}"
-        if any(isinstance(i, bool) or not isinstance(i, numbers.Integral) for i in block):
-            raise ValueError(f"{where} must hold source layer indices (integers)")
-        if any(not 0 <= i < num_layers for i in block):
-            raise ValueError(f"{where} must lie in 0-{num_layers - 1} (the source has {num_layers} layers)")
-        if not block or block != sorted(set(block)):
-            raise ValueError(f"{where} must be a non-empty list of increasing layer indices, without repeats")
-        if len(block) != length:
-            reason = "one per core layer" if block_length is not None else f"as many as {name}[0]"
-            raise ValueError(f"{where} must have {length} layers ({reason}): every loop replaces the same tied block")
+        broken = next((rule for holds, rule in rules if not holds(block)), None)
+        if broken:
+            raise ValueError(f"{where} {broken}")
         if in_layer_order and k and block[0] <= blocks[k - 1][-1]:
             raise ValueError(
                 f"{name}[{k - 1}] {blocks[k - 1]} and {where} must not overlap and must follow the source's layer "
                 f"order: loop {k} stands where block {k} stood, after block {k - 1}"
             )
     return blocks
+
+
+def _is_index(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 @torch.no_grad()

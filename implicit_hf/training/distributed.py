@@ -124,21 +124,27 @@ def check_fixed_iterations(config, schedule=None) -> None:
     """FSDP all-gathers a layer's shards on every call, so every process must call the core equally often:
     refuse the settings (of the model ``config`` and the training loop ``schedule``) that let the number of
     iterations differ between processes."""
-    if schedule is not None and schedule.needs_difficulty:
-        raise LaunchError(
-            "FSDP on CPU processes needs the same number of loop iterations on every process: the above_difficulty "
-            "loop schedule draws each process's count above its own batch; use another schedule, or DDP"
-        )
-    if config.tol is not None:
-        raise LaunchError(
-            f"FSDP on CPU processes needs the same number of loop iterations on every process: model.tol "
-            f"({config.tol}) halts each process's batch at its own count; train with tol: null under FSDP, or with DDP"
-        )
-    if config.gradient == "ift":
-        raise LaunchError(
+    same = "FSDP on CPU processes needs the same number of loop iterations on every process: "
+    refusals = [
+        (
+            schedule is not None and schedule.needs_difficulty,
+            same + "the above_difficulty loop schedule draws each process's count above its own batch; use another "
+            "schedule, or DDP",
+        ),
+        (
+            config.tol is not None,
+            same + f"model.tol ({config.tol}) halts each process's batch at its own count; train with tol: null "
+            "under FSDP, or with DDP",
+        ),
+        (
+            config.gradient == "ift",
             "FSDP on CPU processes cannot run gradient: ift (its backward solve halts at a per-process count); "
-            "use unroll, truncated, jfb or phantom"
-        )
+            "use unroll, truncated, jfb or phantom",
+        ),
+    ]
+    reasons = [reason for refused, reason in refusals if refused]
+    if reasons:
+        raise LaunchError(reasons[0])
 
 
 class Sharding:

@@ -82,11 +82,8 @@ def distillation_loss(
     temperature: float,
 ) -> torch.Tensor:
     """``T² · KL(teacher || student)`` of the next-token distributions at temperature ``T``, averaged over the
-    positions whose next token is scored (``labels[:, 1:] != -100``; else ``attention_mask[:, 1:]``; else all)."""
-    if student_logits.shape != teacher_logits.shape:
-        raise ValueError(
-            f"teacher logits {tuple(teacher_logits.shape)} do not match the student's {tuple(student_logits.shape)}"
-        )
+    positions whose next token is scored (``labels[:, 1:] != -100``; else ``attention_mask[:, 1:]``; else all).
+    The two logits have one shape: `check_teacher` refused a teacher of another vocabulary before training."""
     student = F.log_softmax(student_logits[:, :-1].float() / temperature, dim=-1)
     teacher = F.log_softmax(teacher_logits[:, :-1].float() / temperature, dim=-1)
     kl = F.kl_div(student, teacher, log_target=True, reduction="none").sum(-1)

@@ -15,14 +15,14 @@ import importlib
 import json
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import Annotated, Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from transformers import get_scheduler
+from transformers import SchedulerType, get_scheduler
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME
 
-from ..checks import TaskSettingError
+from ..checks import TaskSettingError, check_setting
 from ..local_paths import check_writable_folder
 from ..modeling import ImplicitConfig
 from ..modeling.configuration_implicit import RUNTIME_LOOP_FIELDS
@@ -30,10 +30,13 @@ from ..tasks.base import TASKS, TaskAdapter, get_task
 from ..tasks.generation import load_tokenizer
 from ..tasks.models import check_fits, missing_head
 from .checkpoints import CHECKPOINT_MARKER, find_checkpoints
+from .fields import choice
 from .objective import check_teacher
 from .recipe import RecipeError, TrainConfig
 
 WEIGHT_FILES = (SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME, WEIGHTS_NAME, WEIGHTS_INDEX_NAME)
+# the names transformers.get_scheduler knows, less those that need more than (optimizer, warmup, total steps) to step
+SCHEDULERS = tuple(s.value for s in SchedulerType if s.value not in ("reduce_lr_on_plateau", "greedy"))
 
 
 def task_from_recipe(config: TrainConfig) -> TaskAdapter:
@@ -82,7 +85,8 @@ def _check_difficulty(config: TrainConfig, task: TaskAdapter) -> None:
 
 
 def _fresh_model_config(config: TrainConfig, task: TaskAdapter) -> ImplicitConfig:
-    """``model`` with the sizes ``task`` fixes: unknown fields, clashes and invalid values are refused."""
+    """``model`` with the sizes ``task`` fixes: unknown fields, clashes and invalid values are refused (ImplicitConfig
+    itself keeps unknown keyword arguments as extra attributes, as transformers configs do)."""
     allowed = set(ImplicitConfig().to_dict()) | {"num_labels", "attn_implementation"}
     allowed -= {"model_type", "transformers_version", "_name_or_path", "auto_map"}
     for key in config.model:
@@ -130,12 +134,10 @@ def _check_init_from_files(path: Path, task: TaskAdapter) -> None:
     and a vocabulary covering the task's: `check_fits`, as ``implicit-hf eval`` asks) with readable weights: a
     Llama checkpoint, say, would pass every other check and fail at the first training step."""
     where = f"recipe key 'init_from': {str(path)!r}"
-    if not (path / "config.json").is_file():
-        raise RecipeError(f"{where} is not a checkpoint directory (no config.json)")
     try:
         saved = json.loads((path / "config.json").read_text())
-    except (OSError, ValueError) as err:
-        raise RecipeError(f"{where}: config.json is not valid JSON: {err}") from err
+    except (OSError, ValueError) as err:  # no such file (not a checkpoint directory), unreadable, not JSON
+        raise RecipeError(f"{where} is not a checkpoint directory with a readable config.json: {err}") from err
     if not isinstance(saved, dict):
         raise RecipeError(
             f"{where}: config.json is not a model config (a JSON object of config fields); got {json.dumps(saved)[:40]}"
@@ -204,9 +206,11 @@ def _check_lora(config: TrainConfig) -> None:
 
 
 def _check_scheduler(config: TrainConfig) -> None:
-    """Build the learning-rate schedule on a dummy optimizer so missing scheduler arguments fail early."""
+    """The learning-rate schedule must be one `SCHEDULERS` names, and is built on a dummy optimizer so that missing
+    scheduler arguments fail early."""
     dummy = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
     try:
+        check_setting("lr_scheduler", config.lr_scheduler, Annotated[str, choice(SCHEDULERS)])
         get_scheduler(
             config.lr_scheduler,
             dummy,

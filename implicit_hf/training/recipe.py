@@ -16,24 +16,22 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import math
 import re
 import types
 import typing
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import yaml
 
+from ..checks import Allowed, Fraction, Positive, at_least, number
 from ..loop_counts import check_loop_bound
+from .fields import check_fields, choice
 from .schedule import LoopSchedule
 
 MIXED_PRECISION = ("no", "fp16", "bf16")
 TRACKERS = ("tensorboard", "none")
-# transformers schedulers that need more than (optimizer, warmup, total steps) to step
-_UNSUPPORTED_SCHEDULERS = ("reduce_lr_on_plateau", "greedy")
 SEED_MAX = 2**32 - 1
 
 
@@ -41,60 +39,23 @@ class RecipeError(ValueError):
     """A recipe that cannot be trained; the message names the offending key."""
 
 
-# ----------------------------------------------------------------------------------------------------
-# Range checks: ``check(key, value)`` raises a `RecipeError` naming the key and what it allows
-# ----------------------------------------------------------------------------------------------------
-
-Check = Callable[[str, Any], None]
-
-
-def at_least(minimum: float, what: str = "") -> Check:
-    def check(key: str, value: Any) -> None:
-        if not value >= minimum:  # NaN fails too
-            raise RecipeError(f"recipe key {key!r} must be {what}>= {minimum}; got {value!r}")
-
-    return check
-
-
-def above(minimum: float) -> Check:
-    def check(key: str, value: Any) -> None:
-        if not value > minimum:
-            raise RecipeError(f"recipe key {key!r} must be > {minimum}; got {value!r}")
-
-    return check
-
-
-def one_of(choices: tuple[str, ...]) -> Check:
-    def check(key: str, value: Any) -> None:
-        if value not in choices:
-            raise RecipeError(f"recipe key {key!r} must be one of {choices}; got {value!r}")
-
-    return check
-
-
-def _seed(key: str, value: int) -> None:
-    if not 0 <= value <= SEED_MAX:  # the range of numpy's global seed, which accelerate's set_seed sets
-        raise RecipeError(f"recipe key {key!r} must be an integer in [0, 2**32 - 1]; got {value!r}")
-
-
-def _betas(key: str, value: list[float]) -> None:
-    if len(value) != 2 or not all(0 <= b < 1 for b in value):
-        raise RecipeError(f"recipe key {key!r} must be two numbers in [0, 1); got {value!r}")
-
-
-def _scheduler(key: str, value: str) -> None:
-    from transformers import SchedulerType  # the names transformers.get_scheduler knows
-
-    one_of(tuple(s.value for s in SchedulerType if s.value not in _UNSUPPORTED_SCHEDULERS))(key, value)
-
-
-def _loop_counts(key: str, value: list[int]) -> None:
-    if any(count < 1 for count in value) or len(set(value)) != len(value):
-        raise RecipeError(f"recipe key {key!r} must list distinct loop counts >= 1; got {value!r}")
-    try:
-        check_loop_bound(f"recipe key {key!r}: loop counts", max(value, default=1))
-    except ValueError as err:
-        raise RecipeError(str(err)) from None
+# What a field takes beyond its type (`implicit_hf.checks.Allowed`, enforced by `fields.check_fields`)
+Weight = Annotated[float, Allowed("a weight >= 0", lambda value: value >= 0)]
+NonNegative = Annotated[float, number(">= 0", lambda value: value >= 0)]
+Count = Annotated[int, at_least(1)]
+CountOrZero = Annotated[int, at_least(0)]
+# the range of numpy's global seed, which accelerate's set_seed sets
+Seed = Annotated[int, Allowed("an integer in [0, 2**32 - 1]", lambda value: 0 <= value <= SEED_MAX)]
+Betas = Annotated[
+    list[float], Allowed("two numbers in [0, 1)", lambda value: len(value) == 2 and all(0 <= b < 1 for b in value))
+]
+LoopCounts = Annotated[
+    list[int],
+    Allowed(
+        "a list of distinct loop counts >= 1",
+        lambda value: min(value, default=1) >= 1 and len(set(value)) == len(value),
+    ),
+]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -102,9 +63,9 @@ def _loop_counts(key: str, value: list[int]) -> None:
 # ----------------------------------------------------------------------------------------------------
 
 
-def _field(help: str, default: Any = dataclasses.MISSING, *, check: Check | None = None, factory: Any = None) -> Any:
-    """A recipe field: its help text, its default and its range check (its type is the annotation)."""
-    metadata = {"help": help, "check": check}
+def _field(help: str, default: Any = dataclasses.MISSING, *, factory: Any = None) -> Any:
+    """A recipe field: its help text and its default (its type and range are the annotation)."""
+    metadata = {"help": help}
     if factory is not None:
         return field(default_factory=factory, metadata=metadata)
     return field(default=default, metadata=metadata)
@@ -130,18 +91,11 @@ class LoraSettings:
 class DistillSettings:
     """Distillation from the recipe's ``teacher``: loss = (1 - weight) task + weight T² KL(teacher || student)."""
 
-    weight: float = 0.5
-    temperature: float = 1.0
+    weight: Fraction = 0.5
+    temperature: Positive = 1.0
 
     def __post_init__(self) -> None:
-        if not _number(self.weight) or not 0 <= self.weight <= 1:
-            raise ValueError(f"weight must be a number in [0, 1]; got {self.weight!r}")
-        if not _number(self.temperature) or not self.temperature > 0:
-            raise ValueError(f"temperature must be a number > 0; got {self.temperature!r}")
-
-
-def _number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        check_fields(self, str)
 
 
 @dataclass
@@ -166,27 +120,27 @@ class TrainConfig:
         None,
     )
     output_dir: str = _field("where checkpoints, logs, the final model and metrics go", "outputs/train")
-    seed: int = _field("seed of model init, data generation and order, and random loop counts", 0, check=_seed)
-    train_size: int = _field("number of generated training rows", 4096, check=at_least(1))
-    eval_size: int = _field("number of generated held-out rows (0: no evaluation)", 256, check=at_least(0))
-    per_device_batch_size: int = _field("rows per process per micro-batch", 8, check=at_least(1))
-    eval_batch_size: int | None = _field(
-        "rows per process per evaluation batch (default: per_device_batch_size)", None, check=at_least(1)
+    seed: Seed = _field("seed of model init, data generation and order, and random loop counts", 0)
+    train_size: Count = _field("number of generated training rows", 4096)
+    eval_size: CountOrZero = _field("number of generated held-out rows (0: no evaluation)", 256)
+    per_device_batch_size: Count = _field("rows per process per micro-batch", 8)
+    eval_batch_size: Count | None = _field(
+        "rows per process per evaluation batch (default: per_device_batch_size)", None
     )
-    gradient_accumulation_steps: int = _field("micro-batches per optimizer step", 1, check=at_least(1))
-    learning_rate: float = _field("peak learning rate of AdamW", 3e-4, check=above(0))
-    weight_decay: float = _field("AdamW weight decay (not applied to biases and norm weights)", 0.01, check=at_least(0))
-    adam_betas: list[float] = _field("AdamW betas", factory=lambda: [0.9, 0.999], check=_betas)
+    gradient_accumulation_steps: Count = _field("micro-batches per optimizer step", 1)
+    learning_rate: Positive = _field("peak learning rate of AdamW", 3e-4)
+    weight_decay: NonNegative = _field("AdamW weight decay (not applied to biases and norm weights)", 0.01)
+    adam_betas: Betas = _field("AdamW betas", factory=lambda: [0.9, 0.999])
     lr_scheduler: str = _field(
-        "a transformers.get_scheduler name (linear, cosine, constant_with_warmup, ...)", "cosine", check=_scheduler
+        "a transformers.get_scheduler name (linear, cosine, constant_with_warmup, ...)", "cosine"
     )
     lr_scheduler_kwargs: dict[str, Any] = _field(
         "scheduler_specific_kwargs of get_scheduler (e.g. min_lr_rate for cosine_with_min_lr)", factory=dict
     )
-    warmup_steps: int = _field("linear warm-up, in optimizer steps", 0, check=at_least(0))
-    max_steps: int = _field("optimizer steps to train for", 1000, check=at_least(1))
-    max_grad_norm: float = _field("gradient-norm clipping (0: off)", 1.0, check=at_least(0))
-    mixed_precision: str = _field("no | fp16 | bf16", "no", check=one_of(MIXED_PRECISION))
+    warmup_steps: CountOrZero = _field("linear warm-up, in optimizer steps", 0)
+    max_steps: Count = _field("optimizer steps to train for", 1000)
+    max_grad_norm: NonNegative = _field("gradient-norm clipping (0: off)", 1.0)
+    mixed_precision: Annotated[str, choice(MIXED_PRECISION)] = _field("no | fp16 | bf16", "no")
     loop_schedule: LoopSchedule | None = _field(
         "each step's loop count, a function of seed and step: {distribution: uniform | poisson_lognormal | "
         "above_difficulty, min, max, mean (poisson_lognormal: a log-normal rate of this mean, then a Poisson draw, "
@@ -200,21 +154,18 @@ class TrainConfig:
         "order seeded by seed + epoch; rows left over from a difficulty's last full batch are skipped that epoch",
         False,
     )
-    jacobian_penalty: float = _field(
+    jacobian_penalty: Weight = _field(
         "weight of the Hutchinson estimate of ||df/dz||_F^2 / dim at the last iterate (0: off)",
         0.0,
-        check=at_least(0, "a weight "),
     )
-    fixed_point_penalty: float = _field(
+    fixed_point_penalty: Weight = _field(
         "weight of the squared relative residual ||f(z) - z||^2 / ||z||^2 at the last iterate (0: off)",
         0.0,
-        check=at_least(0, "a weight "),
     )
-    deep_supervision: list[int] = _field(
+    deep_supervision: LoopCounts = _field(
         "loop counts at which the task loss is also taken (decoded from the trajectory) and averaged with the "
         "final one; counts >= a step's loop count are skipped",
         factory=list,
-        check=_loop_counts,
     )
     teacher: str | None = _field(
         "distill from this frozen AutoModelForCausalLM checkpoint (same vocabulary as the student), e.g. the "
@@ -226,14 +177,12 @@ class TrainConfig:
         "student), temperature T (> 0, default 1)}",
         None,
     )
-    checkpoint_every: int = _field(
-        "save a resumable checkpoint every N optimizer steps (0: never)", 500, check=at_least(0)
-    )
-    keep_checkpoints: int = _field("keep only the newest N checkpoints (0: keep all)", 2, check=at_least(0))
-    log_every: int = _field("log training statistics every N optimizer steps", 10, check=at_least(1))
-    eval_every: int = _field("held-out loss every N optimizer steps (0: only at the end)", 500, check=at_least(0))
-    tracker: str = _field(
-        "tensorboard | none (tensorboard is used only if importable)", "tensorboard", check=one_of(TRACKERS)
+    checkpoint_every: CountOrZero = _field("save a resumable checkpoint every N optimizer steps (0: never)", 500)
+    keep_checkpoints: CountOrZero = _field("keep only the newest N checkpoints (0: keep all)", 2)
+    log_every: Count = _field("log training statistics every N optimizer steps", 10)
+    eval_every: CountOrZero = _field("held-out loss every N optimizer steps (0: only at the end)", 500)
+    tracker: Annotated[str, choice(TRACKERS)] = _field(
+        "tensorboard | none (tensorboard is used only if importable)", "tensorboard"
     )
     find_unused_parameters: bool = _field(
         "DDP find_unused_parameters (only needed when some parameters get no gradient in a step)", False
@@ -245,10 +194,12 @@ class TrainConfig:
         """Each field as its type (a mapping becomes its settings class), then in its range."""
         hints = typing.get_type_hints(TrainConfig)
         for spec in dataclasses.fields(self):
-            value = _typed(spec.name, getattr(self, spec.name), hints[spec.name])
-            if value is not None and spec.metadata["check"] is not None:
-                spec.metadata["check"](spec.name, value)
-            setattr(self, spec.name, value)
+            setattr(self, spec.name, _typed(spec.name, getattr(self, spec.name), hints[spec.name]))
+        try:
+            check_fields(self, lambda key: f"recipe key {key!r}")
+            check_loop_bound("recipe key 'deep_supervision': loop counts", max(self.deep_supervision, default=1))
+        except ValueError as err:
+            raise RecipeError(str(err)) from None
         if self.distill is not None and self.teacher is None:
             raise RecipeError("recipe key 'distill' needs a 'teacher' checkpoint to distill from")
 
@@ -271,7 +222,7 @@ _TYPE_WORDS = {
 def _typed(key: str, value: Any, hint: Any) -> Any:
     """``value`` as the field type ``hint`` (an integer as a float, a mapping as its settings dataclass, null as
     an empty mapping), or a `RecipeError` naming ``key``."""
-    if isinstance(hint, types.UnionType):  # X | None
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):  # X | None
         if value is None:
             return None
         (hint,) = [arg for arg in typing.get_args(hint) if arg is not type(None)]
@@ -300,9 +251,7 @@ def _settings(key: str, cls: type, value: Any) -> Any:
     """A nested settings object from its recipe mapping (None for an empty one); its own checks name ``key``."""
     if isinstance(value, cls):
         return value
-    if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
-        raise RecipeError(f"recipe key {key!r} must be {_TYPE_WORDS[dict]}; got {value!r}")
-    if not value:
+    if not _typed(key, value, dict[str, Any]):  # a mapping with string keys, or a RecipeError
         return None
     allowed = [spec.name for spec in dataclasses.fields(cls)]
     unknown = sorted(set(value) - set(allowed))
@@ -324,12 +273,10 @@ def parse_args(argv: list[str]) -> TrainConfig:
     if not argv or argv[0].startswith("-"):
         raise RecipeError("the first argument must be a recipe file: RECIPE.yaml [--key value ...] [--resume]")
     path = Path(argv[0])
-    if not path.is_file():
-        raise RecipeError(f"recipe file {str(path)!r} does not exist")
     try:
         recipe = load_yaml(path.read_text()) or {}
-    except ValueError as err:
-        raise RecipeError(f"recipe file {str(path)!r} is not valid YAML: {err}") from err
+    except (OSError, yaml.YAMLError) as err:  # no such file, unreadable, not YAML
+        raise RecipeError(f"recipe file {str(path)!r} cannot be read as YAML: {err}") from err
     if not isinstance(recipe, dict):
         raise RecipeError(f"recipe file {str(path)!r} must hold a mapping of TrainConfig fields")
     for key, value in _parse_overrides(argv[1:]):
@@ -364,7 +311,7 @@ def _parse_overrides(args: list[str]) -> list[tuple[str, Any]]:
             value, i = args[i], i + 1
         try:
             pairs.append((key, load_yaml(value) if value != "" else ""))
-        except ValueError as err:
+        except yaml.YAMLError as err:
             raise RecipeError(f"--{key}: {value!r} is not a YAML value: {err}") from err
     return pairs
 
@@ -381,11 +328,8 @@ _Loader.add_implicit_resolver(
 
 
 def load_yaml(text: str) -> Any:
-    """``yaml.safe_load``, except that ``1e-4`` is a float; a ``ValueError`` for text that is not YAML."""
-    try:
-        return yaml.load(text, Loader=_Loader)  # a SafeLoader: no arbitrary objects
-    except yaml.YAMLError as err:
-        raise ValueError(str(err)) from err
+    """``yaml.safe_load``, except that ``1e-4`` is a float (a ``yaml.YAMLError`` for text that is not YAML)."""
+    return yaml.load(text, Loader=_Loader)  # a SafeLoader: no arbitrary objects
 
 
 def _known_key(key: str) -> None:
@@ -416,6 +360,12 @@ def usage(prog: str = "python -m implicit_hf.training") -> str:
     ]
     hints = typing.get_type_hints(TrainConfig)
     for spec in dataclasses.fields(TrainConfig):
-        kind = getattr(hints[spec.name], "__name__", str(hints[spec.name]))
-        lines.append(f"  {spec.name} ({kind}): {spec.metadata['help']}")
+        lines.append(f"  {spec.name} ({_type_name(hints[spec.name])}): {spec.metadata['help']}")
     return "\n".join(lines)
+
+
+def _type_name(hint: Any) -> str:
+    """``int``, ``int | None``, ``LoopSchedule | None``: a field's type as the help shows it."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return " | ".join(_type_name(arg) for arg in typing.get_args(hint))
+    return "None" if hint is type(None) else getattr(hint, "__name__", str(hint))

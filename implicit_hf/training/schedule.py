@@ -26,57 +26,52 @@ from __future__ import annotations
 
 import math
 import random
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, fields
+from typing import Annotated
 
 import numpy as np
 
+from ..checks import Positive, at_least, number
 from ..loop_counts import check_loop_bound
+from .fields import check_fields, choice
 
 DISTRIBUTIONS = ("uniform", "poisson_lognormal", "above_difficulty")
+# a setting -> the distributions it applies to (left at its default for the others)
+APPLIES_TO = {
+    "mean": ("poisson_lognormal",),
+    "ramp_steps": ("uniform", "poisson_lognormal"),
+    "extra": ("above_difficulty",),
+}
 
 
 @dataclass(frozen=True)
 class LoopSchedule:
-    """A loop-count distribution for training steps (see the module docstring)."""
+    """A loop-count distribution for training steps (see the module docstring); each field declares what it takes."""
 
-    distribution: str = "uniform"
-    min: int = 1
-    max: int = 8
-    mean: float | None = None
-    sigma: float = 0.5
-    ramp_steps: int = 0
-    extra: float | None = None
+    distribution: Annotated[str, choice(DISTRIBUTIONS)] = "uniform"
+    min: Annotated[int, at_least(1)] = 1
+    max: Annotated[int, at_least(1)] = 8
+    mean: float | None = None  # poisson_lognormal: in [min, max]
+    sigma: Positive = 0.5
+    ramp_steps: Annotated[int, at_least(0)] = 0
+    extra: Annotated[float, number(">= 0", lambda value: value >= 0)] | None = None
 
     def __post_init__(self) -> None:
-        if self.distribution not in DISTRIBUTIONS:
-            raise ValueError(f"loop_schedule.distribution must be one of {DISTRIBUTIONS}; got {self.distribution!r}")
-        for name in ("min", "max"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"loop_schedule.{name} must be an integer >= 1; got {value!r}")
+        check_fields(self, lambda key: f"loop_schedule.{key}")
         if self.min > self.max:
             raise ValueError(f"loop_schedule needs min <= max; got min={self.min}, max={self.max}")
         check_loop_bound("loop_schedule.max", self.max)
-        if isinstance(self.ramp_steps, bool) or not isinstance(self.ramp_steps, int) or self.ramp_steps < 0:
-            raise ValueError(f"loop_schedule.ramp_steps must be an integer >= 0; got {self.ramp_steps!r}")
-        if self.distribution == "poisson_lognormal":
-            if not _number(self.mean) or not self.min <= self.mean <= self.max:
-                raise ValueError(
-                    f"loop_schedule.mean must be a number in [min, max] = [{self.min}, {self.max}] for "
-                    f"poisson_lognormal; got {self.mean!r}"
-                )
-            if not _number(self.sigma) or not self.sigma > 0:
-                raise ValueError(f"loop_schedule.sigma must be a number > 0; got {self.sigma!r}")
-        elif self.mean is not None:
-            raise ValueError("loop_schedule.mean applies to poisson_lognormal only (uniform's mean is (min + max) / 2)")
-        if self.distribution == "above_difficulty":
-            if self.extra is not None and (not _number(self.extra) or self.extra < 0):
-                raise ValueError(f"loop_schedule.extra must be a number >= 0; got {self.extra!r}")
-            if self.ramp_steps:
-                raise ValueError("loop_schedule.ramp_steps does not apply to above_difficulty (it follows the batch)")
-        elif self.extra is not None:
-            raise ValueError("loop_schedule.extra applies to above_difficulty only")
+        for spec in fields(self):
+            used_by = APPLIES_TO.get(spec.name, DISTRIBUTIONS)
+            if self.distribution not in used_by and getattr(self, spec.name) != spec.default:
+                raise ValueError(f"loop_schedule.{spec.name} applies to {' and '.join(used_by)} only")
+        if self.distribution == "poisson_lognormal" and not (
+            self.mean is not None and self.min <= self.mean <= self.max
+        ):
+            raise ValueError(
+                f"loop_schedule.mean must be a number in [min, max] = [{self.min}, {self.max}] for "
+                f"poisson_lognormal; got {self.mean!r}"
+            )
 
     @property
     def needs_difficulty(self) -> bool:
@@ -110,7 +105,3 @@ class LoopSchedule:
         mean = self.current_mean(step)
         rate = rng.lognormal(math.log(mean) - self.sigma**2 / 2, self.sigma)
         return int(np.clip(rng.poisson(rate), self.min, self.max))
-
-
-def _number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
