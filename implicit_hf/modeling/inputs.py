@@ -29,6 +29,7 @@ _NOT_WITH_A_CACHE = {
     "return_trajectory": "decodes the state of several loops through the coda",
     "penalties": "are a training objective",
     "loop_feedback": "runs the coda inside the loop",
+    "num_trajectories": "> 1 solves several copies of the batch",
 }
 
 

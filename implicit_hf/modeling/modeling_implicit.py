@@ -44,8 +44,11 @@ from .generation import LoopSettingsGenerationMixin
 from .gradients import fixed_point, gradient_options
 from .inputs import check_input_shapes, check_inputs, refuse_token_ids, refuse_with_a_cache, trajectory_request
 from .layer_inputs import LayerInputs, rows_of
+from .loop_layers import ImplicitInjection, LoopShift
 from .penalties import check_penalties, fixed_point_penalties
 from .solvers import SolverStats
+from .trajectories import TrajectoryReduction, check_width, per_trajectory, perturbed_starts, repeat_rows
+from .trajectories import trajectory_reduction as width_of
 
 
 @dataclass
@@ -99,56 +102,6 @@ class ImplicitHeadOutput(ModelOutput):
     cache: Cache | None = None
     hidden_states: tuple[torch.Tensor, ...] | None = None
     attentions: tuple[torch.Tensor, ...] | None = None
-
-
-class ImplicitInjection(nn.Module):
-    """Combines the state ``z`` with the injected input ``e`` at every iteration.
-
-    ``"add"``: ``z + e``. ``"linear"``: ``W [z; e]`` with ``W`` initialised to ``[I | I]`` (addition).
-    """
-
-    def __init__(self, config: ImplicitConfig):
-        super().__init__()
-        hidden = config.hidden_size
-        self.weight = nn.Parameter(torch.empty(hidden, 2 * hidden)) if config.injection == "linear" else None
-
-    def forward(self, state: torch.Tensor, injected: torch.Tensor) -> torch.Tensor:
-        if self.weight is None:
-            return state + injected
-        return nn.functional.linear(torch.cat([state, injected], dim=-1), self.weight)
-
-
-class LoopShift(nn.Module):
-    """The loop's token shift (``config.loop_shift = k``): a causal depthwise convolution over the normalised
-    state of the ``k`` previous positions, projected, added to the core's input at every iteration:
-
-        shift(z)[t] = W · sum_{j=1..k} w_j ⊙ norm(z)[t - j]            (zeros before the first position)
-
-    Attention can move information between positions too, but only by content or position; this path
-    moves every token's state one position on per iteration whatever the positions are, so a loop of
-    ``K`` iterations can run a recurrence over ``K`` tokens. It starts as a pure one-step shift (``w_1 = 1``,
-    the other taps 0, ``W`` the identity). Padding holds a zero state, so it shifts zeros into the first real token.
-    With a KV cache the normalised states of earlier tokens come from the loop's shift slot
-    (``cache.py``); ``layer_idx`` addresses it through the loop's cache view, after the core's layers.
-    """
-
-    def __init__(self, config: ImplicitConfig):
-        super().__init__()
-        self.kernel = config.loop_shift
-        self.layer_idx = config.num_prelude_layers + config.num_core_layers
-        self.norm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.taps = nn.Parameter(torch.empty(self.kernel, config.hidden_size))  # taps[j]: offset j + 1
-        self.proj = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
-
-    def forward(self, state: torch.Tensor, cache: Cache | None = None) -> torch.Tensor:
-        normed = self.norm(state)
-        length, kernel = normed.shape[1], self.kernel
-        if cache is not None:  # this loop's states of every token so far, this call's appended
-            keys, _ = cache.update(normed[:, None], normed.new_zeros(*normed.shape[:2], 0)[:, None], self.layer_idx)
-            normed = keys[:, 0, -(length + kernel) :]
-        history = nn.functional.pad(normed, (0, 0, length + kernel - normed.shape[1], 0))  # (b, k + T, d)
-        shifted = sum(self.taps[j] * history[:, kernel - 1 - j : kernel - 1 - j + length] for j in range(kernel))
-        return self.proj(shifted)
 
 
 # Keywords a forward pass takes beyond its own arguments: what transformers' generate, Trainer and attention
@@ -316,6 +269,9 @@ class ImplicitModel(ImplicitPreTrainedModel):
         penalties: Sequence[str] = (),
         use_cache: bool | None = None,
         cache: Cache | None = None,
+        num_trajectories: int = 1,
+        trajectory_noise: float = 0.0,
+        trajectory_seed: int = 0,
         **kwargs,
     ) -> ImplicitModelOutput:
         r"""
@@ -348,8 +304,12 @@ class ImplicitModel(ImplicitPreTrainedModel):
             another. With Picard iteration and no tolerance, cached decoding equals uncached decoding.
         cache: a transformers ``DynamicCache`` from an earlier call (``past_key_values``, its former name,
             is accepted with a deprecation warning, as in transformers' own models).
+        num_trajectories / trajectory_noise / trajectory_seed: solve ``K`` trajectories per input in one batch,
+            each from the ``state_init`` state plus Gaussian noise of ``trajectory_noise`` times its RMS drawn
+            with ``trajectory_seed`` (``modeling/trajectories.py``); the outputs have ``B * K`` rows (row ``b * K
+            + k``: trajectory ``k`` of input ``b``), which the heads reduce to ``B``. ``K > 1`` uses no KV cache.
         """
-        config = self.config
+        config, num_trajectories = self.config, check_width(num_trajectories, trajectory_noise, trajectory_seed)
         refuse_unknown_keywords(f"{type(self).__name__}.forward()", set(kwargs) - PASSED_THROUGH, FORWARD_KEYWORDS)
         if kwargs.get("output_attentions") and config._attn_implementation != "eager":
             raise ValueError(
@@ -361,7 +321,7 @@ class ImplicitModel(ImplicitPreTrainedModel):
             output_hidden_states = config.output_hidden_states
         return_trajectory, trajectory_loops = trajectory_request(return_trajectory, trajectory_loops)
         penalties = check_penalties(penalties)
-        cache = self._cache_for(use_cache, cache, return_trajectory, penalties, loop_feedback)
+        cache = self._cache_for(use_cache, cache, return_trajectory, penalties, loop_feedback, num_trajectories)
         check_inputs(config, input_ids, inputs_embeds, input_features, edge_features, loop_feedback)
         past = cache.get_seq_length() if cache is not None else 0
         check_input_shapes(
@@ -371,6 +331,10 @@ class ImplicitModel(ImplicitPreTrainedModel):
         keep_every_loop = (return_trajectory and trajectory_loops is None) or output_hidden_states
 
         hidden = self._embed(input_ids, inputs_embeds, input_features)
+        if num_trajectories > 1:  # K rows per input, solved as one batch
+            per_row = hidden, attention_mask, position_ids, edge_features
+            hidden, attention_mask, position_ids, edge_features = repeat_rows(num_trajectories, len(hidden), *per_row)
+            loop_feedback = loop_feedback and per_trajectory(loop_feedback, num_trajectories)
         inputs = LayerInputs.build(self, hidden, attention_mask, position_ids, edge_features, past, cache, kwargs)
         slots = None
         if cache is not None:
@@ -379,9 +343,12 @@ class ImplicitModel(ImplicitPreTrainedModel):
         prelude_output = inputs.run(self.prelude, hidden, slots and slots.prelude())
         injected = prelude_output if self.injection_norm is None else self.injection_norm(prelude_output)
         core_map = CoreMap(self, inputs, injected, loop_feedback, slots)
+        start = self._initial_state(injected)
+        if num_trajectories > 1:
+            start = perturbed_starts(start, injected, trajectory_noise, trajectory_seed)
         state, stats = fixed_point(
             core_map,
-            inputs.zero_padding(self._initial_state(injected)),
+            inputs.zero_padding(start),
             solver=solver,
             max_iter=num_loops,
             tol=tol,
@@ -409,20 +376,27 @@ class ImplicitModel(ImplicitPreTrainedModel):
             hidden_states=(hidden, prelude_output, *states_run, last_hidden_state) if output_hidden_states else None,
         )
 
-    def _cache_for(self, use_cache, cache, return_trajectory, penalties, loop_feedback) -> Cache | None:
+    def _cache_for(self, use_cache, cache, return_trajectory, penalties, loop_feedback, trajectories) -> Cache | None:
         """The KV cache of this call: by default one where it serves (causal inference without trajectories); a
         cache asked for where it cannot serve is refused."""
         if use_cache is not None and not isinstance(use_cache, bool):
             raise ValueError(f"use_cache must be True, False or None (the default); got {use_cache!r}")
         if use_cache is None:
-            use_cache = cache is not None or (
-                self.config.use_cache and self.config.is_causal and not self.training and not return_trajectory
+            use_cache = (
+                cache is not None
+                or (self.config.use_cache and self.config.is_causal and not self.training and not return_trajectory)
+                and trajectories == 1
             )
         if not use_cache:
             return None
         if not self.config.is_causal:
             raise ValueError("use_cache needs a causal model (config.is_causal=True); this one attends both ways")
-        refuse_with_a_cache(return_trajectory=return_trajectory, penalties=penalties, loop_feedback=loop_feedback)
+        refuse_with_a_cache(
+            return_trajectory=return_trajectory,
+            penalties=penalties,
+            loop_feedback=loop_feedback,
+            num_trajectories=trajectories > 1,
+        )
         return DynamicCache() if cache is None else cache  # its slots are created on first use
 
     def _loop_settings(self, num_loops: int | None, tol: float | None, solver: str | None) -> tuple:
@@ -462,11 +436,17 @@ def head_output(
     project: Callable[[torch.Tensor], torch.Tensor],
     loss_of: Callable[[torch.Tensor], torch.Tensor] | None,
     keep_cache: bool = True,
+    width: TrajectoryReduction | None = None,
+    token_mask: torch.Tensor | None = None,
 ) -> ImplicitHeadOutput:
-    """A head's output: ``project`` of the fixed point and of each trajectory entry and, with ``loss_of`` (given
-    labels), the loss of each (``trajectory_loss``: deep supervision)."""
+    """A head's output: ``project`` of the fixed point and of each trajectory entry, with ``width`` the K
+    trajectories per input reduced to one (over the tokens of ``token_mask``) and, with ``loss_of`` (given labels),
+    the loss of each (``trajectory_loss``: deep supervision)."""
     logits = project(outputs.last_hidden_state)
     trajectory = None if outputs.trajectory is None else tuple(project(h) for h in outputs.trajectory)
+    stats, hidden_states, attentions = outputs.loop_stats, outputs.hidden_states, outputs.attentions
+    if width is not None:
+        logits, trajectory, stats, hidden_states, attentions = width.reduce(logits, trajectory, outputs, token_mask)
     loss = trajectory_loss = None
     if loss_of is not None:
         loss = loss_of(logits)
@@ -475,20 +455,20 @@ def head_output(
     return ImplicitHeadOutput(
         loss=loss,
         logits=logits,
-        loop_stats=outputs.loop_stats,
+        loop_stats=stats,
         trajectory=trajectory,
         trajectory_loss=trajectory_loss,
         penalties=outputs.penalties,
         cache=outputs.cache if keep_cache else None,
-        hidden_states=outputs.hidden_states,
-        attentions=outputs.attentions,
+        hidden_states=hidden_states,
+        attentions=attentions,
     )
 
 
 # What a misspelt forward keyword is compared with: the model's own arguments, the heads' and the passed-through ones.
 FORWARD_KEYWORDS = (
     (set(inspect.signature(ImplicitModel.forward).parameters) - {"self", "kwargs"})
-    | {"labels", "logits_to_keep"}
+    | {"labels", "logits_to_keep", "select"}
     | PASSED_THROUGH
 )
 
@@ -523,6 +503,10 @@ class ImplicitForCausalLM(LoopSettingsGenerationMixin, ImplicitPreTrainedModel, 
         logits_to_keep: int = 0,
         use_cache: bool | None = None,
         cache: Cache | None = None,
+        num_trajectories: int = 1,
+        trajectory_noise: float = 0.0,
+        select: str = "residual",
+        trajectory_seed: int = 0,
         **kwargs,
     ) -> ImplicitHeadOutput:
         r"""
@@ -530,7 +514,11 @@ class ImplicitForCausalLM(LoopSettingsGenerationMixin, ImplicitPreTrainedModel, 
         num_loops / tol / solver / return_trajectory / trajectory_loops / penalties / use_cache / cache: see
             `ImplicitModel.forward`.
         logits_to_keep: compute logits for the last ``logits_to_keep`` positions only (0 = all).
+        num_trajectories / trajectory_noise / select / trajectory_seed: ``K`` trajectories per input from noisy
+            starts (see `ImplicitModel.forward`, uncached only), reduced by ``select``: ``"residual"`` (lowest final
+            residual) or ``"vote"`` (majority of the argmax per token); ``loop_stats.trajectories`` says how.
         """
+        width = width_of(num_trajectories, trajectory_noise, trajectory_seed, select, "causal_lm")
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -544,6 +532,9 @@ class ImplicitForCausalLM(LoopSettingsGenerationMixin, ImplicitPreTrainedModel, 
             penalties=penalties,
             use_cache=use_cache,
             cache=cache,
+            num_trajectories=num_trajectories,
+            trajectory_noise=trajectory_noise,
+            trajectory_seed=trajectory_seed,
             **kwargs,
         )
         keep = slice(-logits_to_keep, None) if logits_to_keep else slice(None)
@@ -551,7 +542,8 @@ class ImplicitForCausalLM(LoopSettingsGenerationMixin, ImplicitPreTrainedModel, 
         def loss_of(logits: torch.Tensor) -> torch.Tensor:
             return self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
 
-        return head_output(outputs, lambda h: self.lm_head(h[:, keep]), loss_of if labels is not None else None)
+        loss = loss_of if labels is not None else None
+        return head_output(outputs, lambda h: self.lm_head(h[:, keep]), loss, True, width, attention_mask)
 
 
 class ImplicitForTokenClassification(ImplicitPreTrainedModel):
@@ -585,6 +577,10 @@ class ImplicitForTokenClassification(ImplicitPreTrainedModel):
         trajectory_loops: Sequence[int] | None = None,
         loop_feedback: Callable[[torch.Tensor], torch.Tensor] | None = None,
         penalties: Sequence[str] = (),
+        num_trajectories: int = 1,
+        trajectory_noise: float = 0.0,
+        select: str = "residual",
+        trajectory_seed: int = 0,
         **kwargs,
     ) -> ImplicitHeadOutput:
         r"""
@@ -594,7 +590,12 @@ class ImplicitForTokenClassification(ImplicitPreTrainedModel):
         loop_feedback: as in `ImplicitModel.forward`, but it maps this head's output at the current
             state, ``(B, T, num_labels)``, to ``(B, T, config.feedback_features)``: a task's
             ``loop_feedback(inputs)``, e.g. the data-consistency gradient of the current estimate.
+        num_trajectories / trajectory_noise / select / trajectory_seed: ``K`` trajectories per input from noisy
+            starts (see `ImplicitModel.forward`), reduced by ``select``: ``"residual"`` (lowest final residual),
+            ``"vote"`` (classes: majority per token) or ``"mean"`` (regression); ``loop_stats.trajectories`` says how.
         """
+        head = "regression" if self.config.problem_type == "regression" else "classification"
+        width = width_of(num_trajectories, trajectory_noise, trajectory_seed, select, head)
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -609,10 +610,13 @@ class ImplicitForTokenClassification(ImplicitPreTrainedModel):
             trajectory_loops=trajectory_loops,
             loop_feedback=None if loop_feedback is None else lambda hidden: loop_feedback(self.score(hidden)),
             penalties=penalties,
+            num_trajectories=num_trajectories,
+            trajectory_noise=trajectory_noise,
+            trajectory_seed=trajectory_seed,
             **kwargs,
         )
         loss_of = None if labels is None else lambda logits: self._loss(logits, labels, attention_mask)
-        return head_output(outputs, self.score, loss_of, keep_cache=False)
+        return head_output(outputs, self.score, loss_of, False, width, attention_mask)
 
     def _loss(self, logits: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
         if self.config.problem_type == "regression":

@@ -41,11 +41,14 @@ import difflib
 import inspect
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from .rules import Rule, check, integer, number
+
+if TYPE_CHECKING:
+    from .trajectories import TrajectoryChoice
 
 FixedPointMap = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -69,6 +72,7 @@ class SolverStats:
     diverged: torch.Tensor  # (B,) bool: non-finite or blown-up residual
     fallbacks: torch.Tensor  # (B,) damped-Picard steps taken instead of an Anderson/Broyden step
     states: dict[int, torch.Tensor] | None = None  # the state after the evaluation counts asked for (``keep``)
+    trajectories: TrajectoryChoice | None = None  # with num_trajectories > 1, the reduction per input
 
     @property
     def num_evaluations(self) -> int:
