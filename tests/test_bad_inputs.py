@@ -28,10 +28,10 @@ import torch
 import yaml
 from test_convert import character_tokenizer
 from test_train import ROOT
-from tiny_models import TINY_VOCAB, tiny_causal_lm, tiny_config, tiny_source
+from tiny_models import TINY_VOCAB, tiny_causal_lm, tiny_config, tiny_model_of, tiny_source
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-from implicit_hf import ImplicitForCausalLM, loop_counts
+from implicit_hf import ImplicitForCausalLM, ImplicitForTokenClassification, loop_counts
 from implicit_hf.checks import TaskSettingError
 from implicit_hf.cli import main
 from implicit_hf.integrations.peft import add_loop_adapters, load_loop_adapters, relaxed_recursion
@@ -376,6 +376,21 @@ PER_CALL_FORWARD_CASES = [
         "got 'jacobian'",
     ),
     ({"penalties": 3}, ValueError, "penalties must be a list or tuple of names"),
+    # Issue 28: several trajectories per input
+    ({"num_trajectories": 0}, ValueError, "num_trajectories must be an integer >= 1; got 0"),
+    ({"num_trajectories": 2.0}, ValueError, "num_trajectories must be an integer >= 1; got 2.0"),
+    ({"num_trajectories": True}, ValueError, "num_trajectories must be an integer >= 1; got True"),
+    ({"num_trajectory": 2}, TypeError, "did you mean 'num_trajectories'"),
+    ({"num_trajectories": 2, "trajectory_noise": -0.1}, ValueError, "trajectory_noise must be a number >= 0; got -0.1"),
+    ({"trajectory_noise": math.nan}, ValueError, "trajectory_noise must be a number >= 0; got nan"),
+    ({"trajectory_noise": math.inf}, ValueError, "trajectory_noise must be a number >= 0; got inf"),
+    ({"trajectory_seed": -1}, ValueError, "trajectory_seed must be an integer >= 0; got -1"),
+    ({"select": "best"}, ValueError, "select must be one of 'residual', 'vote', 'mean'; got 'best'"),
+    (
+        {"num_trajectories": 2, "select": "mean"},
+        ValueError,
+        "select='mean' does not apply to a causal lm head: it takes 'residual' or 'vote'",
+    ),
 ]
 
 
@@ -415,6 +430,11 @@ PER_CALL_GENERATE_CASES = [
         {"generation_config": GenerationConfig(tol=math.inf)},
         ValueError,
         r"generation_config.tol must be None or a number >= 0 \(0: no halting in this call\); got inf",
+    ),
+    (
+        {"num_trajectories": 2},
+        ValueError,
+        "num_trajectories > 1 solves several copies of the batch and cannot use a KV cache: call with use_cache=False",
     ),
 ]
 
@@ -1582,3 +1602,30 @@ def test_a_train_output_dir_that_cannot_be_written_is_refused_before_training(
     err = train_recipe_error(tmp_path, {"task": "lp", "output_dir": str(out), "max_steps": 1}, capsys)
     assert f"recipe key 'output_dir' {message.format(out=out)}" in err
     assert not local_cache.exists()  # refused before any data is written
+
+
+# ------------------------------------------------------------------ issue 28: trajectories per input, heads and caches
+
+CACHE_REFUSAL = "num_trajectories > 1 solves several copies of the batch and cannot use a KV cache"
+
+
+@pytest.mark.parametrize("cached", [{"use_cache": True}, {"cache": "filled"}], ids=["use_cache", "cache"])
+def test_several_trajectories_with_a_kv_cache_are_refused(model, cached):
+    if "cache" in cached:
+        cached = {"cache": model(ids(), use_cache=True).cache}
+    with pytest.raises(ValueError, match=f"{CACHE_REFUSAL}: call with use_cache=False"):
+        model(ids(), num_trajectories=2, **cached)
+
+
+@pytest.mark.parametrize(
+    ("head", "select", "message"),
+    [
+        ("regression", "vote", "select='vote' does not apply to a regression head: it takes 'residual' or 'mean'"),
+        ("classification", "mean", "select='mean' does not apply to a classification head: it takes 'residual' or"),
+    ],
+)
+def test_a_selection_rule_the_head_cannot_apply_is_refused(head, select, message):
+    overrides = {"problem_type": "regression"} if head == "regression" else {}
+    model = tiny_model_of(ImplicitForTokenClassification, num_labels=3, is_causal=False, **overrides)
+    with pytest.raises(ValueError, match=message):
+        model(ids(), num_trajectories=2, select=select)

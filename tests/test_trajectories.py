@@ -1,0 +1,157 @@
+"""Several trajectories per input (``num_trajectories=K``): one batched solve from K noisy starts, reduced per input
+by the final residual, a vote or a mean (``modeling/trajectories.py``)."""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from implicit_hf import ImplicitForCausalLM, ImplicitForTokenClassification, ImplicitForTokenRegression
+from implicit_hf.modeling import modeling_implicit
+from implicit_hf.modeling.solvers import SolverStats
+from implicit_hf.modeling.trajectories import TrajectoryReduction
+
+K = 4
+HEADS = {
+    "classification": (ImplicitForTokenClassification, {"num_labels": 5, "is_causal": False}),
+    "regression": (ImplicitForTokenRegression, {"num_labels": 2, "is_causal": False, "input_features": 3}),
+    "causal_lm": (ImplicitForCausalLM, {}),
+}
+
+
+def head_model(tiny_model_of, head: str, **overrides):
+    model_class, settings = HEADS[head]
+    return tiny_model_of(model_class, **{**settings, **overrides})
+
+
+def inputs_of(head: str, batch: int = 3, length: int = 6) -> dict:
+    generator = torch.Generator().manual_seed(1)
+    if head == "regression":
+        return {"input_features": torch.randn(batch, length, 3, generator=generator)}
+    return {"input_ids": torch.randint(0, 61, (batch, length), generator=generator)}
+
+
+@pytest.mark.parametrize("head", HEADS)
+def test_one_trajectory_is_the_plain_forward(tiny_model_of, head):
+    model, inputs = head_model(tiny_model_of, head), inputs_of(head)
+    plain = model(**inputs, use_cache=False)
+    one = model(**inputs, use_cache=False, num_trajectories=1, trajectory_noise=0.5, trajectory_seed=3)
+    assert torch.equal(plain.logits, one.logits)
+    assert torch.equal(plain.loop_stats.rel_residual, one.loop_stats.rel_residual)
+    assert one.loop_stats.trajectories is None
+
+
+@pytest.mark.parametrize("head", HEADS)
+def test_the_output_keeps_the_input_batch(tiny_model_of, head):
+    model, inputs = head_model(tiny_model_of, head), inputs_of(head)
+    plain = model(**inputs, use_cache=False, return_trajectory=[1, 2], output_hidden_states=True)
+    wide = model(
+        **inputs, num_trajectories=K, trajectory_noise=0.3, return_trajectory=[1, 2], output_hidden_states=True
+    )
+    assert wide.logits.shape == plain.logits.shape
+    assert [t.shape for t in wide.trajectory] == [t.shape for t in plain.trajectory]
+    assert [h.shape for h in wide.hidden_states] == [h.shape for h in plain.hidden_states]
+    assert wide.loop_stats.steps.shape == wide.loop_stats.converged.shape == (3,)
+    choice = wide.loop_stats.trajectories
+    assert choice.chosen.shape == choice.agreement.shape == choice.residual_min.shape == (3,)
+    assert choice.final_residual.shape == (3, K)
+    assert (choice.residual_min <= choice.residual_max).all()
+    assert wide.cache is None  # K > 1 runs without a KV cache, also by default on a causal LM
+
+
+def test_the_same_seed_gives_the_same_outputs_and_another_seed_others(tiny_model_of):
+    model, inputs = head_model(tiny_model_of, "classification"), inputs_of("classification")
+
+    def run(seed):
+        return model(**inputs, num_trajectories=K, trajectory_noise=0.5, trajectory_seed=seed)
+
+    first, again, other = run(7), run(7), run(8)
+    assert torch.equal(first.logits, again.logits)
+    assert torch.equal(first.loop_stats.trajectories.final_residual, again.loop_stats.trajectories.final_residual)
+    assert not torch.equal(first.loop_stats.trajectories.final_residual, other.loop_stats.trajectories.final_residual)
+
+
+@pytest.mark.parametrize("select", ["residual", "vote"])
+def test_without_noise_zero_starts_give_identical_trajectories(tiny_model_of, select):
+    model, inputs = head_model(tiny_model_of, "classification", state_init="zeros"), inputs_of("classification")
+    plain = model(**inputs)
+    wide = model(**inputs, num_trajectories=K, trajectory_noise=0.0, select=select)
+    choice = wide.loop_stats.trajectories
+    assert torch.equal(choice.chosen, torch.zeros(3, dtype=torch.long))
+    assert torch.equal(choice.agreement, torch.ones(3))
+    torch.testing.assert_close(choice.residual_min, choice.residual_max)
+    torch.testing.assert_close(wide.logits, plain.logits)
+
+
+def separate_solves(model, inputs: dict, monkeypatch, **wide) -> tuple:
+    """The batched K-trajectory output and, for each trajectory k, a plain forward started from the same states."""
+    starts = []
+    perturb = modeling_implicit.perturbed_starts
+    monkeypatch.setattr(modeling_implicit, "perturbed_starts", lambda *args: starts.append(perturb(*args)) or starts[0])
+    batched = model(**inputs, num_trajectories=K, **wide)
+    separate = []
+    for k in range(K):
+        monkeypatch.setattr(model.model, "_initial_state", lambda injected, k=k: starts[0][k::K])
+        separate.append(model(**inputs))
+    return batched, separate
+
+
+def test_residual_keeps_the_trajectory_with_the_lowest_residual(tiny_model_of, monkeypatch):
+    model, inputs = head_model(tiny_model_of, "classification"), inputs_of("classification")
+    batched, separate = separate_solves(model, inputs, monkeypatch, trajectory_noise=1.0, select="residual")
+    residuals = torch.stack([s.loop_stats.final_rel_residual for s in separate], dim=1)  # (B, K)
+    choice = batched.loop_stats.trajectories
+    torch.testing.assert_close(choice.final_residual, residuals)
+    assert torch.equal(choice.chosen, residuals.argmin(1))
+    assert residuals.std(1).gt(0).all()  # the noise made the trajectories differ: a real choice
+    for b, k in enumerate(choice.chosen.tolist()):
+        torch.testing.assert_close(batched.logits[b], separate[k].logits[b])
+
+
+def test_mean_averages_the_regression_outputs(tiny_model_of, monkeypatch):
+    model, inputs = head_model(tiny_model_of, "regression"), inputs_of("regression")
+    batched, separate = separate_solves(model, inputs, monkeypatch, trajectory_noise=1.0, select="mean")
+    torch.testing.assert_close(batched.logits, torch.stack([s.logits for s in separate]).mean(0))
+    assert batched.loop_stats.trajectories.agreement.isnan().all()  # no discrete predictions to compare
+
+
+def test_vote_takes_the_majority_per_token_and_ties_go_to_the_lowest_residual():
+    # One input, 4 trajectories, 2 tokens, 3 classes. Token 0 predicts [2, 2, 1, 0]: class 2 wins, from
+    # trajectory 1 (residual 0.2 < 0.4). Token 1 predicts [0, 0, 1, 1], a tie: class 1, whose best trajectory
+    # (2, residual 0.1) has the lowest residual of all.
+    predictions = torch.tensor([[2, 0], [2, 0], [1, 1], [0, 1]])
+    logits = torch.nn.functional.one_hot(predictions, 3).float() + torch.arange(4.0)[:, None, None] / 10
+    residual = torch.tensor([[0.4], [0.2], [0.1], [0.3]]).T.repeat(2, 1)  # (iterations, B * K)
+    count = torch.zeros(4, dtype=torch.long)
+    stats = SolverStats("picard", count + 2, residual, residual, count.bool(), count.bool(), count)
+    outputs = SimpleNamespace(loop_stats=stats, hidden_states=None, attentions=None)
+    voted, _, reduced, _, _ = TrajectoryReduction(4, "vote", discrete=True).reduce(logits, None, outputs, None)
+    torch.testing.assert_close(voted[0, 0], logits[1, 0])
+    torch.testing.assert_close(voted[0, 1], logits[2, 1])
+    choice = reduced.trajectories
+    assert choice.chosen.tolist() == [2]  # every trajectory matches the vote at one token: the lowest residual
+    assert choice.agreement.tolist() == [0.5]  # two of four trajectories predict the vote's class, at each token
+    assert reduced.steps.tolist() == [2] and choice.steps.tolist() == [8]
+
+
+def test_vote_on_the_causal_lm_predicts_the_majority_of_separate_solves(tiny_model_of, monkeypatch):
+    model, inputs = head_model(tiny_model_of, "causal_lm"), inputs_of("causal_lm")
+    labels = inputs["input_ids"]
+    voted, separate = separate_solves(model, inputs, monkeypatch, trajectory_noise=1.0, select="vote", labels=labels)
+    predictions = torch.stack([s.logits.argmax(-1) for s in separate])  # (K, B, T)
+    most = (predictions[:, None] == predictions[None]).sum(0).amax(0)  # the majority's size per token
+    assert torch.equal((predictions == voted.logits.argmax(-1)).sum(0), most)
+    assert (most < K).any()  # some tokens were disputed
+    agreement = (most.float() / K).mean(1)
+    torch.testing.assert_close(voted.loop_stats.trajectories.agreement, agreement)
+    assert voted.loss.ndim == 0 and torch.isfinite(voted.loss)
+
+
+def test_per_sample_halting_still_stops_trajectories_early(tiny_model_of):
+    model, inputs = head_model(tiny_model_of, "classification"), inputs_of("classification")
+    fixed = model(**inputs, num_loops=40, tol=0, num_trajectories=K, trajectory_noise=0.3)
+    halted = model(**inputs, num_loops=40, tol=0.02, num_trajectories=K, trajectory_noise=0.3)
+    assert fixed.loop_stats.trajectories.steps.tolist() == [K * 40] * 3
+    assert halted.loop_stats.converged.all()
+    assert (halted.loop_stats.trajectories.steps < K * 40).all()
+    assert (halted.loop_stats.steps < 40).all()
