@@ -155,3 +155,16 @@ def test_per_sample_halting_still_stops_trajectories_early(tiny_model_of):
     assert halted.loop_stats.converged.all()
     assert (halted.loop_stats.trajectories.steps < K * 40).all()
     assert (halted.loop_stats.steps < 40).all()
+
+
+def test_loop_feedback_written_for_the_input_batch_runs_per_trajectory(tiny_model_of):
+    model = head_model(tiny_model_of, "regression", feedback_features=2, state_init="zeros")
+    inputs = inputs_of("regression")
+    target = torch.randn(3, 6, 2, generator=torch.Generator().manual_seed(2))  # per input, like a measurement
+
+    def feedback(estimate: torch.Tensor) -> torch.Tensor:
+        return estimate - target  # fails on B * K rows
+
+    plain = model(**inputs, loop_feedback=feedback)
+    wide = model(**inputs, loop_feedback=feedback, num_trajectories=K, select="mean")
+    torch.testing.assert_close(wide.logits, plain.logits)

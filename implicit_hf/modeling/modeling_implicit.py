@@ -334,7 +334,8 @@ class ImplicitModel(ImplicitPreTrainedModel):
         if num_trajectories > 1:  # K rows per input, solved as one batch
             per_row = hidden, attention_mask, position_ids, edge_features
             hidden, attention_mask, position_ids, edge_features = repeat_rows(num_trajectories, len(hidden), *per_row)
-            loop_feedback = loop_feedback and per_trajectory(loop_feedback, num_trajectories)
+            if loop_feedback is not None:
+                loop_feedback = per_trajectory(loop_feedback, num_trajectories)
         inputs = LayerInputs.build(self, hidden, attention_mask, position_ids, edge_features, past, cache, kwargs)
         slots = None
         if cache is not None:
@@ -377,16 +378,13 @@ class ImplicitModel(ImplicitPreTrainedModel):
         )
 
     def _cache_for(self, use_cache, cache, return_trajectory, penalties, loop_feedback, trajectories) -> Cache | None:
-        """The KV cache of this call: by default one where it serves (causal inference without trajectories); a
-        cache asked for where it cannot serve is refused."""
+        """The KV cache of this call: by default one where it serves (causal inference, one trajectory per input,
+        without ``return_trajectory``); a cache asked for where it cannot serve is refused."""
         if use_cache is not None and not isinstance(use_cache, bool):
             raise ValueError(f"use_cache must be True, False or None (the default); got {use_cache!r}")
         if use_cache is None:
-            use_cache = (
-                cache is not None
-                or (self.config.use_cache and self.config.is_causal and not self.training and not return_trajectory)
-                and trajectories == 1
-            )
+            by_default = self.config.use_cache and self.config.is_causal and not self.training and not return_trajectory
+            use_cache = cache is not None or (by_default and trajectories == 1)
         if not use_cache:
             return None
         if not self.config.is_causal:
