@@ -39,15 +39,15 @@ demo: install
 	$(BIN)/implicit-hf demo --out outputs/demo
 
 lint: install
-	$(BIN)/ruff check implicit_hf tests benchmarks results
-	$(BIN)/ruff format --check implicit_hf tests benchmarks results
+	$(BIN)/ruff check implicit_hf implicit_hf_command.py tests benchmarks results
+	$(BIN)/ruff format --check implicit_hf implicit_hf_command.py tests benchmarks results
 
 test: lint vllm-env
 	$(BIN)/python -m pytest -q
 
 format: install
-	$(BIN)/ruff check --fix implicit_hf tests benchmarks results
-	$(BIN)/ruff format implicit_hf tests benchmarks results
+	$(BIN)/ruff check --fix implicit_hf implicit_hf_command.py tests benchmarks results
+	$(BIN)/ruff format implicit_hf implicit_hf_command.py tests benchmarks results
 
 bench: install
 	$(BIN)/python benchmarks/bench_solvers.py
