@@ -168,3 +168,69 @@ def test_loop_feedback_written_for_the_input_batch_runs_per_trajectory(tiny_mode
     plain = model(**inputs, loop_feedback=feedback)
     wide = model(**inputs, loop_feedback=feedback, num_trajectories=K, select="mean")
     torch.testing.assert_close(wide.logits, plain.logits)
+
+
+def test_random_picks_a_seeded_trajectory_per_input(tiny_model_of):
+    model, inputs = head_model(tiny_model_of, "classification"), inputs_of("classification", batch=8)
+    run = model(**inputs, num_trajectories=K, trajectory_noise=0.5, select="random", trajectory_seed=2)
+    again = model(**inputs, num_trajectories=K, trajectory_noise=0.5, select="random", trajectory_seed=2)
+    choice = run.loop_stats.trajectories
+    assert torch.equal(choice.chosen, again.loop_stats.trajectories.chosen)
+    assert len(set(choice.chosen.tolist())) > 1  # not one index for every input
+    lowest = model(**inputs, num_trajectories=K, trajectory_noise=0.5, trajectory_seed=2).loop_stats.trajectories
+    assert not torch.equal(choice.chosen, lowest.chosen)  # 8 inputs, 4 trajectories: not the residual's choice
+    picked = choice.final_residual[torch.arange(8), choice.chosen]
+    assert torch.equal(run.loop_stats.final_rel_residual, picked)
+
+
+@pytest.mark.parametrize("select", ["residual", "vote", "random"])
+def test_each_trajectory_entry_is_reduced_as_a_run_stopped_at_its_loop_count(tiny_model_of, select):
+    model, inputs = head_model(tiny_model_of, "classification"), inputs_of("classification", batch=5)
+    width = dict(num_trajectories=K, trajectory_noise=0.4, select=select, trajectory_seed=1, tol=0)
+    swept = model(**inputs, **width, num_loops=6, return_trajectory=True, trajectory_loops=[2, 6])
+    for entry, loops in zip(swept.trajectory, [2, 6], strict=True):
+        alone = model(**inputs, **width, num_loops=loops)
+        assert torch.allclose(entry, alone.logits, atol=1e-5)
+    entries = swept.loop_stats.trajectories.entries
+    short = model(**inputs, **width, num_loops=2).loop_stats.trajectories
+    assert torch.equal(entries[0].chosen, short.chosen)
+    assert torch.allclose(entries[0].final_residual, short.final_residual)
+    assert torch.equal(entries[0].answer_agreement, short.answer_agreement)
+
+
+def test_an_input_gets_the_same_answer_alone_in_another_batch_or_in_chunks(tiny_model_of):
+    model, inputs = head_model(tiny_model_of, "causal_lm", tol=0.05), inputs_of("causal_lm", batch=5)
+    width = dict(num_trajectories=K, trajectory_noise=0.3, trajectory_seed=4, use_cache=False)
+    whole = model(**inputs, **width, return_trajectory=[1, 3])
+    alone = model(input_ids=inputs["input_ids"][3:4], **width, return_trajectory=[1, 3])
+    assert torch.allclose(whole.logits[3:4], alone.logits, atol=1e-5)
+    for size in (1, 5, 9):  # fewer rows than one input's trajectories, some inputs, uneven chunks
+        chunked = model(**inputs, **width, return_trajectory=[1, 3], trajectory_batch_size=size)
+        assert torch.allclose(whole.logits, chunked.logits, atol=1e-5)
+        assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(whole.trajectory, chunked.trajectory, strict=True))
+        assert torch.equal(whole.loop_stats.steps, chunked.loop_stats.steps)
+        assert torch.equal(whole.loop_stats.trajectories.chosen, chunked.loop_stats.trajectories.chosen)
+
+
+def test_answer_agreement_counts_trajectories_right_at_every_token():
+    predictions = torch.tensor([[0, 1], [0, 1], [0, 2], [1, 2]])  # K = 4 trajectories of one input, 2 tokens
+    logits = torch.nn.functional.one_hot(predictions, 3).float()
+    residual = torch.tensor([[0.1, 0.2, 0.3, 0.4]])
+    count = torch.ones(4, dtype=torch.long)
+    stats = SolverStats("picard", count, residual, residual, count.bool(), ~count.bool(), count - 1)
+    outputs = SimpleNamespace(loop_stats=stats, hidden_states=None, attentions=None)
+    _, _, reduced, _, _ = TrajectoryReduction(4, "residual", discrete=True).reduce(logits, None, outputs, None)
+    choice = reduced.trajectories
+    assert choice.answer_agreement.tolist() == [0.5]  # trajectories 0 and 1 equal the chosen one everywhere
+    assert choice.token_agreement.tolist() == [[0.75, 0.5]]
+    assert choice.agreement.tolist() == [0.625]
+
+
+@pytest.mark.parametrize(
+    "argument", [{"penalties": ["jacobian"]}, {"output_hidden_states": True}, {"trajectory_batch_size": 0}]
+)
+def test_what_a_batch_in_chunks_cannot_honour_is_refused(tiny_model_of, argument):
+    model, inputs = head_model(tiny_model_of, "classification"), inputs_of("classification")
+    name = next(iter(argument))
+    with pytest.raises(ValueError, match=name):
+        model(**inputs, num_trajectories=K, **{"trajectory_batch_size": 2, **argument})

@@ -47,7 +47,16 @@ from .layer_inputs import LayerInputs, rows_of
 from .loop_layers import ImplicitInjection, LoopShift
 from .penalties import check_penalties, fixed_point_penalties
 from .solvers import SolverStats
-from .trajectories import TrajectoryReduction, check_width, per_trajectory, perturbed_starts, repeat_rows
+from .trajectories import (
+    TrajectoryReduction,
+    check_width,
+    input_chunks,
+    join_chunks,
+    per_trajectory,
+    perturbed_starts,
+    refuse_in_chunks,
+    repeat_rows,
+)
 from .trajectories import trajectory_reduction as width_of
 
 
@@ -59,6 +68,7 @@ class ImplicitModelOutput(ModelOutput):
         last_hidden_state: the coda's normalised output at the fixed point, ``(B, T, hidden)``.
         loop_stats: what the solver did per sample (steps, residual traces, converged, diverged).
         trajectory: with ``return_trajectory=True``, ``last_hidden_state`` after each iteration.
+        trajectory_loops: with ``return_trajectory=True``, the loop count of each trajectory entry.
         penalties: with ``penalties``, each requested stabilising penalty at the last iterate (a scalar).
         cache: the KV cache (one slot per prelude/coda layer and per (loop, core layer)), with ``use_cache``.
         hidden_states: with ``output_hidden_states``: the embeddings, the prelude's output, the state after
@@ -70,6 +80,7 @@ class ImplicitModelOutput(ModelOutput):
     last_hidden_state: torch.Tensor | None = None
     loop_stats: SolverStats | None = None
     trajectory: tuple[torch.Tensor, ...] | None = None
+    trajectory_loops: tuple[int, ...] | None = None
     penalties: dict[str, torch.Tensor] | None = None
     cache: Cache | None = None
     hidden_states: tuple[torch.Tensor, ...] | None = None
@@ -272,6 +283,7 @@ class ImplicitModel(ImplicitPreTrainedModel):
         num_trajectories: int = 1,
         trajectory_noise: float = 0.0,
         trajectory_seed: int = 0,
+        trajectory_batch_size: int | None = None,
         **kwargs,
     ) -> ImplicitModelOutput:
         r"""
@@ -308,6 +320,9 @@ class ImplicitModel(ImplicitPreTrainedModel):
             each from the ``state_init`` state plus Gaussian noise of ``trajectory_noise`` times its RMS drawn
             with ``trajectory_seed`` (``modeling/trajectories.py``); the outputs have ``B * K`` rows (row ``b * K
             + k``: trajectory ``k`` of input ``b``), which the heads reduce to ``B``. ``K > 1`` uses no KV cache.
+        trajectory_batch_size: with ``K > 1``, solve at most this many rows at once: the inputs in chunks of
+            ``max(1, trajectory_batch_size // K)``, each with the starts it has in the whole batch, so the outputs
+            equal one solve's (with ``return_trajectory`` every loop count up to ``num_loops`` is an entry).
         """
         config, num_trajectories = self.config, check_width(num_trajectories, trajectory_noise, trajectory_seed)
         refuse_unknown_keywords(f"{type(self).__name__}.forward()", set(kwargs) - PASSED_THROUGH, FORWARD_KEYWORDS)
@@ -328,6 +343,33 @@ class ImplicitModel(ImplicitPreTrainedModel):
             config, input_ids, inputs_embeds, input_features, attention_mask, position_ids, edge_features, past
         )
         num_loops, tol, solver = self._loop_settings(num_loops, tol, solver)
+        batch = next(x for x in (input_ids, inputs_embeds, input_features) if x is not None).shape[0]
+        chunks = input_chunks(batch, num_trajectories, trajectory_batch_size)
+        if chunks:
+            refuse_in_chunks(loop_feedback, penalties, kwargs.get("output_attentions"), output_hidden_states)
+            per_row = dict(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                inputs_embeds=inputs_embeds,
+                input_features=input_features,
+                edge_features=edge_features,
+            )
+            settings = dict(num_loops=num_loops, tol=tol or 0, solver=solver, use_cache=False)
+            if return_trajectory:
+                settings.update(return_trajectory=True, trajectory_loops=trajectory_loops or range(1, num_loops + 1))
+            width = dict(num_trajectories=num_trajectories, trajectory_noise=trajectory_noise)
+            parts = [
+                self(
+                    **{k: v[rows] if v is not None and len(v) == batch else v for k, v in per_row.items()},
+                    **settings,
+                    **width,
+                    trajectory_seed=trajectory_seed,
+                    **kwargs,
+                )
+                for rows in chunks
+            ]
+            return join_chunks(parts)
         keep_every_loop = (return_trajectory and trajectory_loops is None) or output_hidden_states
 
         hidden = self._embed(input_ids, inputs_embeds, input_features)
@@ -346,7 +388,7 @@ class ImplicitModel(ImplicitPreTrainedModel):
         core_map = CoreMap(self, inputs, injected, loop_feedback, slots)
         start = self._initial_state(injected)
         if num_trajectories > 1:
-            start = perturbed_starts(start, injected, trajectory_noise, trajectory_seed)
+            start = perturbed_starts(start, injected, num_trajectories, trajectory_noise, trajectory_seed)
         state, stats = fixed_point(
             core_map,
             inputs.zero_padding(start),
@@ -365,13 +407,14 @@ class ImplicitModel(ImplicitPreTrainedModel):
         states_run = [kept[t] for t in sorted(kept)]
         trajectory = None
         if return_trajectory:
-            chosen = states_run if trajectory_loops is None else [kept.get(t, state) for t in trajectory_loops]
-            trajectory = tuple(self._decode(inputs, z) for z in chosen)
+            trajectory_loops = trajectory_loops or tuple(sorted(kept))
+            trajectory = tuple(self._decode(inputs, kept.get(t, state)) for t in trajectory_loops)
         last_hidden_state = self._decode(inputs, state, slots and slots.coda())
         return ImplicitModelOutput(
             last_hidden_state=last_hidden_state,
             loop_stats=stats,
             trajectory=trajectory,
+            trajectory_loops=trajectory_loops if return_trajectory else None,
             penalties=measured,
             cache=cache,
             hidden_states=(hidden, prelude_output, *states_run, last_hidden_state) if output_hidden_states else None,

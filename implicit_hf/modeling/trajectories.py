@@ -19,11 +19,12 @@ import torch
 from .rules import check, integer, number, one_of
 from .solvers import SolverStats
 
-# The selection rules each kind of head takes (a vote needs discrete predictions, a mean continuous outputs).
+# The selection rules each kind of head takes (a vote needs discrete predictions, a mean continuous outputs);
+# ``random`` (a seeded pick, the same trajectory at every loop count) is the baseline the others are measured against.
 SELECT_RULES = {
-    "classification": ("residual", "vote"),
-    "causal_lm": ("residual", "vote"),
-    "regression": ("residual", "mean"),
+    "classification": ("residual", "vote", "random"),
+    "causal_lm": ("residual", "vote", "random"),
+    "regression": ("residual", "mean", "random"),
 }
 
 
@@ -52,16 +53,20 @@ def per_trajectory(loop_feedback: Callable[[torch.Tensor], torch.Tensor], count:
     return feedback
 
 
-def perturbed_starts(state: torch.Tensor, injected: torch.Tensor, noise: float, seed: int) -> torch.Tensor:
-    """The starting states: ``state`` plus Gaussian noise of scale ``noise`` times the state's RMS over the hidden
-    size, per row and position (where the state is zero, ``state_init="zeros"``, the RMS of the injected input
-    instead), drawn from a generator seeded with ``seed``: the same inputs and seed give the same starts."""
+def perturbed_starts(state: torch.Tensor, injected: torch.Tensor, count: int, noise: float, seed: int) -> torch.Tensor:
+    """The starting states of ``count`` trajectories per input (``state`` has ``B * count`` rows): ``state`` plus
+    Gaussian noise of scale ``noise`` times the state's RMS over the hidden size, per row and position (where the
+    state is zero, ``state_init="zeros"``, the RMS of the injected input instead). The noise is one draw of shape
+    ``(count, T, hidden)`` from a generator seeded with ``seed``, trajectory ``k`` of every input taking slice ``k``:
+    an input's starts do not depend on the other inputs of its batch (a batch in chunks, or another batch, gives
+    it the same answer)."""
     if noise == 0:
         return state
     scale = state.float().pow(2).mean(-1, keepdim=True).sqrt()
     scale = torch.where(scale > 0, scale, injected.float().pow(2).mean(-1, keepdim=True).sqrt())
     generator = torch.Generator(device=state.device).manual_seed(seed)
-    draw = torch.randn(state.shape, generator=generator, device=state.device, dtype=torch.float32)
+    draw = torch.randn((count, *state.shape[1:]), generator=generator, device=state.device, dtype=torch.float32)
+    draw = draw.repeat(state.shape[0] // count, 1, 1)
     return (state.float() + noise * scale * draw).to(state.dtype)
 
 
@@ -81,10 +86,13 @@ class TrajectoryChoice:
     """What the reduction of K trajectories per input did, per input (``loop_stats.trajectories``).
 
     ``chosen``: the trajectory kept (``residual``, ``mean``: the lowest final residual; ``vote``: the one whose
-    predictions agree most with the vote, ties to the lower residual); ``final_residual``: ``(B, K)``;
-    ``residual_min`` / ``residual_max``: their spread; ``agreement``: the fraction of trajectories whose decoded
-    prediction equals the output's, averaged over tokens (a confidence; NaN for regression heads);
-    ``steps``: the evaluations of all K trajectories (the compute spent on the input).
+    predictions agree most with the vote, ties to the lower residual; ``random``: a seeded pick); ``final_residual``:
+    ``(B, K)``; ``residual_min`` / ``residual_max``: their spread; ``agreement``: the fraction of trajectories whose
+    decoded prediction equals the output's, averaged over tokens, and ``answer_agreement`` the fraction whose
+    prediction equals it at every token (confidences; NaN for regression heads); ``token_agreement``: ``(B, T)``,
+    per token (a generated token's confidence is its last position's); ``steps``: the evaluations of all K
+    trajectories (the compute spent on the input). ``entries``: with ``return_trajectory``, the same for each
+    trajectory entry, reduced by the residual at that entry's loop count (what a run stopped there chooses).
     """
 
     select: str
@@ -94,19 +102,21 @@ class TrajectoryChoice:
     residual_min: torch.Tensor
     residual_max: torch.Tensor
     agreement: torch.Tensor
+    answer_agreement: torch.Tensor
+    token_agreement: torch.Tensor | None
     steps: torch.Tensor
+    entries: tuple[TrajectoryChoice, ...] | None = None
 
 
-def _vote(grouped: torch.Tensor, rank: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _vote(grouped: torch.Tensor, rank: torch.Tensor) -> torch.Tensor:
     """Per input and token, the logits of a trajectory predicting the majority class (among those, the lowest
-    residual's); ``grouped`` is ``(B, K, T, C)``, ``rank`` ``(B, K)`` (0: lowest residual). Also the winning
-    trajectory per token, ``(B, T)``."""
+    residual's); ``grouped`` is ``(B, K, T, C)``, ``rank`` ``(B, K)`` (0: lowest residual)."""
     count = grouped.shape[1]
     predictions = grouped.argmax(-1)  # (B, K, T)
     votes = (predictions[:, :, None] == predictions[:, None]).sum(2)  # trajectories agreeing with each one
     winner = (votes * count + (count - 1 - rank)[:, :, None]).argmax(1)  # (B, T)
     index = winner[:, None, :, None].expand(-1, 1, -1, grouped.shape[-1])
-    return grouped.gather(1, index)[:, 0], winner
+    return grouped.gather(1, index)[:, 0]
 
 
 @dataclass(frozen=True)
@@ -116,34 +126,58 @@ class TrajectoryReduction:
     count: int
     select: str
     discrete: bool  # the head decodes classes (agreement compares argmax predictions)
+    seed: int = 0  # of the ``random`` rule's pick
 
     def reduce(self, logits: torch.Tensor, trajectory: tuple | None, outputs, token_mask: torch.Tensor | None):
         """``(logits, trajectory, loop_stats, hidden_states, attentions)`` of ``B`` inputs from a head's
         ``logits`` / ``trajectory`` and the model's ``outputs`` over ``B * K`` rows. ``loop_stats`` holds the
         chosen trajectory's rows plus `TrajectoryChoice` as ``.trajectories``; hidden states and attentions are
-        the chosen trajectory's."""
-        count, stats = self.count, outputs.loop_stats
-        residual = final_residuals(stats.rel_residual, count)
+        the chosen trajectory's. Each trajectory entry is reduced by the residuals at its own loop count
+        (``outputs.trajectory_loops``)."""
+        stats = outputs.loop_stats
+        pick = None
+        if self.select == "random":
+            generator = torch.Generator().manual_seed(self.seed)
+            pick = torch.randint(self.count, (logits.shape[0] // self.count,), generator=generator)
+            pick = pick.to(logits.device)
+        reduced, choice = self._reduce(logits, stats.rel_residual, stats.steps, token_mask, pick)
+        if trajectory is not None:
+            iterations = len(stats.rel_residual)
+            loops = outputs.trajectory_loops or range(1, len(trajectory) + 1)
+            entries = [
+                self._reduce(x, stats.rel_residual[: min(t, iterations)], stats.steps.clamp(max=t), token_mask, pick)
+                for x, t in zip(trajectory, loops, strict=True)
+            ]
+            trajectory = tuple(x for x, _ in entries)
+            choice.entries = tuple(c for _, c in entries)
+        rows = torch.arange(len(choice.chosen), device=logits.device) * self.count + choice.chosen
+        hidden = None if outputs.hidden_states is None else tuple(h[rows] for h in outputs.hidden_states)
+        attentions = None if outputs.attentions is None else tuple(a[rows] for a in outputs.attentions)
+        return reduced, trajectory, _rows_of_stats(stats, rows, choice), hidden, attentions
+
+    def _reduce(self, x, rel_residual, steps, token_mask, pick) -> tuple[torch.Tensor, TrajectoryChoice]:
+        """``x`` (``B * K`` rows) reduced to ``B`` by the rule, with the residuals and steps it was chosen by."""
+        count = self.count
+        residual = final_residuals(rel_residual, count)
         rank = residual.argsort(dim=1, stable=True).argsort(dim=1)
-        batch = torch.arange(residual.shape[0], device=residual.device)
-        chosen = residual.argmin(1)  # the first of equal residuals
-
-        def reduce(x: torch.Tensor) -> torch.Tensor:
-            grouped = x.unflatten(0, (-1, count))
-            if self.select == "mean":
-                return grouped.mean(1)
-            if self.select == "vote":
-                return _vote(grouped, rank)[0]
-            return grouped[batch, chosen]
-
-        reduced = reduce(logits)
-        agreement = torch.full_like(residual[:, 0], float("nan"))
+        grouped = x.unflatten(0, (-1, count))
+        batch = torch.arange(grouped.shape[0], device=x.device)
+        chosen = residual.argmin(1) if pick is None else pick  # the first of equal residuals
+        if self.select == "mean":
+            reduced = grouped.mean(1)
+        elif self.select == "vote":
+            reduced = _vote(grouped, rank)
+        else:
+            reduced = grouped[batch, chosen]
+        nan = torch.full_like(residual[:, 0], float("nan"))
+        agreement, answer_agreement, token_agreement = nan, nan, None
         if self.discrete:
-            agrees = (logits.unflatten(0, (-1, count)).argmax(-1) == reduced.argmax(-1)[:, None]).float()  # (B,K,T)
+            agrees = grouped.argmax(-1) == reduced.argmax(-1)[:, None]  # (B, K, T)
             if self.select == "vote":  # the trajectory agreeing most with the vote, ties to the lower residual
                 chosen = (agrees.sum(-1) * count + (count - 1 - rank)).argmax(1)
-            agreement = _token_mean(agrees.mean(1), token_mask)
-        rows = batch * count + chosen
+            token_agreement = agrees.float().mean(1)
+            agreement = _token_mean(token_agreement, token_mask)
+            answer_agreement = _every_token(agrees, token_mask).float().mean(1)
         choice = TrajectoryChoice(
             self.select,
             count,
@@ -152,12 +186,18 @@ class TrajectoryReduction:
             residual.amin(1),
             residual.amax(1),
             agreement,
-            stats.steps.view(-1, count).sum(1),
+            answer_agreement,
+            token_agreement,
+            steps.view(-1, count).sum(1),
         )
-        pick = None if outputs.hidden_states is None else tuple(h[rows] for h in outputs.hidden_states)
-        attentions = None if outputs.attentions is None else tuple(a[rows] for a in outputs.attentions)
-        trajectory = None if trajectory is None else tuple(reduce(x) for x in trajectory)
-        return reduced, trajectory, _rows_of_stats(stats, rows, choice), pick, attentions
+        return reduced, choice
+
+
+def _every_token(agrees: torch.Tensor, token_mask: torch.Tensor | None) -> torch.Tensor:
+    """``(B, K)``: whether each trajectory agrees at every token (of a 2-D ``token_mask`` when given)."""
+    if token_mask is not None and token_mask.ndim == 2:
+        agrees = agrees | ~token_mask[:, None, -agrees.shape[-1] :].bool()
+    return agrees.all(-1)
 
 
 def _token_mean(values: torch.Tensor, token_mask: torch.Tensor | None) -> torch.Tensor:
@@ -188,8 +228,79 @@ def trajectory_reduction(
     """A head's trajectory arguments, checked (``select`` against the rules of ``head``, a key of
     `SELECT_RULES`); ``None`` for one trajectory, the plain forward."""
     count = check_width(num_trajectories, trajectory_noise, trajectory_seed)
-    check("select", select, one_of(("residual", "vote", "mean")))
+    check("select", select, one_of(("residual", "vote", "mean", "random")))
     if select not in SELECT_RULES[head]:
         allowed = " or ".join(repr(rule) for rule in SELECT_RULES[head])
         raise ValueError(f"select={select!r} does not apply to a {head.replace('_', ' ')} head: it takes {allowed}")
-    return None if count == 1 else TrajectoryReduction(count, select, head != "regression")
+    return None if count == 1 else TrajectoryReduction(count, select, head != "regression", trajectory_seed)
+
+
+def input_chunks(batch: int, count: int, trajectory_batch_size: int | None) -> list[slice] | None:
+    """Slices of a batch of ``batch`` inputs, each of whose ``count`` trajectories per input fit in
+    ``trajectory_batch_size`` rows (at least one input per slice); ``None`` when the whole batch fits (or no size
+    is given). An integer >= 1 or ``None``, else a ``ValueError`` naming it."""
+    if trajectory_batch_size is None:
+        return None
+    size = check("trajectory_batch_size", trajectory_batch_size, integer(minimum=1))
+    if count == 1 or batch * count <= size:
+        return None
+    inputs = max(1, size // count)
+    return [slice(start, start + inputs) for start in range(0, batch, inputs)]
+
+
+def join_chunks(parts: list):
+    """One output of the whole batch from the outputs of its chunks (`input_chunks`), of the class of the parts:
+    tensors and tuples of tensors joined along the batch, solver statistics by `join_stats`."""
+    first, joined = parts[0], {}
+    for key, value in first.items():
+        values = [part[key] for part in parts]
+        if isinstance(value, torch.Tensor):
+            joined[key] = torch.cat(values)
+        elif isinstance(value, SolverStats):
+            joined[key] = join_stats(values)
+        elif isinstance(value, tuple) and value and isinstance(value[0], torch.Tensor):
+            joined[key] = tuple(torch.cat(entry) for entry in zip(*values, strict=True))
+        else:  # the same in every chunk (trajectory_loops)
+            joined[key] = value
+    return type(first)(**joined)
+
+
+def join_stats(parts: list[SolverStats]) -> SolverStats:
+    """The statistics of a batch solved in chunks: per-sample tensors joined; residual traces, ``(iterations, rows)``,
+    padded to the longest by repeating a chunk's last iteration (what a halted sample's trace does)."""
+    iterations = max(len(part.rel_residual) for part in parts)
+
+    def trace(name: str) -> torch.Tensor:
+        traces = [getattr(part, name) for part in parts]
+        return torch.cat([torch.cat([x, x[-1:].expand(iterations - len(x), -1)]) for x in traces], 1)
+
+    def rows(name: str) -> torch.Tensor:
+        return torch.cat([getattr(part, name) for part in parts])
+
+    return SolverStats(
+        parts[0].solver,
+        rows("steps"),
+        trace("abs_residual"),
+        trace("rel_residual"),
+        rows("converged"),
+        rows("diverged"),
+        rows("fallbacks"),
+    )
+
+
+def refuse_in_chunks(loop_feedback, penalties, output_attentions, output_hidden_states) -> None:
+    """A ``ValueError`` naming the first argument a batch solved in chunks cannot honour: a task's feedback holds
+    per-input tensors of the whole batch, penalties are one number per solve, and attentions and per-iteration
+    hidden states are collected per call."""
+    given = {
+        "loop_feedback": loop_feedback is not None,
+        "penalties": bool(penalties),
+        "output_attentions": bool(output_attentions),
+        "output_hidden_states": bool(output_hidden_states),
+    }
+    for name, present in given.items():
+        if present:
+            raise ValueError(
+                f"{name} cannot be used when the trajectories are solved in chunks (num_trajectories x batch > "
+                "trajectory_batch_size): raise trajectory_batch_size or leave it out"
+            )
