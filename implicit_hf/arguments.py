@@ -164,6 +164,30 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
         default=None,
         help="halt each sample at this relative-residual tolerance (implies --keep-tol)",
     )
+    parser.add_argument(
+        "--trajectories",
+        type=_counts,
+        default=[1],
+        help="trajectories per input, K: '1,4,16,64' scores every (loops, K) pair from one run per K (default 1)",
+    )
+    parser.add_argument(
+        "--trajectory-noise",
+        type=_number(0),
+        default=0.0,
+        help="noise of each trajectory's start, relative to the state's RMS (default 0)",
+    )
+    parser.add_argument(
+        "--select",
+        choices=("residual", "vote", "mean", "random"),
+        default="residual",
+        help="how K trajectories reduce to one answer (default residual: the lowest final residual)",
+    )
+    parser.add_argument(
+        "--trajectory-batch-size",
+        type=_integer_at_least(1),
+        default=None,
+        help="solve at most this many trajectory rows at once (default: a batch's K x batch-size rows together)",
+    )
     parser.add_argument("--device", default="auto", help="cpu, cuda or auto (default: cuda when available)")
     parser.add_argument("--no-plots", action="store_true", help="write results.json/csv only")
     parser.add_argument(

@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
@@ -24,6 +24,7 @@ from ..tasks.edit_distance import word_edit_distance
 from ..tasks.generation import GenerativeTask
 from .records import loop_record, scored_metrics, sweep_summary
 from .sweep import device_of, estimate_flops, head_outputs, synchronize
+from .width import Width, width_columns
 
 
 @torch.no_grad()
@@ -36,26 +37,38 @@ def greedy_completions(
     tol: float | None = None,
     max_new_tokens: int = 1,
     use_cache: bool = True,
+    width: Mapping[str, Any] | None = None,
+    agreement: list[float] | None = None,
 ) -> list[str]:
     """The text ``model.generate(..., num_loops=num_loops, do_sample=False)`` writes after each prompt: left-padded
     batches of ``batch_size`` (``tokenizer`` pads on the left), at most ``max_new_tokens`` new tokens, halting
-    at ``tol`` when given (``None``: the model's own setting), the KV cache as ``use_cache`` says."""
+    at ``tol`` when given (``None``: the model's own setting), the KV cache as ``use_cache`` says. ``width``: the
+    trajectory settings of every forward (`implicit_hf.eval.width.Width.forward_kwargs`; no KV cache); with it,
+    ``agreement`` (a list) receives each prompt's agreement between trajectories, the mean over its generated
+    tokens of the fraction of trajectories predicting the chosen token."""
     device = next(model.parameters()).device
     texts = []
+    width = dict(width or {})
+    if width.get("num_trajectories", 1) > 1:
+        use_cache = False
     for start in range(0, len(prompts), batch_size):
         batch = tokenizer(prompts[start : start + batch_size], padding=True, return_tensors="pt")
         batch = {k: v.to(device) for k, v in batch.items() if k in ("input_ids", "attention_mask")}
         extra = {} if tol is None else {"tol": tol}
-        output = model.generate(
-            **batch,
-            num_loops=num_loops,
-            do_sample=False,
-            max_new_tokens=max_new_tokens,
-            use_cache=use_cache,
-            pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            **extra,
-        )
+        with recorded_trajectory_choices(model) as choices:
+            output = model.generate(
+                **batch,
+                num_loops=num_loops,
+                do_sample=False,
+                max_new_tokens=max_new_tokens,
+                use_cache=use_cache,
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+                **extra,
+                **width,
+            )
+        if agreement is not None and choices:  # the last position's agreement at every step: a generated token's
+            agreement.extend(torch.stack([c.token_agreement[:, -1] for c in choices]).float().mean(0).tolist())
         new = output[:, batch["input_ids"].shape[1] :].cpu()
         texts.extend(tokenizer.batch_decode(new, skip_special_tokens=True))
     return texts
@@ -68,11 +81,22 @@ def complete(
     num_loops: int,
     batch_size: int = 64,
     tol: float | None = None,
+    width: Mapping[str, Any] | None = None,
+    agreement: list[float] | None = None,
 ) -> list[str]:
     """``task``'s answers to ``prompts`` at ``num_loops`` loops: `greedy_completions` with the task's tokenizer,
-    ``max_new_tokens`` and ``use_cache``; the new text only."""
+    ``max_new_tokens`` and ``use_cache`` (and ``width`` / ``agreement``); the new text only."""
     return greedy_completions(
-        model, task.tokenizer, prompts, num_loops, batch_size, tol, task.max_new_tokens, task.use_cache
+        model,
+        task.tokenizer,
+        prompts,
+        num_loops,
+        batch_size,
+        tol,
+        task.max_new_tokens,
+        task.use_cache,
+        width,
+        agreement,
     )
 
 
@@ -139,6 +163,24 @@ def recorded_loop_steps(model: torch.nn.Module) -> Iterator[list[torch.Tensor]]:
             handle.remove()
 
 
+@contextlib.contextmanager
+def recorded_trajectory_choices(model: torch.nn.Module) -> Iterator[list]:
+    """Collect, inside the block, the reduction of K trajectories (``loop_stats.trajectories``) of every forward
+    pass of ``model`` (the head, which reduces them), in order."""
+    choices: list = []
+
+    def record(module, args, output) -> None:
+        stats = getattr(output, "loop_stats", None)
+        if stats is not None and stats.trajectories is not None:
+            choices.append(stats.trajectories)
+
+    handle = model.register_forward_hook(record)
+    try:
+        yield choices
+    finally:
+        handle.remove()
+
+
 @torch.no_grad()
 def generative_sweep(
     model: torch.nn.Module,
@@ -151,9 +193,11 @@ def generative_sweep(
     keep_tol: bool = False,
     return_predictions: bool = False,
     warmup: bool = True,
+    width: Width | None = None,
 ) -> dict[str, Any]:
     """The sweep of a generative task: `complete` once per loop count ``t`` (the arguments are
-    `implicit_hf.eval.run.sweep`'s, checked there).
+    `implicit_hf.eval.run.sweep`'s, checked there; ``width``: K trajectories per input at every step, uncached,
+    and the `width_columns`).
 
     Records (`loop_record`): ``quality`` and ``metrics`` from the generated text,
     ``lipschitz`` / ``lipschitz_mean`` the max / mean text ratio of `text_lipschitz_probe` on
@@ -166,21 +210,24 @@ def generative_sweep(
     residual columns ``None`` (``generate`` does not return the solver's residuals).
     """
     tol = None if keep_tol else 0
+    wide = None if width is None else width.forward_kwargs(seed)
     prompts = [task.prompt(row) for row in rows]
     device = device_of(model)
     if warmup:  # untimed: lazy initialisation would otherwise land in the first timing
-        complete(model, task, prompts[:batch_size], 1, batch_size, tol)
+        complete(model, task, prompts[:batch_size], 1, batch_size, tol, wide)
     pairs = task.lipschitz_pairs() if probe else None
     text_probe = (
         {r["loops"]: r for r in text_lipschitz_probe(model, task, pairs, loops, batch_size, tol)} if pairs else {}
     )
     outputs = head_outputs(model)
+    copies = 1 if width is None else width.num_trajectories  # every layer runs once per trajectory
     predictions, records = {}, []
     for t in loops:
         synchronize(device)
         began = time.perf_counter()
+        agreement: list[float] = []
         with recorded_loop_steps(model) as steps:
-            texts = complete(model, task, prompts, t, batch_size, tol)
+            texts = complete(model, task, prompts, t, batch_size, tol, wide, agreement)
         synchronize(device)
         seconds = time.perf_counter() - began
         predictions[t] = texts
@@ -197,9 +244,10 @@ def generative_sweep(
                 rel_residual_max=None,
                 steps_mean=float(torch.cat(steps).double().mean()) if steps else math.nan,
                 seconds=seconds,
-                flops=sum(estimate_flops(model.config, n, t, outputs) for n in lengths) / len(lengths),
+                flops=copies * sum(estimate_flops(model.config, n, t, outputs) for n in lengths) / len(lengths),
                 text_lipschitz=ratios,
                 examples=[{"prompt": p, "generated": g} for p, g in list(zip(prompts, texts, strict=True))[:5]],
+                **width_columns(width, t, torch.tensor(agreement) if agreement else None, task, texts, rows),
             )
         )
     num_pairs = len(pairs) if pairs else 0

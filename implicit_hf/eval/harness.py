@@ -23,6 +23,7 @@ from .plots import plot_all
 from .records import environment, run_name, to_builtin
 from .run import sweep
 from .sweep import as_rows
+from .width import Width, trajectory_counts, width_report
 
 # --------------------------------------------------------------------------------------------------
 # Files: results.csv and the summaries of the model and the environment in results.json
@@ -126,6 +127,10 @@ def run_eval(
     tol: float | None = None,
     device: str | None = "auto",
     plots: bool = True,
+    trajectories: Sequence[int] = (1,),
+    trajectory_noise: float = 0.0,
+    select: str = "residual",
+    trajectory_batch_size: int | None = None,
 ) -> dict[str, Any]:
     """Sweep the checkpoint in ``model_dir`` over ``loops`` on ``task.build_dataset("test", n, seed)``.
 
@@ -138,9 +143,13 @@ def run_eval(
     ``task_name=None`` (and ``task_kwargs=None``) use the task recorded with the model by the
     training loop (`task_for_model`). ``tol`` halts every sample at that relative-residual tolerance
     (the model's ``config.tol`` for this run; implies ``keep_tol``), so ``steps_mean`` is the loops used.
+    ``trajectories``: the sweep runs once per K (trajectories per input, from starts with ``trajectory_noise``,
+    reduced by ``select``; `implicit_hf.eval.width`); ``records`` are the first K's, and with more than one K
+    (or K > 1) ``width`` holds every (loops, K) record, each K's seconds and its calibration tables.
     Returns the content of ``results.json`` plus ``files`` (the paths written).
     """
     loops = normalise_loops(loops)
+    counts = trajectory_counts(trajectories)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     torch_device = resolve_device(device)
@@ -154,7 +163,9 @@ def run_eval(
         model.config.tol, keep_tol = tol, True
         model.config.validate_loop_settings()
     settings = dict(batch_size=batch_size, perturb_eps=perturb_eps, seed=seed, keep_tol=keep_tol)
-    result = sweep(model, task, rows, loops, **settings)
+    widths = [Width(k, trajectory_noise, select, trajectory_batch_size) for k in counts]
+    results = [sweep(model, task, rows, loops, **settings, width=width) for width in widths]
+    result = results[0]
     records = result.pop("records")
 
     baselines = []
@@ -199,6 +210,8 @@ def run_eval(
         "baselines": baselines,
         "environment": environment(torch_device),
     }
+    if counts != [1]:
+        report["width"] = width_report(widths[0], counts, [records] + [r["records"] for r in results[1:]], results)
     report = to_builtin(report)
     files = [out_dir / "results.json", out_dir / "results.csv"]
     (out_dir / "results.json").write_text(json.dumps(report, indent=2, allow_nan=True) + "\n")
@@ -235,6 +248,10 @@ def run_from_args(args: argparse.Namespace) -> dict[str, Any]:
         tol=args.tol,
         device=args.device,
         plots=not args.no_plots,
+        trajectories=args.trajectories,
+        trajectory_noise=args.trajectory_noise,
+        select=args.select,
+        trajectory_batch_size=args.trajectory_batch_size,
     )
     metric = result["task"]["quality_metric"]
     print(f"{'loops':>5} {metric:>12} {'lipschitz':>11} {'rel.res.mean':>12} {'seconds':>9} {'GFLOPs/sample':>13}")
@@ -246,6 +263,14 @@ def run_from_args(args: argparse.Namespace) -> dict[str, Any]:
             f"{(f'{residual:.3e}' if residual is not None else '-'):>12} {record['seconds']:>9.3f} "
             f"{record['flops'] / 1e9:>13.4g}"
         )
+    if "width" in result:
+        print(f"{'K':>4} {'loops':>5} {'compute':>8} {metric:>12} {'agreement':>9} {'seconds':>9}")
+        for record in result["width"]["records"]:
+            agreement = record.get("agreement_mean")
+            print(
+                f"{record['trajectories']:>4} {record['loops']:>5} {record['compute']:>8} {record['quality']:>12.5g} "
+                f"{(f'{agreement:.3f}' if agreement is not None else '-'):>9} {record['seconds']:>9.3f}"
+            )
     for base in result["baselines"]:
         print(f"explicit baseline {base['name']} ({base['loops']} loops): {metric} = {base['record']['quality']:.5g}")
     for path in result["files"]:

@@ -27,6 +27,7 @@ FILES = {
     "lipschitz": "lipschitz_vs_loops.png",
     "residual": "residual_vs_loops.png",
     "compute": "quality_vs_compute.png",
+    "width": "quality_vs_width.png",
 }
 _DPI = 120
 
@@ -244,6 +245,29 @@ def plot_quality_vs_compute(report: dict, path: str | Path) -> Path:
     return _save(fig, Path(path))
 
 
+def plot_quality_vs_width(report: dict, path: str | Path) -> Path:
+    """Quality against core evaluations per input (loops x trajectories, log2), one line per trajectory count K:
+    whether spending compute in width (more trajectories) beats spending it in depth (more loops)."""
+    width = report["width"]
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    quality, compute = [], []
+    for k, count in enumerate(width["trajectories"]):
+        records = [r for r in width["records"] if r["trajectories"] == count]
+        x, y = _column(records, "compute"), _column(records, "quality")
+        ax.plot(x, y, marker="o", markersize=4, color=f"C{k}", label=f"K = {count}")
+        quality += y
+        compute += [int(v) for v in x]
+    _baseline_lines(ax, report)
+    _loops_axis(ax, sorted(set(compute)))
+    ax.set_xlabel("core evaluations per input: loops x trajectories (log2 scale)")
+    _auto_quality_scale(ax, quality)
+    ax.set_ylabel(_quality_label(report))
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8, title=f"select={width['select']}, noise={width['trajectory_noise']:g}")
+    ax.set_title(_title(report, "quality vs loops x trajectories"))
+    return _save(fig, Path(path))
+
+
 def plot_all(report: dict[str, Any], out_dir: str | Path) -> list[Path]:
     """Every plot into ``out_dir`` (the Lipschitz plot only when the probe ran, the residual plot only when
     residuals were measured); returns the paths."""
@@ -255,4 +279,6 @@ def plot_all(report: dict[str, Any], out_dir: str | Path) -> list[Path]:
     if any(r.get("rel_residual_mean") is not None for r in report["records"]):  # generation measures none
         paths.append(plot_residual_vs_loops(report, out_dir / FILES["residual"]))
     paths.append(plot_quality_vs_compute(report, out_dir / FILES["compute"]))
+    if report.get("width"):
+        paths.append(plot_quality_vs_width(report, out_dir / FILES["width"]))
     return paths

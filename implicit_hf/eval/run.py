@@ -15,6 +15,7 @@ from ..tasks.base import TaskAdapter
 from ..tasks.generation import GenerativeTask
 from .generative import generative_sweep
 from .sweep import as_rows, trajectory_sweep
+from .width import Width
 
 
 def sweep(
@@ -28,6 +29,7 @@ def sweep(
     keep_tol: bool = False,
     return_predictions: bool = False,
     warmup: bool = True,
+    width: Width | None = None,
 ) -> dict[str, Any]:
     """Score ``model`` on ``rows`` at every loop count in ``loops``.
 
@@ -46,6 +48,8 @@ def sweep(
         return_predictions: also return the decoded predictions per loop count (``"predictions"``,
             and ``"perturbed_predictions"`` with the probe) for inspection; not JSON-serialisable.
         warmup: run once at one loop, untimed, before the timed runs.
+        width: K trajectories per input (`implicit_hf.eval.width.Width`, seeded with ``seed``), reduced at every
+            loop count; ``None`` (or K = 1) runs one trajectory per input.
 
     Returns a dict with ``records`` (one per loop count, ascending; `implicit_hf.eval.records.loop_record`) and the
     run's summary (`implicit_hf.eval.records.sweep_summary`): ``seconds_total``, ``max_loops``, ``num_samples``, ...
@@ -58,7 +62,9 @@ def sweep(
     if perturb_eps is not None and perturb_eps < 0:
         raise ValueError(f"perturb_eps must be >= 0 (0 or None skips the Lipschitz probe); got {perturb_eps!r}")
     model.eval()
-    settings = dict(seed=seed, keep_tol=keep_tol, return_predictions=return_predictions, warmup=warmup)
+    if width is not None and width.num_trajectories == 1:
+        width = None
+    settings = dict(seed=seed, keep_tol=keep_tol, return_predictions=return_predictions, warmup=warmup, width=width)
     if isinstance(task, GenerativeTask):
         return generative_sweep(model, task, rows, loops, batch_size, probe=bool(perturb_eps), **settings)
     return trajectory_sweep(model, task, rows, loops, batch_size, perturb_eps, **settings)

@@ -33,6 +33,7 @@ import torch
 from ..loop_counts import LoopCounts
 from ..tasks.base import TaskAdapter, feedback_kwargs
 from .records import loop_record, scored_metrics, sweep_summary
+from .width import Width, width_columns
 
 # --------------------------------------------------------------------------------------------------
 # Cost model
@@ -160,15 +161,20 @@ def _trajectory_pass(
     loops: LoopCounts | list[int],
     batch_size: int,
     tol: float | None,
+    width: Width | None = None,
+    seed: int = 0,
 ) -> dict[str, Any]:
-    """One trajectory run per batch; per requested ``t``: predictions, residuals, steps. A plain transformers model
-    (an explicit baseline) runs once per batch: the same predictions at every ``t``, no residuals or steps."""
+    """One trajectory run per batch; per requested ``t``: predictions, residuals, steps (and, with ``width``, each
+    input's agreement between its trajectories). A plain transformers model (an explicit baseline) runs once per
+    batch: the same predictions at every ``t``, no residuals or steps."""
     implicit = is_implicit_config(model.config)
     device = device_of(model)
     max_loops = loops[-1]
     predictions: dict[int, list] = {t: [] for t in loops}
     rel_residual: dict[int, list[torch.Tensor]] = {t: [] for t in loops}
     steps: dict[int, list[torch.Tensor]] = {t: [] for t in loops}
+    agreement: dict[int, list[torch.Tensor]] = {t: [] for t in loops}
+    wide = {} if width is None else width.forward_kwargs(seed)
     seconds = 0.0
     batch_lengths: list[tuple[int, int]] = []  # (batch size, padded length) for the FLOPs estimate
     diverged = 0
@@ -186,6 +192,7 @@ def _trajectory_pass(
                 return_trajectory=True,
                 trajectory_loops=loops,
                 **feedback_kwargs(task, inputs),
+                **wide,
             )
             trajectory, stats = out.trajectory, out.loop_stats
             del out
@@ -212,11 +219,14 @@ def _trajectory_pass(
             steps[t].append(
                 torch.full((len(batch_rows),), math.nan) if stats is None else stats.steps.clamp(max=t).detach().cpu()
             )
+            if stats is not None and stats.trajectories is not None:
+                agreement[t].append(stats.trajectories.entries[position].answer_agreement.detach().float().cpu())
         del trajectory
     return {
         "predictions": predictions,
         "rel_residual": {t: torch.cat(v) if v else torch.full((len(rows),), math.nan) for t, v in rel_residual.items()},
         "steps": {t: torch.cat(v) for t, v in steps.items()},
+        "agreement": {t: torch.cat(v) if v else None for t, v in agreement.items()},
         "seconds": seconds,
         "batch_lengths": batch_lengths,
         "diverged": diverged,
@@ -265,9 +275,11 @@ def trajectory_sweep(
     keep_tol: bool = False,
     return_predictions: bool = False,
     warmup: bool = True,
+    width: Width | None = None,
 ) -> dict[str, Any]:
     """Score ``model`` on ``rows`` at every loop count in ``loops`` from one trajectory run per batch (the
-    arguments are `implicit_hf.eval.run.sweep`'s, checked there).
+    arguments are `implicit_hf.eval.run.sweep`'s, checked there; with ``width``, K trajectories per input reduced
+    at every ``t`` by the residuals at ``t``, and the `width_columns`).
 
     Records (`loop_record`): ``quality`` and ``metrics`` of ``task.decode`` at each count, ``lipschitz`` (max
     over samples; ``lipschitz_mean`` the mean) of the probe on ``task.perturb(rows, perturb_eps, seed)`` (``None``
@@ -279,29 +291,30 @@ def trajectory_sweep(
     tol = None if keep_tol else 0
     max_loops = loops[-1]
     if warmup:  # one untimed call first: lazy initialisation would otherwise land in the timings
-        _trajectory_pass(model, task, rows[:batch_size], [1], batch_size, tol)
-    clean = _trajectory_pass(model, task, rows, loops, batch_size, tol)
+        _trajectory_pass(model, task, rows[:batch_size], [1], batch_size, tol, width, seed)
+    clean = _trajectory_pass(model, task, rows, loops, batch_size, tol, width, seed)
 
     probe = bool(perturb_eps)
     lipschitz: dict[int, torch.Tensor] = {}
     perturbed = None
     if probe:
         perturbed_rows, delta_norms = task.perturb(rows, perturb_eps, seed)
-        perturbed = _trajectory_pass(model, task, as_rows(perturbed_rows), loops, batch_size, tol)
+        perturbed = _trajectory_pass(model, task, as_rows(perturbed_rows), loops, batch_size, tol, width, seed)
         for t in loops:
             lipschitz[t] = lipschitz_ratios(clean["predictions"][t], perturbed["predictions"][t], delta_norms)
 
     outputs = head_outputs(model)
     lengths = clean["batch_lengths"]
+    copies = 1 if width is None else width.num_trajectories  # every layer runs once per trajectory
     records = []
     for t in loops:
-        flops = sum(size * estimate_flops(model.config, length, t, outputs) for size, length in lengths)
-        residual = clean["rel_residual"][t]
+        flops = copies * sum(size * estimate_flops(model.config, length, t, outputs) for size, length in lengths)
+        residual, predictions = clean["rel_residual"][t], clean["predictions"][t]
         records.append(
             loop_record(
                 task,
                 t,
-                scored_metrics(task, clean["predictions"][t], rows),
+                scored_metrics(task, predictions, rows),
                 lipschitz=_finite_stat(lipschitz[t], "max") if probe else None,
                 lipschitz_mean=_finite_stat(lipschitz[t], "mean") if probe else None,
                 rel_residual_mean=_finite_stat(residual, "mean"),
@@ -309,6 +322,7 @@ def trajectory_sweep(
                 steps_mean=float(clean["steps"][t].double().mean()),
                 seconds=clean["seconds"] * t / max_loops,
                 flops=flops / len(rows),
+                **width_columns(width, t, clean["agreement"][t], task, predictions, rows),
             )
         )
     result = sweep_summary(
