@@ -27,8 +27,8 @@ FILES = {
     "lipschitz": "lipschitz_vs_loops.png",
     "residual": "residual_vs_loops.png",
     "compute": "quality_vs_compute.png",
-    "width": "quality_vs_width.png",
 }
+WIDTH_FILE = "quality_vs_width.png"  # only for a sweep over trajectory counts
 _DPI = 120
 
 
@@ -280,5 +280,5 @@ def plot_all(report: dict[str, Any], out_dir: str | Path) -> list[Path]:
         paths.append(plot_residual_vs_loops(report, out_dir / FILES["residual"]))
     paths.append(plot_quality_vs_compute(report, out_dir / FILES["compute"]))
     if report.get("width"):
-        paths.append(plot_quality_vs_width(report, out_dir / FILES["width"]))
+        paths.append(plot_quality_vs_width(report, out_dir / WIDTH_FILE))
     return paths
