@@ -234,3 +234,15 @@ def test_what_a_batch_in_chunks_cannot_honour_is_refused(tiny_model_of, argument
     name = next(iter(argument))
     with pytest.raises(ValueError, match=name):
         model(**inputs, num_trajectories=K, **{"trajectory_batch_size": 2, **argument})
+
+
+def test_normal_starts_follow_the_trajectory_seed(tiny_model_of):
+    model = head_model(tiny_model_of, "classification", state_init="normal", state_init_std=0.5)
+    inputs = inputs_of("classification")
+
+    def run(seed: int):
+        torch.manual_seed(seed + 100)  # the global generator must not matter
+        return model(**inputs, num_trajectories=K, trajectory_seed=seed, return_trajectory=[1]).trajectory[0]
+
+    assert torch.equal(run(0), run(0))
+    assert not torch.equal(run(0), run(1))

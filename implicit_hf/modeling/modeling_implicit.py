@@ -388,7 +388,8 @@ class ImplicitModel(ImplicitPreTrainedModel):
         core_map = CoreMap(self, inputs, injected, loop_feedback, slots)
         start = self._initial_state(injected)
         if num_trajectories > 1:
-            start = perturbed_starts(start, injected, num_trajectories, trajectory_noise, trajectory_seed)
+            normal_std = config.state_init_std if config.state_init == "normal" else None
+            start = perturbed_starts(start, injected, num_trajectories, trajectory_noise, trajectory_seed, normal_std)
         state, stats = fixed_point(
             core_map,
             inputs.zero_padding(start),

@@ -53,21 +53,29 @@ def per_trajectory(loop_feedback: Callable[[torch.Tensor], torch.Tensor], count:
     return feedback
 
 
-def perturbed_starts(state: torch.Tensor, injected: torch.Tensor, count: int, noise: float, seed: int) -> torch.Tensor:
+def perturbed_starts(
+    state: torch.Tensor, injected: torch.Tensor, count: int, noise: float, seed: int, normal_std: float | None = None
+) -> torch.Tensor:
     """The starting states of ``count`` trajectories per input (``state`` has ``B * count`` rows): ``state`` plus
     Gaussian noise of scale ``noise`` times the state's RMS over the hidden size, per row and position (where the
-    state is zero, ``state_init="zeros"``, the RMS of the injected input instead). The noise is one draw of shape
-    ``(count, T, hidden)`` from a generator seeded with ``seed``, trajectory ``k`` of every input taking slice ``k``:
-    an input's starts do not depend on the other inputs of its batch (a batch in chunks, or another batch, gives
-    it the same answer)."""
+    state is zero, ``state_init="zeros"``, the RMS of the injected input instead). With ``normal_std``
+    (``state_init="normal"``) the state itself is first drawn again, ``normal_std`` times a seeded standard normal,
+    so that it too follows ``seed``. Draws are of shape ``(count, T, hidden)`` from a generator seeded with
+    ``seed``, trajectory ``k`` of every input taking slice ``k``: an input's starts do not depend on the other
+    inputs of its batch (a batch in chunks, or another batch, gives it the same answer)."""
+    generator = torch.Generator(device=state.device).manual_seed(seed)
+
+    def draw() -> torch.Tensor:
+        sample = torch.randn((count, *state.shape[1:]), generator=generator, device=state.device)
+        return sample.repeat(state.shape[0] // count, 1, 1)
+
+    if normal_std is not None:
+        state = (normal_std * draw()).to(state.dtype)
     if noise == 0:
         return state
     scale = state.float().pow(2).mean(-1, keepdim=True).sqrt()
     scale = torch.where(scale > 0, scale, injected.float().pow(2).mean(-1, keepdim=True).sqrt())
-    generator = torch.Generator(device=state.device).manual_seed(seed)
-    draw = torch.randn((count, *state.shape[1:]), generator=generator, device=state.device, dtype=torch.float32)
-    draw = draw.repeat(state.shape[0] // count, 1, 1)
-    return (state.float() + noise * scale * draw).to(state.dtype)
+    return (state.float() + noise * scale * draw()).to(state.dtype)
 
 
 def final_residuals(rel_residual: torch.Tensor, count: int) -> torch.Tensor:
