@@ -1743,3 +1743,21 @@ def test_generate_with_configured_trajectories_and_a_kv_cache_is_refused_before_
     ):
         model.generate(ids(1, 3), max_new_tokens=2, do_sample=False, pad_token_id=0)
     assert calls == []
+
+
+@pytest.mark.usefixtures("local_cache")
+@pytest.mark.skipif(importlib.util.find_spec("lm_eval") is None, reason="lm_eval is not installed")
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (["--select", "mean"], "select='mean' does not apply to a causal lm head: it takes 'residual' or 'vote'"),
+        (["--select", "best"], "select must be one of 'residual', 'vote', .*; got 'best'"),
+        (["--num-trajectories", "0"], "argument --num-trajectories: must be an integer >= 1; got '0'"),
+        (["--trajectory-noise", "nan"], "argument --trajectory-noise: must be a number >= 0; got 'nan'"),
+        (["--trajectory-seed", "-1"], "argument --trajectory-seed: must be an integer >= 0; got '-1'"),
+        (["--trajectory-batch-size", "0"], "argument --trajectory-batch-size: must be an integer >= 1; got '0'"),
+    ],
+)
+def test_lm_eval_refuses_bad_trajectory_settings_in_one_line(tmp_path, capsys, folders, options, message):
+    argv = ["lm-eval", "--model", str(folders / "lm"), "--tasks", "arc_easy", *options, "--out", str(tmp_path / "out")]
+    assert re.search(message, one_line_error(argv, capsys))
