@@ -216,6 +216,29 @@ def add_lm_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
     parser.add_argument("--num-fewshot", type=_integer_at_least(0), default=None, help="few-shot examples per prompt")
     parser.add_argument("--device", default="cpu", help="torch device to run on, e.g. cpu or cuda (default cpu)")
     parser.add_argument("--metadata", type=json_object, default=None, help="lm-eval's --metadata (a JSON object)")
+    trajectories = "default: the checkpoint's config"
+    parser.add_argument(
+        "--num-trajectories",
+        type=_integer_at_least(1),
+        default=None,
+        help=f"trajectories per input for loglikelihood requests ({trajectories}, 1; generation needs 1)",
+    )
+    parser.add_argument(
+        "--trajectory-noise",
+        type=_number(0),
+        default=None,
+        help=f"their starting noise, x the state's RMS ({trajectories})",
+    )
+    parser.add_argument("--select", default=None, help=f"their reduction: residual, vote or random ({trajectories})")
+    parser.add_argument(
+        "--trajectory-seed", type=_integer_at_least(0), default=None, help=f"noise seed ({trajectories})"
+    )
+    parser.add_argument(
+        "--trajectory-batch-size",
+        type=_integer_at_least(1),
+        default=None,
+        help=f"rows (inputs x trajectories) solved at once ({trajectories})",
+    )
     parser.add_argument(
         "--per-count-passes",
         action="store_true",

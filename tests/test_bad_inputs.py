@@ -1629,3 +1629,135 @@ def test_a_selection_rule_the_head_cannot_apply_is_refused(head, select, message
     model = tiny_model_of(ImplicitForTokenClassification, num_labels=3, is_causal=False, **overrides)
     with pytest.raises(ValueError, match=message):
         model(ids(), num_trajectories=2, select=select)
+
+
+# ----------------------------------------------------- issue 28: the trajectory settings on every path they can enter
+
+# (settings, what the refusal says after the name of the path: "", "generation_config." or the file)
+TRAJECTORY_SETTING_CASES = [
+    ({"num_trajectories": 0}, "num_trajectories must be an integer >= 1; got 0"),
+    ({"num_trajectories": 2.0}, "num_trajectories must be an integer >= 1; got 2.0"),
+    ({"num_trajectories": "4"}, "num_trajectories must be an integer >= 1; got '4'"),
+    ({"trajectory_noise": -0.1}, "trajectory_noise must be a number >= 0; got -0.1"),
+    ({"trajectory_noise": math.nan}, "trajectory_noise must be a number >= 0; got nan"),
+    ({"trajectory_noise": math.inf}, "trajectory_noise must be a number >= 0; got inf"),
+    ({"select": "best"}, "select must be one of 'residual', 'vote', .*'mean'.*; got 'best'"),
+    ({"trajectory_seed": -1}, "trajectory_seed must be an integer >= 0; got -1"),
+    ({"trajectory_batch_size": 0}, "trajectory_batch_size must be an integer >= 1; got 0"),
+    ({"trajectory_batch_size": 2.5}, "trajectory_batch_size must be an integer >= 1; got 2.5"),
+]
+UNCACHED_GREEDY = {"max_new_tokens": 2, "do_sample": False, "pad_token_id": 0, "use_cache": False}
+
+
+def refuse_on_path(path: str, model, checkpoint, tmp_path, settings: dict):
+    """Give ``settings`` to ``model`` (or its ``checkpoint``) on ``path``, the way a user would."""
+    if path == "config field":
+        tiny_config(**settings)
+    elif path == "from_pretrained keyword":
+        AutoModelForCausalLM.from_pretrained(checkpoint, **settings)
+    elif path == "forward argument":
+        model(ids(), use_cache=False, **settings)
+    elif path == "generate argument":
+        model.generate(ids(1, 3), **UNCACHED_GREEDY, **settings)
+    elif path == "GenerationConfig entry":
+        model.generate(ids(1, 3), generation_config=GenerationConfig(**UNCACHED_GREEDY, **settings))
+    else:  # a checkpoint's generation_config.json
+        default_save(model, tmp_path, **settings)
+        AutoModelForCausalLM.from_pretrained(tmp_path)
+
+
+TRAJECTORY_PATHS = {
+    "config field": "",
+    "from_pretrained keyword": "",
+    "forward argument": "",
+    "generate argument": "",
+    "GenerationConfig entry": "generation_config.",
+    "generation_config.json": "{file}: ",
+}
+
+
+@pytest.mark.parametrize("path", TRAJECTORY_PATHS)
+@pytest.mark.parametrize(
+    ("settings", "message"), TRAJECTORY_SETTING_CASES, ids=[str(c[0]) for c in TRAJECTORY_SETTING_CASES]
+)
+def test_bad_trajectory_settings_are_refused_on_every_path(model, checkpoint, tmp_path, path, settings, message):
+    where = TRAJECTORY_PATHS[path].format(file=re.escape(str(tmp_path / "generation_config.json")))
+    with pytest.raises(ValueError, match=f"{where}{message}"):
+        refuse_on_path(path, model, checkpoint, tmp_path, settings)
+
+
+@pytest.mark.parametrize("path", ["config field", "from_pretrained keyword", "GenerationConfig entry", "json"])
+def test_a_misspelt_trajectory_setting_is_refused_not_ignored(model, checkpoint, tmp_path, path):
+    where = {"GenerationConfig entry": "generation_config.", "json": f"{tmp_path / 'generation_config.json'}: "}
+    message = "num_trajectory is not a loop setting" if path in where else "unknown ImplicitConfig field"
+    with pytest.raises(
+        ValueError, match=f"{re.escape(where.get(path, ''))}.*{message}.*did you mean 'num_trajectories'"
+    ):
+        refuse_on_path(path, model, checkpoint, tmp_path, {"num_trajectory": 2})
+
+
+CAUSAL_MEAN = "select='mean' does not apply to a causal lm head: it takes 'residual' or 'vote'"
+
+
+@pytest.mark.parametrize(
+    "path", ["forward argument", "generate argument", "GenerationConfig entry", "generation_config.json"]
+)
+def test_a_selection_rule_the_causal_head_cannot_apply_is_refused_on_every_path(model, checkpoint, tmp_path, path):
+    with pytest.raises(ValueError, match=CAUSAL_MEAN):
+        refuse_on_path(path, model, checkpoint, tmp_path, {"num_trajectories": 2, "select": "mean"})
+        if path == "generation_config.json":  # its entries hold for generate
+            AutoModelForCausalLM.from_pretrained(tmp_path).generate(ids(1, 3), **UNCACHED_GREEDY)
+
+
+@pytest.mark.parametrize(
+    ("model_class", "overrides", "select", "message"),
+    [
+        (ImplicitForCausalLM, {}, "mean", CAUSAL_MEAN),
+        (ImplicitForTokenClassification, {"num_labels": 3, "is_causal": False}, "mean", "does not apply to a classif"),
+        (
+            ImplicitForTokenClassification,
+            {"num_labels": 3, "is_causal": False, "problem_type": "regression"},
+            "vote",
+            "select='vote' does not apply to a regression head: it takes 'residual' or 'mean'",
+        ),
+    ],
+    ids=["causal-mean", "classification-mean", "regression-vote"],
+)
+def test_a_configured_selection_rule_the_head_cannot_apply_is_refused_at_its_forward(
+    model_class, overrides, select, message
+):
+    # the config does not know its head (a token classifier becomes a regressor when built), so its forward refuses
+    model = tiny_model_of(model_class, num_trajectories=2, select=select, **overrides)
+    with pytest.raises(ValueError, match=message):
+        model(ids())
+
+
+def test_generate_with_configured_trajectories_and_a_kv_cache_is_refused_before_any_forward(checkpoint):
+    model = AutoModelForCausalLM.from_pretrained(checkpoint, num_trajectories=2)
+    calls = []
+    model.register_forward_hook(lambda *args: calls.append(1))
+    with pytest.raises(
+        ValueError,
+        match=rf"{CACHE_REFUSAL}: call with use_cache=False \(this generate call runs num_trajectories=2 \(the model's "
+        r"config.num_trajectories\); generate keeps a KV cache unless given use_cache=False",
+    ):
+        model.generate(ids(1, 3), max_new_tokens=2, do_sample=False, pad_token_id=0)
+    assert calls == []
+
+
+@pytest.mark.usefixtures("local_cache")
+@pytest.mark.skipif(importlib.util.find_spec("lm_eval") is None, reason="lm_eval is not installed")
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (["--select", "mean"], "select='mean' does not apply to a causal lm head: it takes 'residual' or 'vote'"),
+        (["--select", "best"], "select must be one of 'residual', 'vote', .*; got 'best'"),
+        (["--num-trajectories", "0"], "argument --num-trajectories: must be an integer >= 1; got '0'"),
+        (["--trajectory-noise", "nan"], "argument --trajectory-noise: must be a number >= 0; got 'nan'"),
+        (["--trajectory-seed", "-1"], "argument --trajectory-seed: must be an integer >= 0; got '-1'"),
+        (["--trajectory-batch-size", "0"], "argument --trajectory-batch-size: must be an integer >= 1; got '0'"),
+    ],
+)
+def test_lm_eval_refuses_bad_trajectory_settings_in_one_line(tmp_path, capsys, folders, options, message):
+    argv = ["lm-eval", "--model", str(folders / "lm"), "--tasks", "arc_easy", *options, "--out", str(tmp_path / "out")]
+    assert re.search(message, one_line_error(argv, capsys))

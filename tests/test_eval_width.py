@@ -96,11 +96,14 @@ def test_a_generative_sweep_generates_with_k_trajectories(tmp_path, tiny_task_mo
     model = tiny_task_model(task, num_loops=3, initializer_range=0.2)
     width = Width(3, trajectory_noise=0.5, select="vote")
     prompts = [task.prompt(row) for row in rows]
-    first = greedy_completions(model, task.tokenizer, prompts, 2, 6, 0, 1, True, width.forward_kwargs(0))
-    batch = task.tokenizer(prompts, padding=True, return_tensors="pt")
+    wide = width.forward_kwargs(0)
+    first = greedy_completions(model, task.tokenizer, prompts, 2, 6, 0, 1, True, wide)
+    alone = [greedy_completions(model, task.tokenizer, [p], 2, 1, 0, 1, True, wide)[0] for p in prompts]
+    assert first == alone  # left padding moves no trajectory's noise: it follows the positions
     with torch.no_grad():  # one greedy step by hand: the argmax of the reduced logits at the last position
-        out = model(**batch, num_loops=2, tol=0, use_cache=False, **width.forward_kwargs(0))
-    assert first == task.tokenizer.batch_decode(out.logits[:, -1].argmax(-1)[:, None], skip_special_tokens=True)
+        ids = task.tokenizer(prompts[0], return_tensors="pt").input_ids
+        out = model(ids, num_loops=2, tol=0, use_cache=False, **wide)
+    assert first[0] == task.tokenizer.decode(out.logits[0, -1].argmax(-1), skip_special_tokens=True)
 
     result = sweep(model, task, rows, [2, 5], batch_size=4, perturb_eps=0, width=width, return_predictions=True)
     for record in result["records"]:

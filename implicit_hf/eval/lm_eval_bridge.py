@@ -7,7 +7,10 @@
 
 runs the checkpoint at 16 loops, also for generation (a ``num_loops`` in the checkpoint's generation_config.json
 gives way to the keyword; ``trust_remote_code=True`` because the ``lm_eval`` process does not import
-``implicit_hf``; the checkpoint carries its code). `lm_eval_sweep` runs a list of loop counts in
+``implicit_hf``; the checkpoint carries its code). The trajectories per input are config fields too:
+``--model_args pretrained=DIR,num_trajectories=4,trajectory_noise=0.1,select=residual`` scores every loglikelihood
+request with 4 trajectories (lm-eval's generation asks for a KV cache, which several trajectories cannot use, and is
+refused); `lm_eval_sweep` takes them as ``trajectories``. `lm_eval_sweep` runs a list of loop counts in
 one process: the model is loaded once, and loglikelihood-type requests (multiple choice, perplexity)
 are scored at EVERY count from one trajectory per batch (`LoopSweepLM`: the model decodes the head
 after each requested iteration of one run at the largest count), so a sweep costs about one pass at
@@ -28,7 +31,7 @@ import difflib
 import json
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +42,8 @@ from lm_eval.tasks import TaskManager
 
 from ..arguments import UsageError, add_lm_eval_arguments
 from ..loop_counts import LoopCounts, normalise_loops
+from ..modeling.configuration_implicit import PER_CALL_TRAJECTORY_FIELDS, refuse_unknown_keywords
+from ..modeling.trajectories import SELECT_RULES
 from ..tasks.generation import load_tokenizer
 from ..tasks.models import load_model
 from .plots import plot_quality_vs_loops, plot_tasks_vs_loops
@@ -193,6 +198,7 @@ def lm_eval_sweep(
     metadata: dict[str, Any] | None = None,
     share_trajectory: bool = True,
     task_manager: Any = None,
+    trajectories: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Run lm-evaluation-harness ``tasks`` on the implicit LM in ``model_dir`` at every loop count.
 
@@ -202,6 +208,10 @@ def lm_eval_sweep(
     ``task_manager``: an lm-eval ``TaskManager`` to reuse (building one indexes every task YAML lm-eval
     ships, seconds); by default one is built from ``include_path`` and ``metadata``. Unknown task names
     (`check_task_names`) and a model folder without a tokenizer are refused before the model is loaded.
+    ``trajectories``: trajectory settings (``{"num_trajectories": 4, "trajectory_noise": 0.1}``, the config fields of
+    `PER_CALL_TRAJECTORY_FIELDS`) set on the model's config, as ``--model_args`` would: every loglikelihood request is
+    scored with them (default: the checkpoint's own, one trajectory unless it says otherwise); a shared trajectory
+    reduces the K trajectories at each count by the residuals at that count, as a run stopped there does.
     """
     loops = normalise_loops(loops)
     if task_manager is None:
@@ -209,6 +219,7 @@ def lm_eval_sweep(
     check_task_names(tasks, task_manager)  # before the model and tokenizer are loaded
     tokenizer = load_tokenizer(model_dir, "model")
     model = load_model(model_dir, "causal_lm", device)
+    _set_trajectories(model, trajectories or {})
     settings = {"pretrained": model, "tokenizer": tokenizer, "batch_size": batch_size, "device": device}
     lm = LoopSweepLM(loops, **settings) if share_trajectory else None
     runs = []
@@ -247,6 +258,7 @@ def lm_eval_sweep(
             "batch_size": batch_size,
             "share_trajectory": share_trajectory,
             "metadata": metadata,
+            "trajectories": {name: getattr(model.config, name) for name in PER_CALL_TRAJECTORY_FIELDS},
         },
         "environment": environment(),
         "runs": runs,
@@ -278,6 +290,22 @@ def lm_eval_sweep(
         writer.writerows(rows)
     report["plots"] = [str(path) for path in _plot(report, out)]
     return report
+
+
+def _set_trajectories(model: Any, settings: Mapping[str, Any]) -> None:
+    """Set the trajectory ``settings`` on ``model``'s config (its forward's defaults at inference), each checked by
+    the config's rule and ``select`` against the causal head's rules, so a bad one is refused before any request."""
+    refuse_unknown_keywords(
+        "lm_eval_sweep(trajectories=...)", set(settings) - set(PER_CALL_TRAJECTORY_FIELDS), PER_CALL_TRAJECTORY_FIELDS
+    )
+    try:
+        for name, value in settings.items():
+            setattr(model.config, name, value)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    if model.config.select not in SELECT_RULES["causal_lm"]:
+        allowed = " or ".join(repr(rule) for rule in SELECT_RULES["causal_lm"])
+        raise UsageError(f"select={model.config.select!r} does not apply to a causal lm head: it takes {allowed}")
 
 
 def _quiet_lm_eval_logs() -> None:
@@ -359,6 +387,9 @@ def run_from_args(args: argparse.Namespace) -> dict[str, Any]:
         metadata=args.metadata,
         share_trajectory=not args.per_count_passes,
         log_samples=args.log_samples,
+        trajectories={
+            name: getattr(args, name) for name in PER_CALL_TRAJECTORY_FIELDS if getattr(args, name) is not None
+        },
     )
     for run in report["runs"]:
         summary = ", ".join(f"{task} {m}={v:.4g}" for task, ms in run["tasks"].items() for m, v in ms.items())

@@ -41,6 +41,7 @@ from .rules import (
     plain,
 )
 from .solvers import ARGUMENT_RULES, SOLVERS, check_solver_options, options_of
+from .trajectories import SELECT_RULES
 
 INJECTIONS = ("add", "linear")
 STATE_INITS = ("zeros", "prelude", "normal")
@@ -101,8 +102,23 @@ RUNTIME_LOOP_FIELDS = (
 # Loop settings a single call can set: forward(num_loops=...), generate(...), a GenerationConfig's entries (and so a
 # checkpoint's generation_config.json); `check_per_call_loop_setting` checks them.
 PER_CALL_LOOP_FIELDS = ("num_loops", "tol", "solver")
+# The trajectories per input (``modeling/trajectories.py``): config fields that are inference defaults (a head's
+# forward uses them when not given, in eval mode only) and per-call settings like `PER_CALL_LOOP_FIELDS`, with the
+# value each takes when neither the call nor (in training mode) the config says: one trajectory, the plain forward.
+TRAJECTORY_DEFAULTS = {
+    "num_trajectories": 1,
+    "trajectory_noise": 0.0,
+    "select": "residual",
+    "trajectory_seed": 0,
+    "trajectory_batch_size": None,  # no chunking
+}
+PER_CALL_TRAJECTORY_FIELDS = tuple(TRAJECTORY_DEFAULTS)
+# Every setting a single call can set, and so a GenerationConfig entry or a from_pretrained keyword for generate.
+PER_CALL_FIELDS = PER_CALL_LOOP_FIELDS + PER_CALL_TRAJECTORY_FIELDS
+# The selection rules of any head (`SELECT_RULES` says which head takes which).
+SELECT_NAMES = tuple(dict.fromkeys(rule for rules in SELECT_RULES.values() for rule in rules))
 # Where a config loaded by ``from_pretrained(dir, num_loops=7)`` (what lm-eval's ``--model_args ...,num_loops=7``
-# does) records which of `PER_CALL_LOOP_FIELDS` were given as keyword arguments: they win over the checkpoint's
+# does) records which of `PER_CALL_FIELDS` were given as keyword arguments: they win over the checkpoint's
 # generation_config.json (`ImplicitForCausalLM.adjust_generation_fn`, which drops it). Never saved.
 LOOP_KEYWORDS = "_loop_keywords"
 _LOOP_FIELDS = (
@@ -120,6 +136,8 @@ _LOOP_FIELDS = (
     "is_causal",
     "feedback_features",
 )
+# The names a misspelt keyword is compared with (`_refuse_misspelt_loop_fields`).
+_CHECKED_NAMES = (*_LOOP_FIELDS, *PER_CALL_TRAJECTORY_FIELDS)
 
 
 def setting(rule: Rule, default: Any = None, *, default_factory: Any = MISSING) -> Any:
@@ -225,6 +243,16 @@ class ImplicitConfig(PreTrainedConfig):
             iterations, default ``num_loops``, to ``ift_tol``).
         is_causal: causal attention (language models) or bidirectional (grids, fields, LPs).
 
+    Trajectory fields (inference defaults of the heads' forward, so ``from_pretrained(dir, num_trajectories=4)``,
+    lm-eval's ``--model_args pretrained=DIR,num_trajectories=4``, runs every forward with 4 trajectories; a
+    forward argument wins, and in training mode a forward runs one trajectory unless told otherwise):
+        num_trajectories: trajectories per input (``1``: the plain forward); ``> 1`` uses no KV cache by default.
+        trajectory_noise: the scale of each trajectory's starting noise, relative to the state's RMS.
+        select: how a head reduces the trajectories: ``"residual"``, ``"vote"`` (classes, tokens), ``"mean"``
+            (regression) or ``"random"``; a rule the head cannot apply is refused at its forward.
+        trajectory_seed: the seed of the starting noise.
+        trajectory_batch_size: solve at most this many rows (inputs x trajectories) at once (``None``: all).
+
     Unknown choices and out-of-range values raise ``ValueError`` naming the field and what is
     allowed; a keyword that looks like a misspelt loop field (``num_loop``) is refused too rather
     than silently ignored.
@@ -280,6 +308,14 @@ class ImplicitConfig(PreTrainedConfig):
     ift_max_iter: int | None = setting(loop_count(allow_none=True))
     ift_tol: float = setting(number("> 0", lambda value: value > 0), 1e-5)
     is_causal: bool = setting(instance_of(bool, "True or False"), True)
+    # trajectories per input at inference (see the ``Trajectory fields`` above)
+    num_trajectories: int = setting(integer(1), TRAJECTORY_DEFAULTS["num_trajectories"])
+    trajectory_noise: float = setting(number(">= 0", lambda value: value >= 0), TRAJECTORY_DEFAULTS["trajectory_noise"])
+    select: str = setting(one_of(SELECT_NAMES), TRAJECTORY_DEFAULTS["select"])
+    trajectory_seed: int = setting(integer(0), TRAJECTORY_DEFAULTS["trajectory_seed"])
+    trajectory_batch_size: int | None = setting(
+        integer(1, allow_none=True), TRAJECTORY_DEFAULTS["trajectory_batch_size"]
+    )
 
     def __post_init__(self, **kwargs: Any) -> None:
         _refuse_misspelt_loop_fields(kwargs)
@@ -326,7 +362,7 @@ class ImplicitConfig(PreTrainedConfig):
         # from_pretrained(dir, num_loop=3) arrives here: refuse a misspelt loop field as the constructor does
         _refuse_misspelt_loop_fields(kwargs)
         loaded = super().from_dict(config_dict, **kwargs)
-        given = tuple(name for name in PER_CALL_LOOP_FIELDS if name in kwargs)
+        given = tuple(name for name in PER_CALL_FIELDS if name in kwargs)
         if given:  # from_pretrained(dir, num_loops=7): see LOOP_KEYWORDS
             (loaded[0] if isinstance(loaded, tuple) else loaded).__dict__[LOOP_KEYWORDS] = given
         return loaded
@@ -366,25 +402,30 @@ _PER_CALL_RULES = {
     "num_loops": loop_count(),
     "tol": number(">= 0 (0: no halting in this call)", lambda value: value >= 0, allow_none=True),
     "solver": one_of(SOLVERS),
+    "num_trajectories": integer(1),
+    "trajectory_noise": number(">= 0", lambda value: value >= 0),
+    "select": one_of(SELECT_NAMES),
+    "trajectory_seed": integer(0),
+    "trajectory_batch_size": integer(1, allow_none=True),
 }
 
 
 def check_per_call_loop_setting(name: str, value: Any, where: str = "") -> Any:
-    """``value`` of the per-call loop setting ``name`` (`PER_CALL_LOOP_FIELDS`), checked as the config checks the
-    field (a ``tol`` of 0 turns halting off for the call); ``None`` ("not given") passes. ``where`` prefixes the
-    name in the error, e.g. ``"generation_config."`` or a file."""
+    """``value`` of the per-call setting ``name`` (`PER_CALL_FIELDS`), checked as the config checks the field (a
+    ``tol`` of 0 turns halting off for the call); ``None`` ("not given") passes. ``where`` prefixes the name in the
+    error, e.g. ``"generation_config."`` or a file."""
     return None if value is None else check(f"{where}{name}", value, _PER_CALL_RULES[name])
 
 
 def per_call_loop_settings(entries: Mapping[str, Any], where: str) -> dict[str, Any]:
-    """The per-call loop settings among a generation config's ``entries``, each checked
+    """The per-call settings (`PER_CALL_FIELDS`) among a generation config's ``entries``, each checked
     (`check_per_call_loop_setting`). Another loop field there (a model setting such as ``damping``) or a misspelt
     one (``num_loop``) would be ignored by ``generate``, so it is refused, named with ``where``."""
     settings = {}
     for key, value in entries.items():
-        if key in PER_CALL_LOOP_FIELDS and value is not None:
+        if key in PER_CALL_FIELDS and value is not None:
             settings[key] = check_per_call_loop_setting(key, value, where)
-        elif key in PER_CALL_LOOP_FIELDS:
+        elif key in PER_CALL_FIELDS:
             continue
         elif key in _LOOP_FIELDS:
             raise ValueError(
@@ -412,7 +453,7 @@ def _refuse_misspelt_loop_fields(
     """Refuse keys that look like a misspelt loop field instead of storing or ignoring them unused: a ``ValueError``
     saying ``what(key)`` and the field meant."""
     for key in keys:
-        match = key not in _LOOP_FIELDS and difflib.get_close_matches(key, _LOOP_FIELDS, n=1, cutoff=0.85)
+        match = key not in _CHECKED_NAMES and difflib.get_close_matches(key, _CHECKED_NAMES, n=1, cutoff=0.85)
         if match:
             raise ValueError(f"{what(key)}; did you mean {match[0]!r}?")
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -36,6 +37,7 @@ from transformers.utils.output_capturing import capture_outputs
 
 from .cache import LoopSlots
 from .configuration_implicit import (
+    TRAJECTORY_DEFAULTS,
     ImplicitConfig,
     check_per_call_loop_setting,
     refuse_unknown_keywords,
@@ -152,6 +154,13 @@ class ImplicitPreTrainedModel(PreTrainedModel):
             taps[0] = 1.0
             init.copy_(module.taps, taps)
             init.copy_(module.proj.weight, torch.eye(self.config.hidden_size, dtype=module.proj.weight.dtype))
+
+    def trajectory_settings(self, **given: Any) -> dict[str, Any]:
+        """This call's trajectory settings (the names of `TRAJECTORY_DEFAULTS`): each one ``given`` (not ``None``),
+        else the config's inference default, or in training mode the plain forward's (one trajectory): the config's
+        ``num_trajectories`` is for evaluation, never a training step's."""
+        fallback = TRAJECTORY_DEFAULTS if self.training else {name: getattr(self.config, name) for name in given}
+        return {name: fallback[name] if value is None else value for name, value in given.items()}
 
 
 def _readable(path: str) -> bool:
@@ -320,6 +329,8 @@ class ImplicitModel(ImplicitPreTrainedModel):
             each from the ``state_init`` state plus Gaussian noise of ``trajectory_noise`` times its RMS drawn
             with ``trajectory_seed`` (``modeling/trajectories.py``); the outputs have ``B * K`` rows (row ``b * K
             + k``: trajectory ``k`` of input ``b``), which the heads reduce to ``B``. ``K > 1`` uses no KV cache.
+            This model solves what it is told (its defaults: one trajectory); the heads take the config's
+            ``num_trajectories`` / ... as their defaults at inference.
         trajectory_batch_size: with ``K > 1``, solve at most this many rows at once: the inputs in chunks of
             ``max(1, trajectory_batch_size // K)``, each with the starts it has in the whole batch, so the outputs
             equal one solve's (with ``return_trajectory`` every loop count up to ``num_loops`` is an entry).
@@ -389,7 +400,8 @@ class ImplicitModel(ImplicitPreTrainedModel):
         start = self._initial_state(injected)
         if num_trajectories > 1:
             normal_std = config.state_init_std if config.state_init == "normal" else None
-            start = perturbed_starts(start, injected, num_trajectories, trajectory_noise, trajectory_seed, normal_std)
+            width = num_trajectories, trajectory_noise, trajectory_seed, normal_std
+            start = perturbed_starts(start, injected, inputs.position_ids, *width)
         state, stats = fixed_point(
             core_map,
             inputs.zero_padding(start),
@@ -507,6 +519,14 @@ def head_output(
     )
 
 
+def _width(trajectories: dict[str, Any], head: str) -> TrajectoryReduction | None:
+    """The reduction a head of kind ``head`` applies (`trajectories.trajectory_reduction`); takes ``select`` out of
+    ``trajectories``, leaving what the model's forward takes."""
+    select = trajectories.pop("select")
+    count, noise, seed = (trajectories[name] for name in ("num_trajectories", "trajectory_noise", "trajectory_seed"))
+    return width_of(count, noise, seed, select, head)
+
+
 # What a misspelt forward keyword is compared with: the model's own arguments, the heads' and the passed-through ones.
 FORWARD_KEYWORDS = (
     (set(inspect.signature(ImplicitModel.forward).parameters) - {"self", "kwargs"})
@@ -545,10 +565,11 @@ class ImplicitForCausalLM(LoopSettingsGenerationMixin, ImplicitPreTrainedModel, 
         logits_to_keep: int = 0,
         use_cache: bool | None = None,
         cache: Cache | None = None,
-        num_trajectories: int = 1,
-        trajectory_noise: float = 0.0,
-        select: str = "residual",
-        trajectory_seed: int = 0,
+        num_trajectories: int | None = None,
+        trajectory_noise: float | None = None,
+        select: str | None = None,
+        trajectory_seed: int | None = None,
+        trajectory_batch_size: int | None = None,
         **kwargs,
     ) -> ImplicitHeadOutput:
         r"""
@@ -556,11 +577,20 @@ class ImplicitForCausalLM(LoopSettingsGenerationMixin, ImplicitPreTrainedModel, 
         num_loops / tol / solver / return_trajectory / trajectory_loops / penalties / use_cache / cache: see
             `ImplicitModel.forward`.
         logits_to_keep: compute logits for the last ``logits_to_keep`` positions only (0 = all).
-        num_trajectories / trajectory_noise / select / trajectory_seed: ``K`` trajectories per input from noisy
-            starts (see `ImplicitModel.forward`, uncached only), reduced by ``select``: ``"residual"`` (lowest final
-            residual) or ``"vote"`` (majority of the argmax per token); ``loop_stats.trajectories`` says how.
+        num_trajectories / trajectory_noise / select / trajectory_seed / trajectory_batch_size: ``K`` trajectories
+            per input from noisy starts (see `ImplicitModel.forward`, uncached only), reduced by ``select``:
+            ``"residual"`` (lowest final residual) or ``"vote"`` (majority of the argmax per token);
+            ``loop_stats.trajectories`` says how. Each not given is the config's (``config.num_trajectories``, ...)
+            at inference, one trajectory in training mode (`trajectory_settings`).
         """
-        width = width_of(num_trajectories, trajectory_noise, trajectory_seed, select, "causal_lm")
+        trajectories = self.trajectory_settings(
+            num_trajectories=num_trajectories,
+            trajectory_noise=trajectory_noise,
+            select=select,
+            trajectory_seed=trajectory_seed,
+            trajectory_batch_size=trajectory_batch_size,
+        )
+        width = _width(trajectories, "causal_lm")
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -574,9 +604,7 @@ class ImplicitForCausalLM(LoopSettingsGenerationMixin, ImplicitPreTrainedModel, 
             penalties=penalties,
             use_cache=use_cache,
             cache=cache,
-            num_trajectories=num_trajectories,
-            trajectory_noise=trajectory_noise,
-            trajectory_seed=trajectory_seed,
+            **trajectories,
             **kwargs,
         )
         keep = slice(-logits_to_keep, None) if logits_to_keep else slice(None)
@@ -619,10 +647,11 @@ class ImplicitForTokenClassification(ImplicitPreTrainedModel):
         trajectory_loops: Sequence[int] | None = None,
         loop_feedback: Callable[[torch.Tensor], torch.Tensor] | None = None,
         penalties: Sequence[str] = (),
-        num_trajectories: int = 1,
-        trajectory_noise: float = 0.0,
-        select: str = "residual",
-        trajectory_seed: int = 0,
+        num_trajectories: int | None = None,
+        trajectory_noise: float | None = None,
+        select: str | None = None,
+        trajectory_seed: int | None = None,
+        trajectory_batch_size: int | None = None,
         **kwargs,
     ) -> ImplicitHeadOutput:
         r"""
@@ -632,12 +661,21 @@ class ImplicitForTokenClassification(ImplicitPreTrainedModel):
         loop_feedback: as in `ImplicitModel.forward`, but it maps this head's output at the current
             state, ``(B, T, num_labels)``, to ``(B, T, config.feedback_features)``: a task's
             ``loop_feedback(inputs)``, e.g. the data-consistency gradient of the current estimate.
-        num_trajectories / trajectory_noise / select / trajectory_seed: ``K`` trajectories per input from noisy
-            starts (see `ImplicitModel.forward`), reduced by ``select``: ``"residual"`` (lowest final residual),
-            ``"vote"`` (classes: majority per token) or ``"mean"`` (regression); ``loop_stats.trajectories`` says how.
+        num_trajectories / trajectory_noise / select / trajectory_seed / trajectory_batch_size: ``K`` trajectories
+            per input from noisy starts (see `ImplicitModel.forward`), reduced by ``select``: ``"residual"`` (lowest
+            final residual), ``"vote"`` (classes: majority per token) or ``"mean"`` (regression);
+            ``loop_stats.trajectories`` says how. Each not given is the config's at inference, one trajectory in
+            training mode (`trajectory_settings`).
         """
         head = "regression" if self.config.problem_type == "regression" else "classification"
-        width = width_of(num_trajectories, trajectory_noise, trajectory_seed, select, head)
+        trajectories = self.trajectory_settings(
+            num_trajectories=num_trajectories,
+            trajectory_noise=trajectory_noise,
+            select=select,
+            trajectory_seed=trajectory_seed,
+            trajectory_batch_size=trajectory_batch_size,
+        )
+        width = _width(trajectories, head)
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -652,9 +690,7 @@ class ImplicitForTokenClassification(ImplicitPreTrainedModel):
             trajectory_loops=trajectory_loops,
             loop_feedback=None if loop_feedback is None else lambda hidden: loop_feedback(self.score(hidden)),
             penalties=penalties,
-            num_trajectories=num_trajectories,
-            trajectory_noise=trajectory_noise,
-            trajectory_seed=trajectory_seed,
+            **trajectories,
             **kwargs,
         )
         loss_of = None if labels is None else lambda logits: self._loss(logits, labels, attention_mask)

@@ -53,29 +53,52 @@ def per_trajectory(loop_feedback: Callable[[torch.Tensor], torch.Tensor], count:
     return feedback
 
 
+# Positions per independently seeded block of the starting noise (`seeded_normal`).
+NOISE_BLOCK = 64
+
+
+def seeded_normal(positions: torch.Tensor, rows: int, count: int, width: int, seed: int) -> torch.Tensor:
+    """Standard normal draws ``(rows, T, width)`` for ``rows = B * count`` trajectory rows at ``positions``
+    (``(rows, T)`` or ``(1, T)``): row ``b * count + k`` takes trajectory ``k``'s draw at each of its positions. The
+    draw of trajectory ``k`` at a position comes from a generator seeded by ``(seed, k, position // NOISE_BLOCK)``
+    alone, so it is the same in any batch, at any padding (left or right) and sequence length, and for any K >= k + 1
+    (K trajectories extend K' < K ones)."""
+    device = positions.device
+    positions = positions.long().clamp_min(0).expand(rows, -1)
+    blocks = int(positions.max()) // NOISE_BLOCK + 1
+    table = torch.empty((count, blocks * NOISE_BLOCK, width), device=device)
+    for k in range(count):
+        for block in range(blocks):
+            generator = torch.Generator(device=device).manual_seed(((seed * 1_000_003 + k) * 1_000_033 + block) % 2**63)
+            span = slice(block * NOISE_BLOCK, (block + 1) * NOISE_BLOCK)
+            table[k, span] = torch.randn((NOISE_BLOCK, width), generator=generator, device=device)
+    trajectory = torch.arange(rows, device=device) % count
+    return table[trajectory[:, None], positions]
+
+
 def perturbed_starts(
-    state: torch.Tensor, injected: torch.Tensor, count: int, noise: float, seed: int, normal_std: float | None = None
+    state: torch.Tensor,
+    injected: torch.Tensor,
+    positions: torch.Tensor,
+    count: int,
+    noise: float,
+    seed: int,
+    normal_std: float | None = None,
 ) -> torch.Tensor:
-    """The starting states of ``count`` trajectories per input (``state`` has ``B * count`` rows): ``state`` plus
-    Gaussian noise of scale ``noise`` times the state's RMS over the hidden size, per row and position (where the
-    state is zero, ``state_init="zeros"``, the RMS of the injected input instead). With ``normal_std``
+    """The starting states of ``count`` trajectories per input (``state`` has ``B * count`` rows, at ``positions``):
+    ``state`` plus Gaussian noise of scale ``noise`` times the state's RMS over the hidden size, per row and position
+    (where the state is zero, ``state_init="zeros"``, the RMS of the injected input instead). With ``normal_std``
     (``state_init="normal"``) the state itself is first drawn again, ``normal_std`` times a seeded standard normal,
-    so that it too follows ``seed``. Draws are of shape ``(count, T, hidden)`` from a generator seeded with
-    ``seed``, trajectory ``k`` of every input taking slice ``k``: an input's starts do not depend on the other
+    so that it too follows ``seed``. Every draw is `seeded_normal`: an input's starts do not depend on the other
     inputs of its batch (a batch in chunks, or another batch, gives it the same answer)."""
-    generator = torch.Generator(device=state.device).manual_seed(seed)
-
-    def draw() -> torch.Tensor:
-        sample = torch.randn((count, *state.shape[1:]), generator=generator, device=state.device)
-        return sample.repeat(state.shape[0] // count, 1, 1)
-
+    rows, width = state.shape[0], state.shape[-1]
     if normal_std is not None:
-        state = (normal_std * draw()).to(state.dtype)
+        state = (normal_std * seeded_normal(positions, rows, count, width, seed + 1)).to(state.dtype)
     if noise == 0:
         return state
     scale = state.float().pow(2).mean(-1, keepdim=True).sqrt()
     scale = torch.where(scale > 0, scale, injected.float().pow(2).mean(-1, keepdim=True).sqrt())
-    return (state.float() + noise * scale * draw()).to(state.dtype)
+    return (state.float() + noise * scale * seeded_normal(positions, rows, count, width, seed)).to(state.dtype)
 
 
 def final_residuals(rel_residual: torch.Tensor, count: int) -> torch.Tensor:
