@@ -53,13 +53,13 @@ from .trajectories import (
     TrajectoryReduction,
     check_width,
     input_chunks,
-    join_chunks,
     per_trajectory,
     perturbed_starts,
     refuse_in_chunks,
     repeat_rows,
+    solve_in_chunks,
+    trajectory_reduction,
 )
-from .trajectories import trajectory_reduction as width_of
 
 
 @dataclass
@@ -358,29 +358,15 @@ class ImplicitModel(ImplicitPreTrainedModel):
         chunks = input_chunks(batch, num_trajectories, trajectory_batch_size)
         if chunks:
             refuse_in_chunks(loop_feedback, penalties, kwargs.get("output_attentions"), output_hidden_states)
-            per_row = dict(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                position_ids=position_ids,
-                inputs_embeds=inputs_embeds,
-                input_features=input_features,
-                edge_features=edge_features,
-            )
-            settings = dict(num_loops=num_loops, tol=tol or 0, solver=solver, use_cache=False)
             if return_trajectory:
-                settings.update(return_trajectory=True, trajectory_loops=trajectory_loops or range(1, num_loops + 1))
-            width = dict(num_trajectories=num_trajectories, trajectory_noise=trajectory_noise)
-            parts = [
-                self(
-                    **{k: v[rows] if v is not None and len(v) == batch else v for k, v in per_row.items()},
-                    **settings,
-                    **width,
-                    trajectory_seed=trajectory_seed,
-                    **kwargs,
-                )
-                for rows in chunks
-            ]
-            return join_chunks(parts)
+                kwargs.update(return_trajectory=True, trajectory_loops=trajectory_loops or range(1, num_loops + 1))
+            per_row = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
+            per_row.update(inputs_embeds=inputs_embeds, input_features=input_features, edge_features=edge_features)
+            width = dict(
+                num_trajectories=num_trajectories, trajectory_noise=trajectory_noise, trajectory_seed=trajectory_seed
+            )
+            loops = dict(num_loops=num_loops, tol=tol or 0, solver=solver, use_cache=False)
+            return solve_in_chunks(self, chunks, batch, per_row, **loops, **width, **kwargs)
         keep_every_loop = (return_trajectory and trajectory_loops is None) or output_hidden_states
 
         hidden = self._embed(input_ids, inputs_embeds, input_features)
@@ -519,14 +505,6 @@ def head_output(
     )
 
 
-def _width(trajectories: dict[str, Any], head: str) -> TrajectoryReduction | None:
-    """The reduction a head of kind ``head`` applies (`trajectories.trajectory_reduction`); takes ``select`` out of
-    ``trajectories``, leaving what the model's forward takes."""
-    select = trajectories.pop("select")
-    count, noise, seed = (trajectories[name] for name in ("num_trajectories", "trajectory_noise", "trajectory_seed"))
-    return width_of(count, noise, seed, select, head)
-
-
 # What a misspelt forward keyword is compared with: the model's own arguments, the heads' and the passed-through ones.
 FORWARD_KEYWORDS = (
     (set(inspect.signature(ImplicitModel.forward).parameters) - {"self", "kwargs"})
@@ -590,7 +568,7 @@ class ImplicitForCausalLM(LoopSettingsGenerationMixin, ImplicitPreTrainedModel, 
             trajectory_seed=trajectory_seed,
             trajectory_batch_size=trajectory_batch_size,
         )
-        width = _width(trajectories, "causal_lm")
+        width = trajectory_reduction(trajectories, "causal_lm")
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -675,7 +653,7 @@ class ImplicitForTokenClassification(ImplicitPreTrainedModel):
             trajectory_seed=trajectory_seed,
             trajectory_batch_size=trajectory_batch_size,
         )
-        width = _width(trajectories, head)
+        width = trajectory_reduction(trajectories, head)
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -253,17 +254,17 @@ def _rows_of_stats(stats: SolverStats, rows: torch.Tensor, choice: TrajectoryCho
     )
 
 
-def trajectory_reduction(
-    num_trajectories: int, trajectory_noise: float, trajectory_seed: int, select: str, head: str
-) -> TrajectoryReduction | None:
-    """A head's trajectory arguments, checked (``select`` against the rules of ``head``, a key of
-    `SELECT_RULES`); ``None`` for one trajectory, the plain forward."""
-    count = check_width(num_trajectories, trajectory_noise, trajectory_seed)
+def trajectory_reduction(settings: dict[str, Any], head: str) -> TrajectoryReduction | None:
+    """The reduction a head of kind ``head`` (a key of `SELECT_RULES`) applies to a call's trajectory ``settings``,
+    checked; ``select`` is taken out of ``settings``, leaving what the model's forward takes. ``None`` for one
+    trajectory, the plain forward."""
+    select = settings.pop("select")
+    count = check_width(settings["num_trajectories"], settings["trajectory_noise"], settings["trajectory_seed"])
     check("select", select, one_of(("residual", "vote", "mean", "random")))
     if select not in SELECT_RULES[head]:
         allowed = " or ".join(repr(rule) for rule in SELECT_RULES[head])
         raise ValueError(f"select={select!r} does not apply to a {head.replace('_', ' ')} head: it takes {allowed}")
-    return None if count == 1 else TrajectoryReduction(count, select, head != "regression", trajectory_seed)
+    return None if count == 1 else TrajectoryReduction(count, select, head != "regression", settings["trajectory_seed"])
 
 
 def input_chunks(batch: int, count: int, trajectory_batch_size: int | None) -> list[slice] | None:
@@ -277,6 +278,13 @@ def input_chunks(batch: int, count: int, trajectory_batch_size: int | None) -> l
         return None
     inputs = max(1, size // count)
     return [slice(start, start + inputs) for start in range(0, batch, inputs)]
+
+
+def solve_in_chunks(forward: Callable, chunks: list[slice], batch: int, per_row: dict[str, Any], **settings: Any):
+    """``forward`` (a model's) on each chunk of inputs, the ``per_row`` tensors of ``batch`` rows narrowed to it and
+    ``settings`` as given, and their outputs joined (`join_chunks`)."""
+    narrowed = ({k: v[rows] if v is not None and len(v) == batch else v for k, v in per_row.items()} for rows in chunks)
+    return join_chunks([forward(**inputs, **settings) for inputs in narrowed])
 
 
 def join_chunks(parts: list):
