@@ -83,6 +83,13 @@ def _number(minimum: float, inclusive: bool = True) -> Callable[[str], float]:
     return convert
 
 
+def _distinct_counts(value: str) -> list[int]:
+    counts = _counts(value)
+    if len(set(counts)) != len(counts):
+        raise argparse.ArgumentTypeError(f"must be distinct integers >= 1 ('1,4,16'); got {value!r}")
+    return counts
+
+
 def _counts(value: str) -> list[int]:
     try:
         counts = [int(k) for k in value.split(",") if k.strip()]
@@ -166,7 +173,7 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     )
     parser.add_argument(
         "--trajectories",
-        type=_counts,
+        type=_distinct_counts,
         default=[1],
         help="trajectories per input, K: '1,4,16,64' scores every (loops, K) pair from one run per K (default 1)",
     )

@@ -385,7 +385,7 @@ PER_CALL_FORWARD_CASES = [
     ({"trajectory_noise": math.nan}, ValueError, "trajectory_noise must be a number >= 0; got nan"),
     ({"trajectory_noise": math.inf}, ValueError, "trajectory_noise must be a number >= 0; got inf"),
     ({"trajectory_seed": -1}, ValueError, "trajectory_seed must be an integer >= 0; got -1"),
-    ({"select": "best"}, ValueError, "select must be one of 'residual', 'vote', 'mean'; got 'best'"),
+    ({"select": "best"}, ValueError, "select must be one of 'residual', 'vote', 'mean', 'random'; got 'best'"),
     (
         {"num_trajectories": 2, "select": "mean"},
         ValueError,
@@ -477,6 +477,12 @@ CLI_NUMBER_CASES = [
     (["eval", "--tol", "inf"], "argument --tol: must be a number > 0; got 'inf'"),
     (["eval", "--perturb-eps", "nan"], "argument --perturb-eps: must be a number >= 0; got 'nan'"),
     (["lm-eval", "--tasks", "arc_easy", "--limit", "inf"], "argument --limit: must be a number > 0; got 'inf'"),
+    (["eval", "--trajectory-noise", "nan"], "argument --trajectory-noise: must be a number >= 0; got 'nan'"),
+    (["eval", "--trajectory-noise", "-1"], "argument --trajectory-noise: must be a number >= 0; got '-1'"),
+    (["eval", "--trajectories", "0,4"], "argument --trajectories: must be comma-separated integers >= 1"),
+    (["eval", "--trajectories", "4,4"], "argument --trajectories: must be distinct integers >= 1"),
+    (["eval", "--trajectory-batch-size", "0"], "argument --trajectory-batch-size: must be an integer >= 1"),
+    (["eval", "--select", "best"], "argument --select: invalid choice: 'best'"),
 ]
 
 

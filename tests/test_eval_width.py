@@ -8,6 +8,7 @@ import pytest
 import torch
 from matplotlib.image import imread
 
+from implicit_hf.cli import main
 from implicit_hf.eval import run_eval, sweep
 from implicit_hf.eval.generative import complete, greedy_completions
 from implicit_hf.eval.plots import WIDTH_FILE
@@ -120,3 +121,19 @@ def test_a_generative_sweep_generates_with_k_trajectories(tmp_path, tiny_task_mo
 def test_bad_trajectory_counts_are_refused(counts):
     with pytest.raises(ValueError, match="trajectories must be a non-empty list of distinct integers >= 1"):
         trajectory_counts(counts)
+
+
+def test_the_eval_command_refuses_a_rule_the_tasks_head_cannot_take(sudoku, sudoku_model, tmp_path, capsys):
+    task, _ = sudoku
+    sudoku_model.save_pretrained(tmp_path / "model")
+    argv = ["eval", "--model", str(tmp_path / "model"), "--task", "sudoku", "--out", str(tmp_path / "out")]
+    argv += ["--task-kwargs", json.dumps({"cache_dir": str(task.cache_dir)}), "--trajectories", "4", "--select", "mean"]
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error == (
+        "implicit-hf eval: error: --select: select='mean' does not apply to a classification head: "
+        "it takes 'residual' or 'vote' or 'random'"
+    )
+    assert not (tmp_path / "out").exists()

@@ -6,7 +6,9 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from ..arguments import UsageError
 from ..eval.harness import resolve_device, run_from_args
+from ..modeling.trajectories import check_select
 from .edge import check_model_path, check_output_folder, check_task_fits, task_of
 
 
@@ -18,6 +20,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     resolve_device(args.device, "--device")
     task, task_kwargs = task_of(model, args.task, args.task_kwargs)
     check_task_fits(model, task, "--model")
+    try:  # the rule must suit the task's head (a vote needs classes, a mean continuous outputs)
+        check_select(args.select, task.head)
+    except ValueError as err:
+        raise UsageError(f"--select: {err}") from None
     for baseline in baselines:
         check_task_fits(baseline, task, "--baseline", explicit=True)
     resolved = {"model": model, "baseline": baselines, "task": task, "task_kwargs": task_kwargs}

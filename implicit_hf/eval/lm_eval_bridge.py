@@ -43,7 +43,7 @@ from lm_eval.tasks import TaskManager
 from ..arguments import UsageError, add_lm_eval_arguments
 from ..loop_counts import LoopCounts, normalise_loops
 from ..modeling.configuration_implicit import PER_CALL_TRAJECTORY_FIELDS, refuse_unknown_keywords
-from ..modeling.trajectories import SELECT_RULES
+from ..modeling.trajectories import check_select
 from ..tasks.generation import load_tokenizer
 from ..tasks.models import load_model
 from .plots import plot_quality_vs_loops, plot_tasks_vs_loops
@@ -301,11 +301,9 @@ def _set_trajectories(model: Any, settings: Mapping[str, Any]) -> None:
     try:
         for name, value in settings.items():
             setattr(model.config, name, value)
+        check_select(model.config.select, "causal_lm")
     except ValueError as err:
         raise UsageError(str(err)) from None
-    if model.config.select not in SELECT_RULES["causal_lm"]:
-        allowed = " or ".join(repr(rule) for rule in SELECT_RULES["causal_lm"])
-        raise UsageError(f"select={model.config.select!r} does not apply to a causal lm head: it takes {allowed}")
 
 
 def _quiet_lm_eval_logs() -> None:

@@ -645,7 +645,7 @@ class ImplicitForTokenClassification(ImplicitPreTrainedModel):
             ``loop_stats.trajectories`` says how. Each not given is the config's at inference, one trajectory in
             training mode (`trajectory_settings`).
         """
-        head = "regression" if self.config.problem_type == "regression" else "classification"
+        head = "token_regression" if self.config.problem_type == "regression" else "token_classification"
         trajectories = self.trajectory_settings(
             num_trajectories=num_trajectories,
             trajectory_noise=trajectory_noise,

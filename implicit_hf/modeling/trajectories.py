@@ -22,10 +22,10 @@ from .solvers import SolverStats
 
 # The selection rules each kind of head takes (a vote needs discrete predictions, a mean continuous outputs);
 # ``random`` (a seeded pick, the same trajectory at every loop count) is the baseline the others are measured against.
-SELECT_RULES = {
-    "classification": ("residual", "vote", "random"),
+SELECT_RULES = {  # by head (a task's ``head``, a key of `configuration_implicit.HEADS`)
+    "token_classification": ("residual", "vote", "random"),
     "causal_lm": ("residual", "vote", "random"),
-    "regression": ("residual", "mean", "random"),
+    "token_regression": ("residual", "mean", "random"),
 }
 
 
@@ -260,11 +260,20 @@ def trajectory_reduction(settings: dict[str, Any], head: str) -> TrajectoryReduc
     trajectory, the plain forward."""
     select = settings.pop("select")
     count = check_width(settings["num_trajectories"], settings["trajectory_noise"], settings["trajectory_seed"])
+    check_select(select, head)
+    discrete = head != "token_regression"
+    return None if count == 1 else TrajectoryReduction(count, select, discrete, settings["trajectory_seed"])
+
+
+def check_select(select: str, head: str) -> str:
+    """``select`` if it is a rule the head ``head`` (a key of `SELECT_RULES`) takes, else a ``ValueError`` naming the
+    rules it takes."""
     check("select", select, one_of(("residual", "vote", "mean", "random")))
     if select not in SELECT_RULES[head]:
         allowed = " or ".join(repr(rule) for rule in SELECT_RULES[head])
-        raise ValueError(f"select={select!r} does not apply to a {head.replace('_', ' ')} head: it takes {allowed}")
-    return None if count == 1 else TrajectoryReduction(count, select, head != "regression", settings["trajectory_seed"])
+        kind = head.removeprefix("token_").replace("_", " ")
+        raise ValueError(f"select={select!r} does not apply to a {kind} head: it takes {allowed}")
+    return select
 
 
 def input_chunks(batch: int, count: int, trajectory_batch_size: int | None) -> list[slice] | None:
