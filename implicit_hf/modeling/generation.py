@@ -10,8 +10,8 @@ the config and leaves that setting out of the model's ``generation_config``, so 
 Several trajectories per input (``num_trajectories > 1``) solve ``K`` copies of the batch and cannot keep a KV
 cache: such a generate call needs ``use_cache=False`` and is refused before any forward pass otherwise. Every
 decoding step is then one uncached forward over the whole sequence, and forward is stateless: each step draws the
-starting noise afresh from ``trajectory_seed`` (the same draw for the same sequence shape), so a greedy generate
-equals a loop of forward calls with the same settings taking the argmax of the last position.
+starting noise again from ``trajectory_seed``, per trajectory and position (a token keeps its draw from step to step),
+so a greedy generate equals a loop of forward calls with the same settings taking the argmax of the last position.
 """
 
 from __future__ import annotations
