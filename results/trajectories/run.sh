@@ -8,7 +8,7 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 OUT=results/trajectories
 MAZE_NOISE=${MAZE_NOISE:-1.0}  # chosen by probe.sh maze (probes/README.md)
-ST_NOISE=${ST_NOISE:-TBD}  # chosen by probe.sh state_tracking
+ST_NOISE=${ST_NOISE:-1.0}  # chosen by probe.sh state_tracking (probes/README.md)
 eval_width() {  # NAME MODEL LOOPS COUNTS SELECT NOISE [eval options...]
   local name=$1 model=$2 loops=$3 counts=$4 select=$5 noise=$6
   shift 6
