@@ -58,6 +58,7 @@ bench: install
 	$(BIN)/python benchmarks/bench_train_step.py
 	$(BIN)/python benchmarks/bench_lm_eval_sweep.py
 	$(BIN)/python benchmarks/bench_fsdp_memory.py
+	$(BIN)/python benchmarks/bench_trajectories.py
 
 clean:
 	rm -rf $(VENV) $(VLLM_VENV) outputs .pytest_cache .ruff_cache
