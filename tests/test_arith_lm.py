@@ -186,7 +186,7 @@ def test_generative_sweep_scores_generated_text(task, rows, tiny_model, tmp_path
     monkeypatch.setattr(
         generative,
         "complete",
-        lambda model, task, prompts, num_loops, batch_size=64, tol=None: [
+        lambda model, task, prompts, num_loops, batch_size=64, tol=None, width=None, agreement=None: [
             answers.get(p, "") if num_loops > 1 else " 0" for p in prompts
         ],
     )
@@ -208,7 +208,7 @@ def test_text_lipschitz_probe_ratios(task, tiny_model, monkeypatch):
     monkeypatch.setattr(
         generative,
         "complete",
-        lambda model, task, prompts, num_loops, batch_size=64, tol=None: [
+        lambda model, task, prompts, num_loops, batch_size=64, tol=None, width=None, agreement=None: [
             outputs[p] + (" x" * num_loops if p == "1 + 3 =" else "") for p in prompts
         ],
     )
