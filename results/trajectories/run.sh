@@ -2,7 +2,8 @@
 # Trajectories in width (issue 28): existing checkpoints, no retraining. Each sweep scores the test split (seed 0)
 # at the trained loop count, 2x and 4x, with K = 1, 4, 16, 64 trajectories per input (noise sigma chosen on the
 # probe split, seed 1: results/trajectories/probes/), reduced by the lowest final residual; the ablation runs
-# vote and a seeded random pick on the same trajectories (same seed and noise) at K = 16 (sudoku: 4 and 16).
+# vote and a seeded random pick on the same trajectories (same seed and noise) at K = 16 (sudoku: 4 and 16; maze:
+# 13x13 only).
 # Usage: results/trajectories/run.sh sudoku|maze|state_tracking   (one thread: OMP_NUM_THREADS=1)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -23,14 +24,17 @@ case "${1:?sudoku, maze or state_tracking}" in
       eval_width "sudoku_hard_$select" outputs/sudoku_implicit/model 16,32,64 4,16 "$select" 1.0 "${hard[@]}"
     done
     ;;
-  maze)  # 17x17 on 100 mazes: K = 64 at 96 loops is ~25 min on one thread
-    for size in 13 17; do
+  maze)  # run.sh maze [SIZES]: 13x13 on 200 mazes with the ablation; 17x17 on 100 mazes without it (K = 64 at 96
+    # loops on 17x17 takes ~40 min on one thread)
+    for size in ${2:-13 17}; do
       n=$([ "$size" = 13 ] && echo 200 || echo 100)
       maze=(--task maze --task-kwargs "{\"size\": $size}" --n "$n" --batch-size 25 --trajectory-batch-size 400)
       eval_width "maze_$size" outputs/maze_implicit/model 24,48,96 1,4,16,64 residual "$MAZE_NOISE" "${maze[@]}"
-      for select in vote random; do
-        eval_width "maze_${size}_$select" outputs/maze_implicit/model 24,48,96 16 "$select" "$MAZE_NOISE" "${maze[@]}"
-      done
+      if [ "$size" = 13 ]; then
+        for select in vote random; do
+          eval_width "maze_${size}_$select" outputs/maze_implicit/model 24,48,96 16 "$select" "$MAZE_NOISE" "${maze[@]}"
+        done
+      fi
     done
     ;;
   state_tracking)
