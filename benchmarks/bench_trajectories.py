@@ -56,7 +56,7 @@ def main() -> None:
     parser.add_argument("--counts", default="4,16,64", help="trajectory counts K")
     parser.add_argument("--batch", type=int, default=50, help="inputs per forward")
     parser.add_argument("--loops", type=int, default=16)
-    parser.add_argument("--chunk", type=int, default=400, help="trajectory_batch_size of the chunked runs")
+    parser.add_argument("--chunk", type=int, default=200, help="trajectory_batch_size of the chunked runs")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", default="benchmarks/results/trajectories.json")
