@@ -8,8 +8,9 @@ tokens, randomly initialised: the cost does not depend on the weights, and halti
 * ``batched``: one forward with ``num_trajectories=K`` (``B * K`` rows in one solve);
 * ``chunked``: the same with ``trajectory_batch_size=--chunk`` rows at a time.
 
-The runs alternate (separate, batched, chunked) ``--repeats`` times after one warm-up; the JSON records the
-median seconds per input of each, and each one's ratio to ``K x`` the K = 1 time (below 1: cheaper than K runs).
+For each K the runs alternate (one trajectory, separate, batched, chunked) ``--repeats`` times after one warm-up
+round; the JSON records the median seconds per input of each, each one's ratio to ``K x`` the K = 1 time of the
+same rounds (below 1: cheaper than K runs), and batched and chunked over separate.
 
 Usage: python benchmarks/bench_trajectories.py [--out benchmarks/results/trajectories.json]
 """
@@ -75,11 +76,11 @@ def main() -> None:
 
     rows = []
     with torch.no_grad():
-        one = median([timed(lambda: batched(1), device)[0] for _ in range(args.repeats + 1)][1:])
         for count in (int(k) for k in args.counts.split(",")):
-            runs = {"separate": [], "batched": [], "chunked": []}
+            runs = {"one": [], "separate": [], "batched": [], "chunked": []}
             for repeat in range(args.repeats + 1):
                 for name, run in (
+                    ("one", lambda: batched(1)),
                     ("separate", lambda count=count: separate(count)),
                     ("batched", lambda count=count: batched(count)),
                     ("chunked", lambda count=count: batched(count, args.chunk)),
@@ -88,18 +89,21 @@ def main() -> None:
                     if repeat:  # the first round warms up
                         runs[name].append(seconds)
             per_input = {name: median(values) / args.batch for name, values in runs.items()}
+            one = per_input.pop("one")
             rows.append(
                 {
                     "trajectories": count,
+                    "one_trajectory_seconds_per_input": one,
                     "seconds_per_input": per_input,
-                    "ratio_to_k_times_one": {name: s / (count * one / args.batch) for name, s in per_input.items()},
+                    "ratio_to_k_times_one": {name: s / (count * one) for name, s in per_input.items()},
+                    "batched_over_separate": per_input["batched"] / per_input["separate"],
+                    "chunked_over_separate": per_input["chunked"] / per_input["separate"],
                 }
             )
             print(json.dumps(rows[-1]))
     report = {
         "benchmark": "trajectories",
         "settings": vars(args),
-        "one_trajectory_seconds_per_input": one / args.batch,
         "results": rows,
         **measured_commit(),
         "environment": environment(device),
