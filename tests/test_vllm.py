@@ -15,6 +15,8 @@ import torch
 from test_convert import character_tokenizer
 from test_generation import left_pad
 
+from implicit_hf.eval.generative import recorded_loop_steps
+
 ROOT = Path(__file__).resolve().parents[1]
 VLLM_PYTHON = Path(os.environ.get("IMPLICIT_HF_VLLM_PYTHON", ROOT / ".venv-vllm" / "bin" / "python"))
 PROMPTS = ["12+34=", "hello", "a", "the quick brown fox"]
@@ -38,7 +40,9 @@ VLLM_SIZES = dict(
 )
 
 
-def hf_greedy(model, prompts: list[list[int]], loops: int, new_tokens: int) -> list[list[int]]:
+def hf_greedy(
+    model, prompts: list[list[int]], loops: int, new_tokens: int, tol: float | None = None
+) -> list[list[int]]:
     """Batched, left-padded Hugging Face generation (which equals per-prompt generation; see test_generation).
 
     vLLM runs with ``ignore_eos``: it may pick EOS and go on. HF's equivalent is no EOS at all (its
@@ -54,13 +58,14 @@ def hf_greedy(model, prompts: list[list[int]], loops: int, new_tokens: int) -> l
             do_sample=False,
             num_loops=loops,
             pad_token_id=0,
+            **({} if tol is None else {"tol": tol}),
         )
     return out[:, length:].tolist()
 
 
-def vllm_greedy(model_dir: Path, prompts, loops, new_tokens, workdir: Path) -> dict:
+def vllm_greedy(model_dir: Path, prompts, loops, new_tokens, workdir: Path, tol: float | None = None) -> dict:
     request, result = workdir / "request.json", workdir / "result.json"
-    request.write_text(json.dumps({"prompts": prompts, "max_new_tokens": new_tokens, "loops": loops}))
+    request.write_text(json.dumps({"prompts": prompts, "max_new_tokens": new_tokens, "loops": loops, "tol": tol}))
     run = subprocess.run(
         [str(VLLM_PYTHON), "-m", "implicit_hf.integrations.vllm_generate", str(model_dir), str(request), str(result)],
         cwd=workdir,
@@ -81,6 +86,19 @@ def test_vllm_greedy_outputs_equal_hf_generate(tmp_path, tiny_checkpoint):
         expected = hf_greedy(model, prompts, loops, 8)
         assert served[str(loops)]["tokens"] == expected, loops
     assert served["2"]["tokens"] != served["5"]["tokens"]  # the loop-count override took effect
+
+
+@pytest.mark.parametrize("tol", [3e-2, 3e-3])
+def test_vllm_halting_equals_hf_generate_with_a_tolerance(tmp_path, tiny_checkpoint, tol):
+    model = tiny_checkpoint(tmp_path / "ckpt", character_tokenizer(), **VLLM_SIZES)
+    prompts = [character_tokenizer()(text).input_ids for text in PROMPTS]
+    with recorded_loop_steps(model) as steps:
+        expected = hf_greedy(model, prompts, 24, 8, tol)
+    loops_per_token = torch.cat([s.flatten() for s in steps])
+    assert len(set(loops_per_token.tolist())) > 1 and loops_per_token.float().mean() < 24  # halting fires, unevenly
+    served = vllm_greedy(tmp_path / "ckpt", prompts, [24], 8, tmp_path, tol=tol)
+    assert served["24"]["tokens"] == expected
+    assert expected != hf_greedy(model, prompts, 24, 8)  # the tolerance changed some tokens
 
 
 @pytest.mark.parametrize(

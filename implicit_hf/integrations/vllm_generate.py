@@ -3,9 +3,10 @@ that has vLLM (``.venv-vllm``, ``make vllm-env``)::
 
     python -m implicit_hf.integrations.vllm_generate MODEL_DIR REQUEST.json RESULT.json
 
-REQUEST.json: ``{"prompts": [[token ids], ...], "max_new_tokens": N, "loops": [K, ...]}``. For every K an
-engine is built with ``hf_overrides={"num_loops": K}``; RESULT.json maps str(K) to the generated ids per
-prompt, plus the tokens/s of each engine. ``LLM(...)`` must run under ``__main__`` (vLLM starts workers).
+REQUEST.json: ``{"prompts": [[token ids], ...], "max_new_tokens": N, "loops": [K, ...]}``, and optionally
+``"tol": t`` (halting at ``t``, at most K loops). For every K an engine is built with ``hf_overrides={"num_loops":
+K}`` (and ``"tol": t``); RESULT.json maps str(K) to the generated ids per prompt, plus the tokens/s of each engine.
+``LLM(...)`` must run under ``__main__`` (vLLM starts workers).
 """
 
 import json
@@ -22,12 +23,13 @@ def main() -> None:
     params = SamplingParams(temperature=0.0, max_tokens=request["max_new_tokens"], ignore_eos=True)
     prompts = [TokensPrompt(prompt_token_ids=ids) for ids in request["prompts"]]
     result = {}
+    halting = {} if request.get("tol") is None else {"tol": request["tol"]}
     for loops in request["loops"]:
         llm = LLM(
             model=model_dir,
             dtype="float32",
             max_model_len=256,
-            hf_overrides={"num_loops": loops},
+            hf_overrides={"num_loops": loops, **halting},
             enforce_eager=True,
             gpu_memory_utilization=0.15,  # on the CPU backend: the share of RAM reserved (for the KV cache)
             seed=0,

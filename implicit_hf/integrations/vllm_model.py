@@ -9,9 +9,12 @@ layer's cache index from the single integer in an attention's name, so every att
 its global slot, the same layout as the Hugging Face cache (``modeling/cache.py``): prelude layer i
 -> slot i, coda layer j -> P + j, core layer i at loop l -> P + D + l C + i.
 
-Served: the fixed-count Picard loop (``solver="picard"``, exactly ``num_loops`` iterations). vLLM
-decodes every token of a batch through the same layers, so per-sequence halting (``tol``) is not
-applied: a checkpoint with a tolerance runs ``num_loops`` iterations and a warning says so.
+Served: the Picard loop (``solver="picard"``), ``num_loops`` iterations, or with a tolerance (``tol``, from the
+checkpoint or ``hf_overrides``) halting per sequence by the rule of Hugging Face ``generate(tol=...)``: a
+sequence stops once the relative residual ``||f(z) - z|| / ||f(z)||`` over its tokens of this step (its prompt in
+prefill, its new token in decode) falls below ``tol``, and a stopped token writes, into the KV caches of its later
+loops, the keys and values it wrote at its last loop (`HaltingLoop`). Every token still runs through every loop:
+this version gives halting's outputs, not yet its savings.
 
 The loop count is the model config's ``num_loops`` (``hf_overrides={"num_loops": K}`` sets it). Unlike
 ``ImplicitForCausalLM.generate``, vLLM does not apply loop settings saved in the checkpoint's
@@ -22,12 +25,12 @@ number of paged KV caches when the engine is built. Serve such a checkpoint with
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterable
 
 import torch
 from torch import nn
 from vllm.config import VllmConfig
+from vllm.forward_context import get_forward_context, is_forward_context_available
 from vllm.model_executor.layers.attention import Attention
 from vllm.model_executor.layers.layernorm import RMSNorm
 from vllm.model_executor.layers.logits_processor import LogitsProcessor
@@ -36,8 +39,6 @@ from vllm.model_executor.model_loader.weight_utils import default_weight_loader
 from vllm.model_executor.models.llama import LlamaDecoderLayer
 from vllm.model_executor.models.utils import maybe_prefix
 from vllm.sequence import IntermediateTensors
-
-logger = logging.getLogger(__name__)
 
 # Hugging Face projection names -> vLLM's fused parameter and the shard each fills.
 _STACKED = (
@@ -73,12 +74,70 @@ def _check_servable(config) -> None:
         )
     if config.input_features or config.edge_features or config.feedback_features:
         raise ValueError("vLLM serves token-input LMs: input_features, edge_features and feedback_features must be 0")
-    if config.tol is not None:
-        logger.warning(
-            "the checkpoint halts at tol=%g; vLLM applies no per-sequence halting and runs num_loops=%d iterations",
-            config.tol,
-            config.num_loops,
-        )
+
+
+# What Hugging Face's solvers add to a norm before dividing by it, and their divergence rule (`modeling/solvers.py`).
+_EPS = 1e-8
+_DIVERGENCE_FACTOR = 1e3
+
+
+class HaltingLoop:
+    """Per-sequence halting over vLLM's flattened token batch, by the rule of the Hugging Face Picard solver.
+
+    A step's tokens belong to sequences (``query_start_loc`` of the step's attention metadata). After each loop,
+    every sequence still running measures ``||f(z) - z||`` and ``||f(z)||`` over its tokens of this step (float32);
+    one whose relative residual is below ``tol`` has converged and keeps that loop's state, one whose residual is not
+    finite or grew past 1e3 times its best has diverged and keeps the state before it; either stops. A stopped
+    token's keys and values at later loops are those of its last loop, which is what the Hugging Face cache writes.
+    """
+
+    def __init__(self, tol: float, sequence: torch.Tensor, count: int):
+        self.tol, self.sequence, self.count = tol, sequence, count
+        self.running = torch.ones(count, dtype=torch.bool, device=sequence.device)
+        self.best = torch.full((count,), float("inf"), device=sequence.device)
+        self.keys: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    @classmethod
+    def of_step(cls, tol: float | None, state: torch.Tensor) -> HaltingLoop | None:
+        """The halting of this step's ``state`` tokens, or ``None`` without a tolerance or attention metadata (vLLM's
+        profiling run)."""
+        if tol is None or not is_forward_context_available():
+            return None
+        metadata = get_forward_context().attn_metadata
+        if isinstance(metadata, list):
+            metadata = metadata[0]
+        if not metadata:
+            return None
+        starts = next(iter(metadata.values())).query_start_loc.to(state.device)
+        tokens = torch.arange(state.shape[0], device=state.device)
+        # tokens past the last sequence (padding of the step) form one more group of their own
+        sequence = torch.searchsorted(starts[1:], tokens, right=True)
+        return cls(tol, sequence, len(starts))
+
+    def _per_sequence(self, values: torch.Tensor) -> torch.Tensor:
+        return torch.zeros(self.count, device=values.device).index_add_(0, self.sequence, values)
+
+    def step(self, state: torch.Tensor, new_state: torch.Tensor) -> torch.Tensor:
+        """The state after this loop: ``new_state`` for the running sequences' tokens, ``state`` for the others;
+        sequences that converge or diverge stop."""
+        difference = (new_state.float() - state.float()).pow(2).sum(-1)
+        absolute = self._per_sequence(difference).sqrt()
+        relative = absolute / (self._per_sequence(new_state.float().pow(2).sum(-1)).sqrt() + _EPS)
+        finite = torch.isfinite(absolute) & torch.isfinite(relative)
+        healthy = finite & ~(absolute / self.best.clamp_min(_EPS) > _DIVERGENCE_FACTOR)
+        self.best = torch.where(self.running & finite & (absolute < self.best), absolute, self.best)
+        moved = (self.running & healthy)[self.sequence]
+        self.running &= healthy & ~(relative < self.tol)
+        return torch.where(moved[:, None], new_state, state)
+
+    def keys_and_values(self, layer: int, keys: torch.Tensor, values: torch.Tensor):
+        """This loop's keys and values of core layer ``layer``, those of stopped tokens replaced by their last."""
+        if layer in self.keys:
+            running = self.running[self.sequence][:, None]
+            last_keys, last_values = self.keys[layer]
+            keys, values = torch.where(running, keys, last_keys), torch.where(running, values, last_values)
+        self.keys[layer] = keys, values
+        return keys, values
 
 
 class ImplicitModelVllm(nn.Module):
@@ -142,8 +201,11 @@ class ImplicitModelVllm(nn.Module):
             hidden, residual = layer(positions, hidden, residual)
         return hidden if residual is None else hidden + residual
 
-    def _core_pass(self, loop: int, positions: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
-        """The core's layers at iteration ``loop``: shared weights, that loop's attentions (its KV cache)."""
+    def _core_pass(
+        self, loop: int, positions: torch.Tensor, hidden: torch.Tensor, halting: HaltingLoop | None = None
+    ) -> torch.Tensor:
+        """The core's layers at iteration ``loop``: shared weights, that loop's attentions (its KV cache); with
+        ``halting``, the stopped tokens' keys and values are those of their last loop."""
         residual = None
         for i, layer in enumerate(self.core):
             attention = layer.self_attn
@@ -154,6 +216,8 @@ class ImplicitModelVllm(nn.Module):
             qkv, _ = attention.qkv_proj(hidden)
             q, k, v = qkv.split([attention.q_size, attention.kv_size, attention.kv_size], dim=-1)
             q, k = attention.rotary_emb(positions, q, k)
+            if halting is not None:
+                k, v = halting.keys_and_values(i, k, v)
             attend = attention.attn if loop == 0 else self.loop_attention[loop - 1][i]
             hidden, _ = attention.o_proj(attend(q, k, v))
             hidden, residual = layer.post_attention_layernorm(hidden, residual)
@@ -172,14 +236,16 @@ class ImplicitModelVllm(nn.Module):
         if self.injection_norm is not None:
             injected = self.injection_norm(injected)
         state = injected if self.config.state_init == "prelude" else torch.zeros_like(injected)
+        halting = HaltingLoop.of_step(self.config.tol, state)
         for loop in range(self.num_loops):
             if self.injection is None:
                 mixed = state + injected
             else:
                 mixed = nn.functional.linear(torch.cat([state, injected], dim=-1), self.injection)
-            state = self._core_pass(loop, positions, mixed)
+            new_state = self._core_pass(loop, positions, mixed, halting)
             if self.core_norm is not None:
-                state = self.core_norm(state)
+                new_state = self.core_norm(new_state)
+            state = new_state if halting is None else halting.step(state, new_state)
         return self.norm(self._run(self.coda, positions, state))
 
 
