@@ -102,17 +102,20 @@ def test_vllm_halting_equals_hf_generate_with_a_tolerance(tmp_path, tiny_checkpo
 
 
 @pytest.mark.parametrize(
-    "overrides, loops, message",
+    "overrides, loops, tol, message",
     [
-        ({}, [0], "num_loops must be an integer >= 1"),
-        ({"loop_shift": 1}, [2], "vLLM does not serve the loop's token shift yet"),
-        ({"position_encoding": "none"}, [2], "vLLM serves rotary position embeddings"),
+        ({}, [0], None, "num_loops must be an integer >= 1"),
+        ({"loop_shift": 1}, [2], None, "vLLM does not serve the loop's token shift yet"),
+        ({"position_encoding": "none"}, [2], None, "vLLM serves rotary position embeddings"),
+        ({}, [2], 0, "tol must be None or a number > 0; got 0"),  # through hf_overrides
+        ({}, [2], float("nan"), "tol must be None or a number > 0; got nan"),
+        ({"solver": "anderson"}, [2], 1e-3, "vLLM runs the plain (Picard) loop"),
     ],
 )
-def test_vllm_refuses_what_it_cannot_serve(tmp_path, tiny_checkpoint, overrides, loops, message):
+def test_vllm_refuses_what_it_cannot_serve(tmp_path, tiny_checkpoint, overrides, loops, tol, message):
     tiny_checkpoint(tmp_path / "ckpt", character_tokenizer(), **VLLM_SIZES, **overrides)
     request, result = tmp_path / "request.json", tmp_path / "result.json"
-    request.write_text(json.dumps({"prompts": [[1, 2]], "max_new_tokens": 2, "loops": loops}))
+    request.write_text(json.dumps({"prompts": [[1, 2]], "max_new_tokens": 2, "loops": loops, "tol": tol}))
     run = subprocess.run(
         [
             str(VLLM_PYTHON),
