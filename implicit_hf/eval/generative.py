@@ -55,7 +55,8 @@ def greedy_completions(
         batch = tokenizer(prompts[start : start + batch_size], padding=True, return_tensors="pt")
         batch = {k: v.to(device) for k, v in batch.items() if k in ("input_ids", "attention_mask")}
         extra = {} if tol is None else {"tol": tol}
-        with recorded_trajectory_choices(model) as choices:
+        recording = recorded_trajectory_choices(model) if agreement is not None else contextlib.nullcontext([])
+        with recording as choices:  # a hook on the model only when the caller asks for the agreement
             output = model.generate(
                 **batch,
                 num_loops=num_loops,
@@ -67,7 +68,7 @@ def greedy_completions(
                 **extra,
                 **width,
             )
-        if agreement is not None and choices:  # the last position's agreement at every step: a generated token's
+        if choices:  # the last position's agreement at every step: a generated token's
             agreement.extend(torch.stack([c.token_agreement[:, -1] for c in choices]).float().mean(0).tolist())
         new = output[:, batch["input_ids"].shape[1] :].cpu()
         texts.extend(tokenizer.batch_decode(new, skip_special_tokens=True))
