@@ -88,17 +88,48 @@ def test_vllm_greedy_outputs_equal_hf_generate(tmp_path, tiny_checkpoint):
     assert served["2"]["tokens"] != served["5"]["tokens"]  # the loop-count override took effect
 
 
+def histogram(loops: list[int], max_loops: int) -> list[int]:
+    return [loops.count(k) for k in range(1, max_loops + 1)]
+
+
 @pytest.mark.parametrize("tol", [3e-2, 3e-3])
 def test_vllm_halting_equals_hf_generate_with_a_tolerance(tmp_path, tiny_checkpoint, tol):
+    """Same tokens, and the same loops for every prompt and every decoded token, as HF generate(tol); the core
+    evaluates only the running sequences' tokens."""
     model = tiny_checkpoint(tmp_path / "ckpt", character_tokenizer(), **VLLM_SIZES)
     prompts = [character_tokenizer()(text).input_ids for text in PROMPTS]
+    assert len({len(prompt) for prompt in prompts}) == len(prompts)  # a request's record is found by its length
     with recorded_loop_steps(model) as steps:
         expected = hf_greedy(model, prompts, 24, 8, tol)
-    loops_per_token = torch.cat([s.flatten() for s in steps])
-    assert len(set(loops_per_token.tolist())) > 1 and loops_per_token.float().mean() < 24  # halting fires, unevenly
+    prompt_loops = steps[0].flatten().tolist()
+    decoded_loops = torch.stack([s.flatten() for s in steps[1:]], 1).tolist()  # (prompt, decoded token)
+    flat = prompt_loops + sum(decoded_loops, [])
+    assert len(set(flat)) > 1 and max(flat) == 24 and min(flat) < 24  # halting fires, unevenly
     served = vllm_greedy(tmp_path / "ckpt", prompts, [24], 8, tmp_path, tol=tol)
     assert served["24"]["tokens"] == expected
     assert expected != hf_greedy(model, prompts, 24, 8)  # the tolerance changed some tokens
+
+    statistics = served["24"]["statistics"]
+    records = {record["prompt_tokens"]: record for record in statistics["requests"]}
+    assert len(records) == len(prompts)
+    for prompt, loops, decoded in zip(prompts, prompt_loops, decoded_loops, strict=True):
+        record = records[len(prompt)]
+        assert record["prompt_loops"] == [loops] and not record["partial"]
+        assert record["decoded_loops_histogram"] == histogram(decoded, 24)
+    assert statistics["decoded_loops_histogram"] == histogram(sum(decoded_loops, []), 24)
+    # halted sequences cost nothing: core evaluations are exactly the running tokens' loops
+    spent = sum(len(p) * loops for p, loops in zip(prompts, prompt_loops)) + sum(sum(decoded_loops, []))
+    assert statistics["core_evaluations"] == spent < 24 * statistics["tokens"]
+
+
+def test_vllm_fixed_loops_count_every_token(tmp_path, tiny_checkpoint):
+    """Without tol every token runs every loop, and the statistics say so."""
+    tiny_checkpoint(tmp_path / "ckpt", character_tokenizer(), **VLLM_SIZES)
+    prompts = [character_tokenizer()(text).input_ids for text in PROMPTS]
+    statistics = vllm_greedy(tmp_path / "ckpt", prompts, [5], 4, tmp_path)["5"]["statistics"]
+    assert statistics["tokens"] == sum(map(len, prompts)) + 3 * len(prompts)
+    assert statistics["core_evaluations_per_token"] == 5
+    assert statistics["decoded_loops_histogram"] == histogram([5] * 3 * len(prompts), 5)
 
 
 @pytest.mark.parametrize(

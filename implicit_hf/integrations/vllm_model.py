@@ -13,8 +13,9 @@ Served: the Picard loop (``solver="picard"``), ``num_loops`` iterations, or with
 checkpoint or ``hf_overrides``) halting per sequence by the rule of Hugging Face ``generate(tol=...)``: a
 sequence stops once the relative residual ``||f(z) - z|| / ||f(z)||`` over its tokens of this step (its prompt in
 prefill, its new token in decode) falls below ``tol``, and a stopped token writes, into the KV caches of its later
-loops, the keys and values it wrote at its last loop (`HaltingLoop`). Every token still runs through every loop:
-this version gives halting's outputs, not yet its savings.
+loops, the keys and values it wrote at its last loop. Later loops run the core on the running sequences' tokens
+only, with narrowed attention metadata (`vllm_halting.HaltingLoop`); what the loop spent is kept per engine and per
+request (``ImplicitForCausalLMVllm.halting_statistics``).
 
 The loop count is the model config's ``num_loops`` (``hf_overrides={"num_loops": K}`` sets it). Unlike
 ``ImplicitForCausalLM.generate``, vLLM does not apply loop settings saved in the checkpoint's
@@ -30,7 +31,6 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 from vllm.config import VllmConfig
-from vllm.forward_context import get_forward_context, is_forward_context_available
 from vllm.model_executor.layers.attention import Attention
 from vllm.model_executor.layers.layernorm import RMSNorm
 from vllm.model_executor.layers.logits_processor import LogitsProcessor
@@ -39,6 +39,8 @@ from vllm.model_executor.model_loader.weight_utils import default_weight_loader
 from vllm.model_executor.models.llama import LlamaDecoderLayer
 from vllm.model_executor.models.utils import maybe_prefix
 from vllm.sequence import IntermediateTensors
+
+from .vllm_halting import HaltingLoop, HaltingStatistics, step_metadata
 
 # Hugging Face projection names -> vLLM's fused parameter and the shard each fills.
 _STACKED = (
@@ -74,70 +76,6 @@ def _check_servable(config) -> None:
         )
     if config.input_features or config.edge_features or config.feedback_features:
         raise ValueError("vLLM serves token-input LMs: input_features, edge_features and feedback_features must be 0")
-
-
-# What Hugging Face's solvers add to a norm before dividing by it, and their divergence rule (`modeling/solvers.py`).
-_EPS = 1e-8
-_DIVERGENCE_FACTOR = 1e3
-
-
-class HaltingLoop:
-    """Per-sequence halting over vLLM's flattened token batch, by the rule of the Hugging Face Picard solver.
-
-    A step's tokens belong to sequences (``query_start_loc`` of the step's attention metadata). After each loop,
-    every sequence still running measures ``||f(z) - z||`` and ``||f(z)||`` over its tokens of this step (float32);
-    one whose relative residual is below ``tol`` has converged and keeps that loop's state, one whose residual is not
-    finite or grew past 1e3 times its best has diverged and keeps the state before it; either stops. A stopped
-    token's keys and values at later loops are those of its last loop, which is what the Hugging Face cache writes.
-    """
-
-    def __init__(self, tol: float, sequence: torch.Tensor, count: int):
-        self.tol, self.sequence, self.count = tol, sequence, count
-        self.running = torch.ones(count, dtype=torch.bool, device=sequence.device)
-        self.best = torch.full((count,), float("inf"), device=sequence.device)
-        self.keys: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-
-    @classmethod
-    def of_step(cls, tol: float | None, state: torch.Tensor) -> HaltingLoop | None:
-        """The halting of this step's ``state`` tokens, or ``None`` without a tolerance or attention metadata (vLLM's
-        profiling run)."""
-        if tol is None or not is_forward_context_available():
-            return None
-        metadata = get_forward_context().attn_metadata
-        if isinstance(metadata, list):
-            metadata = metadata[0]
-        if not metadata:
-            return None
-        starts = next(iter(metadata.values())).query_start_loc.to(state.device)
-        tokens = torch.arange(state.shape[0], device=state.device)
-        # tokens past the last sequence (padding of the step) form one more group of their own
-        sequence = torch.searchsorted(starts[1:], tokens, right=True)
-        return cls(tol, sequence, len(starts))
-
-    def _per_sequence(self, values: torch.Tensor) -> torch.Tensor:
-        return torch.zeros(self.count, device=values.device).index_add_(0, self.sequence, values)
-
-    def step(self, state: torch.Tensor, new_state: torch.Tensor) -> torch.Tensor:
-        """The state after this loop: ``new_state`` for the running sequences' tokens, ``state`` for the others;
-        sequences that converge or diverge stop."""
-        difference = (new_state.float() - state.float()).pow(2).sum(-1)
-        absolute = self._per_sequence(difference).sqrt()
-        relative = absolute / (self._per_sequence(new_state.float().pow(2).sum(-1)).sqrt() + _EPS)
-        finite = torch.isfinite(absolute) & torch.isfinite(relative)
-        healthy = finite & ~(absolute / self.best.clamp_min(_EPS) > _DIVERGENCE_FACTOR)
-        self.best = torch.where(self.running & finite & (absolute < self.best), absolute, self.best)
-        moved = (self.running & healthy)[self.sequence]
-        self.running &= healthy & ~(relative < self.tol)
-        return torch.where(moved[:, None], new_state, state)
-
-    def keys_and_values(self, layer: int, keys: torch.Tensor, values: torch.Tensor):
-        """This loop's keys and values of core layer ``layer``, those of stopped tokens replaced by their last."""
-        if layer in self.keys:
-            running = self.running[self.sequence][:, None]
-            last_keys, last_values = self.keys[layer]
-            keys, values = torch.where(running, keys, last_keys), torch.where(running, values, last_values)
-        self.keys[layer] = keys, values
-        return keys, values
 
 
 class ImplicitModelVllm(nn.Module):
@@ -189,6 +127,7 @@ class ImplicitModelVllm(nn.Module):
         self.core_norm = RMSNorm(hidden, eps=config.rms_norm_eps) if config.core_norm else None
         self.injection_norm = RMSNorm(hidden, eps=config.rms_norm_eps) if config.injection_norm else None
         self.norm = RMSNorm(hidden, eps=config.rms_norm_eps)
+        self.statistics = HaltingStatistics(self.num_loops, config.tol)
 
     def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.embed_tokens(input_ids)
@@ -236,17 +175,41 @@ class ImplicitModelVllm(nn.Module):
         if self.injection_norm is not None:
             injected = self.injection_norm(injected)
         state = injected if self.config.state_init == "prelude" else torch.zeros_like(injected)
-        halting = HaltingLoop.of_step(self.config.tol, state)
-        for loop in range(self.num_loops):
-            if self.injection is None:
-                mixed = state + injected
-            else:
-                mixed = nn.functional.linear(torch.cat([state, injected], dim=-1), self.injection)
-            new_state = self._core_pass(loop, positions, mixed, halting)
-            if self.core_norm is not None:
-                new_state = self.core_norm(new_state)
-            state = new_state if halting is None else halting.step(state, new_state)
+        halting = HaltingLoop.of_step(self.config.tol, state, self.core[0].self_attn.attn)
+        if halting is None:
+            for loop in range(self.num_loops):
+                state = self._iterate(loop, positions, state, injected)
+            metadata = step_metadata()
+            if metadata is not None:  # not vLLM's profiling run
+                count = len(metadata.query_start_loc) - 1
+                self.statistics.record(metadata, [self.num_loops] * count, state.shape[0] * self.num_loops)
+        else:
+            for loop in range(self.num_loops):
+                if halting.finished:  # later tokens read this loop's cache: it gets the stopped tokens' last keys
+                    halting.write_stopped(self.loop_attention[loop - 1])
+                    continue
+                running_positions, running_state, running_injected = halting.gather(positions, state, injected)
+                with halting.narrowed_attention():
+                    new_state = self._iterate(loop, running_positions, running_state, running_injected, halting)
+                state = halting.step(state, new_state)
+            self.statistics.record(halting.metadata, halting.loops.tolist(), halting.evaluations)
         return self.norm(self._run(self.coda, positions, state))
+
+    def _iterate(
+        self,
+        loop: int,
+        positions: torch.Tensor,
+        state: torch.Tensor,
+        injected: torch.Tensor,
+        halting: HaltingLoop | None = None,
+    ) -> torch.Tensor:
+        """One application of the core at iteration ``loop``: f(state) given the injected input."""
+        if self.injection is None:
+            mixed = state + injected
+        else:
+            mixed = nn.functional.linear(torch.cat([state, injected], dim=-1), self.injection)
+        new_state = self._core_pass(loop, positions, mixed, halting)
+        return new_state if self.core_norm is None else self.core_norm(new_state)
 
 
 class ImplicitForCausalLMVllm(nn.Module):
@@ -273,6 +236,12 @@ class ImplicitForCausalLMVllm(nn.Module):
         inputs_embeds: torch.Tensor | None = None,
     ) -> torch.Tensor:
         return self.model(input_ids, positions, intermediate_tensors, inputs_embeds)
+
+    def halting_statistics(self, reset: bool = False) -> dict:
+        """What the loop spent since the engine started (or the last reset): core evaluations per token, loops per
+        prompt and per decoded token (mean and histogram), one record per request (`HaltingStatistics`). From an
+        engine: ``llm.collective_rpc("halting_statistics")`` with the worker extension of `implicit_hf.integrations.vllm`."""
+        return self.model.statistics.summary(reset)
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
         return self.logits_processor(self.lm_head, hidden_states)

@@ -52,7 +52,8 @@ if TYPE_CHECKING:
 
 FixedPointMap = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
-_EPS = 1e-8
+EPS = 1e-8  # added to a norm before dividing by it
+DIVERGENCE_FACTOR = 1e3  # a residual this many times its best so far has diverged
 
 
 @dataclass
@@ -148,12 +149,12 @@ class _Progress:
         ``improved`` (lowest residual so far) and ``growth`` (residual / best residual before).
         """
         abs_res, fz_norm = _residual_norms(fz, z)
-        rel_res = abs_res / (fz_norm + _EPS)
+        rel_res = abs_res / (fz_norm + EPS)
         # A NaN or inf anywhere in a sample makes its norms non-finite: no separate element-wise scan.
         finite = torch.isfinite(abs_res) & torch.isfinite(fz_norm)
         rows = _all_or(index, self.steps.shape[0])
         best_before = self.best_abs[rows]
-        growth = abs_res / best_before.clamp_min(_EPS)
+        growth = abs_res / best_before.clamp_min(EPS)
         healthy = finite & ~(growth > self.divergence_factor)
         improved = finite & (abs_res < best_before)
         self.steps[rows] += 1
@@ -233,7 +234,7 @@ def picard(
     tol: float | None = None,
     *,
     damping: float = 1.0,
-    divergence_factor: float = 1e3,
+    divergence_factor: float = DIVERGENCE_FACTOR,
     keep: Collection[int] = (),
 ) -> tuple[torch.Tensor, SolverStats]:
     """Fixed-point iteration ``z <- z + damping * (f(z) - z)`` (plain looping when ``damping=1``)."""
@@ -264,7 +265,7 @@ def anderson(
     damping: float = 1.0,
     regularization: float = 1e-4,
     restart_factor: float = 10.0,
-    divergence_factor: float = 1e3,
+    divergence_factor: float = DIVERGENCE_FACTOR,
     keep: Collection[int] = (),
 ) -> tuple[torch.Tensor, SolverStats]:
     """Anderson acceleration (type II) with a bounded history of ``memory`` iterates per sample.
@@ -364,7 +365,7 @@ def _anderson_weights_and_mix(
     valid = (slot - torch.arange(memory, device=xs.device))[None, :] % memory < filled[:, None]  # (B, m)
     g = (fs - xs) * valid[:, :, None]
     gram = g @ g.transpose(1, 2)  # (B, m, m)
-    scale = gram.diagonal(dim1=1, dim2=2).amax(dim=1).clamp_min(_EPS)
+    scale = gram.diagonal(dim1=1, dim2=2).amax(dim=1).clamp_min(EPS)
     eye = torch.eye(memory, device=xs.device, dtype=xs.dtype)
     # Unused slots: identity rows/cols and no constraint weight, so their weight solves to 0.
     gram = gram + regularization * scale[:, None, None] * eye + (~valid).to(xs.dtype)[:, :, None] * eye
@@ -391,7 +392,7 @@ def broyden(
     *,
     memory: int = 16,
     restart_factor: float = 10.0,
-    divergence_factor: float = 1e3,
+    divergence_factor: float = DIVERGENCE_FACTOR,
     keep: Collection[int] = (),
 ) -> tuple[torch.Tensor, SolverStats]:
     """Limited-memory (good) Broyden's method on ``g(z) = f(z) - z``, one low-rank inverse per sample.
@@ -445,7 +446,7 @@ def broyden(
         inv_dg = _inverse_jacobian_apply(u_run, v_run, dg)  # J^-1 dg
         dx_inv = _inverse_jacobian_apply_transposed(u_run, v_run, dx)  # dx^T J^-1
         denom = (dx_inv * dg).sum(dim=1)
-        usable = has_prev & torch.isfinite(denom) & (denom.abs() > _EPS * (dx.norm(dim=1) * dg.norm(dim=1) + _EPS))
+        usable = has_prev & torch.isfinite(denom) & (denom.abs() > EPS * (dx.norm(dim=1) * dg.norm(dim=1) + EPS))
         restart = (growth > restart_factor) | (has_prev & ~usable)
         reset = restart | (count >= memory)  # restart, or history full: start again from -I
         write = usable & ~restart  # store the secant update in the next free slot
