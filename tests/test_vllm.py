@@ -64,8 +64,10 @@ def hf_greedy(
 
 
 def vllm_greedy(model_dir: Path, prompts, loops, new_tokens, workdir: Path, tol: float | None = None) -> dict:
+    """One engine per loop count (with ``tol`` if given): str(loops) -> its tokens, tokens/s and statistics."""
     request, result = workdir / "request.json", workdir / "result.json"
-    request.write_text(json.dumps({"prompts": prompts, "max_new_tokens": new_tokens, "loops": loops, "tol": tol}))
+    engines = [{"num_loops": count, **({} if tol is None else {"tol": tol})} for count in loops]
+    request.write_text(json.dumps({"prompts": prompts, "max_new_tokens": new_tokens, "engines": engines}))
     run = subprocess.run(
         [str(VLLM_PYTHON), "-m", "implicit_hf.integrations.vllm_generate", str(model_dir), str(request), str(result)],
         cwd=workdir,
@@ -74,7 +76,8 @@ def vllm_greedy(model_dir: Path, prompts, loops, new_tokens, workdir: Path, tol:
         timeout=900,
     )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-5000:]
-    return json.loads(result.read_text())
+    served = json.loads(result.read_text())["engines"]
+    return {str(count): engine for count, engine in zip(loops, served, strict=True)}
 
 
 def test_vllm_greedy_outputs_equal_hf_generate(tmp_path, tiny_checkpoint):
@@ -118,7 +121,7 @@ def test_vllm_halting_equals_hf_generate_with_a_tolerance(tmp_path, tiny_checkpo
         assert record["decoded_loops_histogram"] == histogram(decoded, 24)
     assert statistics["decoded_loops_histogram"] == histogram(sum(decoded_loops, []), 24)
     # halted sequences cost nothing: core evaluations are exactly the running tokens' loops
-    spent = sum(len(p) * loops for p, loops in zip(prompts, prompt_loops)) + sum(sum(decoded_loops, []))
+    spent = sum(len(p) * loops for p, loops in zip(prompts, prompt_loops, strict=True)) + sum(sum(decoded_loops, []))
     assert statistics["core_evaluations"] == spent < 24 * statistics["tokens"]
 
 
@@ -146,7 +149,8 @@ def test_vllm_fixed_loops_count_every_token(tmp_path, tiny_checkpoint):
 def test_vllm_refuses_what_it_cannot_serve(tmp_path, tiny_checkpoint, overrides, loops, tol, message):
     tiny_checkpoint(tmp_path / "ckpt", character_tokenizer(), **VLLM_SIZES, **overrides)
     request, result = tmp_path / "request.json", tmp_path / "result.json"
-    request.write_text(json.dumps({"prompts": [[1, 2]], "max_new_tokens": 2, "loops": loops, "tol": tol}))
+    engines = [{"num_loops": count, "tol": tol} for count in loops]
+    request.write_text(json.dumps({"prompts": [[1, 2]], "max_new_tokens": 2, "engines": engines}))
     run = subprocess.run(
         [
             str(VLLM_PYTHON),

@@ -57,11 +57,9 @@ class StepSequences:
 
     @classmethod
     def of(cls, metadata) -> StepSequences:
-        starts = metadata.query_start_loc.tolist()
-        lengths = [end - start for start, end in zip(starts, starts[1:])]
-        totals = metadata.seq_lens.tolist()
-        first_blocks = metadata.block_table[: len(lengths), 0].tolist()
-        return cls(lengths, [total - new for total, new in zip(totals, lengths)], first_blocks)
+        lengths = metadata.query_start_loc.diff().tolist()
+        positions = (metadata.seq_lens - metadata.query_start_loc.diff()).tolist()
+        return cls(lengths, positions, metadata.block_table[: len(lengths), 0].tolist())
 
 
 def narrow_metadata(metadata, keep: torch.Tensor, attention, dtype: torch.dtype):

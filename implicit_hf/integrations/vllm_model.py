@@ -240,7 +240,8 @@ class ImplicitForCausalLMVllm(nn.Module):
     def halting_statistics(self, reset: bool = False) -> dict:
         """What the loop spent since the engine started (or the last reset): core evaluations per token, loops per
         prompt and per decoded token (mean and histogram), one record per request (`HaltingStatistics`). From an
-        engine: ``llm.collective_rpc("halting_statistics")`` with the worker extension of `implicit_hf.integrations.vllm`."""
+        engine started with the worker extension of `implicit_hf.integrations.vllm`:
+        ``llm.collective_rpc("halting_statistics")``."""
         return self.model.statistics.summary(reset)
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
