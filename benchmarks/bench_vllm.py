@@ -12,6 +12,8 @@ fixed ``--max-loops`` and one with ``--tol`` (at most ``--max-loops``), both ser
 16 tokens of the first 16 held-out text windows of the model's tokenizer, as ``results/smollm2/healed/halting.py``)
 side by side, pass after pass; tokens/s (median of ``--repeats`` passes), core evaluations per token and loops per
 decoded token from the engines' own counts (``halting_statistics``), and the greedy agreement between the two.
+Smaller fixed counts (``--smaller-fixed``) are served too: what a user who tuned the loop count by hand would run.
+Then ``--server-requests`` concurrent completions go to vLLM's OpenAI server with the same ``tol``.
 
 Usage: python benchmarks/bench_vllm.py [--loops 2,8] [--out benchmarks/results/vllm.json]
        python benchmarks/bench_vllm.py --model outputs/smollm2-looped-healed/model [--tol 3e-4] [--max-loops 24]
@@ -140,9 +142,10 @@ def adaptive(args: argparse.Namespace) -> None:
 
     windows = TextTask(tokenizer=args.model, seq_len=64).build_dataset("test", 100, seed=0)["input_ids"]
     prompts = [list(window[:16]) for window in windows[: args.prompts]]
-    fixed = {"num_loops": args.max_loops, "tol": None}
-    halting = {"num_loops": args.max_loops, "tol": args.tol}
-    request = {"prompts": prompts, "max_new_tokens": args.new_tokens, "engines": [fixed, halting]}
+    smaller = [int(count) for count in args.smaller_fixed.split(",") if count]
+    engines = [{"num_loops": count, "tol": None} for count in [args.max_loops, *smaller]]
+    engines.insert(1, {"num_loops": args.max_loops, "tol": args.tol})
+    request = {"prompts": prompts, "max_new_tokens": args.new_tokens, "engines": engines}
     with tempfile.TemporaryDirectory() as tmp:
         began = time.perf_counter()
         served = serve(args.vllm_python, args.model, {**request, "repeats": args.repeats}, Path(tmp))
@@ -165,21 +168,29 @@ def adaptive(args: argparse.Namespace) -> None:
             ],
         }
 
-    same = sum(a == b for a, b in zip(served[0]["tokens"], served[1]["tokens"], strict=True))
-    before_difference = sum(
-        first or len(a)
-        for first, a in zip(
-            first_difference(served[0]["tokens"], served[1]["tokens"]), served[0]["tokens"], strict=True
-        )
-    )
+    def agreement(tokens: list[list[int]]) -> dict:
+        """Prompts whose greedy tokens equal the fixed maximum's, and the tokens before each one's first difference."""
+        reference = served[0]["tokens"]
+        differences = first_difference(reference, tokens)
+        before = [len(a) if first is None else first for first, a in zip(differences, tokens, strict=True)]
+        return {
+            "greedy_agreement": f"{sum(a == b for a, b in zip(reference, tokens, strict=True))}/{len(tokens)}",
+            "tokens_before_first_difference": f"{sum(before)}/{sum(map(len, reference))}",
+        }
+
     report = {
         "benchmark": "per-token halting in vLLM (CPU backend): fixed loop count against tol, side by side",
         "model": args.model,
         "fixed": {"loops": args.max_loops, **summary(served[0])},
         "halting": {"tol": args.tol, "max_loops": args.max_loops, **summary(served[1])},
-        "greedy_agreement": f"{same}/{len(prompts)}",
-        "tokens_before_first_difference": f"{before_difference}/{sum(map(len, served[0]['tokens']))}",
+        **agreement(served[1]["tokens"]),
+        # what a user who tuned the loop count by hand would run instead: fewer fixed loops
+        "smaller_fixed": [
+            {"loops": count, "tokens_per_s": median(engine["tokens_per_s"]), **agreement(engine["tokens"])}
+            for count, engine in zip(smaller, served[2:], strict=True)
+        ],
     }
+    same = int(report["greedy_agreement"].split("/")[0])
     speedup = report["halting"]["tokens_per_s"] / report["fixed"]["tokens_per_s"]
     fewer = report["fixed"]["core_evals_per_token"] / report["halting"]["core_evals_per_token"]
     report["speedup"], report["core_evaluations_fewer_by"] = speedup, fewer
@@ -192,11 +203,11 @@ def adaptive(args: argparse.Namespace) -> None:
     report["targets"]["OpenAI server answers every request"] = server is not None and server["answered"] == len(
         requests
     )
-    used = ("model", "tol", "max_loops", "prompts", "new_tokens", "repeats", "server_requests")
+    used = ("model", "tol", "max_loops", "smaller_fixed", "prompts", "new_tokens", "repeats", "server_requests")
     report["settings"] = {k: getattr(args, k) for k in used}
     report["environment"] = {**environment(torch.device("cpu")), **measured_commit()}
     report["vllm_process_wall_s"] = wall
-    print(json.dumps({k: v for k, v in report.items() if k not in ("fixed", "halting")}, indent=1))
+    print(json.dumps({k: v for k, v in report.items() if k not in ("fixed", "halting", "environment")}, indent=1))
     print("wrote", write_report(report, args.out))
 
 
@@ -206,6 +217,7 @@ def main() -> None:
     parser.add_argument("--tol", type=float, default=3e-4)
     parser.add_argument("--max-loops", type=int, default=24)
     parser.add_argument("--prompts", type=int, default=16)
+    parser.add_argument("--smaller-fixed", default="8,12", help="fixed loop counts below the maximum, also served")
     parser.add_argument("--server-requests", type=int, default=20, help="concurrent OpenAI-server requests (0: none)")
     parser.add_argument("--loops", default="2,8")
     parser.add_argument("--hidden", type=int, default=256)

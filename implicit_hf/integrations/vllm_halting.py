@@ -114,18 +114,17 @@ class HaltingLoop:
     sequence, if any, never run.
     """
 
-    def __init__(self, tol: float, metadata, tokens: int, attention, dtype: torch.dtype):
+    def __init__(self, tol: float, metadata, tokens: int, attention, dtype: torch.dtype, device: torch.device):
         self.tol, self.metadata, self.attention, self.dtype = tol, metadata, attention, dtype
-        starts = metadata.query_start_loc
-        self.count, self.tokens, self.real_tokens = len(starts) - 1, tokens, int(starts[-1])
-        self.sequence = torch.searchsorted(starts[1:], torch.arange(self.real_tokens), right=True)
-        self.running = torch.ones(self.count, dtype=torch.bool)
-        self.best = torch.full((self.count,), float("inf"))
-        self.loops = torch.zeros(self.count, dtype=torch.long)
+        starts = metadata.query_start_loc.to(device)
+        self.count, self.tokens, self.real_tokens, self.device = len(starts) - 1, tokens, int(starts[-1]), device
+        self.sequence = torch.searchsorted(starts[1:], torch.arange(self.real_tokens, device=device), right=True)
+        self.running = torch.ones(self.count, dtype=torch.bool, device=device)
+        self.best = torch.full((self.count,), float("inf"), device=device)
+        self.loops = torch.zeros(self.count, dtype=torch.long, device=device)
         self.evaluations = 0  # token rows run through the core, summed over loops
         self.keys: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        self.all_rows = None if self.real_tokens == tokens else torch.arange(self.real_tokens)
-        self.rows = self.all_rows
+        self.rows = None if self.real_tokens == tokens else torch.arange(self.real_tokens, device=device)
         self.narrowable = True  # False: this backend's metadata cannot be narrowed, every row runs every loop
         self.narrowed: dict | None = None  # the forward context's attention metadata for the running sequences
         self.running_count = self.count
@@ -137,7 +136,7 @@ class HaltingLoop:
         metadata = step_metadata() if tol is not None else None
         if metadata is None:
             return None
-        return cls(tol, metadata, state.shape[0], attention, state.dtype)
+        return cls(tol, metadata, state.shape[0], attention, state.dtype, state.device)
 
     @property
     def finished(self) -> bool:
@@ -149,7 +148,7 @@ class HaltingLoop:
         return list(tensors) if self.rows is None else [tensor[self.rows] for tensor in tensors]
 
     def _per_sequence(self, values: torch.Tensor, sequence: torch.Tensor) -> torch.Tensor:
-        return torch.zeros(self.count).index_add_(0, sequence, values)
+        return torch.zeros(self.count, device=self.device).index_add_(0, sequence, values)
 
     def step(self, state: torch.Tensor, new_state: torch.Tensor) -> torch.Tensor:
         """The state after this loop, given ``new_state`` = f(state) on `rows`: the running sequences' tokens move,
@@ -207,7 +206,7 @@ class HaltingLoop:
             shape = (self.tokens, keys.shape[-1])
             self.keys[layer] = keys.new_zeros(shape), values.new_zeros(shape)
         last_keys, last_values = self.keys[layer]
-        rows = torch.arange(self.tokens) if self.rows is None else self.rows
+        rows = torch.arange(self.tokens, device=self.device) if self.rows is None else self.rows
         if not self.narrowable:  # every row ran: only the running sequences' rows are new
             new = self.running[self.sequence[rows]]
             rows, keys, values = rows[new], keys[new], values[new]
@@ -259,7 +258,8 @@ def _histogram(values: list[int], max_loops: int) -> list[int]:
 
 
 class HaltingStatistics:
-    """What the loop spent since the engine started (or since the last ``summary(reset=True)``).
+    """What the loop spent since the engine started (or since the last ``summary(reset=True)``), in memory that does
+    not grow with the tokens served (histograms; the last `KEPT_REQUESTS` finished requests).
 
     A step of a sequence is a prompt step (a prompt, or a chunk of one) or a decode step (one new token: its loops are
     those spent on the token the step samples). A request is followed by its first KV block, from the prompt step at
@@ -272,8 +272,8 @@ class HaltingStatistics:
 
     def reset(self) -> None:
         self.tokens = self.evaluations = 0
-        self.prompt_loops: list[int] = []
-        self.decode_loops: list[int] = []
+        self.prompt_histogram = [0] * self.max_loops  # entry k: prompt steps that took k + 1 loops
+        self.decode_histogram = [0] * self.max_loops  # entry k: decoded tokens that took k + 1 loops
         self.open: dict[int, _Request] = {}
         self.finished: deque[_Request] = deque(maxlen=KEPT_REQUESTS)
 
@@ -296,27 +296,32 @@ class HaltingStatistics:
             if position == 0 or length > 1:
                 request.prompt_tokens += length
                 request.prompt_loops.append(spent)
-                self.prompt_loops.append(spent)
+                self.prompt_histogram[spent - 1] += 1
             else:
                 request.decode_loops.append(spent)
-                self.decode_loops.append(spent)
+                self.decode_histogram[spent - 1] += 1
 
     def summary(self, reset: bool = False) -> dict:
-        """Totals, loops per prompt and per decoded token, and each request's record (finished ones first)."""
+        """Totals, loops per prompt step and per decoded token, and each request's record (finished ones first)."""
         result = {
             "tol": self.tol,
             "max_loops": self.max_loops,
             "tokens": self.tokens,
             "core_evaluations": self.evaluations,
             "core_evaluations_per_token": self.evaluations / self.tokens if self.tokens else None,
-            "prompt_steps": len(self.prompt_loops),
-            "loops_per_prompt_step": _mean(self.prompt_loops),
-            "prompt_loops_histogram": _histogram(self.prompt_loops, self.max_loops),
-            "decoded_tokens": len(self.decode_loops),
-            "loops_per_decoded_token": _mean(self.decode_loops),
-            "decoded_loops_histogram": _histogram(self.decode_loops, self.max_loops),
+            "prompt_steps": sum(self.prompt_histogram),
+            "loops_per_prompt_step": _histogram_mean(self.prompt_histogram),
+            "prompt_loops_histogram": list(self.prompt_histogram),
+            "decoded_tokens": sum(self.decode_histogram),
+            "loops_per_decoded_token": _histogram_mean(self.decode_histogram),
+            "decoded_loops_histogram": list(self.decode_histogram),
             "requests": [request.summary(self.max_loops) for request in [*self.finished, *self.open.values()]],
         }
         if reset:
             self.reset()
         return result
+
+
+def _histogram_mean(histogram: list[int]) -> float | None:
+    count = sum(histogram)
+    return sum((k + 1) * n for k, n in enumerate(histogram)) / count if count else None
