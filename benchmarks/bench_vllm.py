@@ -50,8 +50,9 @@ def first_difference(a: list[list[int]], b: list[list[int]]) -> list[int | None]
 SPEEDUP_TARGET, EVALUATION_TARGET, AGREEMENT_TARGET = 1.5, 2.0, 15 / 16
 
 
-def serve(vllm_python: str, model_dir: Path | str, request: dict, work: Path) -> list[dict]:
-    """``implicit_hf.integrations.vllm_generate`` in the vLLM environment: one result per engine of ``request``."""
+def serve(vllm_python: str, model_dir: Path | str, request: dict, work: Path) -> dict:
+    """``implicit_hf.integrations.vllm_generate`` in the vLLM environment: vLLM's version and one result per engine
+    of ``request``."""
     (work / "request.json").write_text(json.dumps(request))
     run = subprocess.run(
         [
@@ -69,7 +70,7 @@ def serve(vllm_python: str, model_dir: Path | str, request: dict, work: Path) ->
     )
     if run.returncode != 0:
         raise SystemExit(run.stderr[-4000:])
-    return json.loads((work / "vllm.json").read_text())["engines"]
+    return json.loads((work / "vllm.json").read_text())
 
 
 def openai_server(args: argparse.Namespace, prompts: list[list[int]], work: Path) -> dict:
@@ -148,7 +149,8 @@ def adaptive(args: argparse.Namespace) -> None:
     request = {"prompts": prompts, "max_new_tokens": args.new_tokens, "engines": engines}
     with tempfile.TemporaryDirectory() as tmp:
         began = time.perf_counter()
-        served = serve(args.vllm_python, args.model, {**request, "repeats": args.repeats}, Path(tmp))
+        result = serve(args.vllm_python, args.model, {**request, "repeats": args.repeats}, Path(tmp))
+        served = result["engines"]
         wall = time.perf_counter() - began
         requests = [list(window[:16]) for window in windows[: args.server_requests]]
         server = openai_server(args, requests, Path(tmp)) if args.server_requests else None
@@ -205,7 +207,7 @@ def adaptive(args: argparse.Namespace) -> None:
     )
     used = ("model", "tol", "max_loops", "smaller_fixed", "prompts", "new_tokens", "repeats", "server_requests")
     report["settings"] = {k: getattr(args, k) for k in used}
-    report["environment"] = {**environment(torch.device("cpu")), **measured_commit()}
+    report["environment"] = {**environment(torch.device("cpu")), "vllm": result["vllm"], **measured_commit()}
     report["vllm_process_wall_s"] = wall
     print(json.dumps({k: v for k, v in report.items() if k not in ("fixed", "halting", "environment")}, indent=1))
     print("wrote", write_report(report, args.out))
@@ -273,7 +275,8 @@ def main() -> None:
         began = time.perf_counter()
         engines = [{"num_loops": count} for count in loops]
         request = {"prompts": prompts, "max_new_tokens": args.new_tokens, "engines": engines}
-        served = dict(zip(map(str, loops), serve(args.vllm_python, work / "ckpt", request, work), strict=True))
+        results = serve(args.vllm_python, work / "ckpt", request, work)["engines"]
+        served = dict(zip(map(str, loops), results, strict=True))
         vllm_wall = time.perf_counter() - began
 
         length = max(len(p) for p in prompts)

@@ -18,6 +18,7 @@ import time
 
 
 def main() -> None:
+    import vllm
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
@@ -54,7 +55,7 @@ def main() -> None:
             result["tokens_per_s"].append(sum(map(len, generated)) / seconds)
             result["statistics"] = llm.collective_rpc("halting_statistics")[0]
     with open(result_path, "w") as handle:
-        json.dump({"engines": [result for _, result in engines]}, handle)
+        json.dump({"vllm": vllm.__version__, "engines": [result for _, result in engines]}, handle)
 
 
 if __name__ == "__main__":
