@@ -275,8 +275,8 @@ def main() -> None:
         began = time.perf_counter()
         engines = [{"num_loops": count} for count in loops]
         request = {"prompts": prompts, "max_new_tokens": args.new_tokens, "engines": engines}
-        results = serve(args.vllm_python, work / "ckpt", request, work)["engines"]
-        served = dict(zip(map(str, loops), results, strict=True))
+        result = serve(args.vllm_python, work / "ckpt", request, work)
+        served, vllm_version = dict(zip(map(str, loops), result["engines"], strict=True)), result["vllm"]
         vllm_wall = time.perf_counter() - began
 
         length = max(len(p) for p in prompts)
@@ -333,7 +333,7 @@ def main() -> None:
     report = {
         "benchmark": "greedy decoding tokens/s, vLLM (CPU backend) vs Hugging Face generate, same checkpoint",
         "settings": {k: v for k, v in vars(args).items() if k != "out"},
-        "environment": environment(torch.device("cpu")),
+        "environment": {**environment(torch.device("cpu")), "vllm": vllm_version, **measured_commit()},
         "vllm_process_wall_s": vllm_wall,
         "runs": runs,
     }

@@ -111,6 +111,7 @@ def test_vllm_halting_equals_hf_generate_with_a_tolerance(tmp_path, tiny_checkpo
     served = vllm_greedy(tmp_path / "ckpt", prompts, [24], 8, tmp_path, tol=tol)
     assert served["24"]["tokens"] == expected
     assert expected != hf_greedy(model, prompts, 24, 8)  # the tolerance changed some tokens
+    assert not served["24"]["prefix_caching"]  # a prompt's keys depend on the whole prompt under tol
 
     statistics = served["24"]["statistics"]
     records = {record["prompt_tokens"]: record for record in statistics["requests"]}
@@ -129,7 +130,9 @@ def test_vllm_fixed_loops_count_every_token(tmp_path, tiny_checkpoint):
     """Without tol every token runs every loop, and the statistics say so."""
     tiny_checkpoint(tmp_path / "ckpt", character_tokenizer(), **VLLM_SIZES)
     prompts = [character_tokenizer()(text).input_ids for text in PROMPTS]
-    statistics = vllm_greedy(tmp_path / "ckpt", prompts, [5], 4, tmp_path)["5"]["statistics"]
+    served = vllm_greedy(tmp_path / "ckpt", prompts, [5], 4, tmp_path)["5"]
+    assert served["prefix_caching"]  # vLLM's default, kept without tol
+    statistics = served["statistics"]
     assert statistics["tokens"] == sum(map(len, prompts)) + 3 * len(prompts)
     assert statistics["core_evaluations_per_token"] == 5
     assert statistics["decoded_loops_histogram"] == histogram([5] * 3 * len(prompts), 5)

@@ -6,9 +6,10 @@ that has vLLM (``.venv-vllm``, ``make vllm-env``)::
 REQUEST.json: ``{"prompts": [[token ids], ...], "max_new_tokens": N, "engines": [{"num_loops": K, ...}, ...]}``,
 and optionally ``"repeats": R`` (default 1). Every entry of ``engines`` is one engine's ``hf_overrides`` (e.g.
 ``{"num_loops": 24, "tol": 3e-4}``); all engines are built and warmed up first, then each generates the prompts,
-engine after engine, R times over (so their timings are taken side by side). RESULT.json: ``{"engines": [...]}``,
-per engine its overrides, the generated ids per prompt (of the last pass; every pass must give the same), the
-seconds and tokens/s of each pass, and what its loop spent over the last pass (``halting_statistics``).
+engine after engine, R times over (so their timings are taken side by side). RESULT.json: ``{"vllm": version,
+"engines": [...]}``, per engine its overrides, whether prefix caching is on, the generated ids per prompt (of the
+last pass; every pass must give the same), the seconds and tokens/s of each pass, and what its loop spent over the
+last pass (``halting_statistics``).
 ``LLM(...)`` must run under ``__main__`` (vLLM starts workers).
 """
 
@@ -41,7 +42,10 @@ def main() -> None:
             seed=0,
         )
         llm.generate(prompts[:1], params, use_tqdm=False)  # warm-up
-        engines.append((llm, {"overrides": overrides, "seconds": [], "tokens_per_s": []}))
+        prefix_caching = llm.llm_engine.vllm_config.cache_config.enable_prefix_caching
+        engines.append(
+            (llm, {"overrides": overrides, "prefix_caching": prefix_caching, "seconds": [], "tokens_per_s": []})
+        )
     for _ in range(request.get("repeats", 1)):
         for llm, result in engines:
             llm.collective_rpc("halting_statistics", kwargs={"reset": True})
