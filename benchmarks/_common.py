@@ -63,18 +63,27 @@ def environment(device: torch.device) -> dict:
 
 
 def measured_commit() -> dict:
-    """The commit this run measured and whether the tree had changes (a figure is true only for its commit)."""
+    """The commit checked out and whether the code was clean: no change to a tracked file outside the measurements
+    (``benchmarks/results/``, ``results/``), which benchmark runs write one after another."""
 
     def git(*args: str) -> str:
         return subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, text=True).stdout.strip()
 
-    return {"commit": git("rev-parse", "HEAD"), "clean": not git("status", "--porcelain", "--untracked-files=no")}
+    changes = git("status", "--porcelain", "--untracked-files=no", "--", ".", ":!benchmarks/results", ":!results")
+    return {"commit": git("rev-parse", "HEAD"), "clean": not changes}
+
+
+_AT_START = measured_commit()  # a run measures the code it started with
 
 
 def write_report(report: dict, out: str | Path) -> Path:
+    """``report`` as JSON at ``out``, with the commit it measured and whether the code was clean from the start of
+    the run to its end (a figure is true only for its commit)."""
+    now = measured_commit()
+    clean = _AT_START["clean"] and now["clean"] and now["commit"] == _AT_START["commit"]
     path = Path(out)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(report, indent=2) + "\n")
+    path.write_text(json.dumps({**report, "commit": _AT_START["commit"], "clean": clean}, indent=2) + "\n")
     return path
 
 

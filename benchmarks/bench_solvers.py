@@ -22,21 +22,14 @@ from __future__ import annotations
 
 import argparse
 import importlib.metadata
-import json
 import os
 import platform
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
-
-_ROOT = Path(__file__).resolve().parents[1]
-if str(_ROOT) not in sys.path:  # allow running as a plain script from a checkout
-    sys.path.insert(0, str(_ROOT))
-
 import transformers  # noqa: E402
+from _common import write_report  # first: puts the checkout on sys.path when run as a plain script
 from torchdeq.solver import get_solver as get_torchdeq_solver  # noqa: E402
 from transformers import LlamaConfig  # noqa: E402
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding  # noqa: E402
@@ -270,9 +263,7 @@ def main(argv: list[str] | None = None) -> dict:
         "total_benchmark_seconds": time.perf_counter() - total_start,
     }
 
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
+    out = write_report(report, args.out)
     print_table(report)
     print(f"wrote {out}")
     return report

@@ -21,7 +21,7 @@ import argparse
 import json
 
 import torch
-from _common import environment, measured_commit, median, resolve_device, seed_everything, timed, write_report
+from _common import environment, median, resolve_device, seed_everything, timed, write_report
 
 from implicit_hf import ImplicitConfig, ImplicitForTokenClassification
 
@@ -95,7 +95,6 @@ def main() -> None:
         "benchmark": "trajectories",
         "settings": vars(args),
         "results": rows,
-        **measured_commit(),
         "environment": environment(device),
     }
     write_report(report, args.out)

@@ -34,7 +34,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
-from _common import ROOT, environment, measured_commit, median, write_report
+from _common import ROOT, environment, median, write_report
 
 from implicit_hf import ImplicitConfig, ImplicitForCausalLM
 
@@ -207,7 +207,7 @@ def adaptive(args: argparse.Namespace) -> None:
     )
     used = ("model", "tol", "max_loops", "smaller_fixed", "prompts", "new_tokens", "repeats", "server_requests")
     report["settings"] = {k: getattr(args, k) for k in used}
-    report["environment"] = {**environment(torch.device("cpu")), "vllm": result["vllm"], **measured_commit()}
+    report["environment"] = {**environment(torch.device("cpu")), "vllm": result["vllm"]}
     report["vllm_process_wall_s"] = wall
     print(json.dumps({k: v for k, v in report.items() if k not in ("fixed", "halting", "environment")}, indent=1))
     print("wrote", write_report(report, args.out))
@@ -333,7 +333,7 @@ def main() -> None:
     report = {
         "benchmark": "greedy decoding tokens/s, vLLM (CPU backend) vs Hugging Face generate, same checkpoint",
         "settings": {k: v for k, v in vars(args).items() if k != "out"},
-        "environment": {**environment(torch.device("cpu")), "vllm": vllm_version, **measured_commit()},
+        "environment": {**environment(torch.device("cpu")), "vllm": vllm_version},
         "vllm_process_wall_s": vllm_wall,
         "runs": runs,
     }
