@@ -404,11 +404,14 @@ class ImplicitModel(ImplicitPreTrainedModel):
 
         kept, stats.states = stats.states or {}, None  # callers get decoded states, not the raw ones
         states_run = [kept[t] for t in sorted(kept)]
-        trajectory = None
-        if return_trajectory:
-            trajectory_loops = trajectory_loops or tuple(sorted(kept))
-            trajectory = tuple(self._decode(inputs, kept.get(t, state)) for t in trajectory_loops)
         last_hidden_state = self._decode(inputs, state, slots and slots.coda())
+        trajectory = None
+        if return_trajectory:  # an entry at the final state (e.g. the largest count) is the output, decoded once
+            trajectory_loops = trajectory_loops or tuple(sorted(kept))
+            trajectory = tuple(
+                last_hidden_state if kept.get(t, state) is state else self._decode(inputs, kept[t])
+                for t in trajectory_loops
+            )
         return ImplicitModelOutput(
             last_hidden_state=last_hidden_state,
             loop_stats=stats,
