@@ -69,6 +69,7 @@ bench: install vllm-env $(ADDITION_MODEL)/config.json $(SMOLLM2_MODEL)/config.js
 	$(BIN)/python benchmarks/bench_overhead.py
 	$(BIN)/python benchmarks/bench_sweep.py
 	$(BIN)/python benchmarks/bench_decode.py
+	$(BIN)/python benchmarks/bench_decode.py --batch 8 --repeats 3 --out benchmarks/results/decode_batch8.json
 	$(BIN)/python benchmarks/bench_train_step.py
 	$(BIN)/python benchmarks/bench_lm_eval_sweep.py
 	$(BIN)/python benchmarks/bench_fsdp_memory.py

@@ -486,7 +486,9 @@ def head_output(
     trajectories per input reduced to one (over the tokens of ``token_mask``) and, with ``loss_of`` (given labels),
     the loss of each (``trajectory_loss``: deep supervision)."""
     logits = project(outputs.last_hidden_state)
-    trajectory = None if outputs.trajectory is None else tuple(project(h) for h in outputs.trajectory)
+    trajectory = None
+    if outputs.trajectory is not None:  # the entry at the final state is the output: projected once
+        trajectory = tuple(logits if h is outputs.last_hidden_state else project(h) for h in outputs.trajectory)
     stats, hidden_states, attentions = outputs.loop_stats, outputs.hidden_states, outputs.attentions
     if width is not None:
         logits, trajectory, stats, hidden_states, attentions = width.reduce(logits, trajectory, outputs, token_mask)
@@ -494,7 +496,7 @@ def head_output(
     if loss_of is not None:
         loss = loss_of(logits)
         if trajectory is not None:
-            trajectory_loss = torch.stack([loss_of(x) for x in trajectory])
+            trajectory_loss = torch.stack([loss if x is logits else loss_of(x) for x in trajectory])
     return ImplicitHeadOutput(
         loss=loss,
         logits=logits,
